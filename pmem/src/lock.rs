@@ -1,0 +1,66 @@
+//! Exclusive ownership of a device: an open-file-description (OFD) write lock
+//! on the whole file.
+//!
+//! OFD locks belong to the open file, not to the process, so they also refuse a
+//! second open from the same process (POSIX record locks would not, and would
+//! be dropped by closing any descriptor of the file). The kernel does not report
+//! the pid of an OFD lock's holder, so on conflict we look for it in
+//! `/proc/*/fdinfo`, which lists the locks held through each descriptor.
+
+use crate::error::{Error, Result};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// Take the write lock on all of `file`, or fail with [`Error::Busy`].
+pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+    // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_SETLK reads the flock struct we pass, which lives for the call.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(Error::Busy {
+            path: path.to_path_buf(),
+            holder: file.metadata().ok().and_then(|m| find_holder(m.dev(), m.ino())),
+        }),
+        _ => Err(Error::io(path, "lock the device", err)),
+    }
+}
+
+/// The pid of a process that holds an OFD lock on the inode `(dev, ino)`.
+fn find_holder(dev: u64, ino: u64) -> Option<u32> {
+    // fdinfo names the inode as "MAJOR:MINOR:INODE", major and minor in hex.
+    let id = format!(
+        "{:02x}:{:02x}:{ino}",
+        libc::major(dev as libc::dev_t),
+        libc::minor(dev as libc::dev_t)
+    );
+    let holds = |text: &str| {
+        text.lines().any(|line| {
+            line.starts_with("lock:")
+                && line.contains("OFDLCK")
+                && line.split_whitespace().any(|w| w == id)
+        })
+    };
+    for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = proc_entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fdinfo")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_to_string(fd.path()).is_ok_and(|text| holds(&text)) {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}

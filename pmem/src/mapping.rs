@@ -1,0 +1,266 @@
+//! Virtual memory: the device's 2 MiB-aligned shared mapping, the swapping of
+//! single pages for an inaccessible stand-in (the emulation of poison), and
+//! short-lived windows onto a page.
+//!
+//! All `mmap` and `munmap` calls of the crate live here.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+
+/// 2 MiB: the size of a PMD mapping and the alignment of the device mapping.
+pub const HUGE_PAGE: u64 = 2 << 20;
+
+/// How the device file is mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MapMode {
+    /// `MAP_SHARED_VALIDATE | MAP_SYNC`: the kernel guarantees DAX.
+    Sync,
+    /// Plain `MAP_SHARED`.
+    Shared,
+}
+
+impl MapMode {
+    fn flags(self) -> libc::c_int {
+        match self {
+            MapMode::Sync => libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC,
+            MapMode::Shared => libc::MAP_SHARED,
+        }
+    }
+}
+
+/// A shared read-write mapping of a whole device, starting at a 2 MiB-aligned
+/// virtual address so that any 2 MiB-aligned device offset is a 2 MiB-aligned
+/// address too. Unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    base: NonNull<u8>,
+    len: usize,
+    mode: MapMode,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; moving the
+// owner between threads, or sharing it, changes nothing about its validity.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; the crate's accessors define who may touch which bytes.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Map `len` bytes of `fd` from offset 0. `MAP_SYNC` is tried first and
+    /// the result says whether it was accepted.
+    pub(crate) fn map_aligned(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+        let mode = if probe_map_sync(fd, len)? {
+            MapMode::Sync
+        } else {
+            MapMode::Shared
+        };
+        let align = HUGE_PAGE as usize;
+        let reserve_len = len
+            .checked_add(align)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: an anonymous PROT_NONE reservation at an address of the
+        // kernel's choosing touches no existing mapping.
+        let reserve = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserve_len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if reserve == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let start = reserve as usize;
+        let aligned = (start + align - 1) & !(align - 1);
+        // SAFETY: [aligned, aligned + len) lies inside the reservation made
+        // above, which this function owns, so MAP_FIXED replaces nothing else.
+        let mapped = unsafe {
+            libc::mmap(
+                aligned as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                mode.flags() | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        let err = io::Error::last_os_error();
+        let head = aligned - start;
+        let tail_start = aligned + len;
+        let tail = start + reserve_len - tail_start;
+        // SAFETY: the head and tail slack are parts of our own reservation.
+        unsafe {
+            if mapped == libc::MAP_FAILED {
+                libc::munmap(reserve, reserve_len);
+                return Err(err);
+            }
+            if head > 0 {
+                libc::munmap(reserve, head);
+            }
+            if tail > 0 {
+                libc::munmap(tail_start as *mut libc::c_void, tail);
+            }
+        }
+        let base = NonNull::new(aligned as *mut u8).expect("an aligned mapping is never at 0");
+        Ok(Mapping { base, len, mode })
+    }
+
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    pub(crate) fn mode(&self) -> MapMode {
+        self.mode
+    }
+
+    /// Put, over `[offset, offset + len)` of this mapping, a shared mapping of
+    /// an empty file: any access there now raises `SIGBUS`, as a load of
+    /// poisoned memory does.
+    ///
+    /// # Safety
+    /// No reference into the range may be alive, and no other thread may be
+    /// accessing it: its contents become unreachable through this mapping.
+    pub(crate) unsafe fn replace_with_sigbus(
+        &self,
+        offset: usize,
+        len: usize,
+        empty: BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        self.check(offset, len);
+        // SAFETY: the range lies inside this mapping (checked above), so
+        // MAP_FIXED replaces only our own pages; the caller guarantees nobody uses
+        // them. `empty` has size 0, so every page of this mapping is past its end.
+        let got = unsafe {
+            libc::mmap(
+                self.base().add(offset).cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                empty.as_raw_fd(),
+                0,
+            )
+        };
+        if got == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Map the device's own pages back over `[offset, offset + len)`.
+    ///
+    /// # Safety
+    /// As for [`replace_with_sigbus`](Self::replace_with_sigbus); `fd` must be
+    /// the file this mapping was made from.
+    pub(crate) unsafe fn restore(
+        &self,
+        offset: usize,
+        len: usize,
+        fd: BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        self.check(offset, len);
+        // SAFETY: as in replace_with_sigbus; the device file maps its own bytes
+        // back at their own offset.
+        let got = unsafe {
+            libc::mmap(
+                self.base().add(offset).cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                self.mode.flags() | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if got == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn check(&self, offset: usize, len: usize) {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.len),
+            "remap of {offset:#x}+{len:#x} outside a mapping of {:#x} bytes",
+            self.len
+        );
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the range is the mapping this value owns; nothing borrows it
+        // past the owner's lifetime.
+        unsafe { libc::munmap(self.base().cast(), self.len) };
+    }
+}
+
+/// A short-lived shared mapping of part of the device file, used to reach the
+/// bytes of a page whose place in the main mapping holds poison.
+pub(crate) struct Window {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Window {
+    /// Map `len` bytes of `fd` at file offset `offset` (which must suit the
+    /// file's mapping granularity).
+    pub(crate) fn map(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Window> {
+        // SAFETY: a new shared mapping at an address of the kernel's choosing.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast()).expect("mmap never returns 0 on success");
+        Ok(Window { ptr, len })
+    }
+
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: the window owns this mapping.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Whether the kernel accepts `MAP_SYNC` for this file: only a DAX mapping does.
+fn probe_map_sync(fd: BorrowedFd<'_>, len: usize) -> io::Result<bool> {
+    // Probe with the first 2 MiB (a /dev/dax of 2 MiB alignment refuses less).
+    let probe_len = len.min(HUGE_PAGE as usize);
+    // SAFETY: a new mapping at an address of the kernel's choosing, unmapped
+    // at once.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            probe_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            MapMode::Sync.flags(),
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => Ok(false),
+            _ => Err(err),
+        };
+    }
+    // SAFETY: the probe mapping made just above.
+    unsafe { libc::munmap(ptr, probe_len) };
+    Ok(true)
+}
