@@ -1,0 +1,165 @@
+//! Creating and opening devices, and refusing what is not one.
+
+mod common;
+
+use common::{shm_dir, small_device};
+use pmem::{Device, DeviceOptions, Error, PersistenceMode, HUGE_PAGE};
+use std::os::unix::fs::MetadataExt;
+
+#[test]
+fn create_makes_a_sparse_file_of_the_requested_size() {
+    let dir = shm_dir();
+    let path = dir.path().join("dev.img");
+    let dev = Device::create(&path, 64 << 20, &DeviceOptions::new()).unwrap();
+    assert_eq!(dev.size(), 64 << 20);
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), 64 << 20);
+    assert!(meta.blocks() * 512 < 1 << 20, "a new device must be sparse");
+}
+
+#[test]
+fn the_mapping_is_2mib_aligned() {
+    let dir = shm_dir();
+    let (dev, _) = small_device(&dir);
+    // SAFETY: only the address is inspected.
+    let base = unsafe { dev.as_ptr() } as usize;
+    assert_eq!(base % HUGE_PAGE as usize, 0, "base {base:#x}");
+}
+
+#[test]
+fn sizes_that_are_not_allowed_are_refused_with_the_rule() {
+    let dir = shm_dir();
+    for size in [0, 4096, 8 << 20, (16 << 20) + 4096, (32 << 20) + (1 << 20)] {
+        let path = dir.path().join(format!("bad-{size}.img"));
+        let err = Device::create(&path, size, &DeviceOptions::new()).unwrap_err();
+        assert!(matches!(err, Error::InvalidSize { size: s } if s == size), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("multiple of 2 MiB") && msg.contains("16 MiB"), "{msg}");
+        assert!(!path.exists(), "a refused create must leave no file");
+    }
+}
+
+#[test]
+fn create_refuses_to_overwrite() {
+    let dir = shm_dir();
+    let path = dir.path().join("dev.img");
+    std::fs::write(&path, b"precious").unwrap();
+    let err = Device::create(&path, 16 << 20, &DeviceOptions::new()).unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let dir = shm_dir();
+    let path = dir.path().join("nothing-here.img");
+    let msg = Device::open(&path, &DeviceOptions::new()).unwrap_err().to_string();
+    assert!(msg.contains("nothing-here.img") && msg.contains("No such file"), "{msg}");
+}
+
+#[test]
+fn a_file_that_is_no_device_is_refused() {
+    let dir = shm_dir();
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, b"just some text\n").unwrap();
+    let err = Device::open(&path, &DeviceOptions::new()).unwrap_err();
+    assert!(matches!(err, Error::NotADevice { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("notes.txt") && msg.contains("15 bytes"), "{msg}");
+    // A directory is not a device either.
+    let err = Device::open(dir.path(), &DeviceOptions::new()).unwrap_err();
+    assert!(err.to_string().contains("not a pmem device") || err.to_string().contains("Is a directory"), "{err}");
+}
+
+#[test]
+fn a_second_open_in_the_same_process_names_this_process() {
+    let dir = shm_dir();
+    let (_dev, path) = small_device(&dir);
+    let err = Device::open(&path, &DeviceOptions::new()).unwrap_err();
+    match &err {
+        Error::Busy { holder, .. } => assert_eq!(*holder, Some(std::process::id())),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    assert!(err.to_string().contains("in use by this process"), "{err}");
+}
+
+#[test]
+fn a_device_can_be_reopened_after_it_is_dropped() {
+    let dir = shm_dir();
+    let (dev, path) = small_device(&dir);
+    dev.memcpy_persist(12345, b"kept").unwrap();
+    drop(dev);
+    let dev = Device::open(&path, &DeviceOptions::new()).unwrap();
+    let mut buf = [0u8; 4];
+    dev.read(12345, &mut buf).unwrap();
+    assert_eq!(&buf, b"kept");
+}
+
+#[test]
+fn tmpfs_is_memory_backed_and_a_disk_filesystem_needs_msync() {
+    let dir = shm_dir();
+    let (dev, _) = small_device(&dir);
+    assert_eq!(dev.persistence().mode, PersistenceMode::Memory);
+    assert!(dev.persistence().reason.contains("tmpfs"), "{:?}", dev.persistence());
+
+    let disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let fs_type = nix_fs_type(disk.path());
+    if fs_type == 0x0102_1994 {
+        eprintln!("skipping the disk half: the target directory is on tmpfs");
+        return;
+    }
+    let path = disk.path().join("disk.img");
+    let dev = Device::create(&path, 16 << 20, &DeviceOptions::new()).unwrap();
+    // A DAX-capable filesystem would accept MAP_SYNC; anything else is msync.
+    assert!(
+        matches!(dev.persistence().mode, PersistenceMode::Msync | PersistenceMode::Dax),
+        "{:?}",
+        dev.persistence()
+    );
+    if dev.persistence().mode == PersistenceMode::Msync {
+        assert!(dev.persistence().reason.contains("msync"));
+        drop(dev);
+        let fast = Device::open(&path, &DeviceOptions::new().fast(true)).unwrap();
+        assert_eq!(fast.persistence().mode, PersistenceMode::Fast);
+        // Writes still work in both modes.
+        fast.memcpy_persist(0, b"fast").unwrap();
+    }
+}
+
+fn nix_fs_type(path: &std::path::Path) -> i64 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statfs writes into a struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is writable.
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
+    #[allow(clippy::unnecessary_cast)]
+    {
+        st.f_type as i64
+    }
+}
+
+#[test]
+fn info_reports_what_the_device_is() {
+    let dir = shm_dir();
+    let (dev, path) = small_device(&dir);
+    let info = dev.info();
+    assert_eq!(info.size, 16 << 20);
+    assert_eq!(info.path, std::fs::canonicalize(&path).unwrap());
+    assert_eq!(info.filesystem, "tmpfs");
+    assert_eq!(info.poisoned_sectors, 0);
+    assert!(!info.huge_pages.reason.is_empty());
+    assert!(info.flush.is_available());
+}
+
+#[test]
+fn accesses_outside_the_device_are_refused() {
+    let dir = shm_dir();
+    let (dev, _) = small_device(&dir);
+    let size = dev.size();
+    let mut buf = [0u8; 8];
+    assert!(matches!(dev.read(size - 4, &mut buf), Err(Error::OutOfBounds { .. })));
+    assert!(matches!(dev.memcpy_persist(size, b"x"), Err(Error::OutOfBounds { .. })));
+    assert!(matches!(dev.memset_persist(u64::MAX, 0, 2), Err(Error::OutOfBounds { .. })));
+    assert!(matches!(dev.persist(size - 1, 2), Err(Error::OutOfBounds { .. })));
+    assert!(matches!(dev.inject(size, 1), Err(Error::OutOfBounds { .. })));
+}
