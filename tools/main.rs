@@ -1,1 +1,361 @@
-fn main() {}
+//! The `daxfs` command: create, describe, poison and scrub pmem devices.
+
+mod huge;
+mod size;
+
+use clap::{Args, Parser, Subcommand};
+use pmem::{BadRange, Device, DeviceInfo, DeviceKind, DeviceOptions, SECTOR};
+use serde_json::json;
+use size::{human, parse_size};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// daxfs: a persistent-memory DAX filesystem in userspace.
+///
+/// A device is either an emulated one (a file, best placed on a tmpfs such as
+/// /dev/shm, created with `daxfs create`) or a real /dev/daxX.Y. Poison is kept
+/// in 512-byte sectors, as Linux's badblocks and ndctl count it.
+#[derive(Parser)]
+#[command(name = "daxfs", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create an emulated pmem device (a sparse file) and describe it.
+    Create(CreateArgs),
+    /// Describe a device: size, persistence mode and why, huge pages, poison.
+    Info(InfoArgs),
+    /// Poison 512-byte sectors of a device, like `ndctl inject-error`.
+    ///
+    /// Loads through a mapping of a poisoned page then raise SIGBUS, and
+    /// machine-check-safe reads stop at the first poisoned sector.
+    #[command(group = clap::ArgGroup::new("where").required(true))]
+    InjectError(InjectArgs),
+    /// List a device as JSON, in the style of `ndctl list`.
+    List(ListArgs),
+    /// Clear poisoned sectors (they read as zeros afterwards).
+    #[command(group = clap::ArgGroup::new("what").required(true))]
+    ClearErrors(ClearArgs),
+    /// Read the whole device, as an address-range scrub does, and report poison.
+    Scrub(ImageArg),
+}
+
+#[derive(Args)]
+struct ImageArg {
+    /// The device: an emulated image file or /dev/daxX.Y.
+    image: PathBuf,
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    /// Where to create the image.
+    #[arg(default_value = "pmem0.img")]
+    image: PathBuf,
+    /// Size: a multiple of 2 MiB, at least 16 MiB (for example 512M, 1G).
+    #[arg(long, short, default_value = "1G", value_parser = parse_size)]
+    size: u64,
+    /// Place the image on memory mapped with 2 MiB pages: its own directory if
+    /// that is a huge-page tmpfs or hugetlbfs, else (as root) a tmpfs mounted
+    /// huge=always at /run/daxfs/huge, with IMAGE a symbolic link to it.
+    #[arg(long)]
+    huge: bool,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// The device: an emulated image file or /dev/daxX.Y.
+    image: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InjectArgs {
+    /// The device: an emulated image file or /dev/daxX.Y.
+    image: PathBuf,
+    /// Byte offset of the first byte to poison (the sector holding it is poisoned).
+    #[arg(long, group = "where", value_parser = parse_size)]
+    offset: Option<u64>,
+    /// Number of the first 512-byte sector to poison.
+    #[arg(long, group = "where")]
+    block: Option<u64>,
+    /// How many 512-byte sectors to poison.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    count: u64,
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// The device: an emulated image file or /dev/daxX.Y.
+    image: PathBuf,
+    /// Include the poisoned ranges ("badblocks", in 512-byte sectors).
+    #[arg(long, short = 'M')]
+    media_errors: bool,
+}
+
+#[derive(Args)]
+struct ClearArgs {
+    /// The device: an emulated image file or /dev/daxX.Y.
+    image: PathBuf,
+    /// Byte offset of the first sector to clear (a multiple of 512).
+    #[arg(long, group = "what", requires = "count", value_parser = parse_size)]
+    offset: Option<u64>,
+    /// How many 512-byte sectors to clear.
+    #[arg(long, requires = "offset", value_parser = clap::value_parser!(u64).range(1..))]
+    count: Option<u64>,
+    /// Clear every poisoned sector.
+    #[arg(long, group = "what", conflicts_with_all = ["offset", "count"])]
+    all: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("daxfs: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Outcome = Result<(), String>;
+
+fn run(command: Command) -> Outcome {
+    match command {
+        Command::Create(args) => create(args),
+        Command::Info(args) => {
+            let dev = open(&args.image)?;
+            if args.json {
+                print_json(&device_json(&dev.info(), None));
+            } else {
+                print_info(&args.image, &dev.info());
+            }
+            Ok(())
+        }
+        Command::InjectError(args) => inject(args),
+        Command::List(args) => {
+            let dev = open(&args.image)?;
+            let badblocks = args.media_errors.then(|| dev.badblocks());
+            print_json(&device_json(&dev.info(), badblocks.as_deref()));
+            Ok(())
+        }
+        Command::ClearErrors(args) => clear(args),
+        Command::Scrub(args) => scrub(&args.image),
+    }
+}
+
+fn open(image: &Path) -> Result<Device, String> {
+    Device::open(image, &DeviceOptions::new()).map_err(|e| e.to_string())
+}
+
+/// An error of an operation on an open device, which names the device.
+fn on(image: &Path) -> impl Fn(pmem::Error) -> String + '_ {
+    move |e| {
+        let message = e.to_string();
+        if message.starts_with(&image.display().to_string()) {
+            message
+        } else {
+            format!("{}: {message}", image.display())
+        }
+    }
+}
+
+fn create(args: CreateArgs) -> Outcome {
+    pmem::validate_size(args.size).map_err(|e| format!("{}: {e}", args.image.display()))?;
+    let mut target = args.image.clone();
+    if args.huge {
+        if args.image.symlink_metadata().is_ok() {
+            return Err(format!(
+                "{}: already exists; refusing to overwrite it",
+                args.image.display()
+            ));
+        }
+        match huge::place(&args.image) {
+            huge::Placement::InPlace => {}
+            huge::Placement::Linked(real) => target = real,
+            huge::Placement::Refused(why) => {
+                eprintln!("daxfs: note: not using huge pages: {why}");
+            }
+        }
+    }
+    let dev = Device::create(&target, args.size, &DeviceOptions::new()).map_err(|e| {
+        let hint = match e {
+            pmem::Error::AlreadyExists { .. } => {
+                format!(" (describe it with `daxfs info {}`)", target.display())
+            }
+            _ => String::new(),
+        };
+        format!("{e}{hint}")
+    })?;
+    if target != args.image {
+        if let Err(e) = std::os::unix::fs::symlink(&target, &args.image) {
+            drop(dev);
+            let _ = std::fs::remove_file(&target);
+            return Err(format!("{}: cannot link to {}: {e}", args.image.display(), target.display()));
+        }
+        println!("created {} on huge-page memory, linked from {}", target.display(), args.image.display());
+    } else {
+        println!("created {}", args.image.display());
+    }
+    print_info(&args.image, &dev.info());
+    Ok(())
+}
+
+fn inject(args: InjectArgs) -> Outcome {
+    let dev = open(&args.image)?;
+    let offset = match (args.offset, args.block) {
+        (Some(offset), _) => offset / SECTOR * SECTOR,
+        (None, Some(block)) => block
+            .checked_mul(SECTOR)
+            .ok_or_else(|| format!("sector {block} is past the end of the device"))?,
+        (None, None) => unreachable!("clap requires --offset or --block"),
+    };
+    let len = args
+        .count
+        .checked_mul(SECTOR)
+        .ok_or_else(|| format!("--count {} is too large", args.count))?;
+    dev.inject(offset, len).map_err(on(&args.image))?;
+    println!(
+        "{}: poisoned {} starting at sector {} (device offset {:#x})",
+        args.image.display(),
+        sectors_text(args.count),
+        offset / SECTOR,
+        offset
+    );
+    Ok(())
+}
+
+fn clear(args: ClearArgs) -> Outcome {
+    let dev = open(&args.image)?;
+    if args.all {
+        let before: u64 = dev.badblocks().iter().map(|r| r.count).sum();
+        dev.clear_all().map_err(on(&args.image))?;
+        println!("{}: cleared {}", args.image.display(), sectors_text(before));
+        return Ok(());
+    }
+    let (Some(offset), Some(count)) = (args.offset, args.count) else {
+        unreachable!("clap requires --offset with --count, or --all");
+    };
+    let len = count
+        .checked_mul(SECTOR)
+        .ok_or_else(|| format!("--count {count} is too large"))?;
+    dev.clear(offset, len).map_err(on(&args.image))?;
+    println!(
+        "{}: cleared {} starting at sector {}",
+        args.image.display(),
+        sectors_text(count),
+        offset / SECTOR
+    );
+    Ok(())
+}
+
+fn scrub(image: &Path) -> Outcome {
+    let dev = open(image)?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(dev.size());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("scrubbing {bar:40} {bytes}/{total_bytes} ({eta})")
+                .expect("the template is valid"),
+        );
+        bar
+    });
+    let report = dev
+        .scrub(&mut |done, _| {
+            if let Some(bar) = &bar {
+                bar.set_position(done);
+            }
+        })
+        .map_err(on(image))?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let sectors: u64 = report.poisoned.iter().map(|r| r.count).sum();
+    println!(
+        "{}: scrubbed {} ({} of data read): {} in {} poisoned range{}",
+        image.display(),
+        human(dev.size()),
+        human(report.scanned),
+        sectors_text(sectors),
+        report.poisoned.len(),
+        if report.poisoned.len() == 1 { "" } else { "s" }
+    );
+    for run in &report.poisoned {
+        println!(
+            "  sectors {}..{} (device offset {:#x}, {} bytes)",
+            run.sector,
+            run.sector + run.count - 1,
+            run.offset(),
+            run.len()
+        );
+    }
+    Ok(())
+}
+
+fn sectors_text(count: u64) -> String {
+    format!("{count} sector{}", if count == 1 { "" } else { "s" })
+}
+
+fn kind_text(kind: &DeviceKind) -> String {
+    match kind {
+        DeviceKind::Emulated => "emulated".to_string(),
+        DeviceKind::DevDax { name } => format!("devdax ({name})"),
+    }
+}
+
+fn print_info(image: &Path, info: &DeviceInfo) {
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    println!("{}", image.display());
+    println!("  path:         {}", info.path.display());
+    println!("  kind:         {} on {}", kind_text(&info.kind), info.filesystem);
+    println!("  size:         {} ({} bytes)", human(info.size), info.size);
+    println!("  alignment:    {}", human(info.align));
+    println!("  persistence:  {}: {}", info.persistence.mode, info.persistence.reason);
+    println!("  huge pages:   {}: {}", yes_no(info.huge_pages.capable), info.huge_pages.reason);
+    println!(
+        "  cpu:          flush with {}, non-temporal stores with {}",
+        info.flush,
+        info.movnt.map_or("none".to_string(), |k| format!("{k:?}").to_lowercase())
+    );
+    println!(
+        "  poison:       {} (list: {})",
+        sectors_text(info.poisoned_sectors),
+        info.badblocks_file.display()
+    );
+}
+
+fn device_json(info: &DeviceInfo, badblocks: Option<&[BadRange]>) -> serde_json::Value {
+    let mut value = json!({
+        "dev": info.path,
+        "mode": match info.kind { DeviceKind::Emulated => "emulated", DeviceKind::DevDax { .. } => "devdax" },
+        "size": info.size,
+        "align": info.align,
+        "filesystem": info.filesystem,
+        "persistence": info.persistence.mode.to_string(),
+        "persistence_reason": info.persistence.reason,
+        "huge_pages": info.huge_pages.capable,
+        "huge_pages_reason": info.huge_pages.reason,
+        "flush": info.flush.to_string(),
+        "badblocks_file": info.badblocks_file,
+    });
+    if let Some(badblocks) = badblocks {
+        value["badblock_count"] = json!(badblocks.iter().map(|r| r.count).sum::<u64>());
+        value["badblocks"] = badblocks
+            .iter()
+            .map(|r| json!({ "offset": r.sector, "length": r.count }))
+            .collect();
+    }
+    value
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("a JSON value always serialises")
+    );
+}

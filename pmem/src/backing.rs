@@ -167,6 +167,17 @@ impl Backing {
     }
 }
 
+/// Whether files created in `dir` (or beside `dir`, if it is a file) can be
+/// mapped with 2 MiB pages, and why.
+pub fn huge_pages_at(dir: &Path) -> Result<HugePages> {
+    let file = File::open(dir).map_err(|e| Error::io(dir, "open", e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(dir, "read the metadata", e))?;
+    let (magic, _) = statfs(&file, dir)?;
+    Ok(emulated_huge_pages(&meta, magic, &fs_type_name(magic)))
+}
+
 fn statfs(file: &File, path: &Path) -> Result<(i64, u64)> {
     // SAFETY: an all-zero statfs is a valid value of this plain C struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };

@@ -46,7 +46,7 @@ mod error;
 mod lock;
 mod mapping;
 
-pub use backing::{DeviceKind, HugePages, Persistence, PersistenceMode};
+pub use backing::{huge_pages_at, DeviceKind, HugePages, Persistence, PersistenceMode};
 pub use badblocks::{BadRange, SECTOR};
 pub use copy::{MovntKernel, Writer, MOVNT_THRESHOLD};
 pub use cpu::{FlushInstruction, CACHE_LINE};

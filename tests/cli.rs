@@ -1,0 +1,166 @@
+//! The `daxfs` command, run as a user runs it.
+
+use pmem::{Device, DeviceOptions};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn daxfs(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_daxfs"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run daxfs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A failure: exit status 1 and one line on stderr naming `what`, no panic.
+fn assert_clean_failure(out: &Output, what: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
+    assert!(err.starts_with("daxfs: ") && err.contains(what), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn shm_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("daxfs-cli").tempdir_in("/dev/shm").unwrap()
+}
+
+#[test]
+fn create_with_no_arguments_makes_a_1gib_pmem0_img_and_describes_it() {
+    let dir = shm_dir();
+    let out = daxfs(dir.path(), &["create"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("created pmem0.img"), "{text}");
+    assert!(text.contains("1 GiB") && text.contains("persistence:  memory"), "{text}");
+    assert_eq!(std::fs::metadata(dir.path().join("pmem0.img")).unwrap().len(), 1 << 30);
+    // A second create refuses to overwrite it.
+    assert_clean_failure(&daxfs(dir.path(), &["create"]), "already exists");
+}
+
+#[test]
+fn bad_sizes_are_refused_with_the_rule() {
+    let dir = shm_dir();
+    for size in ["0", "1M", "17M", "lots"] {
+        let out = daxfs(dir.path(), &["create", "x.img", "--size", size]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains("2 MiB") || err.contains("not a size"), "{size}: {err}");
+        assert!(!err.contains("panicked"));
+        assert!(!dir.path().join("x.img").exists());
+    }
+}
+
+#[test]
+fn inject_list_and_clear_round_trip_in_ndctl_json() {
+    let dir = shm_dir();
+    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "16M"]).status.success());
+    let out = daxfs(dir.path(), &["inject-error", "d.img", "--block", "8", "--count", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = daxfs(dir.path(), &["inject-error", "d.img", "--offset", "1M"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let out = daxfs(dir.path(), &["list", "d.img", "--media-errors"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["badblock_count"], 3);
+    assert_eq!(json["badblocks"][0]["offset"], 8);
+    assert_eq!(json["badblocks"][0]["length"], 2);
+    assert_eq!(json["badblocks"][1]["offset"], 2048);
+    assert_eq!(json["size"], 16 << 20);
+
+    let out = daxfs(dir.path(), &["clear-errors", "d.img", "--offset", "4096", "--count", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = daxfs(dir.path(), &["list", "d.img", "-M"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["badblock_count"], 2);
+    assert_eq!(json["badblocks"][0]["offset"], 9);
+
+    let out = daxfs(dir.path(), &["clear-errors", "d.img", "--all"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value =
+        serde_json::from_slice(&daxfs(dir.path(), &["list", "d.img", "-M"]).stdout).unwrap();
+    assert_eq!(json["badblock_count"], 0);
+    // Without --media-errors, no badblocks are listed.
+    let json: serde_json::Value =
+        serde_json::from_slice(&daxfs(dir.path(), &["list", "d.img"]).stdout).unwrap();
+    assert!(json.get("badblocks").is_none());
+}
+
+#[test]
+fn clearing_part_of_a_sector_is_refused_and_names_the_device() {
+    let dir = shm_dir();
+    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "16M"]).status.success());
+    let out = daxfs(dir.path(), &["clear-errors", "d.img", "--offset", "100", "--count", "1"]);
+    assert_clean_failure(&out, "d.img: range 0x64+0x200 must be aligned to 512 bytes");
+}
+
+#[test]
+fn scrub_reports_what_was_injected() {
+    let dir = shm_dir();
+    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "16M"]).status.success());
+    assert!(daxfs(dir.path(), &["inject-error", "d.img", "--block", "100", "--count", "3"]).status.success());
+    let out = daxfs(dir.path(), &["scrub", "d.img"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("3 sectors in 1 poisoned range"), "{text}");
+    assert!(text.contains("sectors 100..102"), "{text}");
+}
+
+#[test]
+fn a_device_held_by_another_process_names_its_pid() {
+    let dir = shm_dir();
+    let path = dir.path().join("held.img");
+    let _held = Device::create(&path, 16 << 20, &DeviceOptions::new()).unwrap();
+    let out = daxfs(dir.path(), &["info", "held.img"]);
+    assert_clean_failure(&out, &format!("in use by process {}", std::process::id()));
+}
+
+#[test]
+fn bad_files_give_one_line_errors() {
+    let dir = shm_dir();
+    std::fs::write(dir.path().join("text.txt"), "hello").unwrap();
+    assert_clean_failure(&daxfs(dir.path(), &["info", "text.txt"]), "text.txt: not a pmem device");
+    assert_clean_failure(&daxfs(dir.path(), &["info", "missing.img"]), "missing.img: cannot open");
+    assert_clean_failure(&daxfs(dir.path(), &["scrub", "missing.img"]), "missing.img");
+}
+
+#[test]
+fn every_subcommand_explains_itself() {
+    let dir = shm_dir();
+    for (sub, words) in [
+        ("create", "multiple of 2 MiB"),
+        ("info", "persistence"),
+        ("inject-error", "SIGBUS"),
+        ("list", "badblocks"),
+        ("clear-errors", "zeros"),
+        ("scrub", "scrub"),
+    ] {
+        let out = daxfs(dir.path(), &[sub, "--help"]);
+        assert!(out.status.success(), "{sub} --help failed");
+        assert!(stdout(&out).contains(words), "{sub} --help lacks {words:?}: {}", stdout(&out));
+    }
+    let out = daxfs(dir.path(), &["--help"]);
+    for sub in ["create", "info", "inject-error", "list", "clear-errors", "scrub"] {
+        assert!(stdout(&out).contains(sub));
+    }
+}
+
+#[test]
+fn info_json_is_machine_readable() {
+    let dir = shm_dir();
+    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "32M"]).status.success());
+    let out = daxfs(dir.path(), &["info", "d.img", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["size"], 32 << 20);
+    assert_eq!(json["persistence"], "memory");
+    assert_eq!(json["filesystem"], "tmpfs");
+}
