@@ -111,74 +111,90 @@ impl Writer {
     }
 
     /// Copy `len` bytes from `src` to `dst` and flush (or stream) every line of
-    /// the destination: after the next fence the copy is durable.
+    /// the destination: after the next fence the copy is durable. Returns true
+    /// when the copy ended with that fence already (the non-temporal path: the
+    /// head and tail lines are flushed first, the body streamed, then fenced).
     ///
     /// # Safety
     /// Both ranges are valid for `len` bytes and do not overlap; the chosen
     /// kernel and flush instruction are available on this CPU.
     #[inline]
-    pub unsafe fn copy_flushed(self, dst: *mut u8, src: *const u8, len: usize) {
+    pub unsafe fn copy_flushed(self, dst: *mut u8, src: *const u8, len: usize) -> bool {
         // SAFETY: all pointer arithmetic stays inside the caller's ranges; the
         // body range starts 64-byte aligned and is a multiple of 64 long.
         unsafe {
             match self.movnt {
                 Some(kernel) if len >= MOVNT_THRESHOLD => {
-                    let head = dst.align_offset(CACHE_LINE).min(len);
+                    let (head, body) = split_lines(dst, len);
+                    let tail = head + body;
                     ptr::copy_nonoverlapping(src, dst, head);
                     self.flush.flush_range(dst, head);
-                    let body = (len - head) & !(CACHE_LINE - 1);
+                    ptr::copy_nonoverlapping(src.add(tail), dst.add(tail), len - tail);
+                    self.flush.flush_range(dst.add(tail), len - tail);
                     kernel.copy_lines(dst.add(head), src.add(head), body);
-                    let done = head + body;
-                    ptr::copy_nonoverlapping(src.add(done), dst.add(done), len - done);
-                    self.flush.flush_range(dst.add(done), len - done);
+                    true
                 }
                 _ => {
                     ptr::copy_nonoverlapping(src, dst, len);
                     self.flush.flush_range(dst, len);
+                    false
                 }
             }
         }
     }
 
     /// Fill `len` bytes at `dst` with `byte`, flushed as in
-    /// [`copy_flushed`](Self::copy_flushed).
+    /// [`copy_flushed`](Self::copy_flushed), with the same result.
     ///
     /// # Safety
     /// The range is valid for `len` bytes; the kernel and flush instruction are
     /// available on this CPU.
     #[inline]
-    pub unsafe fn fill_flushed(self, dst: *mut u8, byte: u8, len: usize) {
+    pub unsafe fn fill_flushed(self, dst: *mut u8, byte: u8, len: usize) -> bool {
         // SAFETY: as in copy_flushed.
         unsafe {
             match self.movnt {
                 Some(kernel) if len >= MOVNT_THRESHOLD => {
-                    let head = dst.align_offset(CACHE_LINE).min(len);
+                    let (head, body) = split_lines(dst, len);
+                    let tail = head + body;
                     ptr::write_bytes(dst, byte, head);
                     self.flush.flush_range(dst, head);
-                    let body = (len - head) & !(CACHE_LINE - 1);
+                    ptr::write_bytes(dst.add(tail), byte, len - tail);
+                    self.flush.flush_range(dst.add(tail), len - tail);
                     kernel.fill_lines(dst.add(head), byte, body);
-                    let done = head + body;
-                    ptr::write_bytes(dst.add(done), byte, len - done);
-                    self.flush.flush_range(dst.add(done), len - done);
+                    true
                 }
                 _ => {
                     ptr::write_bytes(dst, byte, len);
                     self.flush.flush_range(dst, len);
+                    false
                 }
             }
         }
     }
 }
 
-/// One module of line kernels per vector width. Each moves four lines per turn
-/// of the main loop, as PMDK does, then single lines.
+/// Split `len` bytes at `dst` into an unaligned head and a body of whole,
+/// 64-byte-aligned lines; what remains is the tail.
+fn split_lines(dst: *mut u8, len: usize) -> (usize, usize) {
+    let head = dst.align_offset(CACHE_LINE).min(len);
+    (head, (len - head) & !(CACHE_LINE - 1))
+}
+
+/// One module of line kernels per vector width. Each loads as many lines as its
+/// vector registers hold, then streams them out (PMDK moves 32 lines a turn
+/// with AVX-512 and 8 with AVX), then finishes with single lines.
 #[cfg(target_arch = "x86_64")]
 mod nt {
     macro_rules! line_kernels {
-        ($name:ident, $feature:literal, $vec:ty, $width:literal, $load:ident, $stream:ident, $splat:ident) => {
+        ($name:ident, $feature:literal, $vec:ty, $width:literal, $unroll:literal, $load:ident, $stream:ident, $splat:ident) => {
             pub(super) mod $name {
                 use std::arch::x86_64::*;
+                /// Vectors per cache line.
                 const LANES: usize = 64 / $width;
+                /// Bytes moved per turn of the main loop: as many lines as
+                /// the vector registers hold.
+                const STEP: usize = 64 * $unroll;
 
                 /// # Safety
                 /// See `MovntKernel::copy_lines`.
@@ -188,15 +204,15 @@ mod nt {
                     // SAFETY: every access stays inside [0, len) of both ranges;
                     // dst + off is 64-byte aligned, so every store is aligned.
                     unsafe {
-                        while off + 256 <= len {
-                            let mut v = [$splat(0); 4 * LANES];
+                        while off + STEP <= len {
+                            let mut v = [$splat(0); $unroll * LANES];
                             for (i, lane) in v.iter_mut().enumerate() {
                                 *lane = $load(src.add(off + i * $width).cast::<$vec>());
                             }
                             for (i, lane) in v.iter().enumerate() {
                                 $stream(dst.add(off + i * $width).cast::<$vec>(), *lane);
                             }
-                            off += 256;
+                            off += STEP;
                         }
                         while off < len {
                             for i in 0..LANES {
@@ -230,9 +246,9 @@ mod nt {
         };
     }
 
-    line_kernels!(avx512, "avx512f", __m512i, 64, _mm512_loadu_si512, _mm512_stream_si512, _mm512_set1_epi8);
-    line_kernels!(avx, "avx", __m256i, 32, _mm256_loadu_si256, _mm256_stream_si256, _mm256_set1_epi8);
-    line_kernels!(sse2, "sse2", __m128i, 16, _mm_loadu_si128, _mm_stream_si128, _mm_set1_epi8);
+    line_kernels!(avx512, "avx512f", __m512i, 64, 16, _mm512_loadu_si512, _mm512_stream_si512, _mm512_set1_epi8);
+    line_kernels!(avx, "avx", __m256i, 32, 8, _mm256_loadu_si256, _mm256_stream_si256, _mm256_set1_epi8);
+    line_kernels!(sse2, "sse2", __m128i, 16, 4, _mm_loadu_si128, _mm_stream_si128, _mm_set1_epi8);
 }
 
 #[cfg(test)]

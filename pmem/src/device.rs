@@ -317,7 +317,15 @@ impl Device {
 
     /// Wait until every earlier flush and non-temporal store is durable.
     pub fn drain(&self) {
-        cpu::drain();
+        self.drain_unless(false);
+    }
+
+    /// Drain, skipping the fence instruction when the caller's last store
+    /// already ended with one (crash tracking still sees a fence).
+    fn drain_unless(&self, fenced: bool) {
+        if !fenced {
+            cpu::drain();
+        }
         if let Some(tracker) = &self.tracker {
             let poison = self.poison_ref();
             let read = |off: u64, buf: &mut [u8]| self.read_raw(&poison, off, buf);
@@ -338,8 +346,10 @@ impl Device {
         self.store(offset, src.len() as u64, false, |dst, at, len| {
             // SAFETY: `store` hands out a destination valid for `len` bytes at
             // position `at` of the range, and `src` has those bytes.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(at), dst, len) }
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(at), dst, len) };
+            false
         })
+        .map(drop)
     }
 
     /// Copy `src` to `offset` and flush it (non-temporal stores from 256 bytes
@@ -347,6 +357,10 @@ impl Device {
     /// [`drain`](Self::drain). A copy that covers whole poisoned sectors clears
     /// them; one that covers part of a poisoned sector fails.
     pub fn memcpy_nodrain(&self, offset: u64, src: &[u8]) -> Result<()> {
+        self.copy(offset, src).map(drop)
+    }
+
+    fn copy(&self, offset: u64, src: &[u8]) -> Result<bool> {
         let writer = self.writer;
         self.store(offset, src.len() as u64, true, |dst, at, len| {
             // SAFETY: as in `write`; the writer's instructions were detected on
@@ -357,14 +371,18 @@ impl Device {
 
     /// [`memcpy_nodrain`](Self::memcpy_nodrain), then drain: durable on return.
     pub fn memcpy_persist(&self, offset: u64, src: &[u8]) -> Result<()> {
-        self.memcpy_nodrain(offset, src)?;
-        self.drain();
+        let fenced = self.copy(offset, src)?;
+        self.drain_unless(fenced);
         Ok(())
     }
 
     /// Fill `len` bytes at `offset` with `byte` and flush them, without the
     /// final fence. Poison is treated as by [`memcpy_nodrain`](Self::memcpy_nodrain).
     pub fn memset_nodrain(&self, offset: u64, byte: u8, len: u64) -> Result<()> {
+        self.fill(offset, byte, len).map(drop)
+    }
+
+    fn fill(&self, offset: u64, byte: u8, len: u64) -> Result<bool> {
         let writer = self.writer;
         self.store(offset, len, true, |dst, _, len| {
             // SAFETY: `store` hands out a destination valid for `len` bytes.
@@ -374,8 +392,8 @@ impl Device {
 
     /// [`memset_nodrain`](Self::memset_nodrain), then drain: durable on return.
     pub fn memset_persist(&self, offset: u64, byte: u8, len: u64) -> Result<()> {
-        self.memset_nodrain(offset, byte, len)?;
-        self.drain();
+        let fenced = self.fill(offset, byte, len)?;
+        self.drain_unless(fenced);
         Ok(())
     }
 
@@ -596,16 +614,17 @@ impl Device {
     }
 
     /// Store `len` bytes at `offset` through `op(dst, position, len)`, which
-    /// writes the bytes at `position` of the range to `dst`. `flushed` says
-    /// that `op` flushes what it writes. Poison in the range: covered whole
+    /// writes the bytes at `position` of the range to `dst` and says whether
+    /// it ended with a fence. `flushed` says that `op` flushes what it writes.
+    /// Returns whether every piece ended with a fence. Poison in the range: covered whole
     /// sectors are cleared first, a partly covered one refuses the store.
     fn store(
         &self,
         offset: u64,
         len: u64,
         flushed: bool,
-        op: impl FnMut(*mut u8, usize, usize),
-    ) -> Result<()> {
+        op: impl FnMut(*mut u8, usize, usize) -> bool,
+    ) -> Result<bool> {
         self.check(offset, len)?;
         {
             let poison = self.poison_ref();
@@ -664,14 +683,15 @@ impl Device {
         offset: u64,
         len: u64,
         flushed: bool,
-        mut op: impl FnMut(*mut u8, usize, usize),
-    ) -> Result<()> {
+        mut op: impl FnMut(*mut u8, usize, usize) -> bool,
+    ) -> Result<bool> {
         let mut tracker = self.tracker.as_ref().map(|t| t.lock());
         if let Some(state) = tracker.as_mut() {
             state.note_store(offset, len, |off, buf| self.read_raw(poison, off, buf));
         }
+        let mut fenced = true;
         self.for_each_segment(poison, offset, len, |ptr, at, n| {
-            op(ptr, at, n);
+            fenced &= op(ptr, at, n);
             if flushed && self.msync {
                 msync(ptr, n);
             }
@@ -681,7 +701,7 @@ impl Device {
                 state.note_flush(offset, len);
             }
         }
-        Ok(())
+        Ok(fenced && len > 0)
     }
 
     fn flush_checked(&self, poison: &Poison, offset: u64, len: u64) -> Result<()> {
