@@ -35,8 +35,12 @@ fn bench(c: &mut Criterion) {
         .prefix("daxfs-bench")
         .tempdir_in("/dev/shm")
         .expect("a directory in /dev/shm");
-    let dev = Device::create(dir.path().join("bench.img"), 64 << 20, &DeviceOptions::new())
-        .expect("create the bench device");
+    let dev = Device::create(
+        dir.path().join("bench.img"),
+        64 << 20,
+        &DeviceOptions::new(),
+    )
+    .expect("create the bench device");
     // Touch the target so page faults are not measured.
     dev.memset_persist(0, 0, 32 << 20).unwrap();
 
@@ -49,12 +53,16 @@ fn bench(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("daxfs", name), &src, |b, src| {
             b.iter(|| dev.memcpy_persist(TARGET, src).unwrap())
         });
-        group.bench_with_input(BenchmarkId::new("copy_then_persist", name), &src, |b, src| {
-            b.iter(|| {
-                dev.write(TARGET, src).unwrap();
-                dev.persist(TARGET, src.len() as u64).unwrap();
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("copy_then_persist", name),
+            &src,
+            |b, src| {
+                b.iter(|| {
+                    dev.write(TARGET, src).unwrap();
+                    dev.persist(TARGET, src.len() as u64).unwrap();
+                })
+            },
+        );
         #[cfg(feature = "pmdk")]
         group.bench_with_input(BenchmarkId::new("pmdk", name), &src, |b, src| {
             // SAFETY: [TARGET, TARGET + len) lies inside the device mapping

@@ -30,7 +30,10 @@ fn assert_clean_failure(out: &Output, what: &str) {
 }
 
 fn shm_dir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("daxfs-cli").tempdir_in("/dev/shm").unwrap()
+    tempfile::Builder::new()
+        .prefix("daxfs-cli")
+        .tempdir_in("/dev/shm")
+        .unwrap()
 }
 
 #[test]
@@ -40,8 +43,16 @@ fn create_with_no_arguments_makes_a_1gib_pmem0_img_and_describes_it() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("created pmem0.img"), "{text}");
-    assert!(text.contains("1 GiB") && text.contains("persistence:  memory"), "{text}");
-    assert_eq!(std::fs::metadata(dir.path().join("pmem0.img")).unwrap().len(), 1 << 30);
+    assert!(
+        text.contains("1 GiB") && text.contains("persistence:  memory"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::metadata(dir.path().join("pmem0.img"))
+            .unwrap()
+            .len(),
+        1 << 30
+    );
     // A second create refuses to overwrite it.
     assert_clean_failure(&daxfs(dir.path(), &["create"]), "already exists");
 }
@@ -53,7 +64,10 @@ fn bad_sizes_are_refused_with_the_rule() {
         let out = daxfs(dir.path(), &["create", "x.img", "--size", size]);
         assert!(!out.status.success());
         let err = stderr(&out);
-        assert!(err.contains("2 MiB") || err.contains("not a size"), "{size}: {err}");
+        assert!(
+            err.contains("2 MiB") || err.contains("not a size"),
+            "{size}: {err}"
+        );
         assert!(!err.contains("panicked"));
         assert!(!dir.path().join("x.img").exists());
     }
@@ -62,8 +76,13 @@ fn bad_sizes_are_refused_with_the_rule() {
 #[test]
 fn inject_list_and_clear_round_trip_in_ndctl_json() {
     let dir = shm_dir();
-    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "16M"]).status.success());
-    let out = daxfs(dir.path(), &["inject-error", "d.img", "--block", "8", "--count", "2"]);
+    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "16M"])
+        .status
+        .success());
+    let out = daxfs(
+        dir.path(),
+        &["inject-error", "d.img", "--block", "8", "--count", "2"],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let out = daxfs(dir.path(), &["inject-error", "d.img", "--offset", "1M"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -77,7 +96,10 @@ fn inject_list_and_clear_round_trip_in_ndctl_json() {
     assert_eq!(json["badblocks"][1]["offset"], 2048);
     assert_eq!(json["size"], 16 << 20);
 
-    let out = daxfs(dir.path(), &["clear-errors", "d.img", "--offset", "4096", "--count", "1"]);
+    let out = daxfs(
+        dir.path(),
+        &["clear-errors", "d.img", "--offset", "4096", "--count", "1"],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let out = daxfs(dir.path(), &["list", "d.img", "-M"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -98,16 +120,28 @@ fn inject_list_and_clear_round_trip_in_ndctl_json() {
 #[test]
 fn clearing_part_of_a_sector_is_refused_and_names_the_device() {
     let dir = shm_dir();
-    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "16M"]).status.success());
-    let out = daxfs(dir.path(), &["clear-errors", "d.img", "--offset", "100", "--count", "1"]);
+    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "16M"])
+        .status
+        .success());
+    let out = daxfs(
+        dir.path(),
+        &["clear-errors", "d.img", "--offset", "100", "--count", "1"],
+    );
     assert_clean_failure(&out, "d.img: range 0x64+0x200 must be aligned to 512 bytes");
 }
 
 #[test]
 fn scrub_reports_what_was_injected() {
     let dir = shm_dir();
-    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "16M"]).status.success());
-    assert!(daxfs(dir.path(), &["inject-error", "d.img", "--block", "100", "--count", "3"]).status.success());
+    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "16M"])
+        .status
+        .success());
+    assert!(daxfs(
+        dir.path(),
+        &["inject-error", "d.img", "--block", "100", "--count", "3"]
+    )
+    .status
+    .success());
     let out = daxfs(dir.path(), &["scrub", "d.img"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
@@ -128,8 +162,14 @@ fn a_device_held_by_another_process_names_its_pid() {
 fn bad_files_give_one_line_errors() {
     let dir = shm_dir();
     std::fs::write(dir.path().join("text.txt"), "hello").unwrap();
-    assert_clean_failure(&daxfs(dir.path(), &["info", "text.txt"]), "text.txt: not a pmem device");
-    assert_clean_failure(&daxfs(dir.path(), &["info", "missing.img"]), "missing.img: cannot open");
+    assert_clean_failure(
+        &daxfs(dir.path(), &["info", "text.txt"]),
+        "text.txt: not a pmem device",
+    );
+    assert_clean_failure(
+        &daxfs(dir.path(), &["info", "missing.img"]),
+        "missing.img: cannot open",
+    );
     assert_clean_failure(&daxfs(dir.path(), &["scrub", "missing.img"]), "missing.img");
 }
 
@@ -146,10 +186,21 @@ fn every_subcommand_explains_itself() {
     ] {
         let out = daxfs(dir.path(), &[sub, "--help"]);
         assert!(out.status.success(), "{sub} --help failed");
-        assert!(stdout(&out).contains(words), "{sub} --help lacks {words:?}: {}", stdout(&out));
+        assert!(
+            stdout(&out).contains(words),
+            "{sub} --help lacks {words:?}: {}",
+            stdout(&out)
+        );
     }
     let out = daxfs(dir.path(), &["--help"]);
-    for sub in ["create", "info", "inject-error", "list", "clear-errors", "scrub"] {
+    for sub in [
+        "create",
+        "info",
+        "inject-error",
+        "list",
+        "clear-errors",
+        "scrub",
+    ] {
         assert!(stdout(&out).contains(sub));
     }
 }
@@ -157,7 +208,9 @@ fn every_subcommand_explains_itself() {
 #[test]
 fn info_json_is_machine_readable() {
     let dir = shm_dir();
-    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "32M"]).status.success());
+    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "32M"])
+        .status
+        .success());
     let out = daxfs(dir.path(), &["info", "d.img", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["size"], 32 << 20);

@@ -71,11 +71,20 @@ fn mount_huge_tmpfs() -> Result<PathBuf, String> {
         return Ok(dir);
     }
     let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "huge=always,mode=0755", "daxfs-huge", HUGE_DIR])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "huge=always,mode=0755",
+            "daxfs-huge",
+            HUGE_DIR,
+        ])
         .status()
         .map_err(|e| format!("cannot run mount: {e}"))?;
     if !status.success() {
-        return Err(format!("mount -t tmpfs -o huge=always at {HUGE_DIR} failed ({status})"));
+        return Err(format!(
+            "mount -t tmpfs -o huge=always at {HUGE_DIR} failed ({status})"
+        ));
     }
     Ok(dir)
 }

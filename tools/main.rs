@@ -197,9 +197,17 @@ fn create(args: CreateArgs) -> Outcome {
         if let Err(e) = std::os::unix::fs::symlink(&target, &args.image) {
             drop(dev);
             let _ = std::fs::remove_file(&target);
-            return Err(format!("{}: cannot link to {}: {e}", args.image.display(), target.display()));
+            return Err(format!(
+                "{}: cannot link to {}: {e}",
+                args.image.display(),
+                target.display()
+            ));
         }
-        println!("created {} on huge-page memory, linked from {}", target.display(), args.image.display());
+        println!(
+            "created {} on huge-page memory, linked from {}",
+            target.display(),
+            args.image.display()
+        );
     } else {
         println!("created {}", args.image.display());
     }
@@ -260,8 +268,10 @@ fn scrub(image: &Path) -> Outcome {
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(dev.size());
         bar.set_style(
-            indicatif::ProgressStyle::with_template("scrubbing {bar:40} {bytes}/{total_bytes} ({eta})")
-                .expect("the template is valid"),
+            indicatif::ProgressStyle::with_template(
+                "scrubbing {bar:40} {bytes}/{total_bytes} ({eta})",
+            )
+            .expect("the template is valid"),
         );
         bar
     });
@@ -312,15 +322,27 @@ fn print_info(image: &Path, info: &DeviceInfo) {
     let yes_no = |b: bool| if b { "yes" } else { "no" };
     println!("{}", image.display());
     println!("  path:         {}", info.path.display());
-    println!("  kind:         {} on {}", kind_text(&info.kind), info.filesystem);
+    println!(
+        "  kind:         {} on {}",
+        kind_text(&info.kind),
+        info.filesystem
+    );
     println!("  size:         {} ({} bytes)", human(info.size), info.size);
     println!("  alignment:    {}", human(info.align));
-    println!("  persistence:  {}: {}", info.persistence.mode, info.persistence.reason);
-    println!("  huge pages:   {}: {}", yes_no(info.huge_pages.capable), info.huge_pages.reason);
+    println!(
+        "  persistence:  {}: {}",
+        info.persistence.mode, info.persistence.reason
+    );
+    println!(
+        "  huge pages:   {}: {}",
+        yes_no(info.huge_pages.capable),
+        info.huge_pages.reason
+    );
     println!(
         "  cpu:          flush with {}, non-temporal stores with {}",
         info.flush,
-        info.movnt.map_or("none".to_string(), |k| format!("{k:?}").to_lowercase())
+        info.movnt
+            .map_or("none".to_string(), |k| format!("{k:?}").to_lowercase())
     );
     println!(
         "  poison:       {} (list: {})",

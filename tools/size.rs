@@ -4,7 +4,9 @@
 /// (powers of 1024; `KiB`, `MB` and lower case are accepted too).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(digits);
     let number: u64 = number
         .parse()
@@ -15,7 +17,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use K, M, G or T)")),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use K, M, G or T)"
+            ))
+        }
     };
     number
         .checked_mul(1 << shift)
@@ -51,7 +57,9 @@ mod tests {
         assert_eq!(parse_size("4k"), Ok(4096));
         assert!(parse_size("1X").unwrap_err().contains("unknown unit"));
         assert!(parse_size("G").unwrap_err().contains("not a size"));
-        assert!(parse_size("99999999999T").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]

@@ -103,8 +103,9 @@ impl Backing {
         if !meta.file_type().is_file() {
             return Err(Error::NotADevice {
                 path: path.to_path_buf(),
-                reason: "neither a regular file (an emulated device) nor a /dev/dax character device"
-                    .to_string(),
+                reason:
+                    "neither a regular file (an emulated device) nor a /dev/dax character device"
+                        .to_string(),
             });
         }
         let page = page_size();
@@ -225,9 +226,10 @@ fn emulated_huge_pages(meta: &std::fs::Metadata, magic: i64, fs: &str) -> HugePa
         },
         TMPFS_MAGIC => {
             let policy = tmpfs_huge_policy(meta.dev()).unwrap_or_else(|| "never".to_string());
-            let forced = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
-                .ok()
-                .and_then(|s| selected_word(&s));
+            let forced =
+                std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+                    .ok()
+                    .and_then(|s| selected_word(&s));
             match (forced.as_deref(), policy.as_str()) {
                 (Some("deny"), _) => HugePages {
                     capable: false,
@@ -240,7 +242,9 @@ fn emulated_huge_pages(meta: &std::fs::Metadata, magic: i64, fs: &str) -> HugePa
                 },
                 (_, "always" | "within_size" | "advise") => HugePages {
                     capable: true,
-                    reason: format!("tmpfs mounted huge={policy}: the kernel maps it with 2 MiB pages"),
+                    reason: format!(
+                        "tmpfs mounted huge={policy}: the kernel maps it with 2 MiB pages"
+                    ),
                 },
                 _ => HugePages {
                     capable: false,
@@ -304,11 +308,21 @@ impl DaxSysfs {
             path: dev_path.to_path_buf(),
             reason,
         };
-        let real = std::fs::canonicalize(dir)
-            .map_err(|_| not_dax(format!("a character device with no sysfs entry at {}", dir.display())))?;
+        let real = std::fs::canonicalize(dir).map_err(|_| {
+            not_dax(format!(
+                "a character device with no sysfs entry at {}",
+                dir.display()
+            ))
+        })?;
         let subsystem = std::fs::read_link(real.join("subsystem")).ok();
-        if subsystem.as_ref().and_then(|s| s.file_name()).is_none_or(|n| n != "dax") {
-            return Err(not_dax("a character device that is not device-dax".to_string()));
+        if subsystem
+            .as_ref()
+            .and_then(|s| s.file_name())
+            .is_none_or(|n| n != "dax")
+        {
+            return Err(not_dax(
+                "a character device that is not device-dax".to_string(),
+            ));
         }
         let name = real
             .file_name()
@@ -356,7 +370,11 @@ impl DaxSysfs {
                     "{} aligned to {} KiB: {}",
                     self.name,
                     self.align / 1024,
-                    if capable { "the kernel maps it with 2 MiB pages" } else { "4 KiB pages only" }
+                    if capable {
+                        "the kernel maps it with 2 MiB pages"
+                    } else {
+                        "4 KiB pages only"
+                    }
                 ),
             },
             kind: DeviceKind::DevDax { name: self.name },
@@ -410,7 +428,10 @@ mod tests {
 
     #[test]
     fn selected_word_reads_sysfs_choices() {
-        assert_eq!(selected_word("always within_size advise [never] deny force"), Some("never".into()));
+        assert_eq!(
+            selected_word("always within_size advise [never] deny force"),
+            Some("never".into())
+        );
         assert_eq!(selected_word("nothing"), None);
     }
 }

@@ -246,9 +246,36 @@ mod nt {
         };
     }
 
-    line_kernels!(avx512, "avx512f", __m512i, 64, 16, _mm512_loadu_si512, _mm512_stream_si512, _mm512_set1_epi8);
-    line_kernels!(avx, "avx", __m256i, 32, 8, _mm256_loadu_si256, _mm256_stream_si256, _mm256_set1_epi8);
-    line_kernels!(sse2, "sse2", __m128i, 16, 4, _mm_loadu_si128, _mm_stream_si128, _mm_set1_epi8);
+    line_kernels!(
+        avx512,
+        "avx512f",
+        __m512i,
+        64,
+        16,
+        _mm512_loadu_si512,
+        _mm512_stream_si512,
+        _mm512_set1_epi8
+    );
+    line_kernels!(
+        avx,
+        "avx",
+        __m256i,
+        32,
+        8,
+        _mm256_loadu_si256,
+        _mm256_stream_si256,
+        _mm256_set1_epi8
+    );
+    line_kernels!(
+        sse2,
+        "sse2",
+        __m128i,
+        16,
+        4,
+        _mm_loadu_si128,
+        _mm_stream_si128,
+        _mm_set1_epi8
+    );
 }
 
 #[cfg(test)]

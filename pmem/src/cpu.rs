@@ -203,6 +203,9 @@ mod tests {
             unsafe { insn.flush_range(buf.as_ptr().wrapping_add(5), 4096) };
             drain();
         }
-        assert!(buf.iter().all(|&b| b == 7), "a flush must not change memory");
+        assert!(
+            buf.iter().all(|&b| b == 7),
+            "a flush must not change memory"
+        );
     }
 }

@@ -40,7 +40,7 @@ pub const SIZE_ALIGN: u64 = HUGE_PAGE;
 
 /// Check that `size` is an allowed device size.
 pub fn validate_size(size: u64) -> Result<()> {
-    if size < MIN_SIZE || size % SIZE_ALIGN != 0 {
+    if size < MIN_SIZE || !size.is_multiple_of(SIZE_ALIGN) {
         return Err(Error::InvalidSize { size });
     }
     Ok(())
@@ -248,7 +248,8 @@ impl Device {
             kernel,
             all: BadBlocks::default(),
             sidecar,
-            sigbus_file: sigbus_file().map_err(|e| Error::io(path, "create the poison stand-in", e))?,
+            sigbus_file: sigbus_file()
+                .map_err(|e| Error::io(path, "create the poison stand-in", e))?,
         };
         poison.rebuild();
         let device = Device {
@@ -460,7 +461,7 @@ impl Device {
     /// of their sectors is poisoned.
     pub fn clear(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
-        if offset % SECTOR != 0 || len % SECTOR != 0 {
+        if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
             return Err(Error::Unaligned {
                 offset,
                 len,
@@ -636,12 +637,12 @@ impl Device {
         let first = offset / SECTOR;
         let last = (offset + len).div_ceil(SECTOR);
         let is_bad = |sector: u64| poison.all.first_in(sector, sector + 1).is_some();
-        if offset % SECTOR != 0 && is_bad(first) {
+        if !offset.is_multiple_of(SECTOR) && is_bad(first) {
             return Err(Error::PartialPoisonWrite {
                 sector_offset: first * SECTOR,
             });
         }
-        if (offset + len) % SECTOR != 0 && is_bad(last - 1) {
+        if !(offset + len).is_multiple_of(SECTOR) && is_bad(last - 1) {
             return Err(Error::PartialPoisonWrite {
                 sector_offset: (last - 1) * SECTOR,
             });
@@ -805,9 +806,14 @@ impl Device {
             // raw-pointer contract (`as_ptr`) warns that they may vanish.
             let swapped = unsafe {
                 if bad {
-                    self.map.replace_with_sigbus(granule as usize, g as usize, poison.sigbus_file.as_fd())
+                    self.map.replace_with_sigbus(
+                        granule as usize,
+                        g as usize,
+                        poison.sigbus_file.as_fd(),
+                    )
                 } else {
-                    self.map.restore(granule as usize, g as usize, self.file.as_fd())
+                    self.map
+                        .restore(granule as usize, g as usize, self.file.as_fd())
                 }
             };
             swapped.map_err(|e| Error::io(&self.path, "remap a poisoned page", e))?;
@@ -836,7 +842,11 @@ impl Device {
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
         Some((data, hole))
     }
 }

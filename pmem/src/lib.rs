@@ -52,8 +52,7 @@ pub use copy::{MovntKernel, Writer, MOVNT_THRESHOLD};
 pub use cpu::{FlushInstruction, CACHE_LINE};
 pub use crash::{CrashPoint, FenceHook, PendingLine};
 pub use device::{
-    validate_size, Device, DeviceInfo, DeviceOptions, McsafeRead, ScrubReport, MIN_SIZE,
-    SIZE_ALIGN,
+    validate_size, Device, DeviceInfo, DeviceOptions, McsafeRead, ScrubReport, MIN_SIZE, SIZE_ALIGN,
 };
 pub use error::{Error, Result};
 pub use mapping::HUGE_PAGE;

@@ -28,7 +28,10 @@ pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     match err.raw_os_error() {
         Some(libc::EAGAIN) | Some(libc::EACCES) => Err(Error::Busy {
             path: path.to_path_buf(),
-            holder: file.metadata().ok().and_then(|m| find_holder(m.dev(), m.ino())),
+            holder: file
+                .metadata()
+                .ok()
+                .and_then(|m| find_holder(m.dev(), m.ino())),
         }),
         _ => Err(Error::io(path, "lock the device", err)),
     }
@@ -50,7 +53,11 @@ fn find_holder(dev: u64, ino: u64) -> Option<u32> {
         })
     };
     for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = proc_entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = proc_entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fdinfo")) else {

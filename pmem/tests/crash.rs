@@ -50,7 +50,9 @@ fn flushed_and_fenced_survives() {
     dev.persist(4096, 8).unwrap();
     dev.memcpy_persist(8192, &[2; 1000]).unwrap(); // the non-temporal path
     dev.memset_persist(16384, 3, 100).unwrap();
-    let (image, pending) = dev.with_crash_point(|p| (p.image(&[]).unwrap(), p.pending())).unwrap();
+    let (image, pending) = dev
+        .with_crash_point(|p| (p.image(&[]).unwrap(), p.pending()))
+        .unwrap();
     assert!(pending.is_empty(), "{pending:?}");
     assert_eq!(byte_at(&image, 4096), 1);
     assert!(image[8192..9192].iter().all(|&b| b == 2));
@@ -66,7 +68,11 @@ fn a_store_after_a_flush_makes_the_line_pending_again() {
     dev.write(0, &[3; 1]).unwrap();
     dev.drain();
     let image = dev.with_crash_point(|p| p.image(&[]).unwrap()).unwrap();
-    assert_eq!(&image[..64], &[1; 64], "the line's durable contents are from the last persist");
+    assert_eq!(
+        &image[..64],
+        &[1; 64],
+        "the line's durable contents are from the last persist"
+    );
 }
 
 #[test]
@@ -91,14 +97,23 @@ fn subset_images_are_exactly_those_asked_for() {
         for subset in subsets {
             let image = point.image(&subset).unwrap();
             for (i, &line) in lines.iter().enumerate() {
-                let want = if subset.contains(&line) { 0x20 + i as u8 } else { 0x10 };
+                let want = if subset.contains(&line) {
+                    0x20 + i as u8
+                } else {
+                    0x10
+                };
                 assert!(
-                    image[line as usize..line as usize + 64].iter().all(|&b| b == want),
+                    image[line as usize..line as usize + 64]
+                        .iter()
+                        .all(|&b| b == want),
                     "subset {subset:?}, line {line}"
                 );
             }
         }
-        assert!(point.image(&[128]).is_err(), "only pending lines can be chosen");
+        assert!(
+            point.image(&[128]).is_err(),
+            "only pending lines can be chosen"
+        );
     })
     .unwrap();
 }
@@ -110,7 +125,9 @@ fn the_fence_hook_sees_each_fence_before_its_lines_retire() {
     let log = Arc::clone(&seen);
     assert!(dev.on_fence(Some(Box::new(move |point| {
         let lost = point.image(&[]).unwrap();
-        log.lock().unwrap().push((point.fences(), point.pending().len(), lost[4096]));
+        log.lock()
+            .unwrap()
+            .push((point.fences(), point.pending().len(), lost[4096]));
     }))));
     dev.memcpy_persist(4096, &[9; 64]).unwrap();
     dev.memcpy_persist(4096, &[8; 64]).unwrap();
@@ -126,7 +143,8 @@ fn a_crash_image_opens_as_a_device() {
     dev.memcpy_persist(0, b"durable").unwrap();
     dev.write(64, b"volatile").unwrap();
     let copy = dir.path().join("after-crash.img");
-    dev.with_crash_point(|p| p.write_image(&[], &copy).unwrap()).unwrap();
+    dev.with_crash_point(|p| p.write_image(&[], &copy).unwrap())
+        .unwrap();
     let crashed = Device::open(&copy, &DeviceOptions::new()).unwrap();
     let mut buf = [0u8; 8];
     crashed.read(0, &mut buf[..7]).unwrap();

@@ -32,9 +32,15 @@ fn sizes_that_are_not_allowed_are_refused_with_the_rule() {
     for size in [0, 4096, 8 << 20, (16 << 20) + 4096, (32 << 20) + (1 << 20)] {
         let path = dir.path().join(format!("bad-{size}.img"));
         let err = Device::create(&path, size, &DeviceOptions::new()).unwrap_err();
-        assert!(matches!(err, Error::InvalidSize { size: s } if s == size), "{err:?}");
+        assert!(
+            matches!(err, Error::InvalidSize { size: s } if s == size),
+            "{err:?}"
+        );
         let msg = err.to_string();
-        assert!(msg.contains("multiple of 2 MiB") && msg.contains("16 MiB"), "{msg}");
+        assert!(
+            msg.contains("multiple of 2 MiB") && msg.contains("16 MiB"),
+            "{msg}"
+        );
         assert!(!path.exists(), "a refused create must leave no file");
     }
 }
@@ -53,8 +59,13 @@ fn create_refuses_to_overwrite() {
 fn a_missing_file_is_a_clear_error() {
     let dir = shm_dir();
     let path = dir.path().join("nothing-here.img");
-    let msg = Device::open(&path, &DeviceOptions::new()).unwrap_err().to_string();
-    assert!(msg.contains("nothing-here.img") && msg.contains("No such file"), "{msg}");
+    let msg = Device::open(&path, &DeviceOptions::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("nothing-here.img") && msg.contains("No such file"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -65,10 +76,16 @@ fn a_file_that_is_no_device_is_refused() {
     let err = Device::open(&path, &DeviceOptions::new()).unwrap_err();
     assert!(matches!(err, Error::NotADevice { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("notes.txt") && msg.contains("15 bytes"), "{msg}");
+    assert!(
+        msg.contains("notes.txt") && msg.contains("15 bytes"),
+        "{msg}"
+    );
     // A directory is not a device either.
     let err = Device::open(dir.path(), &DeviceOptions::new()).unwrap_err();
-    assert!(err.to_string().contains("not a pmem device") || err.to_string().contains("Is a directory"), "{err}");
+    assert!(
+        err.to_string().contains("not a pmem device") || err.to_string().contains("Is a directory"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -100,7 +117,11 @@ fn tmpfs_is_memory_backed_and_a_disk_filesystem_needs_msync() {
     let dir = shm_dir();
     let (dev, _) = small_device(&dir);
     assert_eq!(dev.persistence().mode, PersistenceMode::Memory);
-    assert!(dev.persistence().reason.contains("tmpfs"), "{:?}", dev.persistence());
+    assert!(
+        dev.persistence().reason.contains("tmpfs"),
+        "{:?}",
+        dev.persistence()
+    );
 
     let disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let fs_type = nix_fs_type(disk.path());
@@ -112,7 +133,10 @@ fn tmpfs_is_memory_backed_and_a_disk_filesystem_needs_msync() {
     let dev = Device::create(&path, 16 << 20, &DeviceOptions::new()).unwrap();
     // A DAX-capable filesystem would accept MAP_SYNC; anything else is msync.
     assert!(
-        matches!(dev.persistence().mode, PersistenceMode::Msync | PersistenceMode::Dax),
+        matches!(
+            dev.persistence().mode,
+            PersistenceMode::Msync | PersistenceMode::Dax
+        ),
         "{:?}",
         dev.persistence()
     );
@@ -157,9 +181,24 @@ fn accesses_outside_the_device_are_refused() {
     let (dev, _) = small_device(&dir);
     let size = dev.size();
     let mut buf = [0u8; 8];
-    assert!(matches!(dev.read(size - 4, &mut buf), Err(Error::OutOfBounds { .. })));
-    assert!(matches!(dev.memcpy_persist(size, b"x"), Err(Error::OutOfBounds { .. })));
-    assert!(matches!(dev.memset_persist(u64::MAX, 0, 2), Err(Error::OutOfBounds { .. })));
-    assert!(matches!(dev.persist(size - 1, 2), Err(Error::OutOfBounds { .. })));
-    assert!(matches!(dev.inject(size, 1), Err(Error::OutOfBounds { .. })));
+    assert!(matches!(
+        dev.read(size - 4, &mut buf),
+        Err(Error::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        dev.memcpy_persist(size, b"x"),
+        Err(Error::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        dev.memset_persist(u64::MAX, 0, 2),
+        Err(Error::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        dev.persist(size - 1, 2),
+        Err(Error::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        dev.inject(size, 1),
+        Err(Error::OutOfBounds { .. })
+    ));
 }

@@ -39,8 +39,14 @@ fn inject_list_clear_round_trip() {
     assert_eq!(
         dev.badblocks(),
         vec![
-            BadRange { sector: 8, count: 3 },
-            BadRange { sector: 100, count: 2 }
+            BadRange {
+                sector: 8,
+                count: 3
+            },
+            BadRange {
+                sector: 100,
+                count: 2
+            }
         ]
     );
     assert_eq!(dev.info().poisoned_sectors, 5);
@@ -48,9 +54,18 @@ fn inject_list_clear_round_trip() {
     assert_eq!(
         dev.badblocks(),
         vec![
-            BadRange { sector: 8, count: 1 },
-            BadRange { sector: 10, count: 1 },
-            BadRange { sector: 100, count: 2 }
+            BadRange {
+                sector: 8,
+                count: 1
+            },
+            BadRange {
+                sector: 10,
+                count: 1
+            },
+            BadRange {
+                sector: 100,
+                count: 2
+            }
         ]
     );
     dev.clear_all().unwrap();
@@ -66,7 +81,13 @@ fn the_list_survives_reopening() {
     let sidecar = dir.path().join("pmem0.img.badblocks");
     assert!(sidecar.exists(), "the list is kept beside the image");
     let dev = Device::open(&path, &DeviceOptions::new()).unwrap();
-    assert_eq!(dev.badblocks(), vec![BadRange { sector: (3 << 20) / SECTOR, count: 8 }]);
+    assert_eq!(
+        dev.badblocks(),
+        vec![BadRange {
+            sector: (3 << 20) / SECTOR,
+            count: 8
+        }]
+    );
     // ...and the poison is still live after the restart.
     assert_eq!(load_in_child(&dev, 3 << 20), Some(libc::SIGBUS));
     dev.clear_all().unwrap();
@@ -91,22 +112,45 @@ fn read_mcsafe_returns_exactly_the_bytes_before_the_first_poisoned_sector() {
         let expected = 5 * SECTOR - start;
         assert_eq!(
             read,
-            McsafeRead { copied: expected as usize, poison: Some(65536 + 5 * SECTOR) },
+            McsafeRead {
+                copied: expected as usize,
+                poison: Some(65536 + 5 * SECTOR)
+            },
             "read from {start}"
         );
-        assert_eq!(&buf[..read.copied], &pattern[start as usize..(5 * SECTOR) as usize]);
-        assert!(buf[read.copied..].iter().all(|&b| b == 0), "nothing past the poison is copied");
+        assert_eq!(
+            &buf[..read.copied],
+            &pattern[start as usize..(5 * SECTOR) as usize]
+        );
+        assert!(
+            buf[read.copied..].iter().all(|&b| b == 0),
+            "nothing past the poison is copied"
+        );
     }
     // Starting inside the poisoned sector copies nothing.
     let mut buf = [0u8; 100];
     let read = dev.read_mcsafe(65536 + 5 * SECTOR + 100, &mut buf).unwrap();
-    assert_eq!(read, McsafeRead { copied: 0, poison: Some(65536 + 5 * SECTOR + 100) });
+    assert_eq!(
+        read,
+        McsafeRead {
+            copied: 0,
+            poison: Some(65536 + 5 * SECTOR + 100)
+        }
+    );
     // Between the two poisoned sectors, in the same pages, all bytes come.
     let mut buf = vec![0u8; 14 * SECTOR as usize];
     let read = dev.read_mcsafe(65536 + 6 * SECTOR, &mut buf).unwrap();
-    assert_eq!(read, McsafeRead { copied: buf.len(), poison: None });
+    assert_eq!(
+        read,
+        McsafeRead {
+            copied: buf.len(),
+            poison: None
+        }
+    );
     assert_eq!(&buf[..], &pattern[6 * 512..20 * 512]);
-    assert!(matches!(dev.read(65536, &mut buf), Err(Error::Poisoned { offset }) if offset == 65536 + 5 * SECTOR));
+    assert!(
+        matches!(dev.read(65536, &mut buf), Err(Error::Poisoned { offset }) if offset == 65536 + 5 * SECTOR)
+    );
 }
 
 #[test]
@@ -114,7 +158,11 @@ fn a_direct_load_of_a_poisoned_page_raises_sigbus_until_cleared() {
     let dir = shm_dir();
     let (dev, _) = small_device(&dir);
     dev.memcpy_persist(1 << 20, &[0x5A; 4096]).unwrap();
-    assert_eq!(load_in_child(&dev, (1 << 20) + 4000), None, "a clean page loads");
+    assert_eq!(
+        load_in_child(&dev, (1 << 20) + 4000),
+        None,
+        "a clean page loads"
+    );
     dev.inject((1 << 20) + 1024, SECTOR).unwrap();
     // Any byte of the page holding the poisoned sector raises SIGBUS...
     assert_eq!(load_in_child(&dev, (1 << 20) + 4000), Some(libc::SIGBUS));
@@ -123,13 +171,20 @@ fn a_direct_load_of_a_poisoned_page_raises_sigbus_until_cleared() {
     assert_eq!(load_in_child(&dev, (1 << 20) + 4096), None);
     assert_eq!(load_in_child(&dev, (1 << 20) - 1), None);
     dev.clear((1 << 20) + 1024, SECTOR).unwrap();
-    assert_eq!(load_in_child(&dev, (1 << 20) + 4000), None, "clearing restores access");
+    assert_eq!(
+        load_in_child(&dev, (1 << 20) + 4000),
+        None,
+        "clearing restores access"
+    );
     // SAFETY: the page is clean again, inside the mapping, and no one writes it.
     let byte = unsafe { std::ptr::read_volatile(dev.as_ptr().add((1 << 20) + 4000)) };
     assert_eq!(byte, 0x5A, "the page's other sectors kept their contents");
     let mut sector = [0xFFu8; 512];
     dev.read((1 << 20) + 1024, &mut sector).unwrap();
-    assert!(sector.iter().all(|&b| b == 0), "a cleared sector reads as zeros");
+    assert!(
+        sector.iter().all(|&b| b == 0),
+        "a cleared sector reads as zeros"
+    );
 }
 
 #[test]
@@ -140,17 +195,35 @@ fn a_write_of_whole_poisoned_sectors_clears_them_and_a_partial_one_fails() {
     dev.inject(at, 2 * SECTOR).unwrap();
     // Partly covering the first poisoned sector: refused, list unchanged.
     let err = dev.memcpy_persist(at + 10, &[1; 100]).unwrap_err();
-    assert!(matches!(err, Error::PartialPoisonWrite { sector_offset } if sector_offset == at), "{err:?}");
+    assert!(
+        matches!(err, Error::PartialPoisonWrite { sector_offset } if sector_offset == at),
+        "{err:?}"
+    );
     // Covering the first sector whole and the second in part: refused too.
     let err = dev.memcpy_persist(at, &[1; 600]).unwrap_err();
-    assert!(matches!(err, Error::PartialPoisonWrite { sector_offset } if sector_offset == at + SECTOR), "{err:?}");
-    assert_eq!(dev.badblocks(), vec![BadRange { sector: at / SECTOR, count: 2 }]);
+    assert!(
+        matches!(err, Error::PartialPoisonWrite { sector_offset } if sector_offset == at + SECTOR),
+        "{err:?}"
+    );
+    assert_eq!(
+        dev.badblocks(),
+        vec![BadRange {
+            sector: at / SECTOR,
+            count: 2
+        }]
+    );
     // A write of a good sector in the poisoned page works and clears nothing.
     dev.memcpy_persist(at + 4 * SECTOR, &[3; 512]).unwrap();
     assert_eq!(dev.badblocks().len(), 1);
     // Covering the first sector exactly clears it and stores the data.
     dev.memcpy_persist(at, &[7; 512]).unwrap();
-    assert_eq!(dev.badblocks(), vec![BadRange { sector: at / SECTOR + 1, count: 1 }]);
+    assert_eq!(
+        dev.badblocks(),
+        vec![BadRange {
+            sector: at / SECTOR + 1,
+            count: 1
+        }]
+    );
     let mut buf = [0u8; 512];
     dev.read(at, &mut buf).unwrap();
     assert_eq!(buf, [7; 512]);
@@ -178,7 +251,9 @@ fn a_corrupt_badblocks_file_is_refused_with_its_line() {
     let (dev, path) = small_device(&dir);
     drop(dev);
     std::fs::write(dir.path().join("pmem0.img.badblocks"), "8 1\nbanana\n").unwrap();
-    let msg = Device::open(&path, &DeviceOptions::new()).unwrap_err().to_string();
+    let msg = Device::open(&path, &DeviceOptions::new())
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("pmem0.img.badblocks: line 2"), "{msg}");
 }
 
@@ -195,9 +270,19 @@ fn scrub_finds_all_poison_and_reports_progress() {
     assert_eq!(
         report.poisoned,
         vec![
-            BadRange { sector: ((4 << 20) + 8192) / SECTOR, count: 1 },
-            BadRange { sector: (12 << 20) / SECTOR, count: 2 }
+            BadRange {
+                sector: ((4 << 20) + 8192) / SECTOR,
+                count: 1
+            },
+            BadRange {
+                sector: (12 << 20) / SECTOR,
+                count: 2
+            }
         ]
     );
-    assert!(report.scanned >= 1 << 20, "the data range was read: {}", report.scanned);
+    assert!(
+        report.scanned >= 1 << 20,
+        "the data range was read: {}",
+        report.scanned
+    );
 }
