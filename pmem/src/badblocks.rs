@@ -243,6 +243,9 @@ impl Sidecar {
             let mut tmp = self.path.as_os_str().to_owned();
             tmp.push(".tmp");
             let tmp = PathBuf::from(tmp);
+            if let Some(dir) = self.path.parent() {
+                fs::create_dir_all(dir).map_err(|e| io("create the badblocks directory", e))?;
+            }
             let mut file = fs::File::create(&tmp).map_err(|e| io("write the badblocks file", e))?;
             file.write_all(list.format().as_bytes())
                 .and_then(|()| file.sync_all())

@@ -851,6 +851,12 @@ impl Device {
     }
 }
 
+// The filesystem shares one device among all its threads.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Device>();
+};
+
 impl AsFd for Device {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()

@@ -286,3 +286,44 @@ fn scrub_finds_all_poison_and_reports_progress() {
         report.scanned
     );
 }
+
+#[test]
+fn injecting_and_clearing_while_other_threads_copy_never_faults_them() {
+    // A poison change must never pull a page from under a copy in flight: if
+    // it did, the copying thread would take SIGBUS and kill this process.
+    let dir = shm_dir();
+    let (dev, _) = small_device(&dir);
+    let dev = std::sync::Arc::new(dev);
+    let region = 1u64 << 20;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..2)
+        .map(|id| {
+            let (dev, stop) = (dev.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let page = vec![id as u8; 4096];
+                let mut buf = vec![0u8; 16384];
+                let mut rounds = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let at = region + (rounds % 8) * 4096;
+                    // Whole pages: they clear any poison they cover.
+                    dev.memcpy_persist(at, &page).unwrap();
+                    let read = dev.read_mcsafe(region, &mut buf).unwrap();
+                    assert!(read.copied <= buf.len());
+                    rounds += 1;
+                }
+                rounds
+            })
+        })
+        .collect();
+    for i in 0..300u64 {
+        let at = region + (i % 16) * SECTOR * 3;
+        dev.inject(at, SECTOR).unwrap();
+        if i % 3 == 0 {
+            dev.clear(at, SECTOR).unwrap();
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for worker in workers {
+        assert!(worker.join().unwrap() > 0);
+    }
+}
