@@ -12,6 +12,18 @@ fn daxfs(dir: &Path, args: &[&str]) -> Output {
         .expect("run daxfs")
 }
 
+/// Run daxfs and insist that it succeeds.
+fn daxfs_ok(dir: &Path, args: &[&str]) -> Output {
+    let out = daxfs(dir, args);
+    assert!(out.status.success(), "daxfs {args:?}: {}", stderr(&out));
+    out
+}
+
+/// `daxfs list IMAGE --media-errors`, parsed.
+fn media_errors(dir: &Path, image: &str) -> serde_json::Value {
+    serde_json::from_slice(&daxfs_ok(dir, &["list", image, "--media-errors"]).stdout).unwrap()
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -39,9 +51,7 @@ fn shm_dir() -> tempfile::TempDir {
 #[test]
 fn create_with_no_arguments_makes_a_1gib_pmem0_img_and_describes_it() {
     let dir = shm_dir();
-    let out = daxfs(dir.path(), &["create"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
+    let text = stdout(&daxfs_ok(dir.path(), &["create"]));
     assert!(text.contains("created pmem0.img"), "{text}");
     assert!(
         text.contains("1 GiB") && text.contains("persistence:  memory"),
@@ -76,53 +86,40 @@ fn bad_sizes_are_refused_with_the_rule() {
 #[test]
 fn inject_list_and_clear_round_trip_in_ndctl_json() {
     let dir = shm_dir();
-    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "16M"])
-        .status
-        .success());
-    let out = daxfs(
-        dir.path(),
+    let d = dir.path();
+    daxfs_ok(d, &["create", "d.img", "--size", "16M"]);
+    daxfs_ok(
+        d,
         &["inject-error", "d.img", "--block", "8", "--count", "2"],
     );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = daxfs(dir.path(), &["inject-error", "d.img", "--offset", "1M"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-
-    let out = daxfs(dir.path(), &["list", "d.img", "--media-errors"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    daxfs_ok(d, &["inject-error", "d.img", "--offset", "1M"]);
+    let json = media_errors(d, "d.img");
     assert_eq!(json["badblock_count"], 3);
     assert_eq!(json["badblocks"][0]["offset"], 8);
     assert_eq!(json["badblocks"][0]["length"], 2);
     assert_eq!(json["badblocks"][1]["offset"], 2048);
     assert_eq!(json["size"], 16 << 20);
 
-    let out = daxfs(
-        dir.path(),
+    daxfs_ok(
+        d,
         &["clear-errors", "d.img", "--offset", "4096", "--count", "1"],
     );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = daxfs(dir.path(), &["list", "d.img", "-M"]);
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = media_errors(d, "d.img");
     assert_eq!(json["badblock_count"], 2);
     assert_eq!(json["badblocks"][0]["offset"], 9);
 
-    let out = daxfs(dir.path(), &["clear-errors", "d.img", "--all"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let json: serde_json::Value =
-        serde_json::from_slice(&daxfs(dir.path(), &["list", "d.img", "-M"]).stdout).unwrap();
-    assert_eq!(json["badblock_count"], 0);
+    daxfs_ok(d, &["clear-errors", "d.img", "--all"]);
+    assert_eq!(media_errors(d, "d.img")["badblock_count"], 0);
     // Without --media-errors, no badblocks are listed.
     let json: serde_json::Value =
-        serde_json::from_slice(&daxfs(dir.path(), &["list", "d.img"]).stdout).unwrap();
+        serde_json::from_slice(&daxfs_ok(d, &["list", "d.img"]).stdout).unwrap();
     assert!(json.get("badblocks").is_none());
 }
 
 #[test]
 fn clearing_part_of_a_sector_is_refused_and_names_the_device() {
     let dir = shm_dir();
-    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "16M"])
-        .status
-        .success());
+    daxfs_ok(dir.path(), &["create", "d.img", "--size", "16M"]);
     let out = daxfs(
         dir.path(),
         &["clear-errors", "d.img", "--offset", "100", "--count", "1"],
@@ -133,18 +130,13 @@ fn clearing_part_of_a_sector_is_refused_and_names_the_device() {
 #[test]
 fn scrub_reports_what_was_injected() {
     let dir = shm_dir();
-    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "16M"])
-        .status
-        .success());
-    assert!(daxfs(
-        dir.path(),
-        &["inject-error", "d.img", "--block", "100", "--count", "3"]
-    )
-    .status
-    .success());
-    let out = daxfs(dir.path(), &["scrub", "d.img"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
+    let d = dir.path();
+    daxfs_ok(d, &["create", "d.img", "--size", "16M"]);
+    daxfs_ok(
+        d,
+        &["inject-error", "d.img", "--block", "100", "--count", "3"],
+    );
+    let text = stdout(&daxfs_ok(d, &["scrub", "d.img"]));
     assert!(text.contains("3 sectors in 1 poisoned range"), "{text}");
     assert!(text.contains("sectors 100..102"), "{text}");
 }
@@ -208,10 +200,8 @@ fn every_subcommand_explains_itself() {
 #[test]
 fn info_json_is_machine_readable() {
     let dir = shm_dir();
-    assert!(daxfs(dir.path(), &["create", "d.img", "--size", "32M"])
-        .status
-        .success());
-    let out = daxfs(dir.path(), &["info", "d.img", "--json"]);
+    daxfs_ok(dir.path(), &["create", "d.img", "--size", "32M"]);
+    let out = daxfs_ok(dir.path(), &["info", "d.img", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["size"], 32 << 20);
     assert_eq!(json["persistence"], "memory");

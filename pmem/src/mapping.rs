@@ -129,24 +129,9 @@ impl Mapping {
         len: usize,
         empty: BorrowedFd<'_>,
     ) -> io::Result<()> {
-        self.check(offset, len);
-        // SAFETY: the range lies inside this mapping (checked above), so
-        // MAP_FIXED replaces only our own pages; the caller guarantees nobody uses
-        // them. `empty` has size 0, so every page of this mapping is past its end.
-        let got = unsafe {
-            libc::mmap(
-                self.base().add(offset).cast(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                empty.as_raw_fd(),
-                0,
-            )
-        };
-        if got == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        // SAFETY: forwarded from this function's contract; `empty` has size 0,
+        // so every page mapped from it lies past its end.
+        unsafe { self.map_over(offset, len, libc::MAP_SHARED, empty, 0) }
     }
 
     /// Map the device's own pages back over `[offset, offset + len)`.
@@ -160,17 +145,33 @@ impl Mapping {
         len: usize,
         fd: BorrowedFd<'_>,
     ) -> io::Result<()> {
+        // SAFETY: forwarded from this function's contract; the device file
+        // maps its own bytes back at their own offset.
+        unsafe { self.map_over(offset, len, self.mode.flags(), fd, offset) }
+    }
+
+    /// # Safety
+    /// As for [`replace_with_sigbus`](Self::replace_with_sigbus).
+    unsafe fn map_over(
+        &self,
+        offset: usize,
+        len: usize,
+        flags: libc::c_int,
+        fd: BorrowedFd<'_>,
+        file_offset: usize,
+    ) -> io::Result<()> {
         self.check(offset, len);
-        // SAFETY: as in replace_with_sigbus; the device file maps its own bytes
-        // back at their own offset.
+        // SAFETY: the range lies inside this mapping (checked above), so
+        // MAP_FIXED replaces only our own pages; the caller guarantees nobody
+        // uses them.
         let got = unsafe {
             libc::mmap(
                 self.base().add(offset).cast(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                self.mode.flags() | libc::MAP_FIXED,
+                flags | libc::MAP_FIXED,
                 fd.as_raw_fd(),
-                offset as libc::off_t,
+                file_offset as libc::off_t,
             )
         };
         if got == libc::MAP_FAILED {
