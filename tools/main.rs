@@ -114,6 +114,11 @@ struct ClearArgs {
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`daxfs list img | head -1`), as Unix tools
+    // do, instead of panicking on the failed write.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread
+    // starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,

@@ -226,7 +226,9 @@ impl Device {
             path: path.to_path_buf(),
             reason: "too large to map in this address space".to_string(),
         })?;
-        let map = Mapping::map_aligned(file.as_fd(), len)
+        // A /dev/dax may be aligned to 1 GiB: map it so that its own unit fits.
+        let align = backing.align.max(HUGE_PAGE).next_power_of_two() as usize;
+        let map = Mapping::map_aligned(file.as_fd(), len, align)
             .map_err(|e| Error::io(path, "map the device", e))?;
         if backing.huge_pages.capable && matches!(backing.kind, DeviceKind::Emulated) {
             // SAFETY: advice on our own mapping; it changes no contents.

@@ -46,15 +46,16 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Map `len` bytes of `fd` from offset 0. `MAP_SYNC` is tried first and
-    /// the result says whether it was accepted.
-    pub(crate) fn map_aligned(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+    /// Map `len` bytes of `fd` from offset 0 at a multiple of `align` (a power
+    /// of two, at least 2 MiB). `MAP_SYNC` is tried first and the mapping's
+    /// mode says whether it was accepted.
+    pub(crate) fn map_aligned(fd: BorrowedFd<'_>, len: usize, align: usize) -> io::Result<Mapping> {
         let mode = if probe_map_sync(fd, len)? {
             MapMode::Sync
         } else {
             MapMode::Shared
         };
-        let align = HUGE_PAGE as usize;
+        debug_assert!(align.is_power_of_two() && align >= HUGE_PAGE as usize);
         let reserve_len = len
             .checked_add(align)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;

@@ -202,3 +202,107 @@ fn accesses_outside_the_device_are_refused() {
         Err(Error::OutOfBounds { .. })
     ));
 }
+
+#[test]
+fn a_character_device_that_is_not_dax_is_refused() {
+    let err = Device::open("/dev/null", &DeviceOptions::new()).unwrap_err();
+    assert!(matches!(err, Error::NotADevice { .. }), "{err:?}");
+    assert!(err.to_string().contains("not device-dax"), "{err}");
+}
+
+/// A tmpfs mounted `huge=always` in a temporary directory, unmounted on drop.
+struct HugeTmpfs(tempfile::TempDir);
+
+impl HugeTmpfs {
+    fn mount() -> Option<HugeTmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                "huge=always,size=64m",
+                "pmem-test-huge",
+            ])
+            .arg(dir.path())
+            .status()
+            .ok()?;
+        status.success().then_some(HugeTmpfs(dir))
+    }
+}
+
+impl Drop for HugeTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// The size of the PMD mappings of file pages in the mapping that starts at `base`.
+fn pmd_mapped_kib(base: usize) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((start, _)) = range.split_once('-') {
+                if let Ok(start) = usize::from_str_radix(start, 16) {
+                    inside = start == base;
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(rest) = line
+                .strip_prefix("FilePmdMapped:")
+                .or(line.strip_prefix("ShmemPmdMapped:"))
+            {
+                return rest
+                    .trim()
+                    .trim_end_matches(" kB")
+                    .trim()
+                    .parse()
+                    .unwrap_or(0);
+            }
+        }
+    }
+    0
+}
+
+#[test]
+fn a_device_on_a_huge_tmpfs_is_mapped_with_2mib_pages() {
+    // SAFETY: geteuid only reads the process's credentials.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a huge=always tmpfs needs root");
+        return;
+    }
+    let Some(tmpfs) = HugeTmpfs::mount() else {
+        eprintln!("skipped: this kernel cannot mount a huge=always tmpfs");
+        return;
+    };
+    let dev = Device::create(
+        tmpfs.0.path().join("huge.img"),
+        16 << 20,
+        &DeviceOptions::new(),
+    )
+    .unwrap();
+    let info = dev.info();
+    assert!(info.huge_pages.capable, "{:?}", info.huge_pages);
+    assert!(
+        info.huge_pages.reason.contains("huge=always"),
+        "{}",
+        info.huge_pages.reason
+    );
+    dev.memset_persist(4 << 20, 0xAB, 4 << 20).unwrap();
+    // SAFETY: only the address is used, to find the mapping in smaps.
+    let base = unsafe { dev.as_ptr() } as usize;
+    // SAFETY: reading bytes the API just wrote, with no writer racing.
+    let first = unsafe { std::ptr::read_volatile(dev.as_ptr().add(4 << 20)) };
+    assert_eq!(first, 0xAB);
+    let pmd = pmd_mapped_kib(base);
+    assert!(
+        pmd >= 2048,
+        "the aligned mapping should hold at least one PMD, smaps says {pmd} kB"
+    );
+    drop(dev);
+}
