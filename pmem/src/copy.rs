@@ -251,7 +251,7 @@ mod nt {
         "avx512f",
         __m512i,
         64,
-        16,
+        32,
         _mm512_loadu_si512,
         _mm512_stream_si512,
         _mm512_set1_epi8
