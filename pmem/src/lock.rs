@@ -12,6 +12,13 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long a conflicting lock may take to go away before the device is
+/// reported busy. A process that forks while it has the device open or mapped
+/// shares the lock with its child until the child execs or exits, so a device
+/// closed a moment ago can still look held.
+const SETTLE: Duration = Duration::from_millis(250);
 
 /// Take the write lock on all of `file`, or fail with [`Error::Busy`].
 pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
@@ -19,21 +26,30 @@ pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
     lock.l_type = libc::F_WRLCK as libc::c_short;
     lock.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: F_OFD_SETLK reads the flock struct we pass, which lives for the call.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(Error::Busy {
-            path: path.to_path_buf(),
-            holder: file
-                .metadata()
-                .ok()
-                .and_then(|m| find_holder(m.dev(), m.ino())),
-        }),
-        _ => Err(Error::io(path, "lock the device", err)),
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        // SAFETY: F_OFD_SETLK reads the flock struct we pass, which lives for the call.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Some(libc::EAGAIN) | Some(libc::EACCES) => {
+                let holder = file
+                    .metadata()
+                    .ok()
+                    .and_then(|m| find_holder(m.dev(), m.ino()));
+                return Err(Error::Busy {
+                    path: path.to_path_buf(),
+                    holder,
+                });
+            }
+            _ => return Err(Error::io(path, "lock the device", err)),
+        }
     }
 }
 
