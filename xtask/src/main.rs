@@ -1,7 +1,8 @@
 //! `cargo xtask`: the project's own chores.
 //!
-//! * `cargo xtask test` — formatting check, clippy with warnings denied, then
-//!   every test of the workspace; ends with one `N passed, M failed` line.
+//! * `cargo xtask test` — formatting check, clippy with warnings denied, the
+//!   loom model check of the entry-lock wait protocol, then every test of the
+//!   workspace; ends with one `N passed, M failed` line.
 //! * `cargo xtask bench [ROUNDS]` — the `memcpy_persist` benchmark (against
 //!   PMDK when libpmem is installed), run ROUNDS times (default 3), reported as
 //!   ratios of medians so that a noisy machine still gives a fair comparison.
@@ -69,6 +70,12 @@ fn test(extra: &[String]) -> Result<(), String> {
         "warnings",
     ]);
     run(clippy, "cargo clippy -D warnings")?;
+    // The entry locks' wait protocol, model-checked by loom in its own build.
+    let mut loom = cargo();
+    loom.args(["test", "-q", "-p", "daxfs", "--lib", "--release", "loom"])
+        .env("RUSTFLAGS", "--cfg loom")
+        .env("CARGO_TARGET_DIR", root().join("target/loom"));
+    run(loom, "loom model check of the entry-lock wait protocol")?;
 
     eprintln!("xtask: cargo test --workspace");
     let mut cmd = cargo();

@@ -370,7 +370,7 @@ impl EntryIndex {
                     // Taking the lock of an existing entry is one CAS: a
                     // writer that changed the slot meanwhile makes it fail.
                     if slot
-                        .compare_exchange(entry.raw(), entry.locked().raw(), SeqCst, Relaxed)
+                        .compare_exchange(entry.raw(), entry.locked().raw(), Acquire, Relaxed)
                         .is_ok()
                     {
                         // SAFETY: the entry is now locked, so its slot is
@@ -969,7 +969,7 @@ impl<'a> EntryGuard<'a> {
 
 impl Drop for EntryGuard<'_> {
     fn drop(&mut self) {
-        self.slot.store(self.entry.raw(), SeqCst);
+        self.slot.store(self.entry.raw(), Release);
         wait::table().wake(self.index.key(self.base, self.entry.order()));
     }
 }

@@ -3,11 +3,11 @@
 
 #[cfg(loom)]
 pub(crate) use loom::sync::{
-    atomic::{AtomicU64, AtomicUsize},
+    atomic::{fence, AtomicU64, AtomicUsize},
     Condvar, Mutex,
 };
 #[cfg(not(loom))]
 pub(crate) use std::sync::{
-    atomic::{AtomicU64, AtomicUsize},
+    atomic::{fence, AtomicU64, AtomicUsize},
     Condvar, Mutex,
 };
