@@ -3,10 +3,12 @@
 //! * `cargo xtask test` — formatting check, clippy with warnings denied, the
 //!   loom model check of the entry-lock wait protocol, then every test of the
 //!   workspace; ends with one `N passed, M failed` line.
-//! * `cargo xtask bench [ROUNDS]` — the `memcpy_persist` benchmark (against
-//!   PMDK when libpmem is installed), run ROUNDS times (default 3), reported as
-//!   ratios of medians so that a noisy machine still gives a fair comparison.
+//! * `cargo xtask bench [ROUNDS]` — the criterion benchmarks (`memcpy_persist`
+//!   against PMDK when libpmem is installed; the entry index against
+//!   `BTreeMap` baselines), run ROUNDS times (default 3), reported as ratios of
+//!   medians so that a noisy machine still gives a fair comparison.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -111,7 +113,8 @@ fn count_before(text: &str, label: &str) -> u64 {
         .unwrap_or(0)
 }
 
-const SIZES: [&str; 3] = ["4KiB", "64KiB", "2MiB"];
+/// One round's median times in nanoseconds, by "group/function/parameter".
+type Medians = HashMap<String, f64>;
 
 fn bench(args: &[String]) -> Result<(), String> {
     let rounds: usize = match args.first() {
@@ -124,49 +127,88 @@ fn bench(args: &[String]) -> Result<(), String> {
     if !pmdk {
         eprintln!("xtask: libpmem not found (apt-get install libpmem-dev): comparing without PMDK");
     }
-    let mut samples: Vec<Vec<(String, String, f64)>> = Vec::new();
+    let mut samples: Vec<Medians> = Vec::new();
     for round in 1..=rounds {
-        let mut cmd = cargo();
-        cmd.args(["bench", "--bench", "memcpy_persist"]);
-        if pmdk {
-            cmd.args(["--features", "pmdk"]);
+        for bench in ["memcpy_persist", "entry_index"] {
+            let mut cmd = cargo();
+            cmd.args(["bench", "--bench", bench]);
+            if pmdk && bench == "memcpy_persist" {
+                cmd.args(["--features", "pmdk"]);
+            }
+            cmd.stdout(Stdio::null());
+            run(
+                cmd,
+                &format!("{bench} benchmark, round {round} of {rounds}"),
+            )?;
         }
-        cmd.stdout(Stdio::null());
-        run(
-            cmd,
-            &format!("memcpy_persist benchmark, round {round} of {rounds}"),
-        )?;
-        samples.push(read_medians(pmdk)?);
+        samples.push(read_medians()?);
     }
+    // The median over rounds of a figure computed within each round.
+    let median = |figure: &dyn Fn(&Medians) -> Option<f64>| -> Option<f64> {
+        let mut values: Vec<f64> = samples.iter().filter_map(figure).collect();
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied()
+    };
+    let ratio = |a: String, b: String| move |m: &Medians| Some(m.get(&a)? / m.get(&b)?);
+    let show = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.3}"));
+
+    println!("\nmemcpy_persist: ratio of median times, below 1.00 means daxfs is faster ({rounds} rounds)");
     println!(
-        "memcpy_persist, ratio of median times (below 1.00: daxfs is faster), {rounds} rounds"
-    );
-    println!(
-        "{:<8} {:>22} {:>18}",
+        "{:<8} {:>22} {:>16}",
         "size", "daxfs / copy+persist", "daxfs / PMDK"
     );
-    for size in SIZES {
-        let ratio = |other: &str| -> Option<f64> {
-            let mut per_round: Vec<f64> = samples
-                .iter()
-                .filter_map(|round| {
-                    let find = |name: &str| {
-                        round
-                            .iter()
-                            .find(|(n, s, _)| n == name && s == size)
-                            .map(|r| r.2)
-                    };
-                    Some(find("daxfs")? / find(other)?)
-                })
-                .collect();
-            per_round.sort_by(f64::total_cmp);
-            per_round.get(per_round.len() / 2).copied()
-        };
-        let show = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.3}"));
+    for size in ["4KiB", "64KiB", "2MiB"] {
+        let ours = format!("memcpy_persist/daxfs/{size}");
         println!(
-            "{size:<8} {:>22} {:>18}",
-            show(ratio("copy_then_persist")),
-            show(ratio("pmdk"))
+            "{size:<8} {:>22} {:>16}",
+            show(median(&ratio(
+                ours.clone(),
+                format!("memcpy_persist/copy_then_persist/{size}")
+            ))),
+            show(median(&ratio(ours, format!("memcpy_persist/pmdk/{size}")))),
+        );
+    }
+
+    println!("\nentry index: median time of the index, and how many times slower the baseline is ({rounds} rounds)");
+    println!(
+        "{:<30} {:>12} {:>18} {:>18}",
+        "operation", "index", "Mutex<BTreeMap>", "RwLock<BTreeMap>"
+    );
+    for (label, group, function) in [
+        ("load (hit)", "entry_index", "load_hit"),
+        ("load (miss)", "entry_index", "load_miss"),
+        ("lock_entry + unlock", "entry_index", "lock_unlock"),
+        ("store + erase", "entry_index", "store_erase"),
+        (
+            "tagged scan, 1 Mi, 1% tagged",
+            "entry_index",
+            "tagged_scan_1pct",
+        ),
+        (
+            "load, 2 readers + 1 writer",
+            "entry_index_contended",
+            "load_2_readers_1_writer",
+        ),
+    ] {
+        let ours = format!("{group}/{function}/index");
+        let ns = median(&|m: &Medians| m.get(&ours).copied());
+        let time = ns.map_or("-".to_string(), |ns| {
+            if ns >= 10_000.0 {
+                format!("{:.1} us", ns / 1000.0)
+            } else {
+                format!("{ns:.1} ns")
+            }
+        });
+        let against = |baseline: &str| {
+            show(median(&ratio(
+                format!("{group}/{function}/{baseline}"),
+                ours.clone(),
+            )))
+        };
+        println!(
+            "{label:<30} {time:>12} {:>18} {:>18}",
+            against("mutex_btreemap"),
+            against("rwlock_btreemap")
         );
     }
     Ok(())
@@ -180,25 +222,45 @@ fn has_libpmem() -> bool {
         .unwrap_or(false)
 }
 
-/// Median times (ns) criterion saved for this run: (function, size, ns).
-fn read_medians(pmdk: bool) -> Result<Vec<(String, String, f64)>, String> {
-    let base = root().join("target/criterion/memcpy_persist");
-    let mut functions = vec!["daxfs", "copy_then_persist"];
-    if pmdk {
-        functions.push("pmdk");
-    }
-    let mut found = Vec::new();
-    for function in functions {
-        for size in SIZES {
-            let path = base.join(function).join(size).join("new/estimates.json");
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-            let ns = json["median"]["point_estimate"]
-                .as_f64()
-                .ok_or_else(|| format!("{}: no median", path.display()))?;
-            found.push((function.to_string(), size.to_string(), ns));
+/// The median times criterion saved for its latest run of every benchmark
+/// (`target/criterion/GROUP/FUNCTION/PARAMETER/new/estimates.json`).
+fn read_medians() -> Result<Medians, String> {
+    let base = root().join("target/criterion");
+    let mut found = Medians::new();
+    let dirs = |path: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(path)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n != "report"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for group in dirs(&base) {
+        for function in dirs(&group) {
+            for parameter in dirs(&function) {
+                let path = parameter.join("new/estimates.json");
+                let Ok(text) = std::fs::read_to_string(&path) else {
+                    continue;
+                };
+                let json: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+                let ns = json["median"]["point_estimate"]
+                    .as_f64()
+                    .ok_or_else(|| format!("{}: no median", path.display()))?;
+                let name = |p: &Path| {
+                    p.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned()
+                };
+                found.insert(
+                    format!("{}/{}/{}", name(&group), name(&function), name(&parameter)),
+                    ns,
+                );
+            }
         }
     }
     Ok(found)

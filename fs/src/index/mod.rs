@@ -77,7 +77,7 @@ pub use entry::{Entry, Order, Tag, MAX_PFN, PMD_PAGES};
 use crossbeam_epoch::{self as epoch, Guard};
 use node::{decode, Leaf, Slot, Upper, LEAF_SLOTS, UPPER_BITS, UPPER_SLOTS};
 use std::marker::PhantomData;
-use std::ops::Range;
+use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use std::sync::atomic::{AtomicPtr, AtomicU64};
 use std::sync::Mutex;
@@ -126,7 +126,7 @@ impl Default for EntryIndex {
 
 impl std::fmt::Debug for EntryIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_map().entries(self.range(0..u64::MAX)).finish()
+        f.debug_map().entries(self.range(..)).finish()
     }
 }
 
@@ -199,22 +199,33 @@ impl EntryIndex {
     }
 
     /// The entries overlapping `range`, in index order, each with the first
-    /// index of its own range.
-    pub fn range(&self, range: Range<u64>) -> impl Iterator<Item = (u64, Entry)> + '_ {
-        let mut next = Some(range.start);
+    /// index of its own range (`..` covers every page, `u64::MAX` included).
+    pub fn range(&self, range: impl RangeBounds<u64>) -> impl Iterator<Item = (u64, Entry)> + '_ {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => Some(s),
+            Bound::Excluded(&s) => s.checked_add(1),
+            Bound::Unbounded => Some(0),
+        };
+        // The last page of the range, inclusive (None: the range is empty).
+        let last = match range.end_bound() {
+            Bound::Included(&e) => Some(e),
+            Bound::Excluded(&e) => e.checked_sub(1),
+            Bound::Unbounded => Some(u64::MAX),
+        };
+        let mut next = match (start, last) {
+            (Some(s), Some(l)) if s <= l => Some(s),
+            _ => None,
+        };
+        let last = last.unwrap_or(0);
         std::iter::from_fn(move || {
             let from = next?;
-            if from >= range.end {
-                return None;
-            }
             let guard = epoch::pin();
-            let (base, entry) = self.next_entry(from, None, &guard)?;
-            if base >= range.end {
-                next = None;
-                return None;
-            }
-            next = base.checked_add(entry.order().pages());
-            Some((base, entry))
+            let found = self
+                .next_entry(from, None, &guard)
+                .filter(|&(base, _)| base <= last);
+            next = found.and_then(|(base, entry)| base.checked_add(entry.order().pages()));
+            next = next.filter(|&n| n <= last);
+            found
         })
     }
 
