@@ -76,7 +76,6 @@ pub use entry::{Entry, Order, Tag, MAX_PFN, PMD_PAGES};
 
 use crossbeam_epoch::{self as epoch, Guard};
 use node::{decode, Leaf, Slot, Upper, LEAF_SLOTS, UPPER_BITS, UPPER_SLOTS};
-use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use std::sync::atomic::{AtomicPtr, AtomicU64};
@@ -444,7 +443,6 @@ impl EntryIndex {
             slot,
             entry: entry.unlocked(),
             base,
-            _not_sync: PhantomData,
         }
     }
 
@@ -896,12 +894,7 @@ pub struct EntryGuard<'a> {
     entry: Entry,
     /// First index of the entry's range.
     base: u64,
-    _not_sync: PhantomData<*const ()>,
 }
-
-// SAFETY: the guard may unlock from another thread: the slot stays valid (a
-// locked entry keeps its node linked) and unlocking is an atomic store.
-unsafe impl Send for EntryGuard<'_> {}
 
 impl std::fmt::Debug for EntryGuard<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
