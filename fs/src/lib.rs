@@ -1,10 +1,22 @@
 //! daxfs: a persistent-memory DAX filesystem in userspace.
 //!
-//! The filesystem is built in layers on the [`pmem`] device crate (see the
-//! workspace README and DESIGN.md). So far this crate holds the layer with no
-//! dependency on the rest: [`index`], the per-file multi-order entry index with
-//! entry locks that the DAX fault, writeback and memory-failure paths use.
+//! Built in layers on the [`pmem`] device crate (see the workspace README and
+//! DESIGN.md):
+//!
+//! * [`format`]: the on-media format, described next to the code that writes it;
+//! * [`journal`]: the redo journal that makes every metadata change atomic;
+//! * `alloc`: the 2 MiB-aware block allocator;
+//! * [`Fs`]: the filesystem and its library API (inode- and path-based calls);
+//! * [`index`]: the per-file multi-order entry index with entry locks that the
+//!   DAX fault, writeback and memory-failure paths use.
 
+mod alloc;
+mod error;
+pub mod format;
+mod fs;
 pub mod index;
+pub mod journal;
 
+pub use error::{Error, Result};
+pub use fs::{Attr, DirEntry, FileKind, Fs, Handle, Ino, RenameFlags, SetAttr, StatFs, Timestamp, ROOT};
 pub use pmem;

@@ -1,0 +1,245 @@
+//! The block allocator: extent-based and 2 MiB aware (WineFS's policy).
+//!
+//! The data area is seen as 2 MiB regions of 512 blocks. A region is *free*
+//! (all 512 blocks free), *broken* (some in use) or full. Large allocations
+//! ([`Allocator::alloc_huge`]) take whole free regions, so the file can be
+//! mapped with PMDs. Small allocations are served from broken regions first,
+//! so free regions stay whole as the filesystem ages; only when no broken
+//! region has room is a free region broken.
+//!
+//! The on-media bitmap (one bit per block) is the truth; the allocator keeps
+//! a copy in memory, rebuilt at mount. Changes are staged: allocations are
+//! visible at once (so one transaction never hands out a block twice), frees
+//! only after the transaction that frees them commits (so a block freed and
+//! reused in one transaction can never be overwritten before the free is
+//! durable). [`Allocator::stage`] turns the changed bitmap words into journal
+//! records; [`Allocator::committed`] or [`Allocator::abort`] ends the stage.
+
+use crate::format::{Superblock, BLOCK, HUGE_BLOCKS};
+use crate::journal::Tx;
+use std::collections::{BTreeSet, HashSet};
+
+#[derive(Debug)]
+pub struct Allocator {
+    bitmap: Vec<u64>,
+    /// Free blocks per 2 MiB region.
+    region_free: Vec<u32>,
+    /// Regions with all 512 blocks free (data area only).
+    free_regions: BTreeSet<u64>,
+    /// Regions with some, but not all, blocks free.
+    broken_regions: BTreeSet<u64>,
+    first_region: u64,
+    bitmap_offset: u64,
+    free: u64,
+    /// This stage's allocations (undone by `abort`) and frees (applied by
+    /// `committed`), and the bitmap words they touch.
+    staged_allocs: Vec<(u64, u64)>,
+    staged_frees: Vec<(u64, u64)>,
+    dirty_words: HashSet<usize>,
+}
+
+impl Allocator {
+    /// The allocator of a filesystem whose bitmap reads `bitmap`.
+    pub fn new(sb: &Superblock, bitmap: Vec<u64>) -> Allocator {
+        let regions = sb.total_blocks.div_ceil(HUGE_BLOCKS);
+        let mut a = Allocator {
+            bitmap,
+            region_free: vec![0; regions as usize],
+            free_regions: BTreeSet::new(),
+            broken_regions: BTreeSet::new(),
+            first_region: sb.data_start / HUGE_BLOCKS,
+            bitmap_offset: sb.bitmap_start * BLOCK,
+            free: 0,
+            staged_allocs: Vec::new(),
+            staged_frees: Vec::new(),
+            dirty_words: HashSet::new(),
+        };
+        for block in sb.data_start..sb.total_blocks {
+            if !a.is_used(block) {
+                a.region_free[(block / HUGE_BLOCKS) as usize] += 1;
+                a.free += 1;
+            }
+        }
+        for r in a.first_region..regions {
+            a.classify(r);
+        }
+        a
+    }
+
+    /// The bitmap of a new filesystem: everything before the data area and
+    /// the backup superblock in use.
+    pub fn initial_bitmap(sb: &Superblock) -> Vec<u64> {
+        let words = (sb.bitmap_blocks * BLOCK / 8) as usize;
+        let mut bitmap = vec![0u64; words];
+        let mut set = |b: u64| bitmap[(b / 64) as usize] |= 1 << (b % 64);
+        (0..sb.data_start).for_each(&mut set);
+        set(sb.backup_block);
+        bitmap
+    }
+
+    pub fn is_used(&self, block: u64) -> bool {
+        self.bitmap[(block / 64) as usize] & (1 << (block % 64)) != 0
+    }
+
+    pub fn free_blocks(&self) -> u64 {
+        self.free
+    }
+
+    pub fn free_regions(&self) -> u64 {
+        self.free_regions.len() as u64
+    }
+
+    fn classify(&mut self, region: u64) {
+        self.free_regions.remove(&region);
+        self.broken_regions.remove(&region);
+        // The last region may be short; count its real size.
+        let full = HUGE_BLOCKS as u32;
+        match self.region_free[region as usize] {
+            0 => {}
+            n if n == full => {
+                self.free_regions.insert(region);
+            }
+            _ => {
+                self.broken_regions.insert(region);
+            }
+        }
+    }
+
+    fn mark(&mut self, start: u64, len: u64, used: bool) {
+        for block in start..start + len {
+            let word = (block / 64) as usize;
+            let bit = 1u64 << (block % 64);
+            debug_assert_eq!(self.bitmap[word] & bit != 0, !used, "block {block} already {used}");
+            if used {
+                self.bitmap[word] |= bit;
+                self.region_free[(block / HUGE_BLOCKS) as usize] -= 1;
+                self.free -= 1;
+            } else {
+                self.bitmap[word] &= !bit;
+                self.region_free[(block / HUGE_BLOCKS) as usize] += 1;
+                self.free += 1;
+            }
+            self.dirty_words.insert(word);
+        }
+        for region in start / HUGE_BLOCKS..=(start + len - 1) / HUGE_BLOCKS {
+            self.classify(region);
+        }
+    }
+
+    /// A whole free, aligned 2 MiB region: its first block.
+    pub fn alloc_huge(&mut self) -> Option<u64> {
+        let region = *self.free_regions.iter().next()?;
+        let start = region * HUGE_BLOCKS;
+        self.mark(start, HUGE_BLOCKS, true);
+        self.staged_allocs.push((start, HUGE_BLOCKS));
+        Some(start)
+    }
+
+    /// Up to `want` contiguous blocks (at least one), preferring broken
+    /// regions: `(first block, count)`.
+    pub fn alloc(&mut self, want: u64) -> Option<(u64, u64)> {
+        let want = want.clamp(1, HUGE_BLOCKS);
+        // Best: a broken region with a run of `want`; else the longest run
+        // found in a broken region; else break a free region.
+        let mut best: Option<(u64, u64)> = None;
+        for &region in self.broken_regions.iter().take(64) {
+            if let Some((start, len)) = self.longest_run(region, want) {
+                if len == want {
+                    best = Some((start, len));
+                    break;
+                }
+                if best.is_none_or(|b| len > b.1) {
+                    best = Some((start, len));
+                }
+            }
+        }
+        let (start, len) = match best {
+            Some(b) if b.1 == want => b,
+            _ => match self.free_regions.iter().next() {
+                Some(&region) => (region * HUGE_BLOCKS, want),
+                None => best.or_else(|| self.any_run(want))?,
+            },
+        };
+        self.mark(start, len, true);
+        self.staged_allocs.push((start, len));
+        Some((start, len))
+    }
+
+    /// The longest run of free blocks in `region`, capped at `want`.
+    fn longest_run(&self, region: u64, want: u64) -> Option<(u64, u64)> {
+        let mut best: Option<(u64, u64)> = None;
+        let mut run_start = 0;
+        let mut run = 0;
+        let first = (region * HUGE_BLOCKS).max(self.first_region * HUGE_BLOCKS);
+        let end = ((region + 1) * HUGE_BLOCKS).min(self.bitmap.len() as u64 * 64);
+        for block in first..end {
+            if self.is_used(block) {
+                run = 0;
+                continue;
+            }
+            if run == 0 {
+                run_start = block;
+            }
+            run += 1;
+            if best.is_none_or(|b| run > b.1) {
+                best = Some((run_start, run));
+            }
+            if run == want {
+                break;
+            }
+        }
+        best
+    }
+
+    fn any_run(&self, want: u64) -> Option<(u64, u64)> {
+        let regions = self.region_free.len() as u64;
+        (self.first_region..regions)
+            .filter(|&r| self.region_free[r as usize] > 0)
+            .find_map(|r| self.longest_run(r, want))
+    }
+
+    /// Free blocks once the current transaction commits.
+    pub fn free(&mut self, start: u64, len: u64) {
+        if len > 0 {
+            self.staged_frees.push((start, len));
+            for block in start..start + len {
+                self.dirty_words.insert((block / 64) as usize);
+            }
+        }
+    }
+
+    /// Add the changed bitmap words to `tx` (with this stage's frees applied).
+    pub fn stage(&mut self, tx: &mut Tx) {
+        let mut words: Vec<usize> = self.dirty_words.iter().copied().collect();
+        words.sort_unstable();
+        for word in words {
+            let mut value = self.bitmap[word];
+            for &(start, len) in &self.staged_frees {
+                for block in start..start + len {
+                    if (block / 64) as usize == word {
+                        value &= !(1 << (block % 64));
+                    }
+                }
+            }
+            tx.write(self.bitmap_offset + word as u64 * 8, &value.to_le_bytes());
+        }
+    }
+
+    /// The transaction committed: apply its frees.
+    pub fn committed(&mut self) {
+        for (start, len) in std::mem::take(&mut self.staged_frees) {
+            self.mark(start, len, false);
+        }
+        self.staged_allocs.clear();
+        self.dirty_words.clear();
+    }
+
+    /// The operation failed before committing: undo its allocations.
+    pub fn abort(&mut self) {
+        for (start, len) in std::mem::take(&mut self.staged_allocs) {
+            self.mark(start, len, false);
+        }
+        self.staged_frees.clear();
+        self.dirty_words.clear();
+    }
+}

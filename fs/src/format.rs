@@ -1,0 +1,590 @@
+//! The on-media format, described next to the code that reads and writes it.
+//! All integers are little-endian. Blocks are 4 KiB.
+//!
+//! ## Layout
+//!
+//! ```text
+//! block 0            primary superblock
+//! block 1            state block: the orphan list's head (changed through the journal)
+//! journal_start      journal: a header block, then the ring of transactions
+//! inode_table_start  inode table: inode_count inodes of 256 bytes (inode 1 is the root)
+//! bitmap_start       allocation bitmap: one bit per block of the device, 1 = in use
+//! data_start         data and metadata blocks (2 MiB aligned), allocated from the bitmap
+//! last block         backup superblock
+//! ```
+//!
+//! Everything before `data_start` and the last block are marked in use in
+//! the bitmap at format time.
+//!
+//! ## Superblock (first 512 bytes of its block)
+//!
+//! ```text
+//!   0 magic "DAXFSv1\0"      8 version u32          12 block size u32 (4096)
+//!  16 total blocks u64      24 inode count u64     32 journal start u64
+//!  40 journal blocks u64    48 inode table start   56 inode table blocks
+//!  64 bitmap start          72 bitmap blocks       80 data start
+//!  88 root inode u64        96 uuid [16]          112 state block u64
+//! 120 backup block u64     128 format time (s)    508 crc32c of bytes 0..508
+//! ```
+//!
+//! ## Inode (256 bytes; inode `n` is at `inode_table_start * 4096 + (n - 1) * 256`)
+//!
+//! ```text
+//!   0 mode u32 (0: free)    4 nlink u32    8 uid u32    12 gid u32    16 size u64
+//!  24 atime s i64  32 atime ns u32  36 mtime ns u32  40 mtime s i64
+//!  48 ctime s i64  56 ctime ns u32  60 flags u32
+//!  64 generation u32        68 extent count u32 (all extents, inline and overflow)
+//!  72 first overflow extent block u64    80 xattr block u64
+//!  88 parent inode u64 (directories)     96 next orphan u64    104 blocks in use u64
+//! 112 8 inline extents of 16 bytes (or, with FLAG_INLINE_LINK, the symlink target)
+//! 252 crc32c of bytes 0..252
+//! ```
+//!
+//! ## Extent (16 bytes)
+//! `logical block u32, length in blocks u32, device block u64`. An inode's
+//! extents are sorted by logical block and never overlap. The first 8 are
+//! inline; the rest live in a chain of overflow blocks: `magic u32 "DXEX",
+//! count u32, next block u64, crc32c u32 of the whole block with this field
+//! zero, 12 bytes reserved`, then up to 254 extents.
+//!
+//! ## Directory blocks
+//! A directory's data blocks hold 128 slots of 32 bytes. An entry takes
+//! `ceil((16 + name length) / 32)` consecutive slots of one block: `inode
+//! u64, name length u8, file type u8, slot count u8, reserved u8, crc32c u32
+//! of the entry with this field zero`, then the name. A free slot starts with
+//! eight zero bytes. `.` and `..` are not stored (the parent is in the inode).
+//! Entries never move, so a slot's position is a stable `readdir` offset.
+//!
+//! ## Xattr block
+//! `magic u32 "DXXA", count u32, used bytes u32, crc32c u32`, then entries
+//! `name length u8, value length u16, name, value`.
+//!
+//! ## Journal
+//! See [`crate::journal`].
+
+use crate::error::{Error, Result};
+
+pub const BLOCK: u64 = 4096;
+pub const MAGIC: [u8; 8] = *b"DAXFSv1\0";
+pub const VERSION: u32 = 1;
+pub const SUPERBLOCK_LEN: usize = 512;
+pub const INODE_SIZE: u64 = 256;
+pub const ROOT_INO: u64 = 1;
+pub const INLINE_EXTENTS: usize = 8;
+pub const INLINE_LINK_MAX: usize = INLINE_EXTENTS * 16;
+pub const OVERFLOW_EXTENTS: usize = 254;
+pub const EXTENT_MAGIC: u32 = u32::from_le_bytes(*b"DXEX");
+pub const XATTR_MAGIC: u32 = u32::from_le_bytes(*b"DXXA");
+pub const SLOT: usize = 32;
+pub const SLOTS_PER_BLOCK: usize = BLOCK as usize / SLOT;
+pub const DIRENT_HEADER: usize = 16;
+pub const NAME_MAX: usize = 255;
+/// Blocks in a 2 MiB region.
+pub const HUGE_BLOCKS: u64 = 512;
+
+/// Inode flag: the symlink target is stored inline.
+pub const FLAG_INLINE_LINK: u32 = 1;
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// The filesystem's geometry, from the superblock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    pub total_blocks: u64,
+    pub inode_count: u64,
+    pub journal_start: u64,
+    pub journal_blocks: u64,
+    pub inode_table_start: u64,
+    pub inode_table_blocks: u64,
+    pub bitmap_start: u64,
+    pub bitmap_blocks: u64,
+    pub data_start: u64,
+    pub root_ino: u64,
+    pub uuid: [u8; 16],
+    pub state_block: u64,
+    pub backup_block: u64,
+    pub format_time: u64,
+}
+
+impl Superblock {
+    /// The geometry for a device of `size` bytes.
+    pub fn for_device(size: u64, uuid: [u8; 16], now: u64) -> Result<Superblock> {
+        let total_blocks = size / BLOCK;
+        let journal_blocks = (total_blocks / 64).clamp(64, 4096);
+        let inode_count = (size / (16 << 10)).clamp(1024, 1 << 22);
+        let inode_table_blocks = inode_count * INODE_SIZE / BLOCK;
+        let bitmap_blocks = total_blocks.div_ceil(BLOCK * 8);
+        let journal_start = 2;
+        let inode_table_start = journal_start + journal_blocks;
+        let bitmap_start = inode_table_start + inode_table_blocks;
+        let data_start = (bitmap_start + bitmap_blocks).next_multiple_of(HUGE_BLOCKS);
+        if data_start + HUGE_BLOCKS >= total_blocks {
+            return Err(Error::Invalid("device too small for a filesystem"));
+        }
+        Ok(Superblock {
+            total_blocks,
+            inode_count,
+            journal_start,
+            journal_blocks,
+            inode_table_start,
+            inode_table_blocks,
+            bitmap_start,
+            bitmap_blocks,
+            data_start,
+            root_ino: ROOT_INO,
+            uuid,
+            state_block: 1,
+            backup_block: total_blocks - 1,
+            format_time: now,
+        })
+    }
+
+    pub fn encode(&self) -> [u8; SUPERBLOCK_LEN] {
+        let mut b = [0u8; SUPERBLOCK_LEN];
+        b[0..8].copy_from_slice(&MAGIC);
+        put_u32(&mut b, 8, VERSION);
+        put_u32(&mut b, 12, BLOCK as u32);
+        for (at, v) in [
+            (16, self.total_blocks),
+            (24, self.inode_count),
+            (32, self.journal_start),
+            (40, self.journal_blocks),
+            (48, self.inode_table_start),
+            (56, self.inode_table_blocks),
+            (64, self.bitmap_start),
+            (72, self.bitmap_blocks),
+            (80, self.data_start),
+            (88, self.root_ino),
+            (112, self.state_block),
+            (120, self.backup_block),
+            (128, self.format_time),
+        ] {
+            put_u64(&mut b, at, v);
+        }
+        b[96..112].copy_from_slice(&self.uuid);
+        let crc = crc32c::crc32c(&b[..508]);
+        put_u32(&mut b, 508, crc);
+        b
+    }
+
+    /// Decode and validate a superblock read at device `offset` of a device
+    /// of `device_size` bytes. Every refusal names the structure and offset.
+    pub fn decode(b: &[u8], offset: u64, device_size: u64) -> Result<Superblock> {
+        let bad = |detail: String| Error::corrupt("superblock", offset, detail);
+        if b.len() < SUPERBLOCK_LEN {
+            return Err(bad("truncated".into()));
+        }
+        if b[0..8] != MAGIC {
+            if b[0..5] == MAGIC[0..5] {
+                return Err(bad(format!("unknown format {:?}", String::from_utf8_lossy(&b[0..8]))));
+            }
+            return Err(bad("no daxfs magic: not a daxfs filesystem".into()));
+        }
+        let version = u32_at(b, 8);
+        if version > VERSION {
+            return Err(bad(format!(
+                "format version {version} is newer than this daxfs supports ({VERSION})"
+            )));
+        }
+        let crc = crc32c::crc32c(&b[..508]);
+        if crc != u32_at(b, 508) {
+            return Err(bad(format!("checksum {:#x} does not match its contents ({crc:#x})", u32_at(b, 508))));
+        }
+        if u32_at(b, 12) as u64 != BLOCK {
+            return Err(bad(format!("block size {} is not 4096", u32_at(b, 12))));
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[96..112]);
+        let sb = Superblock {
+            total_blocks: u64_at(b, 16),
+            inode_count: u64_at(b, 24),
+            journal_start: u64_at(b, 32),
+            journal_blocks: u64_at(b, 40),
+            inode_table_start: u64_at(b, 48),
+            inode_table_blocks: u64_at(b, 56),
+            bitmap_start: u64_at(b, 64),
+            bitmap_blocks: u64_at(b, 72),
+            data_start: u64_at(b, 80),
+            root_ino: u64_at(b, 88),
+            uuid,
+            state_block: u64_at(b, 112),
+            backup_block: u64_at(b, 120),
+            format_time: u64_at(b, 128),
+        };
+        let device_blocks = device_size / BLOCK;
+        if sb.total_blocks != device_blocks {
+            return Err(bad(format!(
+                "the filesystem spans {} blocks but the device holds {device_blocks} (truncated or resized image)",
+                sb.total_blocks
+            )));
+        }
+        // The regions must follow each other inside the device.
+        let regions = [
+            ("state block", sb.state_block, 1),
+            ("journal", sb.journal_start, sb.journal_blocks),
+            ("inode table", sb.inode_table_start, sb.inode_table_blocks),
+            ("bitmap", sb.bitmap_start, sb.bitmap_blocks),
+        ];
+        let mut end = 1;
+        for (name, start, len) in regions {
+            if start < end || len == 0 || start.checked_add(len).is_none_or(|e| e > sb.data_start) {
+                return Err(bad(format!("{name} at block {start} (+{len}) is out of place")));
+            }
+            end = start + len;
+        }
+        if sb.data_start >= sb.total_blocks
+            || sb.backup_block != sb.total_blocks - 1
+            || sb.inode_count * INODE_SIZE > sb.inode_table_blocks * BLOCK
+            || sb.bitmap_blocks * BLOCK * 8 < sb.total_blocks
+            || sb.root_ino != ROOT_INO
+            || sb.journal_blocks < 2
+        {
+            return Err(bad("inconsistent geometry".into()));
+        }
+        Ok(sb)
+    }
+
+    pub fn inode_offset(&self, ino: u64) -> u64 {
+        self.inode_table_start * BLOCK + (ino - 1) * INODE_SIZE
+    }
+}
+
+/// An extent: `len` blocks of a file from logical block `logical`, at device
+/// block `physical`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub logical: u32,
+    pub len: u32,
+    pub physical: u64,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.logical as u64 + self.len as u64
+    }
+
+    fn encode(&self, b: &mut [u8]) {
+        put_u32(b, 0, self.logical);
+        put_u32(b, 4, self.len);
+        put_u64(b, 8, self.physical);
+    }
+
+    fn decode(b: &[u8]) -> Extent {
+        Extent {
+            logical: u32_at(b, 0),
+            len: u32_at(b, 4),
+            physical: u64_at(b, 8),
+        }
+    }
+}
+
+/// A point in time, as stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Time {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Time {
+    pub fn now() -> Time {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Time {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        }
+    }
+}
+
+/// An inode as stored (without its overflow extents).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inode {
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    pub flags: u32,
+    pub generation: u32,
+    pub extent_count: u32,
+    pub extent_block: u64,
+    pub xattr_block: u64,
+    pub parent: u64,
+    pub next_orphan: u64,
+    pub blocks: u64,
+    /// The inline area: 8 extents, or an inline symlink target.
+    pub inline: [u8; INLINE_LINK_MAX],
+}
+
+impl Default for Inode {
+    fn default() -> Inode {
+        Inode {
+            mode: 0,
+            nlink: 0,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            atime: Time::default(),
+            mtime: Time::default(),
+            ctime: Time::default(),
+            flags: 0,
+            generation: 0,
+            extent_count: 0,
+            extent_block: 0,
+            xattr_block: 0,
+            parent: 0,
+            next_orphan: 0,
+            blocks: 0,
+            inline: [0; INLINE_LINK_MAX],
+        }
+    }
+}
+
+impl Inode {
+    pub fn is_free(&self) -> bool {
+        self.mode == 0
+    }
+
+    pub fn kind(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.kind() == libc::S_IFDIR
+    }
+
+    pub fn encode(&self) -> [u8; INODE_SIZE as usize] {
+        let mut b = [0u8; INODE_SIZE as usize];
+        put_u32(&mut b, 0, self.mode);
+        put_u32(&mut b, 4, self.nlink);
+        put_u32(&mut b, 8, self.uid);
+        put_u32(&mut b, 12, self.gid);
+        put_u64(&mut b, 16, self.size);
+        put_u64(&mut b, 24, self.atime.secs as u64);
+        put_u32(&mut b, 32, self.atime.nanos);
+        put_u32(&mut b, 36, self.mtime.nanos);
+        put_u64(&mut b, 40, self.mtime.secs as u64);
+        put_u64(&mut b, 48, self.ctime.secs as u64);
+        put_u32(&mut b, 56, self.ctime.nanos);
+        put_u32(&mut b, 60, self.flags);
+        put_u32(&mut b, 64, self.generation);
+        put_u32(&mut b, 68, self.extent_count);
+        put_u64(&mut b, 72, self.extent_block);
+        put_u64(&mut b, 80, self.xattr_block);
+        put_u64(&mut b, 88, self.parent);
+        put_u64(&mut b, 96, self.next_orphan);
+        put_u64(&mut b, 104, self.blocks);
+        b[112..112 + INLINE_LINK_MAX].copy_from_slice(&self.inline);
+        let crc = crc32c::crc32c(&b[..252]);
+        put_u32(&mut b, 252, crc);
+        b
+    }
+
+    /// Decode inode `ino` read at `offset`; a free inode (all zero) is fine.
+    pub fn decode(b: &[u8], ino: u64, offset: u64) -> Result<Inode> {
+        if b.iter().all(|&x| x == 0) {
+            return Ok(Inode::default());
+        }
+        let crc = crc32c::crc32c(&b[..252]);
+        if crc != u32_at(b, 252) {
+            return Err(Error::corrupt(format!("inode {ino}"), offset, "checksum mismatch"));
+        }
+        let mut inline = [0u8; INLINE_LINK_MAX];
+        inline.copy_from_slice(&b[112..112 + INLINE_LINK_MAX]);
+        Ok(Inode {
+            mode: u32_at(b, 0),
+            nlink: u32_at(b, 4),
+            uid: u32_at(b, 8),
+            gid: u32_at(b, 12),
+            size: u64_at(b, 16),
+            atime: Time { secs: u64_at(b, 24) as i64, nanos: u32_at(b, 32) },
+            mtime: Time { secs: u64_at(b, 40) as i64, nanos: u32_at(b, 36) },
+            ctime: Time { secs: u64_at(b, 48) as i64, nanos: u32_at(b, 56) },
+            flags: u32_at(b, 60),
+            generation: u32_at(b, 64),
+            extent_count: u32_at(b, 68),
+            extent_block: u64_at(b, 72),
+            xattr_block: u64_at(b, 80),
+            parent: u64_at(b, 88),
+            next_orphan: u64_at(b, 96),
+            blocks: u64_at(b, 104),
+            inline,
+        })
+    }
+
+    pub fn inline_extents(&self) -> Vec<Extent> {
+        let n = (self.extent_count as usize).min(INLINE_EXTENTS);
+        (0..n).map(|i| Extent::decode(&self.inline[i * 16..i * 16 + 16])).collect()
+    }
+
+    pub fn set_inline_extents(&mut self, extents: &[Extent]) {
+        self.inline = [0; INLINE_LINK_MAX];
+        for (i, e) in extents.iter().take(INLINE_EXTENTS).enumerate() {
+            e.encode(&mut self.inline[i * 16..i * 16 + 16]);
+        }
+    }
+}
+
+/// An overflow extent block.
+pub struct ExtentBlock {
+    pub next: u64,
+    pub extents: Vec<Extent>,
+}
+
+impl ExtentBlock {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; BLOCK as usize];
+        put_u32(&mut b, 0, EXTENT_MAGIC);
+        put_u32(&mut b, 4, self.extents.len() as u32);
+        put_u64(&mut b, 8, self.next);
+        for (i, e) in self.extents.iter().enumerate() {
+            e.encode(&mut b[32 + i * 16..48 + i * 16]);
+        }
+        let crc = crc32c::crc32c(&b);
+        put_u32(&mut b, 16, crc);
+        b
+    }
+
+    pub fn decode(b: &[u8], offset: u64) -> Result<ExtentBlock> {
+        let bad = |d: &str| Error::corrupt("extent block", offset, d);
+        if u32_at(b, 0) != EXTENT_MAGIC {
+            return Err(bad("bad magic"));
+        }
+        let mut copy = b.to_vec();
+        put_u32(&mut copy, 16, 0);
+        if crc32c::crc32c(&copy) != u32_at(b, 16) {
+            return Err(bad("checksum mismatch"));
+        }
+        let count = u32_at(b, 4) as usize;
+        if count > OVERFLOW_EXTENTS {
+            return Err(bad("too many extents"));
+        }
+        Ok(ExtentBlock {
+            next: u64_at(b, 8),
+            extents: (0..count).map(|i| Extent::decode(&b[32 + i * 16..48 + i * 16])).collect(),
+        })
+    }
+}
+
+/// A directory entry as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dirent {
+    pub ino: u64,
+    pub kind: u8,
+    pub name: Vec<u8>,
+}
+
+/// Directory entry file types (as in `d_type`).
+pub fn dtype_of(mode: u32) -> u8 {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => libc::DT_DIR,
+        libc::S_IFLNK => libc::DT_LNK,
+        _ => libc::DT_REG,
+    }
+}
+
+impl Dirent {
+    pub fn slots(name_len: usize) -> usize {
+        (DIRENT_HEADER + name_len).div_ceil(SLOT)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let slots = Dirent::slots(self.name.len());
+        let mut b = vec![0u8; slots * SLOT];
+        put_u64(&mut b, 0, self.ino);
+        b[8] = self.name.len() as u8;
+        b[9] = self.kind;
+        b[10] = slots as u8;
+        b[16..16 + self.name.len()].copy_from_slice(&self.name);
+        let crc = crc32c::crc32c(&b);
+        put_u32(&mut b, 12, crc);
+        b
+    }
+
+    /// Decode the entry starting at slot `slot` of `block` (read at
+    /// `offset`). `Ok(None)` for a free slot.
+    pub fn decode(block: &[u8], slot: usize, offset: u64) -> Result<Option<(Dirent, usize)>> {
+        let at = slot * SLOT;
+        let ino = u64_at(block, at);
+        if ino == 0 {
+            return Ok(None);
+        }
+        let bad = |d: &str| Error::corrupt("directory entry", offset + at as u64, d);
+        let name_len = block[at + 8] as usize;
+        let slots = block[at + 10] as usize;
+        if name_len == 0 || slots != Dirent::slots(name_len) || slot + slots > SLOTS_PER_BLOCK {
+            return Err(bad("bad length"));
+        }
+        let mut copy = block[at..at + slots * SLOT].to_vec();
+        put_u32(&mut copy, 12, 0);
+        if crc32c::crc32c(&copy) != u32_at(block, at + 12) {
+            return Err(bad("checksum mismatch"));
+        }
+        Ok(Some((
+            Dirent {
+                ino,
+                kind: block[at + 9],
+                name: block[at + 16..at + 16 + name_len].to_vec(),
+            },
+            slots,
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn superblock_round_trips_and_refuses_damage() {
+        let size = 64 << 20;
+        let sb = Superblock::for_device(size, [7; 16], 99).unwrap();
+        let b = sb.encode();
+        assert_eq!(Superblock::decode(&b, 0, size).unwrap(), sb);
+        let mut flipped = b;
+        flipped[20] ^= 1;
+        assert!(Superblock::decode(&flipped, 0, size).unwrap_err().to_string().contains("checksum"));
+        let mut foreign = b;
+        foreign[0] = b'X';
+        assert!(Superblock::decode(&foreign, 0, size).unwrap_err().to_string().contains("not a daxfs"));
+        let mut newer = b;
+        put_u32(&mut newer, 8, 2);
+        let crc = crc32c::crc32c(&newer[..508]);
+        put_u32(&mut newer, 508, crc);
+        assert!(Superblock::decode(&newer, 0, size).unwrap_err().to_string().contains("newer"));
+        assert!(Superblock::decode(&b, 0, size / 2).unwrap_err().to_string().contains("truncated"));
+    }
+
+    #[test]
+    fn inodes_and_dirents_round_trip() {
+        let mut inode = Inode { mode: libc::S_IFREG | 0o644, nlink: 1, size: 5, ..Default::default() };
+        inode.extent_count = 2;
+        let extents = [Extent { logical: 0, len: 1, physical: 600 }, Extent { logical: 9, len: 3, physical: 700 }];
+        inode.set_inline_extents(&extents);
+        let b = inode.encode();
+        let back = Inode::decode(&b, 2, 0).unwrap();
+        assert_eq!(back, inode);
+        assert_eq!(back.inline_extents(), extents);
+        let d = Dirent { ino: 9, kind: libc::DT_REG, name: b"hello".to_vec() };
+        let mut block = vec![0u8; BLOCK as usize];
+        let enc = d.encode();
+        block[64..64 + enc.len()].copy_from_slice(&enc);
+        assert_eq!(Dirent::decode(&block, 2, 0).unwrap(), Some((d, 1)));
+        assert_eq!(Dirent::decode(&block, 0, 0).unwrap(), None);
+    }
+}

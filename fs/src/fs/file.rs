@@ -1,0 +1,428 @@
+//! The data path: extent mapping, read, write, truncate, fallocate, punch
+//! hole.
+//!
+//! Allocation follows the 2 MiB policy of [`crate::alloc`]: a hole that is a
+//! whole aligned 2 MiB chunk of the file gets a whole aligned 2 MiB region
+//! when the write (or fallocate) covers the chunk, or when the file is, or
+//! becomes, at least 2 MiB long; other holes get small runs. Parts of new
+//! blocks that the call does not write are zeroed before the metadata that
+//! points at them commits.
+
+use super::{Fs, Ino, Stage, State};
+use crate::error::{Error, Result};
+use crate::format::{Extent, Time, BLOCK, HUGE_BLOCKS};
+
+/// The largest file: 2^32 blocks of 4 KiB (16 TiB).
+pub const MAX_FILE_SIZE: u64 = (u32::MAX as u64) * BLOCK;
+
+/// The device block of logical block `lblock`, and how many blocks the
+/// mapping continues for.
+pub(super) fn map(extents: &[Extent], lblock: u64) -> Option<(u64, u64)> {
+    let i = extents.partition_point(|e| e.end() <= lblock);
+    let e = extents.get(i)?;
+    (e.logical as u64 <= lblock).then(|| {
+        let skip = lblock - e.logical as u64;
+        (e.physical + skip, e.len as u64 - skip)
+    })
+}
+
+/// The first logical block at or after `lblock` that is mapped.
+fn next_mapped(extents: &[Extent], lblock: u64) -> Option<u64> {
+    let i = extents.partition_point(|e| e.end() <= lblock);
+    extents.get(i).map(|e| (e.logical as u64).max(lblock))
+}
+
+/// Add a new extent (over a hole), merging with a contiguous neighbour.
+pub(super) fn insert_extent(extents: &mut Vec<Extent>, new: Extent) {
+    let i = extents.partition_point(|e| e.logical < new.logical);
+    if i > 0 {
+        let prev = &mut extents[i - 1];
+        if prev.end() == new.logical as u64
+            && prev.physical + prev.len as u64 == new.physical
+            && prev.len as u64 + new.len as u64 <= u32::MAX as u64
+        {
+            prev.len += new.len;
+            return;
+        }
+    }
+    extents.insert(i, new);
+}
+
+/// Unmap logical blocks `[start, end)`; returns the device runs freed.
+fn remove_range(extents: &mut Vec<Extent>, start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut freed = Vec::new();
+    let mut kept = Vec::with_capacity(extents.len() + 1);
+    for e in extents.drain(..) {
+        let (a, b) = (e.logical as u64, e.end());
+        if b <= start || a >= end {
+            kept.push(e);
+            continue;
+        }
+        let cut_a = a.max(start);
+        let cut_b = b.min(end);
+        freed.push((e.physical + (cut_a - a), cut_b - cut_a));
+        if a < cut_a {
+            kept.push(Extent { logical: e.logical, len: (cut_a - a) as u32, physical: e.physical });
+        }
+        if cut_b < b {
+            kept.push(Extent {
+                logical: cut_b as u32,
+                len: (b - cut_b) as u32,
+                physical: e.physical + (cut_b - a),
+            });
+        }
+    }
+    *extents = kept;
+    freed
+}
+
+fn media(e: pmem::Error) -> Error {
+    match e {
+        pmem::Error::PartialPoisonWrite { sector_offset } => Error::MediaError { offset: sector_offset },
+        pmem::Error::Poisoned { offset } => Error::MediaError { offset },
+        other => Error::Device(other),
+    }
+}
+
+impl Fs {
+    /// Read from `offset` into `buf`; returns the bytes read (0 at or past
+    /// the end). Holes read as zeros. A read that reaches poison returns the
+    /// bytes before it, or `EIO` if there are none.
+    pub fn read(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut st = self.lock();
+        let inode = self.inode(&mut st, ino)?;
+        if inode.is_dir() {
+            return Err(Error::IsDir);
+        }
+        if offset >= inode.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let end = inode.size.min(offset + buf.len() as u64);
+        let extents = self.extents(&mut st, ino)?;
+        let mut pos = offset;
+        while pos < end {
+            let lblock = pos / BLOCK;
+            let within = pos % BLOCK;
+            let at = (pos - offset) as usize;
+            match map(extents, lblock) {
+                Some((physical, run)) => {
+                    let n = (end - pos).min(run * BLOCK - within) as usize;
+                    let got = self.dev.read_mcsafe(physical * BLOCK + within, &mut buf[at..at + n])?;
+                    if let Some(poison) = got.poison {
+                        let total = at + got.copied;
+                        return if total == 0 { Err(Error::MediaError { offset: poison }) } else { Ok(total) };
+                    }
+                    pos += n as u64;
+                }
+                None => {
+                    let next = next_mapped(extents, lblock).map_or(end, |b| (b * BLOCK).min(end));
+                    let n = (next - pos) as usize;
+                    buf[at..at + n].fill(0);
+                    pos += n as u64;
+                }
+            }
+        }
+        Ok((end - offset) as usize)
+    }
+
+    /// Write `data` at `offset`, extending the file as needed. Durable when
+    /// it returns. A write over part of a poisoned sector fails with `EIO`;
+    /// one that covers whole poisoned sectors clears them.
+    pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let end = offset.checked_add(data.len() as u64).filter(|&e| e <= MAX_FILE_SIZE).ok_or(Error::Invalid("file too large"))?;
+        self.change(|fs, st, stage| {
+            let mut inode = fs.inode(st, ino)?;
+            if inode.is_dir() {
+                return Err(Error::IsDir);
+            }
+            let old_size = inode.size;
+            let new_size = old_size.max(end);
+            if offset > old_size {
+                fs.zero_tail(st, ino, old_size, offset)?;
+            }
+            let added = fs.allocate(st, stage, ino, offset, end, new_size, Some((offset, end)))?;
+            let extents = fs.extents(st, ino)?;
+            let mut pos = offset;
+            while pos < end {
+                let (physical, run) = map(extents, pos / BLOCK).expect("allocated above");
+                let within = pos % BLOCK;
+                let n = (end - pos).min(run * BLOCK - within);
+                let from = (pos - offset) as usize;
+                fs.dev.memcpy_nodrain(physical * BLOCK + within, &data[from..from + n as usize]).map_err(media)?;
+                pos += n;
+            }
+            if added > 0 {
+                inode = fs.store_extents(st, stage, ino)?;
+                inode.blocks += added;
+            }
+            let now = Time::now();
+            if new_size != old_size || added > 0 || inode.mtime.secs != now.secs {
+                inode.size = new_size;
+                inode.mtime = now;
+                inode.ctime = now;
+                fs.put_inode(st, stage, ino, inode);
+            }
+            Ok(data.len())
+        })
+        .inspect(|_| self.dev.drain())
+    }
+
+    /// Make the file's data and metadata durable. Every call is durable when
+    /// it returns already, so this is a fence.
+    pub fn fsync(&self, ino: Ino) -> Result<()> {
+        self.getattr(ino)?;
+        self.dev.drain();
+        Ok(())
+    }
+
+    /// Set the size: shrinking frees the blocks past the end, growing leaves
+    /// a hole.
+    pub fn truncate(&self, ino: Ino, size: u64) -> Result<()> {
+        self.change(|fs, st, stage| fs.truncate_staged(st, stage, ino, size))
+    }
+
+    pub(super) fn truncate_staged(&self, st: &mut State, stage: &mut Stage, ino: Ino, size: u64) -> Result<()> {
+        if size > MAX_FILE_SIZE {
+            return Err(Error::Invalid("file too large"));
+        }
+        let mut inode = self.inode(st, ino)?;
+        if inode.is_dir() {
+            return Err(Error::IsDir);
+        }
+        if size < inode.size {
+            let extents = self.extents(st, ino)?;
+            let freed = remove_range(extents, size.div_ceil(BLOCK), u64::MAX);
+            if !freed.is_empty() {
+                let mut count = 0;
+                for (start, len) in freed {
+                    st.alloc.free(start, len);
+                    count += len;
+                }
+                inode = self.store_extents(st, stage, ino)?;
+                inode.blocks -= count;
+            }
+        } else if size > inode.size {
+            self.zero_tail(st, ino, inode.size, size)?;
+        }
+        let now = Time::now();
+        inode.size = size;
+        inode.mtime = now;
+        inode.ctime = now;
+        self.put_inode(st, stage, ino, inode);
+        Ok(())
+    }
+
+    /// Allocate (zeroed) blocks for `[offset, offset + len)`; unless
+    /// `keep_size`, extend the size to cover it.
+    pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, keep_size: bool) -> Result<()> {
+        let end = offset.checked_add(len).filter(|&e| len > 0 && e <= MAX_FILE_SIZE).ok_or(Error::Invalid("bad fallocate range"))?;
+        self.change(|fs, st, stage| {
+            let mut inode = fs.inode(st, ino)?;
+            if inode.is_dir() {
+                return Err(Error::IsDir);
+            }
+            let new_size = if keep_size { inode.size } else { inode.size.max(end) };
+            if end > inode.size && !keep_size {
+                fs.zero_tail(st, ino, inode.size, end)?;
+            }
+            let added = fs.allocate(st, stage, ino, offset, end, new_size.max(end), None)?;
+            if added > 0 {
+                inode = fs.store_extents(st, stage, ino)?;
+                inode.blocks += added;
+            }
+            inode.size = new_size;
+            inode.ctime = Time::now();
+            fs.put_inode(st, stage, ino, inode);
+            Ok(())
+        })
+    }
+
+    /// Deallocate `[offset, offset + len)`: whole blocks are freed, partial
+    /// ones zeroed. The size does not change.
+    pub fn punch_hole(&self, ino: Ino, offset: u64, len: u64) -> Result<()> {
+        let end = offset.checked_add(len).ok_or(Error::Invalid("bad punch range"))?;
+        self.change(|fs, st, stage| {
+            let mut inode = fs.inode(st, ino)?;
+            if inode.is_dir() {
+                return Err(Error::IsDir);
+            }
+            let end = end.min(inode.size);
+            if offset >= end {
+                return Ok(());
+            }
+            let (first_whole, end_whole) = (offset.div_ceil(BLOCK), end / BLOCK);
+            // Zero the partial blocks at either edge, in place.
+            for (a, b) in [(offset, (first_whole * BLOCK).min(end)), ((end_whole * BLOCK).max(offset), end)] {
+                if a < b {
+                    fs.zero_mapped(st, ino, a, b)?;
+                }
+            }
+            if first_whole < end_whole {
+                let extents = fs.extents(st, ino)?;
+                let freed = remove_range(extents, first_whole, end_whole);
+                if !freed.is_empty() {
+                    let mut count = 0;
+                    for (start, len) in freed {
+                        st.alloc.free(start, len);
+                        count += len;
+                    }
+                    inode = fs.store_extents(st, stage, ino)?;
+                    inode.blocks -= count;
+                }
+            }
+            inode.ctime = Time::now();
+            inode.mtime = inode.ctime;
+            fs.put_inode(st, stage, ino, inode);
+            Ok(())
+        })
+    }
+
+    /// Map every hole in `[offset, end)`; zero what `written` (the byte range
+    /// the caller will write) does not cover. Returns the blocks added.
+    #[allow(clippy::too_many_arguments)]
+    fn allocate(
+        &self,
+        st: &mut State,
+        _stage: &mut Stage,
+        ino: Ino,
+        offset: u64,
+        end: u64,
+        size_after: u64,
+        written: Option<(u64, u64)>,
+    ) -> Result<u64> {
+        let (first, last) = (offset / BLOCK, end.div_ceil(BLOCK));
+        let mut added = 0;
+        let mut lblock = first;
+        while lblock < last {
+            let extents = self.extents(st, ino)?;
+            if let Some((_, run)) = map(extents, lblock) {
+                lblock += run;
+                continue;
+            }
+            let hole_end = next_mapped(extents, lblock).unwrap_or(u64::MAX).min(last);
+            // A whole aligned 2 MiB chunk of hole, wanted whole: a huge region.
+            let chunk = lblock / HUGE_BLOCKS * HUGE_BLOCKS;
+            let chunk_is_hole = lblock == chunk
+                && next_mapped(extents, chunk).is_none_or(|b| b >= chunk + HUGE_BLOCKS);
+            let wanted_whole = hole_end >= chunk + HUGE_BLOCKS || size_after >= HUGE_BLOCKS * BLOCK;
+            let (physical, len, logical) = match chunk_is_hole && wanted_whole {
+                true => match st.alloc.alloc_huge() {
+                    Some(start) => (start, HUGE_BLOCKS, chunk),
+                    None => self.alloc_small(st, lblock, hole_end)?,
+                },
+                false => self.alloc_small(st, lblock, hole_end)?,
+            };
+            insert_extent(self.extents(st, ino)?, Extent { logical: logical as u32, len: len as u32, physical });
+            // Zero the new blocks except where the caller writes.
+            let (a, b) = (logical * BLOCK, (logical + len) * BLOCK);
+            let dev_at = |x: u64| physical * BLOCK + (x - a);
+            let covered = written.map(|(w0, w1)| (w0.clamp(a, b), w1.clamp(a, b))).filter(|(w0, w1)| w0 < w1);
+            let gaps = match covered {
+                None => [(a, b), (b, b)],
+                Some((w0, w1)) => [(a, w0), (w1, b)],
+            };
+            for (from, to) in gaps {
+                if from < to {
+                    self.dev.memset_nodrain(dev_at(from), 0, to - from).map_err(media)?;
+                }
+            }
+            added += len;
+            lblock = logical + len;
+        }
+        Ok(added)
+    }
+
+    fn alloc_small(&self, st: &mut State, lblock: u64, hole_end: u64) -> Result<(u64, u64, u64)> {
+        let want = (hole_end - lblock).min(HUGE_BLOCKS);
+        let (start, len) = st.alloc.alloc(want).ok_or(Error::NoSpace)?;
+        Ok((start, len, lblock))
+    }
+
+    /// Zero the mapped bytes of `[from, to)` in place.
+    fn zero_mapped(&self, st: &mut State, ino: Ino, from: u64, to: u64) -> Result<()> {
+        let extents = self.extents(st, ino)?;
+        let mut pos = from;
+        while pos < to {
+            let within = pos % BLOCK;
+            let n = (to - pos).min(BLOCK - within);
+            if let Some((physical, _)) = map(extents, pos / BLOCK) {
+                self.dev.memset_nodrain(physical * BLOCK + within, 0, n).map_err(media)?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Before the size grows from `old_size` towards `new_size`, zero what
+    /// the last block holds past the old end, so the file never shows bytes
+    /// from before a truncate.
+    fn zero_tail(&self, st: &mut State, ino: Ino, old_size: u64, new_size: u64) -> Result<()> {
+        let block_end = old_size.next_multiple_of(BLOCK);
+        if old_size % BLOCK != 0 {
+            self.zero_mapped(st, ino, old_size, new_size.min(block_end))?;
+        }
+        Ok(())
+    }
+
+    /// The fraction of file data (in blocks) that lies in aligned 2 MiB
+    /// extents, over every file.
+    pub fn huge_fraction(&self) -> Result<f64> {
+        let (mut huge, mut all) = (0u64, 0u64);
+        let inos: Vec<Ino> = (1..=self.sb.inode_count).collect();
+        let mut st = self.lock();
+        for ino in inos {
+            if st.free_inodes.contains(&ino) {
+                continue;
+            }
+            let inode = match self.inode(&mut st, ino) {
+                Ok(inode) => inode,
+                Err(_) => continue,
+            };
+            if inode.kind() != libc::S_IFREG {
+                continue;
+            }
+            for e in self.extents(&mut st, ino)?.iter() {
+                all += e.len as u64;
+                // Whole aligned 2 MiB pieces, aligned in the file and on the device.
+                let mut l = e.logical as u64;
+                while l + HUGE_BLOCKS <= e.end() {
+                    let p = e.physical + (l - e.logical as u64);
+                    if l % HUGE_BLOCKS == 0 && p % HUGE_BLOCKS == 0 {
+                        huge += HUGE_BLOCKS;
+                        l += HUGE_BLOCKS;
+                    } else {
+                        l += 1;
+                    }
+                }
+            }
+        }
+        Ok(if all == 0 { 0.0 } else { huge as f64 / all as f64 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_map_merge_and_split() {
+        let mut ex = Vec::new();
+        insert_extent(&mut ex, Extent { logical: 0, len: 2, physical: 100 });
+        insert_extent(&mut ex, Extent { logical: 2, len: 3, physical: 102 });
+        assert_eq!(ex.len(), 1, "contiguous extents merge");
+        insert_extent(&mut ex, Extent { logical: 10, len: 1, physical: 50 });
+        assert_eq!(map(&ex, 3), Some((103, 2)));
+        assert_eq!(map(&ex, 6), None);
+        assert_eq!(next_mapped(&ex, 6), Some(10));
+        let freed = remove_range(&mut ex, 1, 4);
+        assert_eq!(freed, vec![(101, 3)]);
+        assert_eq!(ex, vec![
+            Extent { logical: 0, len: 1, physical: 100 },
+            Extent { logical: 4, len: 1, physical: 104 },
+            Extent { logical: 10, len: 1, physical: 50 },
+        ]);
+    }
+}

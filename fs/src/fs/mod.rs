@@ -1,0 +1,733 @@
+//! The filesystem: [`Fs`], its library API, and the machinery every call
+//! shares (the inode cache, staged changes, the journal).
+//!
+//! ## How a call changes the filesystem
+//!
+//! Every changing call runs under the filesystem's state lock and builds a
+//! [`Stage`]: the journal transaction, plus what to undo in memory if the call
+//! fails before committing. Cached inodes it touches are invalidated on
+//! failure (they reload from media, which the call never changed), inodes it
+//! took are returned, and the allocator's staged allocations are undone. On
+//! success the transaction commits (journal, then in place) and only then are
+//! freed blocks and inodes released.
+//!
+//! File data is not journaled: new blocks are written (and zeroed where the
+//! write does not cover them) before the transaction that points at them
+//! commits, so a crash never exposes old contents; overwrites of existing
+//! blocks go in place. Every write is durable when it returns, so `fsync` has
+//! nothing left to do but a fence.
+//!
+//! Concurrency is coarse for now: one lock over the state. (The namespace
+//! issue replaces it with per-inode locking and lock-free lookups.)
+
+mod dir;
+mod file;
+mod namespace;
+
+use crate::alloc::Allocator;
+use crate::error::{Error, Result};
+use crate::format::{
+    Dirent, Extent, ExtentBlock, Inode, Superblock, Time, BLOCK, INLINE_EXTENTS, INODE_SIZE,
+    OVERFLOW_EXTENTS, ROOT_INO, SLOTS_PER_BLOCK, SUPERBLOCK_LEN,
+};
+use crate::journal::{read_meta, Journal, Tx};
+use dir::DirIndex;
+use pmem::Device;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+
+pub use crate::format::Time as Timestamp;
+
+/// An inode number.
+pub type Ino = u64;
+
+/// The root directory's inode number.
+pub const ROOT: Ino = ROOT_INO;
+
+/// The kind of a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink,
+}
+
+impl FileKind {
+    fn of(mode: u32) -> FileKind {
+        match mode & libc::S_IFMT {
+            libc::S_IFDIR => FileKind::Dir,
+            libc::S_IFLNK => FileKind::Symlink,
+            _ => FileKind::File,
+        }
+    }
+}
+
+/// What `getattr` returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: FileKind,
+    /// The whole `st_mode`: type and permission bits.
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// 4 KiB blocks in use (data and metadata of the file).
+    pub blocks: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+}
+
+/// Changes for `setattr`; `None` leaves a field alone.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Timestamp>,
+    pub mtime: Option<Timestamp>,
+}
+
+/// One `readdir` entry; `next` is the offset to continue after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: Ino,
+    pub kind: FileKind,
+    pub name: Vec<u8>,
+    pub next: u64,
+}
+
+/// What `statfs` reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatFs {
+    pub block_size: u64,
+    pub blocks: u64,
+    pub free_blocks: u64,
+    pub files: u64,
+    pub free_files: u64,
+    pub name_max: u64,
+    /// Aligned, entirely free 2 MiB regions.
+    pub free_huge_regions: u64,
+}
+
+/// Flags of `rename`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenameFlags {
+    /// Fail with `EEXIST` if the target exists (`RENAME_NOREPLACE`).
+    pub noreplace: bool,
+    /// Swap source and target, which must both exist (`RENAME_EXCHANGE`).
+    pub exchange: bool,
+}
+
+/// An open file or directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Handle {
+    pub ino: Ino,
+    id: u64,
+}
+
+/// A cached inode, with what was read of it lazily.
+#[derive(Debug)]
+struct Cached {
+    inode: Inode,
+    /// All extents, sorted, once read.
+    extents: Option<Vec<Extent>>,
+    /// The overflow extent blocks, in chain order, once read.
+    chain: Vec<u64>,
+    dir: Option<DirIndex>,
+}
+
+struct State {
+    journal: Journal,
+    alloc: Allocator,
+    free_inodes: BTreeSet<Ino>,
+    inodes: HashMap<Ino, Cached>,
+    /// Open handles per inode.
+    open: HashMap<Ino, u32>,
+    handles: HashSet<u64>,
+    next_handle: u64,
+    orphan_head: Ino,
+    /// Inodes whose metadata is damaged or poisoned: never changed again.
+    damaged: HashSet<Ino>,
+}
+
+/// The changes of one call, and how to undo them in memory if it fails.
+struct Stage {
+    tx: Tx,
+    touched: HashSet<Ino>,
+    taken_inodes: Vec<Ino>,
+    freed_inodes: Vec<Ino>,
+    old_orphan_head: Option<Ino>,
+}
+
+/// A mounted daxfs filesystem. `Send + Sync`: share it between threads.
+pub struct Fs {
+    dev: Device,
+    sb: Superblock,
+    state: Mutex<State>,
+    notes: Vec<String>,
+}
+
+impl std::fmt::Debug for Fs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fs").field("device", &self.dev.path()).finish_non_exhaustive()
+    }
+}
+
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Fs>();
+};
+
+fn uuid() -> [u8; 16] {
+    let mut uuid = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut uuid);
+    }
+    let t = Time::now();
+    uuid[..8].iter_mut().zip(t.nanos.to_le_bytes().iter().cycle()).for_each(|(u, n)| *u ^= n);
+    uuid
+}
+
+impl Fs {
+    /// Make a new, empty filesystem on `dev` and mount it.
+    pub fn format(dev: Device) -> Result<Fs> {
+        let now = Time::now();
+        let sb = Superblock::for_device(dev.size(), uuid(), now.secs as u64)?;
+        // Metadata areas start zeroed: a free inode is all zeros.
+        dev.memset_nodrain(BLOCK, 0, BLOCK)?;
+        dev.memset_nodrain(sb.inode_table_start * BLOCK, 0, sb.inode_table_blocks * BLOCK)?;
+        let bitmap = Allocator::initial_bitmap(&sb);
+        let bytes: Vec<u8> = bitmap.iter().flat_map(|w| w.to_le_bytes()).collect();
+        dev.memcpy_nodrain(sb.bitmap_start * BLOCK, &bytes)?;
+        Journal::format(&dev, sb.journal_start, sb.journal_blocks, sb.uuid)?;
+        let root = Inode {
+            mode: libc::S_IFDIR | 0o755,
+            nlink: 2,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            parent: ROOT_INO,
+            generation: 1,
+            ..Inode::default()
+        };
+        dev.memcpy_nodrain(sb.inode_offset(ROOT_INO), &root.encode())?;
+        dev.drain();
+        // The superblocks last: until they are durable this is no filesystem.
+        let encoded = sb.encode();
+        dev.memcpy_persist(sb.backup_block * BLOCK, &encoded)?;
+        dev.memcpy_persist(0, &encoded)?;
+        Fs::mount(dev)
+    }
+
+    /// Mount the filesystem on `dev`: validate the superblock (falling back
+    /// to the backup copy), replay the journal, rebuild the allocator, and
+    /// reclaim orphans left by a crash.
+    pub fn mount(dev: Device) -> Result<Fs> {
+        let mut notes = Vec::new();
+        let sb = match read_superblock(&dev, 0) {
+            Ok(sb) => sb,
+            Err(primary) => {
+                let backup_at = (dev.size() / BLOCK - 1) * BLOCK;
+                match read_superblock(&dev, backup_at) {
+                    Ok(sb) => {
+                        notes.push(format!(
+                            "primary superblock is bad ({primary}); mounted from the backup at \
+                             {backup_at:#x}; run `daxfs fsck --repair` to restore it"
+                        ));
+                        sb
+                    }
+                    Err(_) => return Err(primary),
+                }
+            }
+        };
+        let (journal, replayed) = Journal::recover(&dev, sb.journal_start, sb.journal_blocks, sb.uuid)?;
+        if replayed > 0 {
+            notes.push(format!("replayed {replayed} journal transactions"));
+        }
+        let mut raw = vec![0u8; (sb.bitmap_blocks * BLOCK) as usize];
+        read_meta(&dev, sb.bitmap_start * BLOCK, &mut raw, "allocation bitmap")?;
+        let bitmap = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))).collect();
+        let alloc = Allocator::new(&sb, bitmap);
+        let mut table = vec![0u8; (sb.inode_count * INODE_SIZE) as usize];
+        read_meta(&dev, sb.inode_table_start * BLOCK, &mut table, "inode table")?;
+        let mut free_inodes = BTreeSet::new();
+        for ino in 1..=sb.inode_count {
+            let at = ((ino - 1) * INODE_SIZE) as usize;
+            if table[at..at + 4] == [0; 4] {
+                free_inodes.insert(ino);
+            }
+        }
+        let mut state_block = [0u8; 8];
+        read_meta(&dev, sb.state_block * BLOCK, &mut state_block, "state block")?;
+        let orphan_head = u64::from_le_bytes(state_block);
+        let fs = Fs {
+            dev,
+            sb,
+            state: Mutex::new(State {
+                journal,
+                alloc,
+                free_inodes,
+                inodes: HashMap::new(),
+                open: HashMap::new(),
+                handles: HashSet::new(),
+                next_handle: 1,
+                orphan_head,
+                damaged: HashSet::new(),
+            }),
+            notes,
+        };
+        let root = fs.getattr(ROOT)?;
+        if root.kind != FileKind::Dir {
+            return Err(Error::corrupt("root inode", fs.sb.inode_offset(ROOT), "not a directory"));
+        }
+        let reclaimed = fs.reclaim_orphans()?;
+        let mut fs = fs;
+        if reclaimed > 0 {
+            fs.notes.push(format!("reclaimed {reclaimed} orphaned inodes"));
+        }
+        Ok(fs)
+    }
+
+    /// Unmount: a clean journal checkpoint, and the device back.
+    pub fn unmount(self) -> Result<Device> {
+        {
+            let mut st = self.lock();
+            st.journal.close(&self.dev)?;
+        }
+        Ok(self.dev)
+    }
+
+    /// What mount had to say (a backup superblock used, journal replayed,
+    /// orphans reclaimed).
+    pub fn mount_notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// The device under the filesystem.
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// The filesystem's geometry.
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Run a changing call: `f` stages its changes; they commit if it
+    /// succeeds and are undone in memory if it fails.
+    fn change<T>(&self, f: impl FnOnce(&Fs, &mut State, &mut Stage) -> Result<T>) -> Result<T> {
+        let mut st = self.lock();
+        let mut stage = Stage {
+            tx: Tx::new(),
+            touched: HashSet::new(),
+            taken_inodes: Vec::new(),
+            freed_inodes: Vec::new(),
+            old_orphan_head: None,
+        };
+        let result = f(self, &mut st, &mut stage).and_then(|value| {
+            st.alloc.stage(&mut stage.tx);
+            let tx = std::mem::take(&mut stage.tx);
+            let State { journal, .. } = &mut *st;
+            journal.commit(&self.dev, tx)?;
+            Ok(value)
+        });
+        match result {
+            Ok(value) => {
+                st.alloc.committed();
+                for ino in stage.freed_inodes {
+                    st.free_inodes.insert(ino);
+                    st.inodes.remove(&ino);
+                }
+                Ok(value)
+            }
+            Err(e) => {
+                st.alloc.abort();
+                for ino in stage.touched.iter().chain(&stage.taken_inodes) {
+                    st.inodes.remove(ino);
+                }
+                st.free_inodes.extend(stage.taken_inodes);
+                if let Some(head) = stage.old_orphan_head {
+                    st.orphan_head = head;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    // ---- inodes -------------------------------------------------------------
+
+    fn check_ino(&self, ino: Ino) -> Result<()> {
+        if ino == 0 || ino > self.sb.inode_count {
+            return Err(Error::NotFound);
+        }
+        Ok(())
+    }
+
+    /// The cached inode `ino`, read from media on first use.
+    fn cached<'s>(&self, st: &'s mut State, ino: Ino) -> Result<&'s mut Cached> {
+        self.check_ino(ino)?;
+        if st.damaged.contains(&ino) {
+            return Err(Error::corrupt(format!("inode {ino}"), self.sb.inode_offset(ino), "damaged; it will not be changed"));
+        }
+        if !st.inodes.contains_key(&ino) {
+            let offset = self.sb.inode_offset(ino);
+            let mut raw = [0u8; INODE_SIZE as usize];
+            let inode = read_meta(&self.dev, offset, &mut raw, &format!("inode {ino}"))
+                .and_then(|()| Inode::decode(&raw, ino, offset));
+            let inode = match inode {
+                Ok(inode) => inode,
+                Err(e) => {
+                    st.damaged.insert(ino);
+                    return Err(e);
+                }
+            };
+            if inode.is_free() {
+                return Err(Error::NotFound);
+            }
+            st.inodes.insert(ino, Cached { inode, extents: None, chain: Vec::new(), dir: None });
+        }
+        Ok(st.inodes.get_mut(&ino).expect("inserted above"))
+    }
+
+    fn inode(&self, st: &mut State, ino: Ino) -> Result<Inode> {
+        Ok(self.cached(st, ino)?.inode.clone())
+    }
+
+    /// Stage inode `ino` as `inode`.
+    fn put_inode(&self, st: &mut State, stage: &mut Stage, ino: Ino, inode: Inode) {
+        stage.tx.write(self.sb.inode_offset(ino), &inode.encode());
+        stage.touched.insert(ino);
+        match st.inodes.get_mut(&ino) {
+            Some(cached) => cached.inode = inode,
+            None => {
+                st.inodes.insert(ino, Cached { inode, extents: None, chain: Vec::new(), dir: None });
+            }
+        }
+    }
+
+    /// Take a free inode for a new file.
+    fn take_inode(&self, st: &mut State, stage: &mut Stage) -> Result<Ino> {
+        let ino = st.free_inodes.pop_first().ok_or(Error::NoSpace)?;
+        stage.taken_inodes.push(ino);
+        Ok(ino)
+    }
+
+    fn attr(ino: Ino, inode: &Inode) -> Attr {
+        Attr {
+            ino,
+            kind: FileKind::of(inode.mode),
+            mode: inode.mode,
+            nlink: inode.nlink,
+            uid: inode.uid,
+            gid: inode.gid,
+            size: inode.size,
+            blocks: inode.blocks,
+            atime: inode.atime,
+            mtime: inode.mtime,
+            ctime: inode.ctime,
+        }
+    }
+
+    /// The attributes of `ino`.
+    pub fn getattr(&self, ino: Ino) -> Result<Attr> {
+        let mut st = self.lock();
+        let inode = self.inode(&mut st, ino)?;
+        Ok(Fs::attr(ino, &inode))
+    }
+
+    /// Change attributes; a size change truncates or extends.
+    pub fn setattr(&self, ino: Ino, set: &SetAttr) -> Result<Attr> {
+        self.change(|fs, st, stage| {
+            if let Some(size) = set.size {
+                fs.truncate_staged(st, stage, ino, size)?;
+            }
+            let mut inode = fs.inode(st, ino)?;
+            if let Some(mode) = set.mode {
+                inode.mode = (inode.mode & libc::S_IFMT) | (mode & 0o7777);
+            }
+            if let Some(uid) = set.uid {
+                inode.uid = uid;
+            }
+            if let Some(gid) = set.gid {
+                inode.gid = gid;
+            }
+            if let Some(t) = set.atime {
+                inode.atime = t;
+            }
+            if let Some(t) = set.mtime {
+                inode.mtime = t;
+            }
+            inode.ctime = Time::now();
+            fs.put_inode(st, stage, ino, inode.clone());
+            Ok(Fs::attr(ino, &inode))
+        })
+    }
+
+    /// Filesystem usage.
+    pub fn statfs(&self) -> StatFs {
+        let st = self.lock();
+        StatFs {
+            block_size: BLOCK,
+            blocks: self.sb.total_blocks - self.sb.data_start,
+            free_blocks: st.alloc.free_blocks(),
+            files: self.sb.inode_count,
+            free_files: st.free_inodes.len() as u64,
+            name_max: crate::format::NAME_MAX as u64,
+            free_huge_regions: st.alloc.free_regions(),
+        }
+    }
+
+    // ---- extents ------------------------------------------------------------
+
+    /// The extents of `ino`, read on first use.
+    fn extents<'s>(&self, st: &'s mut State, ino: Ino) -> Result<&'s mut Vec<Extent>> {
+        let cached = self.cached(st, ino)?;
+        if cached.extents.is_none() {
+            let inode = &cached.inode;
+            let mut extents = inode.inline_extents();
+            let mut chain = Vec::new();
+            let mut next = inode.extent_block;
+            while next != 0 && extents.len() < inode.extent_count as usize {
+                if next < self.sb.data_start || next >= self.sb.total_blocks || chain.len() > 1 << 20 {
+                    return Err(Error::corrupt("extent chain", next * BLOCK, "points outside the data area"));
+                }
+                let mut raw = vec![0u8; BLOCK as usize];
+                read_meta(&self.dev, next * BLOCK, &mut raw, "extent block")?;
+                let block = ExtentBlock::decode(&raw, next * BLOCK)?;
+                chain.push(next);
+                extents.extend(block.extents);
+                next = block.next;
+            }
+            if extents.len() != inode.extent_count as usize {
+                return Err(Error::corrupt("extent map", self.sb.inode_offset(ino), "extent count does not match"));
+            }
+            let cached = self.cached(st, ino)?;
+            cached.chain = chain;
+            cached.extents = Some(extents);
+        }
+        Ok(self.cached(st, ino)?.extents.as_mut().expect("read above"))
+    }
+
+    /// Stage the extents of `ino` (already changed in the cache) into its
+    /// inode and overflow blocks. Returns the updated inode (not yet staged).
+    fn store_extents(&self, st: &mut State, stage: &mut Stage, ino: Ino) -> Result<Inode> {
+        let extents = self.extents(st, ino)?.clone();
+        let overflow = extents.len().saturating_sub(INLINE_EXTENTS);
+        let need = overflow.div_ceil(OVERFLOW_EXTENTS);
+        let mut chain = self.cached(st, ino)?.chain.clone();
+        while chain.len() > need {
+            let block = chain.pop().expect("longer than need");
+            st.alloc.free(block, 1);
+        }
+        while chain.len() < need {
+            let (block, _) = st.alloc.alloc(1).ok_or(Error::NoSpace)?;
+            chain.push(block);
+        }
+        for (i, &block) in chain.iter().enumerate() {
+            let part = &extents[INLINE_EXTENTS + i * OVERFLOW_EXTENTS..];
+            let eb = ExtentBlock {
+                next: chain.get(i + 1).copied().unwrap_or(0),
+                extents: part[..part.len().min(OVERFLOW_EXTENTS)].to_vec(),
+            };
+            stage.tx.write(block * BLOCK, &eb.encode());
+        }
+        let cached = self.cached(st, ino)?;
+        let old_chain = cached.chain.len() as u64;
+        cached.chain = chain.clone();
+        let mut inode = cached.inode.clone();
+        inode.extent_count = extents.len() as u32;
+        inode.extent_block = chain.first().copied().unwrap_or(0);
+        inode.set_inline_extents(&extents);
+        inode.blocks = inode.blocks + chain.len() as u64 - old_chain;
+        stage.touched.insert(ino);
+        Ok(inode)
+    }
+
+    // ---- handles and orphans ------------------------------------------------
+
+    /// Open `ino`; the file stays usable after unlink until its last handle
+    /// closes.
+    pub fn open(&self, ino: Ino) -> Result<Handle> {
+        let mut st = self.lock();
+        self.inode(&mut st, ino)?;
+        let id = st.next_handle;
+        st.next_handle += 1;
+        st.handles.insert(id);
+        *st.open.entry(ino).or_default() += 1;
+        Ok(Handle { ino, id })
+    }
+
+    /// Close a handle; the last close of an unlinked file frees it.
+    pub fn close(&self, handle: Handle) -> Result<()> {
+        let last = {
+            let mut st = self.lock();
+            if !st.handles.remove(&handle.id) {
+                return Err(Error::Invalid("handle is not open"));
+            }
+            let count = st.open.get_mut(&handle.ino).expect("an open handle counts");
+            *count -= 1;
+            let last = *count == 0;
+            if last {
+                st.open.remove(&handle.ino);
+            }
+            last
+        };
+        if last {
+            self.change(|fs, st, stage| {
+                let inode = fs.inode(st, handle.ino)?;
+                if inode.nlink == 0 {
+                    fs.remove_orphan(st, stage, handle.ino)?;
+                    fs.free_inode(st, stage, handle.ino)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    fn set_orphan_head(&self, st: &mut State, stage: &mut Stage, head: Ino) {
+        stage.old_orphan_head.get_or_insert(st.orphan_head);
+        st.orphan_head = head;
+        stage.tx.write(self.sb.state_block * BLOCK, &head.to_le_bytes());
+    }
+
+    fn add_orphan(&self, st: &mut State, stage: &mut Stage, ino: Ino, mut inode: Inode) {
+        inode.next_orphan = st.orphan_head;
+        self.put_inode(st, stage, ino, inode);
+        self.set_orphan_head(st, stage, ino);
+    }
+
+    fn remove_orphan(&self, st: &mut State, stage: &mut Stage, ino: Ino) -> Result<()> {
+        let next = self.inode(st, ino)?.next_orphan;
+        if st.orphan_head == ino {
+            self.set_orphan_head(st, stage, next);
+            return Ok(());
+        }
+        let mut at = st.orphan_head;
+        let mut hops = 0;
+        while at != 0 && hops <= self.sb.inode_count {
+            let mut inode = self.inode(st, at)?;
+            if inode.next_orphan == ino {
+                inode.next_orphan = next;
+                self.put_inode(st, stage, at, inode);
+                return Ok(());
+            }
+            at = inode.next_orphan;
+            hops += 1;
+        }
+        Err(Error::corrupt("orphan list", self.sb.state_block * BLOCK, format!("inode {ino} is not on it")))
+    }
+
+    /// Free every orphan (files unlinked while open when the last mount ended).
+    fn reclaim_orphans(&self) -> Result<u64> {
+        let mut reclaimed = 0;
+        loop {
+            let head = self.lock().orphan_head;
+            if head == 0 {
+                return Ok(reclaimed);
+            }
+            if reclaimed > self.sb.inode_count {
+                return Err(Error::corrupt("orphan list", self.sb.state_block * BLOCK, "it loops"));
+            }
+            self.change(|fs, st, stage| {
+                fs.check_ino(head)?;
+                let next = fs.inode(st, head)?.next_orphan;
+                fs.set_orphan_head(st, stage, next);
+                fs.free_inode(st, stage, head)
+            })?;
+            reclaimed += 1;
+        }
+    }
+
+    /// Free an inode with no links and no handles: its blocks, extent
+    /// blocks, xattr block, and the inode itself.
+    fn free_inode(&self, st: &mut State, stage: &mut Stage, ino: Ino) -> Result<()> {
+        let inode = self.inode(st, ino)?;
+        let kind = inode.kind();
+        if kind == libc::S_IFREG || kind == libc::S_IFDIR || inode.flags & crate::format::FLAG_INLINE_LINK == 0 {
+            let extents = self.extents(st, ino)?.clone();
+            for e in &extents {
+                st.alloc.free(e.physical, e.len as u64);
+            }
+            for &block in &self.cached(st, ino)?.chain.clone() {
+                st.alloc.free(block, 1);
+            }
+        }
+        if inode.xattr_block != 0 {
+            st.alloc.free(inode.xattr_block, 1);
+        }
+        stage.tx.write(self.sb.inode_offset(ino), &[0u8; INODE_SIZE as usize]);
+        stage.touched.insert(ino);
+        stage.freed_inodes.push(ino);
+        Ok(())
+    }
+
+    // ---- directories (the shared part) ----------------------------------------
+
+    /// The directory index of `ino`, read on first use.
+    fn dir<'s>(&self, st: &'s mut State, ino: Ino) -> Result<&'s mut DirIndex> {
+        let cached = self.cached(st, ino)?;
+        if !cached.inode.is_dir() {
+            return Err(Error::NotDir);
+        }
+        if cached.dir.is_none() {
+            let blocks = self.block_list(st, ino)?;
+            let mut index = DirIndex::with_blocks(blocks.len());
+            let mut raw = vec![0u8; BLOCK as usize];
+            for (i, &block) in blocks.iter().enumerate() {
+                let offset = block * BLOCK;
+                if let Err(e) = read_meta(&self.dev, offset, &mut raw, "directory block") {
+                    st.damaged.insert(ino);
+                    return Err(e);
+                }
+                let mut slot = 0;
+                while slot < SLOTS_PER_BLOCK {
+                    match Dirent::decode(&raw, slot, offset) {
+                        Ok(Some((dirent, n))) => {
+                            index.insert(&dirent, (i * SLOTS_PER_BLOCK + slot) as u64, n);
+                            slot += n;
+                        }
+                        Ok(None) => slot += 1,
+                        Err(e) => {
+                            st.damaged.insert(ino);
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            self.cached(st, ino)?.dir = Some(index);
+        }
+        Ok(self.cached(st, ino)?.dir.as_mut().expect("read above"))
+    }
+
+    /// The device blocks of a file in logical order (for directories, whose
+    /// blocks are all mapped).
+    fn block_list(&self, st: &mut State, ino: Ino) -> Result<Vec<u64>> {
+        let extents = self.extents(st, ino)?;
+        let mut blocks = Vec::new();
+        for e in extents.iter() {
+            if e.logical as usize != blocks.len() {
+                return Err(Error::corrupt("directory", self.sb.inode_offset(ino), "its blocks have a hole"));
+            }
+            blocks.extend(e.physical..e.physical + e.len as u64);
+        }
+        Ok(blocks)
+    }
+}
+
+fn read_superblock(dev: &Device, offset: u64) -> Result<Superblock> {
+    let mut raw = [0u8; SUPERBLOCK_LEN];
+    read_meta(dev, offset, &mut raw, "superblock")?;
+    Superblock::decode(&raw, offset, dev.size())
+}

@@ -1,0 +1,728 @@
+//! Names: lookup, create, mkdir, symlink, link, unlink, rmdir, rename,
+//! readlink, readdir, extended attributes, and the path-based calls.
+
+use super::dir::Slot;
+use super::file::map;
+use super::{Attr, DirEntry, FileKind, Fs, Ino, RenameFlags, Stage, State, ROOT};
+use crate::error::{Error, Result};
+use crate::format::{
+    dtype_of, Dirent, Extent, Inode, Time, BLOCK, FLAG_INLINE_LINK, INLINE_LINK_MAX, NAME_MAX,
+    SLOTS_PER_BLOCK, SLOT, XATTR_MAGIC,
+};
+use std::path::{Component, Path};
+
+/// Offsets 0 and 1 of `readdir` are `.` and `..`; entries follow at 2 + slot.
+const FIRST_ENTRY: u64 = 2;
+const MAX_LINKS: u32 = 65000;
+const SYMLINK_MAX: usize = 4095;
+const MAX_SYMLINK_HOPS: u32 = 40;
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(Error::Invalid("bad file name"));
+    }
+    if name.len() > NAME_MAX {
+        return Err(Error::NameTooLong);
+    }
+    Ok(())
+}
+
+/// Whether `name` is `.` or `..`, which cannot be created or removed.
+fn is_dot(name: &[u8]) -> bool {
+    name == b"." || name == b".."
+}
+
+impl Fs {
+    /// The attributes of `name` in directory `parent`.
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        let mut st = self.lock();
+        let ino = self.lookup_ino(&mut st, parent, name)?;
+        let inode = self.inode(&mut st, ino)?;
+        Ok(Fs::attr(ino, &inode))
+    }
+
+    fn lookup_ino(&self, st: &mut State, parent: Ino, name: &[u8]) -> Result<Ino> {
+        if name.len() > NAME_MAX {
+            return Err(Error::NameTooLong);
+        }
+        match name {
+            b"." => {
+                self.dir(st, parent)?;
+                Ok(parent)
+            }
+            b".." => {
+                self.dir(st, parent)?;
+                Ok(self.inode(st, parent)?.parent)
+            }
+            _ => {
+                check_name(name)?;
+                self.dir(st, parent)?.get(name).map(|s| s.ino).ok_or(Error::NotFound)
+            }
+        }
+    }
+
+    /// Create a regular file (open with `O_CREAT`). With `exclusive`
+    /// (`O_EXCL`) an existing name fails with `EEXIST`; without it, an
+    /// existing file is returned as it is. Returns the attributes and whether
+    /// the file was created.
+    pub fn create(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32, exclusive: bool) -> Result<(Attr, bool)> {
+        self.change(|fs, st, stage| {
+            check_name(name)?;
+            if let Some(existing) = fs.dir(st, parent)?.get(name).map(|s| s.ino) {
+                if exclusive {
+                    return Err(Error::Exists);
+                }
+                let inode = fs.inode(st, existing)?;
+                if inode.is_dir() {
+                    return Err(Error::IsDir);
+                }
+                return Ok((Fs::attr(existing, &inode), false));
+            }
+            let inode = fs.new_inode(libc::S_IFREG | (mode & 0o7777), uid, gid, parent);
+            let ino = fs.add_new(st, stage, parent, name, inode.clone())?;
+            Ok((Fs::attr(ino, &inode), true))
+        })
+    }
+
+    /// Create a directory.
+    pub fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
+        self.change(|fs, st, stage| {
+            check_name(name)?;
+            let mut inode = fs.new_inode(libc::S_IFDIR | (mode & 0o7777), uid, gid, parent);
+            inode.nlink = 2;
+            let ino = fs.add_new(st, stage, parent, name, inode.clone())?;
+            Ok(Fs::attr(ino, &inode))
+        })
+    }
+
+    /// Create a symbolic link to `target`.
+    pub fn symlink(&self, parent: Ino, name: &[u8], target: &[u8], uid: u32, gid: u32) -> Result<Attr> {
+        if target.is_empty() || target.len() > SYMLINK_MAX {
+            return Err(if target.is_empty() { Error::NotFound } else { Error::NameTooLong });
+        }
+        self.change(|fs, st, stage| {
+            check_name(name)?;
+            let mut inode = fs.new_inode(libc::S_IFLNK | 0o777, uid, gid, parent);
+            inode.size = target.len() as u64;
+            if target.len() <= INLINE_LINK_MAX {
+                inode.flags |= FLAG_INLINE_LINK;
+                inode.inline[..target.len()].copy_from_slice(target);
+            } else {
+                let (block, _) = st.alloc.alloc(1).ok_or(Error::NoSpace)?;
+                let mut data = target.to_vec();
+                data.resize(BLOCK as usize, 0);
+                fs.dev.memcpy_nodrain(block * BLOCK, &data)?;
+                inode.extent_count = 1;
+                inode.blocks = 1;
+                inode.set_inline_extents(&[Extent { logical: 0, len: 1, physical: block }]);
+            }
+            let ino = fs.add_new(st, stage, parent, name, inode.clone())?;
+            Ok(Fs::attr(ino, &inode))
+        })
+    }
+
+    /// The target of a symbolic link.
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        let mut st = self.lock();
+        let inode = self.inode(&mut st, ino)?;
+        if inode.kind() != libc::S_IFLNK {
+            return Err(Error::Invalid("not a symbolic link"));
+        }
+        let len = inode.size as usize;
+        if inode.flags & FLAG_INLINE_LINK != 0 {
+            return Ok(inode.inline[..len.min(INLINE_LINK_MAX)].to_vec());
+        }
+        let block = map(self.extents(&mut st, ino)?, 0)
+            .ok_or_else(|| Error::corrupt(format!("symlink {ino}"), self.sb.inode_offset(ino), "no target block"))?
+            .0;
+        let mut target = vec![0u8; len.min(SYMLINK_MAX)];
+        crate::journal::read_meta(&self.dev, block * BLOCK, &mut target, "symlink target")?;
+        Ok(target)
+    }
+
+    /// Give `ino` (not a directory) another name.
+    pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
+        self.change(|fs, st, stage| {
+            check_name(name)?;
+            let mut inode = fs.inode(st, ino)?;
+            if inode.is_dir() {
+                return Err(Error::Unsupported("hard links to directories"));
+            }
+            if inode.nlink >= MAX_LINKS {
+                return Err(Error::TooManyLinks);
+            }
+            if fs.dir(st, parent)?.get(name).is_some() {
+                return Err(Error::Exists);
+            }
+            inode.nlink += 1;
+            inode.ctime = Time::now();
+            fs.put_inode(st, stage, ino, inode.clone());
+            fs.add_entry(st, stage, parent, name, ino, dtype_of(inode.mode))?;
+            Ok(Fs::attr(ino, &inode))
+        })
+    }
+
+    /// Remove the name of a non-directory.
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.change(|fs, st, stage| {
+            if is_dot(name) {
+                return Err(Error::IsDir);
+            }
+            check_name(name)?;
+            let slot = fs.dir(st, parent)?.get(name).cloned().ok_or(Error::NotFound)?;
+            if fs.inode(st, slot.ino)?.is_dir() {
+                return Err(Error::IsDir);
+            }
+            fs.remove_entry(st, stage, parent, name, &slot)?;
+            fs.drop_link(st, stage, slot.ino)
+        })
+    }
+
+    /// Remove an empty directory.
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.change(|fs, st, stage| {
+            match name {
+                b"." => return Err(Error::Invalid("cannot remove .")),
+                b".." => return Err(Error::NotEmpty),
+                _ => check_name(name)?,
+            }
+            let slot = fs.dir(st, parent)?.get(name).cloned().ok_or(Error::NotFound)?;
+            if !fs.inode(st, slot.ino)?.is_dir() {
+                return Err(Error::NotDir);
+            }
+            if !fs.dir(st, slot.ino)?.is_empty() {
+                return Err(Error::NotEmpty);
+            }
+            fs.remove_entry(st, stage, parent, name, &slot)?;
+            fs.drop_dir(st, stage, parent, slot.ino)
+        })
+    }
+
+    /// Rename `name` in `parent` to `new_name` in `new_parent`.
+    pub fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], flags: RenameFlags) -> Result<()> {
+        if flags.exchange && flags.noreplace {
+            return Err(Error::Invalid("RENAME_EXCHANGE with RENAME_NOREPLACE"));
+        }
+        self.change(|fs, st, stage| {
+            if is_dot(name) || is_dot(new_name) {
+                return Err(Error::Invalid("cannot rename . or .."));
+            }
+            check_name(name)?;
+            check_name(new_name)?;
+            let src = fs.dir(st, parent)?.get(name).cloned().ok_or(Error::NotFound)?;
+            fs.dir(st, new_parent)?;
+            let dst = fs.dir(st, new_parent)?.get(new_name).cloned();
+            let src_inode = fs.inode(st, src.ino)?;
+            // A directory may not move into its own subtree.
+            if src_inode.is_dir() && fs.is_ancestor(st, src.ino, new_parent)? {
+                return Err(Error::Invalid("a directory cannot move into itself"));
+            }
+            if let Some(dst) = &dst {
+                if dst.ino == src.ino {
+                    return Ok(()); // the same file under both names: nothing to do
+                }
+                let dst_inode = fs.inode(st, dst.ino)?;
+                if flags.exchange {
+                    if dst_inode.is_dir() && fs.is_ancestor(st, dst.ino, parent)? {
+                        return Err(Error::Invalid("a directory cannot move into itself"));
+                    }
+                    return fs.exchange(st, stage, (parent, name, &src, &src_inode), (new_parent, new_name, dst, &dst_inode));
+                }
+                if flags.noreplace {
+                    return Err(Error::Exists);
+                }
+                match (src_inode.is_dir(), dst_inode.is_dir()) {
+                    (true, false) => return Err(Error::NotDir),
+                    (false, true) => return Err(Error::IsDir),
+                    (true, true) if !fs.dir(st, dst.ino)?.is_empty() => return Err(Error::NotEmpty),
+                    _ => {}
+                }
+            } else if flags.exchange {
+                return Err(Error::NotFound);
+            }
+            // Remove the source name, then put it at the target.
+            fs.remove_entry(st, stage, parent, name, &src)?;
+            match &dst {
+                Some(dst) => {
+                    fs.retarget_entry(st, stage, new_parent, new_name, dst, src.ino, src.kind)?;
+                    if src_inode.is_dir() {
+                        fs.drop_dir(st, stage, new_parent, dst.ino)?;
+                    } else {
+                        fs.drop_link(st, stage, dst.ino)?;
+                    }
+                }
+                None => fs.add_entry(st, stage, new_parent, new_name, src.ino, src.kind)?,
+            }
+            let now = Time::now();
+            let mut moved = fs.inode(st, src.ino)?;
+            moved.ctime = now;
+            if src_inode.is_dir() && parent != new_parent {
+                moved.parent = new_parent;
+                fs.adjust_nlink(st, stage, parent, -1)?;
+                fs.adjust_nlink(st, stage, new_parent, 1)?;
+            }
+            fs.put_inode(st, stage, src.ino, moved);
+            Ok(())
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn exchange(
+        &self,
+        st: &mut State,
+        stage: &mut Stage,
+        a: (Ino, &[u8], &Slot, &Inode),
+        b: (Ino, &[u8], &Slot, &Inode),
+    ) -> Result<()> {
+        let (a_parent, a_name, a_slot, a_inode) = a;
+        let (b_parent, b_name, b_slot, b_inode) = b;
+        self.retarget_entry(st, stage, a_parent, a_name, a_slot, b_slot.ino, b_slot.kind)?;
+        self.retarget_entry(st, stage, b_parent, b_name, b_slot, a_slot.ino, a_slot.kind)?;
+        if a_parent != b_parent {
+            for (ino, inode, new_parent) in [(a_slot.ino, a_inode, b_parent), (b_slot.ino, b_inode, a_parent)] {
+                if inode.is_dir() {
+                    let mut moved = self.inode(st, ino)?;
+                    moved.parent = new_parent;
+                    self.put_inode(st, stage, ino, moved);
+                    let old_parent = if new_parent == a_parent { b_parent } else { a_parent };
+                    self.adjust_nlink(st, stage, old_parent, -1)?;
+                    self.adjust_nlink(st, stage, new_parent, 1)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `ancestor` is `ino` or lies on the path from `ino` to the root.
+    fn is_ancestor(&self, st: &mut State, ancestor: Ino, mut ino: Ino) -> Result<bool> {
+        for _ in 0..=self.sb.inode_count {
+            if ino == ancestor {
+                return Ok(true);
+            }
+            if ino == ROOT {
+                return Ok(false);
+            }
+            ino = self.inode(st, ino)?.parent;
+        }
+        Err(Error::corrupt("directory tree", 0, "parent pointers loop"))
+    }
+
+    /// The entries of directory `ino` from `offset` on (0 starts with `.`).
+    pub fn readdir(&self, ino: Ino, offset: u64) -> Result<Vec<DirEntry>> {
+        let mut st = self.lock();
+        let parent = self.inode(&mut st, ino)?.parent;
+        let dir = self.dir(&mut st, ino)?;
+        let mut out = Vec::new();
+        if offset == 0 {
+            out.push(DirEntry { ino, kind: FileKind::Dir, name: b".".to_vec(), next: 1 });
+        }
+        if offset <= 1 {
+            out.push(DirEntry { ino: parent, kind: FileKind::Dir, name: b"..".to_vec(), next: FIRST_ENTRY });
+        }
+        for (pos, name, slot) in dir.from_pos(offset.saturating_sub(FIRST_ENTRY)) {
+            let kind = match slot.kind {
+                libc::DT_DIR => FileKind::Dir,
+                libc::DT_LNK => FileKind::Symlink,
+                _ => FileKind::File,
+            };
+            out.push(DirEntry { ino: slot.ino, kind, name: name.to_vec(), next: pos + FIRST_ENTRY + 1 });
+        }
+        Ok(out)
+    }
+
+    // ---- extended attributes (user.* only) --------------------------------------
+
+    fn xattrs(&self, st: &mut State, ino: Ino) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let inode = self.inode(st, ino)?;
+        if inode.xattr_block == 0 {
+            return Ok(Vec::new());
+        }
+        let offset = inode.xattr_block * BLOCK;
+        let mut raw = vec![0u8; BLOCK as usize];
+        crate::journal::read_meta(&self.dev, offset, &mut raw, "xattr block")?;
+        let bad = || Error::corrupt("xattr block", offset, "malformed");
+        let word = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().expect("4"));
+        if word(0) != XATTR_MAGIC {
+            return Err(bad());
+        }
+        let (count, used, crc) = (word(4) as usize, word(8) as usize, word(12));
+        if used > raw.len() || crc32c::crc32c(&raw[16..used.max(16)]) != crc {
+            return Err(bad());
+        }
+        let mut out = Vec::new();
+        let mut at = 16;
+        for _ in 0..count {
+            if at + 3 > used {
+                return Err(bad());
+            }
+            let nl = raw[at] as usize;
+            let vl = u16::from_le_bytes([raw[at + 1], raw[at + 2]]) as usize;
+            at += 3;
+            if at + nl + vl > used {
+                return Err(bad());
+            }
+            out.push((raw[at..at + nl].to_vec(), raw[at + nl..at + nl + vl].to_vec()));
+            at += nl + vl;
+        }
+        Ok(out)
+    }
+
+    fn store_xattrs(&self, st: &mut State, stage: &mut Stage, ino: Ino, attrs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+        let mut inode = self.inode(st, ino)?;
+        let mut body = Vec::new();
+        for (name, value) in attrs {
+            body.push(name.len() as u8);
+            body.extend_from_slice(&(value.len() as u16).to_le_bytes());
+            body.extend_from_slice(name);
+            body.extend_from_slice(value);
+        }
+        if 16 + body.len() > BLOCK as usize {
+            return Err(Error::NoSpace);
+        }
+        if attrs.is_empty() {
+            if inode.xattr_block != 0 {
+                st.alloc.free(inode.xattr_block, 1);
+                inode.xattr_block = 0;
+                inode.blocks -= 1;
+            }
+        } else {
+            if inode.xattr_block == 0 {
+                inode.xattr_block = st.alloc.alloc(1).ok_or(Error::NoSpace)?.0;
+                inode.blocks += 1;
+            }
+            let mut raw = vec![0u8; 16];
+            raw[0..4].copy_from_slice(&XATTR_MAGIC.to_le_bytes());
+            raw[4..8].copy_from_slice(&(attrs.len() as u32).to_le_bytes());
+            raw[8..12].copy_from_slice(&((16 + body.len()) as u32).to_le_bytes());
+            raw[12..16].copy_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+            raw.extend_from_slice(&body);
+            stage.tx.write(inode.xattr_block * BLOCK, &raw);
+        }
+        inode.ctime = Time::now();
+        self.put_inode(st, stage, ino, inode);
+        Ok(())
+    }
+
+    fn check_xattr_name(name: &[u8]) -> Result<()> {
+        if !name.starts_with(b"user.") {
+            return Err(Error::Unsupported("only user.* extended attributes"));
+        }
+        if name.len() > 255 {
+            return Err(Error::Range);
+        }
+        Ok(())
+    }
+
+    /// Set `user.*` attribute `name`; `create` and `replace` as XATTR_CREATE
+    /// and XATTR_REPLACE.
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], create: bool, replace: bool) -> Result<()> {
+        Fs::check_xattr_name(name)?;
+        if value.len() > u16::MAX as usize {
+            return Err(Error::Range);
+        }
+        self.change(|fs, st, stage| {
+            let mut attrs = fs.xattrs(st, ino)?;
+            match attrs.iter_mut().find(|(n, _)| n == name) {
+                Some(_) if create => return Err(Error::Exists),
+                Some((_, v)) => *v = value.to_vec(),
+                None if replace => return Err(Error::NoAttr),
+                None => attrs.push((name.to_vec(), value.to_vec())),
+            }
+            fs.store_xattrs(st, stage, ino, &attrs)
+        })
+    }
+
+    /// The value of attribute `name`.
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        let mut st = self.lock();
+        let attrs = self.xattrs(&mut st, ino)?;
+        attrs.into_iter().find(|(n, _)| n == name).map(|(_, v)| v).ok_or(Error::NoAttr)
+    }
+
+    /// The attribute names.
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        let mut st = self.lock();
+        Ok(self.xattrs(&mut st, ino)?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// Remove attribute `name`.
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        self.change(|fs, st, stage| {
+            let mut attrs = fs.xattrs(st, ino)?;
+            let before = attrs.len();
+            attrs.retain(|(n, _)| n != name);
+            if attrs.len() == before {
+                return Err(Error::NoAttr);
+            }
+            fs.store_xattrs(st, stage, ino, &attrs)
+        })
+    }
+
+    // ---- helpers ------------------------------------------------------------
+
+    fn new_inode(&self, mode: u32, uid: u32, gid: u32, parent: Ino) -> Inode {
+        let now = Time::now();
+        Inode {
+            mode,
+            nlink: 1,
+            uid,
+            gid,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            parent,
+            generation: 1,
+            ..Inode::default()
+        }
+    }
+
+    /// Take an inode for `inode` and link it as `name` in `parent`.
+    fn add_new(&self, st: &mut State, stage: &mut Stage, parent: Ino, name: &[u8], inode: Inode) -> Result<Ino> {
+        if self.dir(st, parent)?.get(name).is_some() {
+            return Err(Error::Exists);
+        }
+        if self.inode(st, parent)?.nlink == 0 {
+            return Err(Error::NotFound); // a removed directory takes no new entries
+        }
+        let ino = self.take_inode(st, stage)?;
+        let is_dir = inode.is_dir();
+        let kind = dtype_of(inode.mode);
+        self.put_inode(st, stage, ino, inode);
+        self.add_entry(st, stage, parent, name, ino, kind)?;
+        if is_dir {
+            self.adjust_nlink(st, stage, parent, 1)?;
+        }
+        Ok(ino)
+    }
+
+    fn adjust_nlink(&self, st: &mut State, stage: &mut Stage, ino: Ino, by: i32) -> Result<()> {
+        let mut inode = self.inode(st, ino)?;
+        inode.nlink = inode.nlink.checked_add_signed(by).ok_or_else(|| Error::corrupt(format!("inode {ino}"), self.sb.inode_offset(ino), "link count underflow"))?;
+        self.put_inode(st, stage, ino, inode);
+        Ok(())
+    }
+
+    /// The device offset of directory position `pos`.
+    fn slot_offset(&self, st: &mut State, dir: Ino, pos: u64) -> Result<u64> {
+        let block = pos / SLOTS_PER_BLOCK as u64;
+        let (physical, _) = map(self.extents(st, dir)?, block)
+            .ok_or_else(|| Error::corrupt("directory", self.sb.inode_offset(dir), "slot in an unmapped block"))?;
+        Ok(physical * BLOCK + (pos % SLOTS_PER_BLOCK as u64) * SLOT as u64)
+    }
+
+    fn add_entry(&self, st: &mut State, stage: &mut Stage, dir: Ino, name: &[u8], ino: Ino, kind: u8) -> Result<()> {
+        let slots = Dirent::slots(name.len());
+        let pos = match self.dir(st, dir)?.find_room(slots) {
+            Some(pos) => pos,
+            None => {
+                // A new, zeroed directory block.
+                let blocks = self.dir(st, dir)?.blocks() as u64;
+                let (block, _) = st.alloc.alloc(1).ok_or(Error::NoSpace)?;
+                self.dev.memset_nodrain(block * BLOCK, 0, BLOCK)?;
+                super::file::insert_extent(self.extents(st, dir)?, Extent { logical: blocks as u32, len: 1, physical: block });
+                let mut inode = self.store_extents(st, stage, dir)?;
+                inode.size += BLOCK;
+                inode.blocks += 1;
+                self.put_inode(st, stage, dir, inode);
+                self.dir(st, dir)?.add_block();
+                blocks * SLOTS_PER_BLOCK as u64
+            }
+        };
+        let dirent = Dirent { ino, kind, name: name.to_vec() };
+        let offset = self.slot_offset(st, dir, pos)?;
+        stage.tx.write(offset, &dirent.encode());
+        self.dir(st, dir)?.insert(&dirent, pos, slots);
+        self.touch_dir(st, stage, dir)
+    }
+
+    fn remove_entry(&self, st: &mut State, stage: &mut Stage, dir: Ino, name: &[u8], slot: &Slot) -> Result<()> {
+        let offset = self.slot_offset(st, dir, slot.pos)?;
+        stage.tx.write(offset, &vec![0u8; slot.slots * SLOT]);
+        self.dir(st, dir)?.remove(name);
+        self.touch_dir(st, stage, dir)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn retarget_entry(&self, st: &mut State, stage: &mut Stage, dir: Ino, name: &[u8], slot: &Slot, ino: Ino, kind: u8) -> Result<()> {
+        let offset = self.slot_offset(st, dir, slot.pos)?;
+        stage.tx.write(offset, &Dirent { ino, kind, name: name.to_vec() }.encode());
+        self.dir(st, dir)?.retarget(name, ino, kind);
+        self.touch_dir(st, stage, dir)
+    }
+
+    fn touch_dir(&self, st: &mut State, stage: &mut Stage, dir: Ino) -> Result<()> {
+        let mut inode = self.inode(st, dir)?;
+        let now = Time::now();
+        inode.mtime = now;
+        inode.ctime = now;
+        self.put_inode(st, stage, dir, inode);
+        Ok(())
+    }
+
+    /// One name of a non-directory is gone: drop a link, freeing the inode
+    /// (or orphaning it while it is open) at the last one.
+    fn drop_link(&self, st: &mut State, stage: &mut Stage, ino: Ino) -> Result<()> {
+        let mut inode = self.inode(st, ino)?;
+        inode.nlink = inode.nlink.saturating_sub(1);
+        inode.ctime = Time::now();
+        if inode.nlink > 0 {
+            self.put_inode(st, stage, ino, inode);
+        } else if st.open.get(&ino).is_some_and(|&n| n > 0) {
+            self.add_orphan(st, stage, ino, inode);
+        } else {
+            self.put_inode(st, stage, ino, inode);
+            self.free_inode(st, stage, ino)?;
+        }
+        Ok(())
+    }
+
+    /// Directory `ino`, removed from `parent`: unlink it.
+    fn drop_dir(&self, st: &mut State, stage: &mut Stage, parent: Ino, ino: Ino) -> Result<()> {
+        self.adjust_nlink(st, stage, parent, -1)?;
+        let mut inode = self.inode(st, ino)?;
+        inode.nlink = 0;
+        inode.ctime = Time::now();
+        if st.open.get(&ino).is_some_and(|&n| n > 0) {
+            self.add_orphan(st, stage, ino, inode);
+        } else {
+            self.put_inode(st, stage, ino, inode);
+            self.free_inode(st, stage, ino)?;
+        }
+        Ok(())
+    }
+
+    // ---- paths --------------------------------------------------------------
+
+    /// The inode a path names, following symbolic links in every component
+    /// but the last.
+    pub fn resolve(&self, path: impl AsRef<Path>) -> Result<Ino> {
+        let mut st = self.lock();
+        self.resolve_in(&mut st, ROOT, path.as_ref(), &mut 0)
+    }
+
+    fn resolve_in(&self, st: &mut State, start: Ino, path: &Path, hops: &mut u32) -> Result<Ino> {
+        let mut at = if path.is_absolute() { ROOT } else { start };
+        let components: Vec<Component> = path.components().collect();
+        for (i, component) in components.iter().enumerate() {
+            let name = match component {
+                Component::RootDir | Component::CurDir => continue,
+                Component::ParentDir => b"..".as_slice(),
+                Component::Normal(n) => n.as_encoded_bytes(),
+                Component::Prefix(_) => return Err(Error::Invalid("path prefix")),
+            };
+            let next = self.lookup_ino(st, at, name)?;
+            let last = i + 1 == components.len();
+            let inode = self.inode(st, next)?;
+            if !last && inode.kind() == libc::S_IFLNK {
+                *hops += 1;
+                if *hops > MAX_SYMLINK_HOPS {
+                    return Err(Error::Invalid("too many levels of symbolic links"));
+                }
+                drop(inode);
+                let target = {
+                    let len = self.inode(st, next)?.size as usize;
+                    let inode = self.inode(st, next)?;
+                    if inode.flags & FLAG_INLINE_LINK != 0 {
+                        inode.inline[..len.min(INLINE_LINK_MAX)].to_vec()
+                    } else {
+                        return Err(Error::Unsupported("long symlinks inside paths"));
+                    }
+                };
+                let target = std::ffi::OsStr::from_bytes_compat(&target);
+                at = self.resolve_in(st, at, Path::new(target), hops)?;
+            } else {
+                at = next;
+            }
+        }
+        Ok(at)
+    }
+
+    fn split_path(path: &Path) -> Result<(&Path, &[u8])> {
+        let name = path.file_name().ok_or(Error::Invalid("path has no final name"))?;
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        Ok((parent, name.as_encoded_bytes()))
+    }
+
+    /// The attributes of what `path` names (the last component not followed).
+    pub fn stat_path(&self, path: impl AsRef<Path>) -> Result<Attr> {
+        let ino = self.resolve(path)?;
+        self.getattr(ino)
+    }
+
+    /// Create a regular file at `path` (`exclusive` as `O_EXCL`).
+    pub fn create_path(&self, path: impl AsRef<Path>, mode: u32, exclusive: bool) -> Result<Attr> {
+        let (parent, name) = Fs::split_path(path.as_ref())?;
+        let parent = self.resolve(parent)?;
+        Ok(self.create(parent, name, mode, 0, 0, exclusive)?.0)
+    }
+
+    /// Create a directory at `path`.
+    pub fn mkdir_path(&self, path: impl AsRef<Path>, mode: u32) -> Result<Attr> {
+        let (parent, name) = Fs::split_path(path.as_ref())?;
+        let parent = self.resolve(parent)?;
+        self.mkdir(parent, name, mode, 0, 0)
+    }
+
+    /// Remove the file at `path`.
+    pub fn unlink_path(&self, path: impl AsRef<Path>) -> Result<()> {
+        let (parent, name) = Fs::split_path(path.as_ref())?;
+        let parent = self.resolve(parent)?;
+        self.unlink(parent, name)
+    }
+
+    /// Remove the empty directory at `path`.
+    pub fn rmdir_path(&self, path: impl AsRef<Path>) -> Result<()> {
+        let (parent, name) = Fs::split_path(path.as_ref())?;
+        let parent = self.resolve(parent)?;
+        self.rmdir(parent, name)
+    }
+
+    /// Rename `from` to `to`.
+    pub fn rename_path(&self, from: impl AsRef<Path>, to: impl AsRef<Path>, flags: RenameFlags) -> Result<()> {
+        let (from_parent, from_name) = Fs::split_path(from.as_ref())?;
+        let (to_parent, to_name) = Fs::split_path(to.as_ref())?;
+        let from_parent = self.resolve(from_parent)?;
+        let to_parent = self.resolve(to_parent)?;
+        self.rename(from_parent, from_name, to_parent, to_name, flags)
+    }
+
+    /// Create a symbolic link at `path` pointing to `target`.
+    pub fn symlink_path(&self, path: impl AsRef<Path>, target: &[u8]) -> Result<Attr> {
+        let (parent, name) = Fs::split_path(path.as_ref())?;
+        let parent = self.resolve(parent)?;
+        self.symlink(parent, name, target, 0, 0)
+    }
+
+    /// The names in the directory at `path`, without `.` and `..`.
+    pub fn readdir_path(&self, path: impl AsRef<Path>) -> Result<Vec<DirEntry>> {
+        let ino = self.resolve(path)?;
+        Ok(self.readdir(ino, FIRST_ENTRY)?)
+    }
+
+    /// The whole contents of the file at `path`.
+    pub fn read_path(&self, path: impl AsRef<Path>) -> Result<Vec<u8>> {
+        let ino = self.resolve(path)?;
+        let size = self.getattr(ino)?.size as usize;
+        let mut buf = vec![0u8; size];
+        let n = self.read(ino, 0, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Write `data` at `offset` of the file at `path`.
+    pub fn write_path(&self, path: impl AsRef<Path>, offset: u64, data: &[u8]) -> Result<usize> {
+        let ino = self.resolve(path)?;
+        self.write(ino, offset, data)
+    }
+}
+
+/// `OsStr::from_bytes`, spelled for the std API available everywhere.
+trait FromBytesCompat {
+    fn from_bytes_compat(bytes: &[u8]) -> &std::ffi::OsStr;
+}
+
+impl FromBytesCompat for std::ffi::OsStr {
+    fn from_bytes_compat(bytes: &[u8]) -> &std::ffi::OsStr {
+        std::os::unix::ffi::OsStrExt::from_bytes(bytes)
+    }
+}
