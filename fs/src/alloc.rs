@@ -109,7 +109,11 @@ impl Allocator {
         for block in start..start + len {
             let word = (block / 64) as usize;
             let bit = 1u64 << (block % 64);
-            debug_assert_eq!(self.bitmap[word] & bit != 0, !used, "block {block} already {used}");
+            debug_assert_eq!(
+                self.bitmap[word] & bit != 0,
+                !used,
+                "block {block} already {used}"
+            );
             if used {
                 self.bitmap[word] |= bit;
                 self.region_free[(block / HUGE_BLOCKS) as usize] -= 1;

@@ -87,7 +87,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn corrupt(structure: impl fmt::Display, offset: u64, detail: impl fmt::Display) -> Error {
+    pub(crate) fn corrupt(
+        structure: impl fmt::Display,
+        offset: u64,
+        detail: impl fmt::Display,
+    ) -> Error {
         Error::Corrupt {
             structure: structure.to_string(),
             offset,

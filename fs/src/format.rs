@@ -122,7 +122,7 @@ impl Superblock {
     pub fn for_device(size: u64, uuid: [u8; 16], now: u64) -> Result<Superblock> {
         let total_blocks = size / BLOCK;
         let journal_blocks = (total_blocks / 64).clamp(64, 4096);
-        let inode_count = (size / (16 << 10)).clamp(1024, 1 << 22);
+        let inode_count = (size / (8 << 10)).clamp(1024, 1 << 22);
         let inode_table_blocks = inode_count * INODE_SIZE / BLOCK;
         let bitmap_blocks = total_blocks.div_ceil(BLOCK * 8);
         let journal_start = 2;
@@ -187,7 +187,10 @@ impl Superblock {
         }
         if b[0..8] != MAGIC {
             if b[0..5] == MAGIC[0..5] {
-                return Err(bad(format!("unknown format {:?}", String::from_utf8_lossy(&b[0..8]))));
+                return Err(bad(format!(
+                    "unknown format {:?}",
+                    String::from_utf8_lossy(&b[0..8])
+                )));
             }
             return Err(bad("no daxfs magic: not a daxfs filesystem".into()));
         }
@@ -199,7 +202,10 @@ impl Superblock {
         }
         let crc = crc32c::crc32c(&b[..508]);
         if crc != u32_at(b, 508) {
-            return Err(bad(format!("checksum {:#x} does not match its contents ({crc:#x})", u32_at(b, 508))));
+            return Err(bad(format!(
+                "checksum {:#x} does not match its contents ({crc:#x})",
+                u32_at(b, 508)
+            )));
         }
         if u32_at(b, 12) as u64 != BLOCK {
             return Err(bad(format!("block size {} is not 4096", u32_at(b, 12))));
@@ -239,7 +245,9 @@ impl Superblock {
         let mut end = 1;
         for (name, start, len) in regions {
             if start < end || len == 0 || start.checked_add(len).is_none_or(|e| e > sb.data_start) {
-                return Err(bad(format!("{name} at block {start} (+{len}) is out of place")));
+                return Err(bad(format!(
+                    "{name} at block {start} (+{len}) is out of place"
+                )));
             }
             end = start + len;
         }
@@ -402,7 +410,11 @@ impl Inode {
         }
         let crc = crc32c::crc32c(&b[..252]);
         if crc != u32_at(b, 252) {
-            return Err(Error::corrupt(format!("inode {ino}"), offset, "checksum mismatch"));
+            return Err(Error::corrupt(
+                format!("inode {ino}"),
+                offset,
+                "checksum mismatch",
+            ));
         }
         let mut inline = [0u8; INLINE_LINK_MAX];
         inline.copy_from_slice(&b[112..112 + INLINE_LINK_MAX]);
@@ -412,9 +424,18 @@ impl Inode {
             uid: u32_at(b, 8),
             gid: u32_at(b, 12),
             size: u64_at(b, 16),
-            atime: Time { secs: u64_at(b, 24) as i64, nanos: u32_at(b, 32) },
-            mtime: Time { secs: u64_at(b, 40) as i64, nanos: u32_at(b, 36) },
-            ctime: Time { secs: u64_at(b, 48) as i64, nanos: u32_at(b, 56) },
+            atime: Time {
+                secs: u64_at(b, 24) as i64,
+                nanos: u32_at(b, 32),
+            },
+            mtime: Time {
+                secs: u64_at(b, 40) as i64,
+                nanos: u32_at(b, 36),
+            },
+            ctime: Time {
+                secs: u64_at(b, 48) as i64,
+                nanos: u32_at(b, 56),
+            },
             flags: u32_at(b, 60),
             generation: u32_at(b, 64),
             extent_count: u32_at(b, 68),
@@ -429,7 +450,9 @@ impl Inode {
 
     pub fn inline_extents(&self) -> Vec<Extent> {
         let n = (self.extent_count as usize).min(INLINE_EXTENTS);
-        (0..n).map(|i| Extent::decode(&self.inline[i * 16..i * 16 + 16])).collect()
+        (0..n)
+            .map(|i| Extent::decode(&self.inline[i * 16..i * 16 + 16]))
+            .collect()
     }
 
     pub fn set_inline_extents(&mut self, extents: &[Extent]) {
@@ -476,7 +499,9 @@ impl ExtentBlock {
         }
         Ok(ExtentBlock {
             next: u64_at(b, 8),
-            extents: (0..count).map(|i| Extent::decode(&b[32 + i * 16..48 + i * 16])).collect(),
+            extents: (0..count)
+                .map(|i| Extent::decode(&b[32 + i * 16..48 + i * 16]))
+                .collect(),
         })
     }
 }
@@ -558,29 +583,61 @@ mod tests {
         assert_eq!(Superblock::decode(&b, 0, size).unwrap(), sb);
         let mut flipped = b;
         flipped[20] ^= 1;
-        assert!(Superblock::decode(&flipped, 0, size).unwrap_err().to_string().contains("checksum"));
+        assert!(Superblock::decode(&flipped, 0, size)
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
         let mut foreign = b;
         foreign[0] = b'X';
-        assert!(Superblock::decode(&foreign, 0, size).unwrap_err().to_string().contains("not a daxfs"));
+        assert!(Superblock::decode(&foreign, 0, size)
+            .unwrap_err()
+            .to_string()
+            .contains("not a daxfs"));
         let mut newer = b;
         put_u32(&mut newer, 8, 2);
         let crc = crc32c::crc32c(&newer[..508]);
         put_u32(&mut newer, 508, crc);
-        assert!(Superblock::decode(&newer, 0, size).unwrap_err().to_string().contains("newer"));
-        assert!(Superblock::decode(&b, 0, size / 2).unwrap_err().to_string().contains("truncated"));
+        assert!(Superblock::decode(&newer, 0, size)
+            .unwrap_err()
+            .to_string()
+            .contains("newer"));
+        assert!(Superblock::decode(&b, 0, size / 2)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
     }
 
     #[test]
     fn inodes_and_dirents_round_trip() {
-        let mut inode = Inode { mode: libc::S_IFREG | 0o644, nlink: 1, size: 5, ..Default::default() };
+        let mut inode = Inode {
+            mode: libc::S_IFREG | 0o644,
+            nlink: 1,
+            size: 5,
+            ..Default::default()
+        };
         inode.extent_count = 2;
-        let extents = [Extent { logical: 0, len: 1, physical: 600 }, Extent { logical: 9, len: 3, physical: 700 }];
+        let extents = [
+            Extent {
+                logical: 0,
+                len: 1,
+                physical: 600,
+            },
+            Extent {
+                logical: 9,
+                len: 3,
+                physical: 700,
+            },
+        ];
         inode.set_inline_extents(&extents);
         let b = inode.encode();
         let back = Inode::decode(&b, 2, 0).unwrap();
         assert_eq!(back, inode);
         assert_eq!(back.inline_extents(), extents);
-        let d = Dirent { ino: 9, kind: libc::DT_REG, name: b"hello".to_vec() };
+        let d = Dirent {
+            ino: 9,
+            kind: libc::DT_REG,
+            name: b"hello".to_vec(),
+        };
         let mut block = vec![0u8; BLOCK as usize];
         let enc = d.encode();
         block[64..64 + enc.len()].copy_from_slice(&enc);

@@ -129,7 +129,12 @@ impl Journal {
 
     /// Open the journal at mount, replaying committed transactions.
     /// Returns the journal and how many transactions were replayed.
-    pub fn recover(dev: &Device, start_block: u64, blocks: u64, uuid: [u8; 16]) -> Result<(Journal, u64)> {
+    pub fn recover(
+        dev: &Device,
+        start_block: u64,
+        blocks: u64,
+        uuid: [u8; 16],
+    ) -> Result<(Journal, u64)> {
         let region = start_block * BLOCK;
         let mut header = [0u8; 128];
         read_meta(dev, region, &mut header, "journal header")?;
@@ -137,11 +142,19 @@ impl Journal {
             .filter_map(|i| decode_header(&header[i * 64..i * 64 + 64]))
             .collect();
         let Some(&(seq, tail, count)) = copies.iter().max_by_key(|c| c.2) else {
-            return Err(Error::corrupt("journal header", region, "both copies are damaged"));
+            return Err(Error::corrupt(
+                "journal header",
+                region,
+                "both copies are damaged",
+            ));
         };
         let mut journal = Journal::empty(region, blocks, uuid);
         if tail >= journal.ring_len || tail % 64 != 0 {
-            return Err(Error::corrupt("journal header", region, format!("ring offset {tail} is out of range")));
+            return Err(Error::corrupt(
+                "journal header",
+                region,
+                format!("ring offset {tail} is out of range"),
+            ));
         }
         journal.checkpoints = count + 1;
         journal.head = tail;
@@ -187,7 +200,7 @@ impl Journal {
         if magic != TX_MAGIC || seq != self.next_seq || head[16..32] != self.uuid {
             return Ok(None);
         }
-        if len < TX_HEADER as u64 || len % 64 != 0 || pos + len > self.ring_len {
+        if len < TX_HEADER as u64 || !len.is_multiple_of(64) || pos + len > self.ring_len {
             return Ok(None);
         }
         let mut body = vec![0u8; len as usize];
@@ -226,7 +239,9 @@ impl Journal {
         let bytes = tx.encode(self.next_seq, &self.uuid);
         let len = bytes.len() as u64;
         if len > self.ring_len / 2 {
-            return Err(Error::Invalid("metadata transaction larger than the journal"));
+            return Err(Error::Invalid(
+                "metadata transaction larger than the journal",
+            ));
         }
         let (pos, skipped) = if self.head + len > self.ring_len {
             (0, self.ring_len - self.head)
@@ -282,7 +297,8 @@ fn decode_header(b: &[u8]) -> Option<(u64, u64, u64)> {
     copy.copy_from_slice(b);
     let crc = u32::from_le_bytes(copy[60..64].try_into().ok()?);
     copy[60..64].fill(0);
-    let ok = u32::from_le_bytes(copy[0..4].try_into().ok()?) == HEADER_MAGIC && crc32c::crc32c(&copy) == crc;
+    let ok = u32::from_le_bytes(copy[0..4].try_into().ok()?) == HEADER_MAGIC
+        && crc32c::crc32c(&copy) == crc;
     ok.then(|| {
         let at = |i: usize| u64::from_le_bytes(copy[i..i + 8].try_into().expect("8"));
         (at(8), at(16), at(24))
@@ -293,7 +309,11 @@ fn decode_header(b: &[u8]) -> Option<(u64, u64, u64)> {
 pub fn read_meta(dev: &Device, offset: u64, buf: &mut [u8], what: &str) -> Result<()> {
     match dev.read(offset, buf) {
         Ok(()) => Ok(()),
-        Err(pmem::Error::Poisoned { offset: at }) => Err(Error::corrupt(what, offset, format!("media error (poison) at {at:#x}"))),
+        Err(pmem::Error::Poisoned { offset: at }) => Err(Error::corrupt(
+            what,
+            offset,
+            format!("media error (poison) at {at:#x}"),
+        )),
         Err(e) => Err(e.into()),
     }
 }

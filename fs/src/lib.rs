@@ -18,5 +18,7 @@ pub mod index;
 pub mod journal;
 
 pub use error::{Error, Result};
-pub use fs::{Attr, DirEntry, FileKind, Fs, Handle, Ino, RenameFlags, SetAttr, StatFs, Timestamp, ROOT};
+pub use fs::{
+    Attr, DirEntry, FileKind, Fs, Handle, Ino, RenameFlags, SetAttr, StatFs, Timestamp, ROOT,
+};
 pub use pmem;

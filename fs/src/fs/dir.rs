@@ -101,7 +101,7 @@ impl DirIndex {
     }
 
     /// Entries at positions `>= from`, in position order.
-    pub fn from_pos(&self, from: u64) -> impl Iterator<Item = (u64, &[u8], &Slot)> + '_ {
+    pub fn entries_from(&self, from: u64) -> impl Iterator<Item = (u64, &[u8], &Slot)> + '_ {
         self.by_pos
             .range(from..)
             .map(|(&pos, name)| (pos, name.as_slice(), &self.by_name[name]))
@@ -109,7 +109,11 @@ impl DirIndex {
 }
 
 fn run_mask(first: usize, slots: usize) -> u128 {
-    let run = if slots >= 128 { u128::MAX } else { (1u128 << slots) - 1 };
+    let run = if slots >= 128 {
+        u128::MAX
+    } else {
+        (1u128 << slots) - 1
+    };
     run << first
 }
 
@@ -120,14 +124,18 @@ mod tests {
     #[test]
     fn room_is_found_around_used_slots() {
         let mut d = DirIndex::with_blocks(1);
-        let e = |name: &[u8]| Dirent { ino: 5, kind: 8, name: name.to_vec() };
+        let e = |name: &[u8]| Dirent {
+            ino: 5,
+            kind: 8,
+            name: name.to_vec(),
+        };
         d.insert(&e(b"a"), 0, 1);
         d.insert(&e(b"b"), 3, 2);
         assert_eq!(d.find_room(2), Some(1));
         assert_eq!(d.find_room(3), Some(5));
         d.remove(b"a");
         assert_eq!(d.find_room(3), Some(0));
-        let names: Vec<&[u8]> = d.from_pos(0).map(|(_, n, _)| n).collect();
+        let names: Vec<&[u8]> = d.entries_from(0).map(|(_, n, _)| n).collect();
         assert_eq!(names, vec![b"b".as_slice()]);
     }
 }

@@ -62,7 +62,11 @@ fn remove_range(extents: &mut Vec<Extent>, start: u64, end: u64) -> Vec<(u64, u6
         let cut_b = b.min(end);
         freed.push((e.physical + (cut_a - a), cut_b - cut_a));
         if a < cut_a {
-            kept.push(Extent { logical: e.logical, len: (cut_a - a) as u32, physical: e.physical });
+            kept.push(Extent {
+                logical: e.logical,
+                len: (cut_a - a) as u32,
+                physical: e.physical,
+            });
         }
         if cut_b < b {
             kept.push(Extent {
@@ -78,7 +82,9 @@ fn remove_range(extents: &mut Vec<Extent>, start: u64, end: u64) -> Vec<(u64, u6
 
 fn media(e: pmem::Error) -> Error {
     match e {
-        pmem::Error::PartialPoisonWrite { sector_offset } => Error::MediaError { offset: sector_offset },
+        pmem::Error::PartialPoisonWrite { sector_offset } => Error::MediaError {
+            offset: sector_offset,
+        },
         pmem::Error::Poisoned { offset } => Error::MediaError { offset },
         other => Error::Device(other),
     }
@@ -107,10 +113,16 @@ impl Fs {
             match map(extents, lblock) {
                 Some((physical, run)) => {
                     let n = (end - pos).min(run * BLOCK - within) as usize;
-                    let got = self.dev.read_mcsafe(physical * BLOCK + within, &mut buf[at..at + n])?;
+                    let got = self
+                        .dev
+                        .read_mcsafe(physical * BLOCK + within, &mut buf[at..at + n])?;
                     if let Some(poison) = got.poison {
                         let total = at + got.copied;
-                        return if total == 0 { Err(Error::MediaError { offset: poison }) } else { Ok(total) };
+                        return if total == 0 {
+                            Err(Error::MediaError { offset: poison })
+                        } else {
+                            Ok(total)
+                        };
                     }
                     pos += n as u64;
                 }
@@ -132,8 +144,12 @@ impl Fs {
         if data.is_empty() {
             return Ok(0);
         }
-        let end = offset.checked_add(data.len() as u64).filter(|&e| e <= MAX_FILE_SIZE).ok_or(Error::Invalid("file too large"))?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(Error::Invalid("file too large"))?;
         self.change(|fs, st, stage| {
+            stage.touched.insert(ino);
             let mut inode = fs.inode(st, ino)?;
             if inode.is_dir() {
                 return Err(Error::IsDir);
@@ -151,7 +167,9 @@ impl Fs {
                 let within = pos % BLOCK;
                 let n = (end - pos).min(run * BLOCK - within);
                 let from = (pos - offset) as usize;
-                fs.dev.memcpy_nodrain(physical * BLOCK + within, &data[from..from + n as usize]).map_err(media)?;
+                fs.dev
+                    .memcpy_nodrain(physical * BLOCK + within, &data[from..from + n as usize])
+                    .map_err(media)?;
                 pos += n;
             }
             if added > 0 {
@@ -184,10 +202,17 @@ impl Fs {
         self.change(|fs, st, stage| fs.truncate_staged(st, stage, ino, size))
     }
 
-    pub(super) fn truncate_staged(&self, st: &mut State, stage: &mut Stage, ino: Ino, size: u64) -> Result<()> {
+    pub(super) fn truncate_staged(
+        &self,
+        st: &mut State,
+        stage: &mut Stage,
+        ino: Ino,
+        size: u64,
+    ) -> Result<()> {
         if size > MAX_FILE_SIZE {
             return Err(Error::Invalid("file too large"));
         }
+        stage.touched.insert(ino);
         let mut inode = self.inode(st, ino)?;
         if inode.is_dir() {
             return Err(Error::IsDir);
@@ -218,13 +243,21 @@ impl Fs {
     /// Allocate (zeroed) blocks for `[offset, offset + len)`; unless
     /// `keep_size`, extend the size to cover it.
     pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, keep_size: bool) -> Result<()> {
-        let end = offset.checked_add(len).filter(|&e| len > 0 && e <= MAX_FILE_SIZE).ok_or(Error::Invalid("bad fallocate range"))?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| len > 0 && e <= MAX_FILE_SIZE)
+            .ok_or(Error::Invalid("bad fallocate range"))?;
         self.change(|fs, st, stage| {
+            stage.touched.insert(ino);
             let mut inode = fs.inode(st, ino)?;
             if inode.is_dir() {
                 return Err(Error::IsDir);
             }
-            let new_size = if keep_size { inode.size } else { inode.size.max(end) };
+            let new_size = if keep_size {
+                inode.size
+            } else {
+                inode.size.max(end)
+            };
             if end > inode.size && !keep_size {
                 fs.zero_tail(st, ino, inode.size, end)?;
             }
@@ -243,8 +276,11 @@ impl Fs {
     /// Deallocate `[offset, offset + len)`: whole blocks are freed, partial
     /// ones zeroed. The size does not change.
     pub fn punch_hole(&self, ino: Ino, offset: u64, len: u64) -> Result<()> {
-        let end = offset.checked_add(len).ok_or(Error::Invalid("bad punch range"))?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(Error::Invalid("bad punch range"))?;
         self.change(|fs, st, stage| {
+            stage.touched.insert(ino);
             let mut inode = fs.inode(st, ino)?;
             if inode.is_dir() {
                 return Err(Error::IsDir);
@@ -255,7 +291,10 @@ impl Fs {
             }
             let (first_whole, end_whole) = (offset.div_ceil(BLOCK), end / BLOCK);
             // Zero the partial blocks at either edge, in place.
-            for (a, b) in [(offset, (first_whole * BLOCK).min(end)), ((end_whole * BLOCK).max(offset), end)] {
+            for (a, b) in [
+                (offset, (first_whole * BLOCK).min(end)),
+                ((end_whole * BLOCK).max(offset), end),
+            ] {
                 if a < b {
                     fs.zero_mapped(st, ino, a, b)?;
                 }
@@ -315,18 +354,29 @@ impl Fs {
                 },
                 false => self.alloc_small(st, lblock, hole_end)?,
             };
-            insert_extent(self.extents(st, ino)?, Extent { logical: logical as u32, len: len as u32, physical });
+            insert_extent(
+                self.extents(st, ino)?,
+                Extent {
+                    logical: logical as u32,
+                    len: len as u32,
+                    physical,
+                },
+            );
             // Zero the new blocks except where the caller writes.
             let (a, b) = (logical * BLOCK, (logical + len) * BLOCK);
             let dev_at = |x: u64| physical * BLOCK + (x - a);
-            let covered = written.map(|(w0, w1)| (w0.clamp(a, b), w1.clamp(a, b))).filter(|(w0, w1)| w0 < w1);
+            let covered = written
+                .map(|(w0, w1)| (w0.clamp(a, b), w1.clamp(a, b)))
+                .filter(|(w0, w1)| w0 < w1);
             let gaps = match covered {
                 None => [(a, b), (b, b)],
                 Some((w0, w1)) => [(a, w0), (w1, b)],
             };
             for (from, to) in gaps {
                 if from < to {
-                    self.dev.memset_nodrain(dev_at(from), 0, to - from).map_err(media)?;
+                    self.dev
+                        .memset_nodrain(dev_at(from), 0, to - from)
+                        .map_err(media)?;
                 }
             }
             added += len;
@@ -349,7 +399,9 @@ impl Fs {
             let within = pos % BLOCK;
             let n = (to - pos).min(BLOCK - within);
             if let Some((physical, _)) = map(extents, pos / BLOCK) {
-                self.dev.memset_nodrain(physical * BLOCK + within, 0, n).map_err(media)?;
+                self.dev
+                    .memset_nodrain(physical * BLOCK + within, 0, n)
+                    .map_err(media)?;
             }
             pos += n;
         }
@@ -361,7 +413,7 @@ impl Fs {
     /// from before a truncate.
     fn zero_tail(&self, st: &mut State, ino: Ino, old_size: u64, new_size: u64) -> Result<()> {
         let block_end = old_size.next_multiple_of(BLOCK);
-        if old_size % BLOCK != 0 {
+        if !old_size.is_multiple_of(BLOCK) {
             self.zero_mapped(st, ino, old_size, new_size.min(block_end))?;
         }
         Ok(())
@@ -390,7 +442,7 @@ impl Fs {
                 let mut l = e.logical as u64;
                 while l + HUGE_BLOCKS <= e.end() {
                     let p = e.physical + (l - e.logical as u64);
-                    if l % HUGE_BLOCKS == 0 && p % HUGE_BLOCKS == 0 {
+                    if l.is_multiple_of(HUGE_BLOCKS) && p.is_multiple_of(HUGE_BLOCKS) {
                         huge += HUGE_BLOCKS;
                         l += HUGE_BLOCKS;
                     } else {
@@ -399,7 +451,11 @@ impl Fs {
                 }
             }
         }
-        Ok(if all == 0 { 0.0 } else { huge as f64 / all as f64 })
+        Ok(if all == 0 {
+            0.0
+        } else {
+            huge as f64 / all as f64
+        })
     }
 }
 
@@ -410,19 +466,55 @@ mod tests {
     #[test]
     fn extents_map_merge_and_split() {
         let mut ex = Vec::new();
-        insert_extent(&mut ex, Extent { logical: 0, len: 2, physical: 100 });
-        insert_extent(&mut ex, Extent { logical: 2, len: 3, physical: 102 });
+        insert_extent(
+            &mut ex,
+            Extent {
+                logical: 0,
+                len: 2,
+                physical: 100,
+            },
+        );
+        insert_extent(
+            &mut ex,
+            Extent {
+                logical: 2,
+                len: 3,
+                physical: 102,
+            },
+        );
         assert_eq!(ex.len(), 1, "contiguous extents merge");
-        insert_extent(&mut ex, Extent { logical: 10, len: 1, physical: 50 });
+        insert_extent(
+            &mut ex,
+            Extent {
+                logical: 10,
+                len: 1,
+                physical: 50,
+            },
+        );
         assert_eq!(map(&ex, 3), Some((103, 2)));
         assert_eq!(map(&ex, 6), None);
         assert_eq!(next_mapped(&ex, 6), Some(10));
         let freed = remove_range(&mut ex, 1, 4);
         assert_eq!(freed, vec![(101, 3)]);
-        assert_eq!(ex, vec![
-            Extent { logical: 0, len: 1, physical: 100 },
-            Extent { logical: 4, len: 1, physical: 104 },
-            Extent { logical: 10, len: 1, physical: 50 },
-        ]);
+        assert_eq!(
+            ex,
+            vec![
+                Extent {
+                    logical: 0,
+                    len: 1,
+                    physical: 100
+                },
+                Extent {
+                    logical: 4,
+                    len: 1,
+                    physical: 104
+                },
+                Extent {
+                    logical: 10,
+                    len: 1,
+                    physical: 50
+                },
+            ]
+        );
     }
 }

@@ -176,7 +176,9 @@ pub struct Fs {
 
 impl std::fmt::Debug for Fs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fs").field("device", &self.dev.path()).finish_non_exhaustive()
+        f.debug_struct("Fs")
+            .field("device", &self.dev.path())
+            .finish_non_exhaustive()
     }
 }
 
@@ -191,7 +193,10 @@ fn uuid() -> [u8; 16] {
         let _ = std::io::Read::read_exact(&mut f, &mut uuid);
     }
     let t = Time::now();
-    uuid[..8].iter_mut().zip(t.nanos.to_le_bytes().iter().cycle()).for_each(|(u, n)| *u ^= n);
+    uuid[..8]
+        .iter_mut()
+        .zip(t.nanos.to_le_bytes().iter().cycle())
+        .for_each(|(u, n)| *u ^= n);
     uuid
 }
 
@@ -202,7 +207,11 @@ impl Fs {
         let sb = Superblock::for_device(dev.size(), uuid(), now.secs as u64)?;
         // Metadata areas start zeroed: a free inode is all zeros.
         dev.memset_nodrain(BLOCK, 0, BLOCK)?;
-        dev.memset_nodrain(sb.inode_table_start * BLOCK, 0, sb.inode_table_blocks * BLOCK)?;
+        dev.memset_nodrain(
+            sb.inode_table_start * BLOCK,
+            0,
+            sb.inode_table_blocks * BLOCK,
+        )?;
         let bitmap = Allocator::initial_bitmap(&sb);
         let bytes: Vec<u8> = bitmap.iter().flat_map(|w| w.to_le_bytes()).collect();
         dev.memcpy_nodrain(sb.bitmap_start * BLOCK, &bytes)?;
@@ -247,16 +256,25 @@ impl Fs {
                 }
             }
         };
-        let (journal, replayed) = Journal::recover(&dev, sb.journal_start, sb.journal_blocks, sb.uuid)?;
+        let (journal, replayed) =
+            Journal::recover(&dev, sb.journal_start, sb.journal_blocks, sb.uuid)?;
         if replayed > 0 {
             notes.push(format!("replayed {replayed} journal transactions"));
         }
         let mut raw = vec![0u8; (sb.bitmap_blocks * BLOCK) as usize];
         read_meta(&dev, sb.bitmap_start * BLOCK, &mut raw, "allocation bitmap")?;
-        let bitmap = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))).collect();
+        let bitmap = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
+            .collect();
         let alloc = Allocator::new(&sb, bitmap);
         let mut table = vec![0u8; (sb.inode_count * INODE_SIZE) as usize];
-        read_meta(&dev, sb.inode_table_start * BLOCK, &mut table, "inode table")?;
+        read_meta(
+            &dev,
+            sb.inode_table_start * BLOCK,
+            &mut table,
+            "inode table",
+        )?;
         let mut free_inodes = BTreeSet::new();
         for ino in 1..=sb.inode_count {
             let at = ((ino - 1) * INODE_SIZE) as usize;
@@ -265,7 +283,12 @@ impl Fs {
             }
         }
         let mut state_block = [0u8; 8];
-        read_meta(&dev, sb.state_block * BLOCK, &mut state_block, "state block")?;
+        read_meta(
+            &dev,
+            sb.state_block * BLOCK,
+            &mut state_block,
+            "state block",
+        )?;
         let orphan_head = u64::from_le_bytes(state_block);
         let fs = Fs {
             dev,
@@ -285,12 +308,17 @@ impl Fs {
         };
         let root = fs.getattr(ROOT)?;
         if root.kind != FileKind::Dir {
-            return Err(Error::corrupt("root inode", fs.sb.inode_offset(ROOT), "not a directory"));
+            return Err(Error::corrupt(
+                "root inode",
+                fs.sb.inode_offset(ROOT),
+                "not a directory",
+            ));
         }
         let reclaimed = fs.reclaim_orphans()?;
         let mut fs = fs;
         if reclaimed > 0 {
-            fs.notes.push(format!("reclaimed {reclaimed} orphaned inodes"));
+            fs.notes
+                .push(format!("reclaimed {reclaimed} orphaned inodes"));
         }
         Ok(fs)
     }
@@ -378,7 +406,11 @@ impl Fs {
     fn cached<'s>(&self, st: &'s mut State, ino: Ino) -> Result<&'s mut Cached> {
         self.check_ino(ino)?;
         if st.damaged.contains(&ino) {
-            return Err(Error::corrupt(format!("inode {ino}"), self.sb.inode_offset(ino), "damaged; it will not be changed"));
+            return Err(Error::corrupt(
+                format!("inode {ino}"),
+                self.sb.inode_offset(ino),
+                "damaged; it will not be changed",
+            ));
         }
         if !st.inodes.contains_key(&ino) {
             let offset = self.sb.inode_offset(ino);
@@ -395,7 +427,15 @@ impl Fs {
             if inode.is_free() {
                 return Err(Error::NotFound);
             }
-            st.inodes.insert(ino, Cached { inode, extents: None, chain: Vec::new(), dir: None });
+            st.inodes.insert(
+                ino,
+                Cached {
+                    inode,
+                    extents: None,
+                    chain: Vec::new(),
+                    dir: None,
+                },
+            );
         }
         Ok(st.inodes.get_mut(&ino).expect("inserted above"))
     }
@@ -411,7 +451,15 @@ impl Fs {
         match st.inodes.get_mut(&ino) {
             Some(cached) => cached.inode = inode,
             None => {
-                st.inodes.insert(ino, Cached { inode, extents: None, chain: Vec::new(), dir: None });
+                st.inodes.insert(
+                    ino,
+                    Cached {
+                        inode,
+                        extents: None,
+                        chain: Vec::new(),
+                        dir: None,
+                    },
+                );
             }
         }
     }
@@ -499,8 +547,15 @@ impl Fs {
             let mut chain = Vec::new();
             let mut next = inode.extent_block;
             while next != 0 && extents.len() < inode.extent_count as usize {
-                if next < self.sb.data_start || next >= self.sb.total_blocks || chain.len() > 1 << 20 {
-                    return Err(Error::corrupt("extent chain", next * BLOCK, "points outside the data area"));
+                if next < self.sb.data_start
+                    || next >= self.sb.total_blocks
+                    || chain.len() > 1 << 20
+                {
+                    return Err(Error::corrupt(
+                        "extent chain",
+                        next * BLOCK,
+                        "points outside the data area",
+                    ));
                 }
                 let mut raw = vec![0u8; BLOCK as usize];
                 read_meta(&self.dev, next * BLOCK, &mut raw, "extent block")?;
@@ -510,7 +565,11 @@ impl Fs {
                 next = block.next;
             }
             if extents.len() != inode.extent_count as usize {
-                return Err(Error::corrupt("extent map", self.sb.inode_offset(ino), "extent count does not match"));
+                return Err(Error::corrupt(
+                    "extent map",
+                    self.sb.inode_offset(ino),
+                    "extent count does not match",
+                ));
             }
             let cached = self.cached(st, ino)?;
             cached.chain = chain;
@@ -599,7 +658,9 @@ impl Fs {
     fn set_orphan_head(&self, st: &mut State, stage: &mut Stage, head: Ino) {
         stage.old_orphan_head.get_or_insert(st.orphan_head);
         st.orphan_head = head;
-        stage.tx.write(self.sb.state_block * BLOCK, &head.to_le_bytes());
+        stage
+            .tx
+            .write(self.sb.state_block * BLOCK, &head.to_le_bytes());
     }
 
     fn add_orphan(&self, st: &mut State, stage: &mut Stage, ino: Ino, mut inode: Inode) {
@@ -626,7 +687,11 @@ impl Fs {
             at = inode.next_orphan;
             hops += 1;
         }
-        Err(Error::corrupt("orphan list", self.sb.state_block * BLOCK, format!("inode {ino} is not on it")))
+        Err(Error::corrupt(
+            "orphan list",
+            self.sb.state_block * BLOCK,
+            format!("inode {ino} is not on it"),
+        ))
     }
 
     /// Free every orphan (files unlinked while open when the last mount ended).
@@ -638,7 +703,11 @@ impl Fs {
                 return Ok(reclaimed);
             }
             if reclaimed > self.sb.inode_count {
-                return Err(Error::corrupt("orphan list", self.sb.state_block * BLOCK, "it loops"));
+                return Err(Error::corrupt(
+                    "orphan list",
+                    self.sb.state_block * BLOCK,
+                    "it loops",
+                ));
             }
             self.change(|fs, st, stage| {
                 fs.check_ino(head)?;
@@ -655,7 +724,10 @@ impl Fs {
     fn free_inode(&self, st: &mut State, stage: &mut Stage, ino: Ino) -> Result<()> {
         let inode = self.inode(st, ino)?;
         let kind = inode.kind();
-        if kind == libc::S_IFREG || kind == libc::S_IFDIR || inode.flags & crate::format::FLAG_INLINE_LINK == 0 {
+        if kind == libc::S_IFREG
+            || kind == libc::S_IFDIR
+            || inode.flags & crate::format::FLAG_INLINE_LINK == 0
+        {
             let extents = self.extents(st, ino)?.clone();
             for e in &extents {
                 st.alloc.free(e.physical, e.len as u64);
@@ -667,7 +739,9 @@ impl Fs {
         if inode.xattr_block != 0 {
             st.alloc.free(inode.xattr_block, 1);
         }
-        stage.tx.write(self.sb.inode_offset(ino), &[0u8; INODE_SIZE as usize]);
+        stage
+            .tx
+            .write(self.sb.inode_offset(ino), &[0u8; INODE_SIZE as usize]);
         stage.touched.insert(ino);
         stage.freed_inodes.push(ino);
         Ok(())
@@ -718,7 +792,11 @@ impl Fs {
         let mut blocks = Vec::new();
         for e in extents.iter() {
             if e.logical as usize != blocks.len() {
-                return Err(Error::corrupt("directory", self.sb.inode_offset(ino), "its blocks have a hole"));
+                return Err(Error::corrupt(
+                    "directory",
+                    self.sb.inode_offset(ino),
+                    "its blocks have a hole",
+                ));
             }
             blocks.extend(e.physical..e.physical + e.len as u64);
         }

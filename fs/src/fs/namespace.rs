@@ -7,7 +7,7 @@ use super::{Attr, DirEntry, FileKind, Fs, Ino, RenameFlags, Stage, State, ROOT};
 use crate::error::{Error, Result};
 use crate::format::{
     dtype_of, Dirent, Extent, Inode, Time, BLOCK, FLAG_INLINE_LINK, INLINE_LINK_MAX, NAME_MAX,
-    SLOTS_PER_BLOCK, SLOT, XATTR_MAGIC,
+    SLOT, SLOTS_PER_BLOCK, XATTR_MAGIC,
 };
 use std::path::{Component, Path};
 
@@ -56,7 +56,10 @@ impl Fs {
             }
             _ => {
                 check_name(name)?;
-                self.dir(st, parent)?.get(name).map(|s| s.ino).ok_or(Error::NotFound)
+                self.dir(st, parent)?
+                    .get(name)
+                    .map(|s| s.ino)
+                    .ok_or(Error::NotFound)
             }
         }
     }
@@ -65,7 +68,15 @@ impl Fs {
     /// (`O_EXCL`) an existing name fails with `EEXIST`; without it, an
     /// existing file is returned as it is. Returns the attributes and whether
     /// the file was created.
-    pub fn create(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32, exclusive: bool) -> Result<(Attr, bool)> {
+    pub fn create(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> Result<(Attr, bool)> {
         self.change(|fs, st, stage| {
             check_name(name)?;
             if let Some(existing) = fs.dir(st, parent)?.get(name).map(|s| s.ino) {
@@ -96,9 +107,20 @@ impl Fs {
     }
 
     /// Create a symbolic link to `target`.
-    pub fn symlink(&self, parent: Ino, name: &[u8], target: &[u8], uid: u32, gid: u32) -> Result<Attr> {
+    pub fn symlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
         if target.is_empty() || target.len() > SYMLINK_MAX {
-            return Err(if target.is_empty() { Error::NotFound } else { Error::NameTooLong });
+            return Err(if target.is_empty() {
+                Error::NotFound
+            } else {
+                Error::NameTooLong
+            });
         }
         self.change(|fs, st, stage| {
             check_name(name)?;
@@ -114,7 +136,11 @@ impl Fs {
                 fs.dev.memcpy_nodrain(block * BLOCK, &data)?;
                 inode.extent_count = 1;
                 inode.blocks = 1;
-                inode.set_inline_extents(&[Extent { logical: 0, len: 1, physical: block }]);
+                inode.set_inline_extents(&[Extent {
+                    logical: 0,
+                    len: 1,
+                    physical: block,
+                }]);
             }
             let ino = fs.add_new(st, stage, parent, name, inode.clone())?;
             Ok(Fs::attr(ino, &inode))
@@ -133,7 +159,13 @@ impl Fs {
             return Ok(inode.inline[..len.min(INLINE_LINK_MAX)].to_vec());
         }
         let block = map(self.extents(&mut st, ino)?, 0)
-            .ok_or_else(|| Error::corrupt(format!("symlink {ino}"), self.sb.inode_offset(ino), "no target block"))?
+            .ok_or_else(|| {
+                Error::corrupt(
+                    format!("symlink {ino}"),
+                    self.sb.inode_offset(ino),
+                    "no target block",
+                )
+            })?
             .0;
         let mut target = vec![0u8; len.min(SYMLINK_MAX)];
         crate::journal::read_meta(&self.dev, block * BLOCK, &mut target, "symlink target")?;
@@ -169,7 +201,11 @@ impl Fs {
                 return Err(Error::IsDir);
             }
             check_name(name)?;
-            let slot = fs.dir(st, parent)?.get(name).cloned().ok_or(Error::NotFound)?;
+            let slot = fs
+                .dir(st, parent)?
+                .get(name)
+                .cloned()
+                .ok_or(Error::NotFound)?;
             if fs.inode(st, slot.ino)?.is_dir() {
                 return Err(Error::IsDir);
             }
@@ -186,7 +222,11 @@ impl Fs {
                 b".." => return Err(Error::NotEmpty),
                 _ => check_name(name)?,
             }
-            let slot = fs.dir(st, parent)?.get(name).cloned().ok_or(Error::NotFound)?;
+            let slot = fs
+                .dir(st, parent)?
+                .get(name)
+                .cloned()
+                .ok_or(Error::NotFound)?;
             if !fs.inode(st, slot.ino)?.is_dir() {
                 return Err(Error::NotDir);
             }
@@ -199,7 +239,14 @@ impl Fs {
     }
 
     /// Rename `name` in `parent` to `new_name` in `new_parent`.
-    pub fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], flags: RenameFlags) -> Result<()> {
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: RenameFlags,
+    ) -> Result<()> {
         if flags.exchange && flags.noreplace {
             return Err(Error::Invalid("RENAME_EXCHANGE with RENAME_NOREPLACE"));
         }
@@ -209,7 +256,11 @@ impl Fs {
             }
             check_name(name)?;
             check_name(new_name)?;
-            let src = fs.dir(st, parent)?.get(name).cloned().ok_or(Error::NotFound)?;
+            let src = fs
+                .dir(st, parent)?
+                .get(name)
+                .cloned()
+                .ok_or(Error::NotFound)?;
             fs.dir(st, new_parent)?;
             let dst = fs.dir(st, new_parent)?.get(new_name).cloned();
             let src_inode = fs.inode(st, src.ino)?;
@@ -226,7 +277,12 @@ impl Fs {
                     if dst_inode.is_dir() && fs.is_ancestor(st, dst.ino, parent)? {
                         return Err(Error::Invalid("a directory cannot move into itself"));
                     }
-                    return fs.exchange(st, stage, (parent, name, &src, &src_inode), (new_parent, new_name, dst, &dst_inode));
+                    return fs.exchange(
+                        st,
+                        stage,
+                        (parent, name, &src, &src_inode),
+                        (new_parent, new_name, dst, &dst_inode),
+                    );
                 }
                 if flags.noreplace {
                     return Err(Error::Exists);
@@ -234,7 +290,9 @@ impl Fs {
                 match (src_inode.is_dir(), dst_inode.is_dir()) {
                     (true, false) => return Err(Error::NotDir),
                     (false, true) => return Err(Error::IsDir),
-                    (true, true) if !fs.dir(st, dst.ino)?.is_empty() => return Err(Error::NotEmpty),
+                    (true, true) if !fs.dir(st, dst.ino)?.is_empty() => {
+                        return Err(Error::NotEmpty)
+                    }
                     _ => {}
                 }
             } else if flags.exchange {
@@ -279,12 +337,19 @@ impl Fs {
         self.retarget_entry(st, stage, a_parent, a_name, a_slot, b_slot.ino, b_slot.kind)?;
         self.retarget_entry(st, stage, b_parent, b_name, b_slot, a_slot.ino, a_slot.kind)?;
         if a_parent != b_parent {
-            for (ino, inode, new_parent) in [(a_slot.ino, a_inode, b_parent), (b_slot.ino, b_inode, a_parent)] {
+            for (ino, inode, new_parent) in [
+                (a_slot.ino, a_inode, b_parent),
+                (b_slot.ino, b_inode, a_parent),
+            ] {
                 if inode.is_dir() {
                     let mut moved = self.inode(st, ino)?;
                     moved.parent = new_parent;
                     self.put_inode(st, stage, ino, moved);
-                    let old_parent = if new_parent == a_parent { b_parent } else { a_parent };
+                    let old_parent = if new_parent == a_parent {
+                        b_parent
+                    } else {
+                        a_parent
+                    };
                     self.adjust_nlink(st, stage, old_parent, -1)?;
                     self.adjust_nlink(st, stage, new_parent, 1)?;
                 }
@@ -314,18 +379,33 @@ impl Fs {
         let dir = self.dir(&mut st, ino)?;
         let mut out = Vec::new();
         if offset == 0 {
-            out.push(DirEntry { ino, kind: FileKind::Dir, name: b".".to_vec(), next: 1 });
+            out.push(DirEntry {
+                ino,
+                kind: FileKind::Dir,
+                name: b".".to_vec(),
+                next: 1,
+            });
         }
         if offset <= 1 {
-            out.push(DirEntry { ino: parent, kind: FileKind::Dir, name: b"..".to_vec(), next: FIRST_ENTRY });
+            out.push(DirEntry {
+                ino: parent,
+                kind: FileKind::Dir,
+                name: b"..".to_vec(),
+                next: FIRST_ENTRY,
+            });
         }
-        for (pos, name, slot) in dir.from_pos(offset.saturating_sub(FIRST_ENTRY)) {
+        for (pos, name, slot) in dir.entries_from(offset.saturating_sub(FIRST_ENTRY)) {
             let kind = match slot.kind {
                 libc::DT_DIR => FileKind::Dir,
                 libc::DT_LNK => FileKind::Symlink,
                 _ => FileKind::File,
             };
-            out.push(DirEntry { ino: slot.ino, kind, name: name.to_vec(), next: pos + FIRST_ENTRY + 1 });
+            out.push(DirEntry {
+                ino: slot.ino,
+                kind,
+                name: name.to_vec(),
+                next: pos + FIRST_ENTRY + 1,
+            });
         }
         Ok(out)
     }
@@ -361,13 +441,22 @@ impl Fs {
             if at + nl + vl > used {
                 return Err(bad());
             }
-            out.push((raw[at..at + nl].to_vec(), raw[at + nl..at + nl + vl].to_vec()));
+            out.push((
+                raw[at..at + nl].to_vec(),
+                raw[at + nl..at + nl + vl].to_vec(),
+            ));
             at += nl + vl;
         }
         Ok(out)
     }
 
-    fn store_xattrs(&self, st: &mut State, stage: &mut Stage, ino: Ino, attrs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+    fn store_xattrs(
+        &self,
+        st: &mut State,
+        stage: &mut Stage,
+        ino: Ino,
+        attrs: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<()> {
         let mut inode = self.inode(st, ino)?;
         let mut body = Vec::new();
         for (name, value) in attrs {
@@ -415,7 +504,14 @@ impl Fs {
 
     /// Set `user.*` attribute `name`; `create` and `replace` as XATTR_CREATE
     /// and XATTR_REPLACE.
-    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], create: bool, replace: bool) -> Result<()> {
+    pub fn setxattr(
+        &self,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        create: bool,
+        replace: bool,
+    ) -> Result<()> {
         Fs::check_xattr_name(name)?;
         if value.len() > u16::MAX as usize {
             return Err(Error::Range);
@@ -436,13 +532,21 @@ impl Fs {
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
         let mut st = self.lock();
         let attrs = self.xattrs(&mut st, ino)?;
-        attrs.into_iter().find(|(n, _)| n == name).map(|(_, v)| v).ok_or(Error::NoAttr)
+        attrs
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .ok_or(Error::NoAttr)
     }
 
     /// The attribute names.
     pub fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
         let mut st = self.lock();
-        Ok(self.xattrs(&mut st, ino)?.into_iter().map(|(n, _)| n).collect())
+        Ok(self
+            .xattrs(&mut st, ino)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect())
     }
 
     /// Remove attribute `name`.
@@ -477,7 +581,14 @@ impl Fs {
     }
 
     /// Take an inode for `inode` and link it as `name` in `parent`.
-    fn add_new(&self, st: &mut State, stage: &mut Stage, parent: Ino, name: &[u8], inode: Inode) -> Result<Ino> {
+    fn add_new(
+        &self,
+        st: &mut State,
+        stage: &mut Stage,
+        parent: Ino,
+        name: &[u8],
+        inode: Inode,
+    ) -> Result<Ino> {
         if self.dir(st, parent)?.get(name).is_some() {
             return Err(Error::Exists);
         }
@@ -497,7 +608,13 @@ impl Fs {
 
     fn adjust_nlink(&self, st: &mut State, stage: &mut Stage, ino: Ino, by: i32) -> Result<()> {
         let mut inode = self.inode(st, ino)?;
-        inode.nlink = inode.nlink.checked_add_signed(by).ok_or_else(|| Error::corrupt(format!("inode {ino}"), self.sb.inode_offset(ino), "link count underflow"))?;
+        inode.nlink = inode.nlink.checked_add_signed(by).ok_or_else(|| {
+            Error::corrupt(
+                format!("inode {ino}"),
+                self.sb.inode_offset(ino),
+                "link count underflow",
+            )
+        })?;
         self.put_inode(st, stage, ino, inode);
         Ok(())
     }
@@ -505,12 +622,26 @@ impl Fs {
     /// The device offset of directory position `pos`.
     fn slot_offset(&self, st: &mut State, dir: Ino, pos: u64) -> Result<u64> {
         let block = pos / SLOTS_PER_BLOCK as u64;
-        let (physical, _) = map(self.extents(st, dir)?, block)
-            .ok_or_else(|| Error::corrupt("directory", self.sb.inode_offset(dir), "slot in an unmapped block"))?;
+        let (physical, _) = map(self.extents(st, dir)?, block).ok_or_else(|| {
+            Error::corrupt(
+                "directory",
+                self.sb.inode_offset(dir),
+                "slot in an unmapped block",
+            )
+        })?;
         Ok(physical * BLOCK + (pos % SLOTS_PER_BLOCK as u64) * SLOT as u64)
     }
 
-    fn add_entry(&self, st: &mut State, stage: &mut Stage, dir: Ino, name: &[u8], ino: Ino, kind: u8) -> Result<()> {
+    fn add_entry(
+        &self,
+        st: &mut State,
+        stage: &mut Stage,
+        dir: Ino,
+        name: &[u8],
+        ino: Ino,
+        kind: u8,
+    ) -> Result<()> {
+        stage.touched.insert(dir);
         let slots = Dirent::slots(name.len());
         let pos = match self.dir(st, dir)?.find_room(slots) {
             Some(pos) => pos,
@@ -519,7 +650,14 @@ impl Fs {
                 let blocks = self.dir(st, dir)?.blocks() as u64;
                 let (block, _) = st.alloc.alloc(1).ok_or(Error::NoSpace)?;
                 self.dev.memset_nodrain(block * BLOCK, 0, BLOCK)?;
-                super::file::insert_extent(self.extents(st, dir)?, Extent { logical: blocks as u32, len: 1, physical: block });
+                super::file::insert_extent(
+                    self.extents(st, dir)?,
+                    Extent {
+                        logical: blocks as u32,
+                        len: 1,
+                        physical: block,
+                    },
+                );
                 let mut inode = self.store_extents(st, stage, dir)?;
                 inode.size += BLOCK;
                 inode.blocks += 1;
@@ -528,14 +666,26 @@ impl Fs {
                 blocks * SLOTS_PER_BLOCK as u64
             }
         };
-        let dirent = Dirent { ino, kind, name: name.to_vec() };
+        let dirent = Dirent {
+            ino,
+            kind,
+            name: name.to_vec(),
+        };
         let offset = self.slot_offset(st, dir, pos)?;
         stage.tx.write(offset, &dirent.encode());
         self.dir(st, dir)?.insert(&dirent, pos, slots);
         self.touch_dir(st, stage, dir)
     }
 
-    fn remove_entry(&self, st: &mut State, stage: &mut Stage, dir: Ino, name: &[u8], slot: &Slot) -> Result<()> {
+    fn remove_entry(
+        &self,
+        st: &mut State,
+        stage: &mut Stage,
+        dir: Ino,
+        name: &[u8],
+        slot: &Slot,
+    ) -> Result<()> {
+        stage.touched.insert(dir);
         let offset = self.slot_offset(st, dir, slot.pos)?;
         stage.tx.write(offset, &vec![0u8; slot.slots * SLOT]);
         self.dir(st, dir)?.remove(name);
@@ -543,9 +693,27 @@ impl Fs {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn retarget_entry(&self, st: &mut State, stage: &mut Stage, dir: Ino, name: &[u8], slot: &Slot, ino: Ino, kind: u8) -> Result<()> {
+    fn retarget_entry(
+        &self,
+        st: &mut State,
+        stage: &mut Stage,
+        dir: Ino,
+        name: &[u8],
+        slot: &Slot,
+        ino: Ino,
+        kind: u8,
+    ) -> Result<()> {
+        stage.touched.insert(dir);
         let offset = self.slot_offset(st, dir, slot.pos)?;
-        stage.tx.write(offset, &Dirent { ino, kind, name: name.to_vec() }.encode());
+        stage.tx.write(
+            offset,
+            &Dirent {
+                ino,
+                kind,
+                name: name.to_vec(),
+            }
+            .encode(),
+        );
         self.dir(st, dir)?.retarget(name, ino, kind);
         self.touch_dir(st, stage, dir)
     }
@@ -618,15 +786,11 @@ impl Fs {
                 if *hops > MAX_SYMLINK_HOPS {
                     return Err(Error::Invalid("too many levels of symbolic links"));
                 }
-                drop(inode);
-                let target = {
-                    let len = self.inode(st, next)?.size as usize;
-                    let inode = self.inode(st, next)?;
-                    if inode.flags & FLAG_INLINE_LINK != 0 {
-                        inode.inline[..len.min(INLINE_LINK_MAX)].to_vec()
-                    } else {
-                        return Err(Error::Unsupported("long symlinks inside paths"));
-                    }
+                let len = inode.size as usize;
+                let target = if inode.flags & FLAG_INLINE_LINK != 0 {
+                    inode.inline[..len.min(INLINE_LINK_MAX)].to_vec()
+                } else {
+                    return Err(Error::Unsupported("long symlinks inside paths"));
                 };
                 let target = std::ffi::OsStr::from_bytes_compat(&target);
                 at = self.resolve_in(st, at, Path::new(target), hops)?;
@@ -638,7 +802,9 @@ impl Fs {
     }
 
     fn split_path(path: &Path) -> Result<(&Path, &[u8])> {
-        let name = path.file_name().ok_or(Error::Invalid("path has no final name"))?;
+        let name = path
+            .file_name()
+            .ok_or(Error::Invalid("path has no final name"))?;
         let parent = path.parent().unwrap_or(Path::new("/"));
         Ok((parent, name.as_encoded_bytes()))
     }
@@ -678,7 +844,12 @@ impl Fs {
     }
 
     /// Rename `from` to `to`.
-    pub fn rename_path(&self, from: impl AsRef<Path>, to: impl AsRef<Path>, flags: RenameFlags) -> Result<()> {
+    pub fn rename_path(
+        &self,
+        from: impl AsRef<Path>,
+        to: impl AsRef<Path>,
+        flags: RenameFlags,
+    ) -> Result<()> {
         let (from_parent, from_name) = Fs::split_path(from.as_ref())?;
         let (to_parent, to_name) = Fs::split_path(to.as_ref())?;
         let from_parent = self.resolve(from_parent)?;
@@ -696,7 +867,7 @@ impl Fs {
     /// The names in the directory at `path`, without `.` and `..`.
     pub fn readdir_path(&self, path: impl AsRef<Path>) -> Result<Vec<DirEntry>> {
         let ino = self.resolve(path)?;
-        Ok(self.readdir(ino, FIRST_ENTRY)?)
+        self.readdir(ino, FIRST_ENTRY)
     }
 
     /// The whole contents of the file at `path`.

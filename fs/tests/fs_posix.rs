@@ -1,0 +1,473 @@
+//! The library API behaves as POSIX says, with the errnos Linux gives, and
+//! what it stores survives unmount, remount and crashes.
+
+use daxfs::pmem::{Device, DeviceOptions};
+use daxfs::{Error, FileKind, Fs, RenameFlags, SetAttr, ROOT};
+
+struct Image {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+fn image(size: u64) -> (Image, Fs) {
+    let dir = tempfile::Builder::new()
+        .prefix("daxfs-fs")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let path = dir.path().join("fs.img");
+    let dev = Device::create(&path, size, &DeviceOptions::new()).unwrap();
+    (Image { _dir: dir, path }, Fs::format(dev).unwrap())
+}
+
+fn remount(img: &Image, fs: Fs) -> Fs {
+    let dev = fs.unmount().unwrap();
+    drop(dev);
+    Fs::mount(Device::open(&img.path, &DeviceOptions::new()).unwrap()).unwrap()
+}
+
+/// Drop the filesystem without unmounting: what a crash after the last call
+/// returned leaves.
+fn crash_and_mount(img: &Image, fs: Fs) -> Fs {
+    drop(fs);
+    Fs::mount(Device::open(&img.path, &DeviceOptions::new()).unwrap()).unwrap()
+}
+
+fn errno<T: std::fmt::Debug>(r: Result<T, Error>) -> i32 {
+    r.unwrap_err().errno()
+}
+
+#[test]
+fn a_new_filesystem_has_an_empty_root() {
+    let (_img, fs) = image(64 << 20);
+    let root = fs.getattr(ROOT).unwrap();
+    assert_eq!(root.kind, FileKind::Dir);
+    assert_eq!(root.nlink, 2);
+    let names: Vec<Vec<u8>> = fs
+        .readdir(ROOT, 0)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, vec![b".".to_vec(), b"..".to_vec()]);
+    let st = fs.statfs();
+    assert!(st.free_blocks > 0 && st.free_files > 0 && st.free_huge_regions > 0);
+}
+
+#[test]
+fn files_survive_remount_and_crash() {
+    let (img, fs) = image(64 << 20);
+    fs.mkdir_path("/docs", 0o755).unwrap();
+    fs.create_path("/docs/a.txt", 0o644, true).unwrap();
+    fs.write_path("/docs/a.txt", 0, b"hello, pmem").unwrap();
+    fs.symlink_path("/docs/link", b"a.txt").unwrap();
+    let fs = remount(&img, fs);
+    assert_eq!(fs.read_path("/docs/a.txt").unwrap(), b"hello, pmem");
+    fs.write_path("/docs/a.txt", 7, b"PMEM and more").unwrap();
+    let fs = crash_and_mount(&img, fs);
+    assert_eq!(
+        fs.read_path("/docs/a.txt").unwrap(),
+        b"hello, PMEM and more"
+    );
+    let link = fs.resolve("/docs/link").unwrap();
+    assert_eq!(fs.readlink(link).unwrap(), b"a.txt");
+}
+
+#[test]
+fn holes_read_as_zeros_and_sparse_files_stay_sparse() {
+    let (_img, fs) = image(64 << 20);
+    let (attr, _) = fs.create(ROOT, b"sparse", 0o644, 0, 0, true).unwrap();
+    fs.write(attr.ino, 1 << 20, b"end").unwrap();
+    let a = fs.getattr(attr.ino).unwrap();
+    assert_eq!(a.size, (1 << 20) + 3);
+    assert!(
+        a.blocks <= 2,
+        "only the written block is allocated: {}",
+        a.blocks
+    );
+    let mut buf = vec![0xFFu8; 8192];
+    assert_eq!(fs.read(attr.ino, 4096, &mut buf).unwrap(), 8192);
+    assert!(buf.iter().all(|&b| b == 0));
+    let mut tail = [0u8; 10];
+    assert_eq!(fs.read(attr.ino, 1 << 20, &mut tail).unwrap(), 3);
+    assert_eq!(&tail[..3], b"end");
+    assert_eq!(fs.read(attr.ino, (1 << 20) + 3, &mut tail).unwrap(), 0);
+}
+
+#[test]
+fn errnos_match_linux() {
+    let (_img, fs) = image(64 << 20);
+    let dir = fs.mkdir(ROOT, b"d", 0o755, 0, 0).unwrap();
+    let (file, _) = fs.create(ROOT, b"f", 0o644, 0, 0, true).unwrap();
+    fs.create(dir.ino, b"inside", 0o644, 0, 0, true).unwrap();
+    assert_eq!(errno(fs.lookup(ROOT, b"missing")), libc::ENOENT);
+    assert_eq!(
+        errno(fs.create(ROOT, b"f", 0o644, 0, 0, true)),
+        libc::EEXIST
+    );
+    assert_eq!(errno(fs.mkdir(ROOT, b"d", 0o755, 0, 0)), libc::EEXIST);
+    assert_eq!(errno(fs.rmdir(ROOT, b"d")), libc::ENOTEMPTY);
+    assert_eq!(errno(fs.rmdir(ROOT, b"f")), libc::ENOTDIR);
+    assert_eq!(errno(fs.lookup(file.ino, b"x")), libc::ENOTDIR);
+    assert_eq!(errno(fs.unlink(ROOT, b"d")), libc::EISDIR);
+    assert_eq!(errno(fs.write(dir.ino, 0, b"x")), libc::EISDIR);
+    assert_eq!(
+        errno(fs.create(ROOT, &[b'n'; 256], 0o644, 0, 0, true)),
+        libc::ENAMETOOLONG
+    );
+    assert!(fs.create(ROOT, &[b'n'; 255], 0o644, 0, 0, true).is_ok());
+    assert_eq!(
+        errno(fs.rename(ROOT, b"d", dir.ino, b"sub", RenameFlags::default())),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(fs.rename(ROOT, b"f", ROOT, b"d", RenameFlags::default())),
+        libc::EISDIR
+    );
+    assert_eq!(
+        errno(fs.rename(ROOT, b"d", ROOT, b"f", RenameFlags::default())),
+        libc::ENOTDIR
+    );
+    assert_eq!(errno(fs.rmdir(ROOT, b".")), libc::EINVAL);
+    assert_eq!(errno(fs.getxattr(file.ino, b"user.none")), libc::ENODATA);
+    assert_eq!(
+        errno(fs.setxattr(file.ino, b"trusted.x", b"v", false, false)),
+        libc::EOPNOTSUPP
+    );
+    // Opening an existing file without O_EXCL returns it.
+    let (again, created) = fs.create(ROOT, b"f", 0o644, 0, 0, false).unwrap();
+    assert_eq!((again.ino, created), (file.ino, false));
+}
+
+#[test]
+fn renames_of_every_kind() {
+    let (img, fs) = image(64 << 20);
+    let a = fs.mkdir(ROOT, b"a", 0o755, 0, 0).unwrap();
+    let b = fs.mkdir(ROOT, b"b", 0o755, 0, 0).unwrap();
+    let (x, _) = fs.create(a.ino, b"x", 0o644, 0, 0, true).unwrap();
+    fs.write(x.ino, 0, b"x-data").unwrap();
+    // Same directory.
+    fs.rename(a.ino, b"x", a.ino, b"y", RenameFlags::default())
+        .unwrap();
+    assert_eq!(fs.lookup(a.ino, b"y").unwrap().ino, x.ino);
+    assert_eq!(errno(fs.lookup(a.ino, b"x")), libc::ENOENT);
+    // Across directories.
+    fs.rename(a.ino, b"y", b.ino, b"z", RenameFlags::default())
+        .unwrap();
+    // Over an existing file: the old target is gone.
+    let (old, _) = fs.create(a.ino, b"victim", 0o644, 0, 0, true).unwrap();
+    fs.rename(b.ino, b"z", a.ino, b"victim", RenameFlags::default())
+        .unwrap();
+    assert_eq!(fs.lookup(a.ino, b"victim").unwrap().ino, x.ino);
+    assert_eq!(errno(fs.getattr(old.ino)), libc::ENOENT);
+    // NOREPLACE.
+    let (w, _) = fs.create(b.ino, b"w", 0o644, 0, 0, true).unwrap();
+    let noreplace = RenameFlags {
+        noreplace: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        errno(fs.rename(b.ino, b"w", a.ino, b"victim", noreplace)),
+        libc::EEXIST
+    );
+    // EXCHANGE.
+    let exchange = RenameFlags {
+        exchange: true,
+        ..Default::default()
+    };
+    fs.rename(b.ino, b"w", a.ino, b"victim", exchange).unwrap();
+    assert_eq!(fs.lookup(a.ino, b"victim").unwrap().ino, w.ino);
+    assert_eq!(fs.lookup(b.ino, b"w").unwrap().ino, x.ino);
+    assert_eq!(
+        errno(fs.rename(b.ino, b"w", a.ino, b"nothing", exchange)),
+        libc::ENOENT
+    );
+    // A directory moves, and the link counts follow.
+    fs.mkdir(a.ino, b"sub", 0o755, 0, 0).unwrap();
+    assert_eq!(fs.getattr(a.ino).unwrap().nlink, 3);
+    fs.rename(a.ino, b"sub", b.ino, b"sub", RenameFlags::default())
+        .unwrap();
+    assert_eq!(fs.getattr(a.ino).unwrap().nlink, 2);
+    assert_eq!(fs.getattr(b.ino).unwrap().nlink, 3);
+    let sub = fs.lookup(b.ino, b"sub").unwrap();
+    assert_eq!(fs.lookup(sub.ino, b"..").unwrap().ino, b.ino);
+    let fs = remount(&img, fs);
+    assert_eq!(fs.read_path("/b/w").unwrap(), b"x-data");
+    assert_eq!(fs.getattr(b.ino).unwrap().nlink, 3);
+}
+
+#[test]
+fn links_count_names_and_the_last_unlink_frees() {
+    let (_img, fs) = image(64 << 20);
+    let (f, _) = fs.create(ROOT, b"one", 0o644, 0, 0, true).unwrap();
+    fs.write(f.ino, 0, &vec![7u8; 100_000]).unwrap();
+    let free_before = fs.statfs().free_blocks;
+    fs.link(f.ino, ROOT, b"two").unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().nlink, 2);
+    fs.unlink(ROOT, b"one").unwrap();
+    assert_eq!(fs.read_path("/two").unwrap().len(), 100_000);
+    fs.unlink(ROOT, b"two").unwrap();
+    assert_eq!(errno(fs.getattr(f.ino)), libc::ENOENT);
+    assert!(
+        fs.statfs().free_blocks > free_before,
+        "the file's blocks came back"
+    );
+}
+
+#[test]
+fn an_unlinked_open_file_stays_usable_until_closed_and_is_reclaimed_after_a_crash() {
+    let (img, fs) = image(64 << 20);
+    let (f, _) = fs.create(ROOT, b"tmp", 0o644, 0, 0, true).unwrap();
+    let handle = fs.open(f.ino).unwrap();
+    fs.unlink(ROOT, b"tmp").unwrap();
+    fs.write(f.ino, 0, b"still here").unwrap();
+    let mut buf = [0u8; 10];
+    assert_eq!(fs.read(f.ino, 0, &mut buf).unwrap(), 10);
+    assert_eq!(fs.getattr(f.ino).unwrap().nlink, 0);
+    fs.close(handle).unwrap();
+    assert_eq!(errno(fs.getattr(f.ino)), libc::ENOENT);
+
+    // Crash while an unlinked file is open: the next mount reclaims it.
+    let (g, _) = fs.create(ROOT, b"tmp2", 0o644, 0, 0, true).unwrap();
+    fs.write(g.ino, 0, &vec![1u8; 1 << 20]).unwrap();
+    let _open = fs.open(g.ino).unwrap();
+    fs.unlink(ROOT, b"tmp2").unwrap();
+    let free = fs.statfs().free_blocks;
+    let fs = crash_and_mount(&img, fs);
+    assert_eq!(errno(fs.getattr(g.ino)), libc::ENOENT);
+    assert!(fs.statfs().free_blocks >= free + 256);
+    assert!(
+        fs.mount_notes().iter().any(|n| n.contains("orphan")),
+        "{:?}",
+        fs.mount_notes()
+    );
+}
+
+#[test]
+fn readdir_offsets_stay_valid_while_the_directory_changes() {
+    let (_img, fs) = image(64 << 20);
+    for i in 0..300 {
+        fs.create(ROOT, format!("f{i:03}").as_bytes(), 0o644, 0, 0, true)
+            .unwrap();
+    }
+    let first = fs.readdir(ROOT, 0).unwrap();
+    let resume = first[100].next;
+    // Remove some entries before and after the resume point, add new ones.
+    for i in [5, 50, 250, 299] {
+        fs.unlink(ROOT, format!("f{i:03}").as_bytes()).unwrap();
+    }
+    for i in 0..10 {
+        fs.create(ROOT, format!("new{i}").as_bytes(), 0o644, 0, 0, true)
+            .unwrap();
+    }
+    let rest: Vec<Vec<u8>> = fs
+        .readdir(ROOT, resume)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    let before: Vec<Vec<u8>> = first[..=100].iter().map(|e| e.name.clone()).collect();
+    // Every entry that survived appears exactly once across the two reads.
+    for i in 0..300 {
+        let name = format!("f{i:03}").into_bytes();
+        if [5, 50, 250, 299].contains(&i) {
+            continue;
+        }
+        let seen = before.iter().filter(|n| **n == name).count()
+            + rest.iter().filter(|n| **n == name).count();
+        assert_eq!(seen, 1, "{}", String::from_utf8_lossy(&name));
+    }
+}
+
+#[test]
+fn truncate_frees_and_zeroes() {
+    let (_img, fs) = image(64 << 20);
+    let (f, _) = fs.create(ROOT, b"t", 0o644, 0, 0, true).unwrap();
+    fs.write(f.ino, 0, &vec![9u8; 10_000]).unwrap();
+    fs.truncate(f.ino, 5000).unwrap();
+    fs.setattr(
+        f.ino,
+        &SetAttr {
+            size: Some(9000),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 9000];
+    assert_eq!(fs.read(f.ino, 0, &mut buf).unwrap(), 9000);
+    assert!(buf[..5000].iter().all(|&b| b == 9));
+    assert!(
+        buf[5000..].iter().all(|&b| b == 0),
+        "bytes past an old end read as zeros"
+    );
+    fs.truncate(f.ino, 0).unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().blocks, 0);
+}
+
+#[test]
+fn fallocate_and_punch_hole() {
+    let (_img, fs) = image(64 << 20);
+    let (f, _) = fs.create(ROOT, b"p", 0o644, 0, 0, true).unwrap();
+    fs.fallocate(f.ino, 0, 4 << 20, false).unwrap();
+    let a = fs.getattr(f.ino).unwrap();
+    assert_eq!((a.size, a.blocks), (4 << 20, 1024));
+    assert!(
+        (fs.huge_fraction().unwrap() - 1.0).abs() < 1e-9,
+        "fallocate of 4 MiB takes two 2 MiB regions"
+    );
+    fs.write(f.ino, 0, &vec![5u8; 3 * 4096]).unwrap();
+    fs.punch_hole(f.ino, 100, 2 * 4096).unwrap();
+    let mut buf = vec![0u8; 3 * 4096];
+    fs.read(f.ino, 0, &mut buf).unwrap();
+    assert!(buf[..100].iter().all(|&b| b == 5));
+    assert!(buf[100..100 + 2 * 4096].iter().all(|&b| b == 0));
+    assert!(buf[100 + 2 * 4096..].iter().all(|&b| b == 5));
+    assert_eq!(
+        fs.getattr(f.ino).unwrap().blocks,
+        1023,
+        "one whole block was freed"
+    );
+    fs.fallocate(f.ino, 8 << 20, 4096, true).unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().size, 4 << 20, "KEEP_SIZE");
+}
+
+#[test]
+fn large_files_get_aligned_2mib_extents_and_small_ones_stay_out_of_the_way() {
+    let (_img, fs) = image(64 << 20);
+    let huge_before = fs.statfs().free_huge_regions;
+    for i in 0..50 {
+        let (f, _) = fs
+            .create(ROOT, format!("small{i}").as_bytes(), 0o644, 0, 0, true)
+            .unwrap();
+        fs.write(f.ino, 0, &[1u8; 3000]).unwrap();
+    }
+    assert!(
+        fs.statfs().free_huge_regions >= huge_before - 1,
+        "50 small files break at most one region"
+    );
+    let (big, _) = fs.create(ROOT, b"big", 0o644, 0, 0, true).unwrap();
+    fs.write(big.ino, 0, &vec![2u8; 6 << 20]).unwrap();
+    let fraction = fs.huge_fraction().unwrap();
+    assert!(fraction > 0.95, "aligned 2 MiB fraction {fraction}");
+}
+
+#[test]
+fn a_full_device_gives_enospc_and_stays_usable() {
+    let (img, fs) = image(32 << 20);
+    let (f, _) = fs.create(ROOT, b"fill", 0o644, 0, 0, true).unwrap();
+    let chunk = vec![3u8; 1 << 20];
+    let mut written = 0u64;
+    let err = loop {
+        match fs.write(f.ino, written, &chunk) {
+            Ok(n) => written += n as u64,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.errno(), libc::ENOSPC);
+    assert_eq!(fs.getattr(f.ino).unwrap().size, written);
+    fs.truncate(f.ino, 0).unwrap();
+    fs.create(ROOT, b"after", 0o644, 0, 0, true).unwrap();
+    let fs = remount(&img, fs);
+    assert!(fs.lookup(ROOT, b"after").is_ok());
+}
+
+#[test]
+fn extended_attributes_round_trip() {
+    let (img, fs) = image(64 << 20);
+    let (f, _) = fs.create(ROOT, b"x", 0o644, 0, 0, true).unwrap();
+    fs.setxattr(f.ino, b"user.color", b"blue", true, false)
+        .unwrap();
+    assert_eq!(
+        errno(fs.setxattr(f.ino, b"user.color", b"red", true, false)),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno(fs.setxattr(f.ino, b"user.size", b"1", false, true)),
+        libc::ENODATA
+    );
+    fs.setxattr(f.ino, b"user.size", b"big", false, false)
+        .unwrap();
+    let fs = remount(&img, fs);
+    assert_eq!(fs.getxattr(f.ino, b"user.color").unwrap(), b"blue");
+    assert_eq!(
+        fs.listxattr(f.ino).unwrap(),
+        vec![b"user.color".to_vec(), b"user.size".to_vec()]
+    );
+    fs.removexattr(f.ino, b"user.color").unwrap();
+    assert_eq!(errno(fs.getxattr(f.ino, b"user.color")), libc::ENODATA);
+}
+
+#[test]
+fn a_directory_of_20000_entries_works_by_name() {
+    let (img, fs) = image(256 << 20);
+    let dir = fs.mkdir(ROOT, b"big", 0o755, 0, 0).unwrap();
+    for i in 0..20_000 {
+        fs.create(dir.ino, format!("entry-{i}").as_bytes(), 0o644, 0, 0, true)
+            .unwrap();
+    }
+    let fs = remount(&img, fs);
+    for i in (0..20_000).step_by(997) {
+        assert!(fs.lookup(dir.ino, format!("entry-{i}").as_bytes()).is_ok());
+    }
+    assert_eq!(fs.readdir(dir.ino, 0).unwrap().len(), 20_002);
+}
+
+#[test]
+fn poisoned_data_reads_short_or_eio_and_a_covering_write_clears_it() {
+    let (_img, fs) = image(64 << 20);
+    let (f, _) = fs.create(ROOT, b"data", 0o644, 0, 0, true).unwrap();
+    fs.write(f.ino, 0, &vec![4u8; 8192]).unwrap();
+    // Find the file's block through a read of the device: poison its second sector.
+    let dev = fs.device();
+    let mut probe = vec![0u8; 8192];
+    let block = (0..dev.size() / 4096)
+        .find(|&b| {
+            dev.read(b * 4096, &mut probe[..4096]).is_ok() && probe[..4096].iter().all(|&x| x == 4)
+        })
+        .unwrap();
+    dev.inject(block * 4096 + 512, 512).unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(
+        fs.read(f.ino, 0, &mut buf).unwrap(),
+        512,
+        "the bytes before the poison"
+    );
+    assert_eq!(errno(fs.read(f.ino, 600, &mut buf)), libc::EIO);
+    assert_eq!(errno(fs.write(f.ino, 600, b"partial")), libc::EIO);
+    fs.write(f.ino, 512, &[6u8; 512]).unwrap();
+    assert_eq!(fs.read(f.ino, 0, &mut buf).unwrap(), 4096);
+    assert!(buf[512..1024].iter().all(|&b| b == 6));
+}
+
+#[test]
+fn mount_refuses_damaged_images_and_falls_back_to_the_backup_superblock() {
+    let (img, fs) = image(64 << 20);
+    fs.create_path("/kept", 0o644, true).unwrap();
+    let dev = fs.unmount().unwrap();
+    dev.memset_persist(16, 0xAB, 8).unwrap(); // damage the primary superblock
+    let fs = Fs::mount(dev).unwrap();
+    assert!(
+        fs.mount_notes().iter().any(|n| n.contains("backup")),
+        "{:?}",
+        fs.mount_notes()
+    );
+    assert!(fs.lookup(ROOT, b"kept").is_ok());
+    let dev = fs.unmount().unwrap();
+    let backup = dev.size() - 4096;
+    dev.memset_persist(backup + 16, 0xAB, 8).unwrap();
+    let err = Fs::mount(dev).unwrap_err();
+    assert!(
+        err.to_string().contains("superblock at device offset 0x0"),
+        "{err}"
+    );
+    // A device that was never formatted.
+    drop(img);
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let dev = Device::create(
+        dir.path().join("blank.img"),
+        16 << 20,
+        &DeviceOptions::new(),
+    )
+    .unwrap();
+    let err = Fs::mount(dev).unwrap_err();
+    assert!(err.to_string().contains("not a daxfs filesystem"), "{err}");
+}
