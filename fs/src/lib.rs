@@ -19,6 +19,7 @@ pub mod journal;
 
 pub use error::{Error, Result};
 pub use fs::{
-    Attr, DirEntry, FileKind, Fs, Handle, Ino, RenameFlags, SetAttr, StatFs, Timestamp, ROOT,
+    fsck, Attr, DirEntry, FileKind, Fs, FsckReport, Handle, Ino, Problem, RenameFlags, SetAttr,
+    StatFs, Timestamp, ROOT,
 };
 pub use pmem;

@@ -471,3 +471,45 @@ fn mount_refuses_damaged_images_and_falls_back_to_the_backup_superblock() {
     let err = Fs::mount(dev).unwrap_err();
     assert!(err.to_string().contains("not a daxfs filesystem"), "{err}");
 }
+
+#[test]
+fn fsck_is_clean_after_a_busy_session_and_repairs_what_it_can() {
+    let (img, fs) = image(64 << 20);
+    for i in 0..20 {
+        let d = fs.mkdir(ROOT, format!("d{i}").as_bytes(), 0o755, 0, 0).unwrap();
+        let (f, _) = fs.create(d.ino, b"f", 0o644, 0, 0, true).unwrap();
+        fs.write(f.ino, 0, &vec![i as u8; 5000 * (i + 1)]).unwrap();
+        fs.link(f.ino, ROOT, format!("l{i}").as_bytes()).unwrap();
+        fs.setxattr(f.ino, b"user.k", b"v", false, false).unwrap();
+    }
+    for i in 0..10 {
+        fs.unlink(ROOT, format!("l{i}").as_bytes()).unwrap();
+        fs.rename(ROOT, format!("d{i}").as_bytes(), ROOT, format!("e{i}").as_bytes(), RenameFlags::default())
+            .unwrap_or_else(|e| panic!("rename {i}: {e}"));
+    }
+    let dev = fs.unmount().unwrap();
+    let (report, dev) = daxfs::fsck(dev, false).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(report.exit_code(), 0);
+
+    // Damage: a wrong link count (written raw, checksum fixed) and the backup superblock.
+    let fs = Fs::mount(dev).unwrap();
+    let ino = fs.lookup(ROOT, b"l15").unwrap().ino;
+    let sb = fs.superblock().clone();
+    let dev = fs.unmount().unwrap();
+    let at = sb.inode_offset(ino);
+    let mut raw = [0u8; 256];
+    dev.read(at, &mut raw).unwrap();
+    let mut inode = daxfs::format::Inode::decode(&raw, ino, at).unwrap();
+    inode.nlink = 7;
+    dev.memcpy_persist(at, &inode.encode()).unwrap();
+    dev.memset_persist(dev.size() - 4096 + 20, 0x55, 4).unwrap();
+    let (report, dev) = daxfs::fsck(dev, false).unwrap();
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+    assert_eq!(report.exit_code(), 4);
+    let (report, dev) = daxfs::fsck(dev, true).unwrap();
+    assert_eq!(report.exit_code(), 1, "{:?}", report.problems);
+    let (report, _dev) = daxfs::fsck(dev, false).unwrap();
+    assert!(report.is_clean(), "after repair: {:?}", report.problems);
+    drop(img);
+}

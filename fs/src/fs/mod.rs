@@ -20,9 +20,12 @@
 //! Concurrency is coarse for now: one lock over the state. (The namespace
 //! issue replaces it with per-inode locking and lock-free lookups.)
 
+mod check;
 mod dir;
 mod file;
 mod namespace;
+
+pub use check::{fsck, FsckReport, Problem};
 
 use crate::alloc::Allocator;
 use crate::error::{Error, Result};

@@ -1,0 +1,299 @@
+//! fsck: check every invariant of a filesystem image, and repair what can be
+//! repaired without guessing.
+//!
+//! Checked: both superblock copies; the journal (replayed, as mounting does);
+//! every allocated inode (checksum, type, extents inside the data area,
+//! sorted and disjoint, overflow chain and extent count); no block owned
+//! twice; the allocation bitmap against the blocks files and metadata own;
+//! the directory tree from the root (entries name allocated inodes of the
+//! type they say, each directory has one parent and its `..` points there);
+//! link counts; the orphan list; allocated inodes that nothing names.
+//!
+//! Repaired with `repair`: a damaged superblock copy (rewritten from the good
+//! one), wrong link counts, and bitmap bits (leaked blocks freed, owned
+//! blocks marked). Everything else is reported and left alone.
+
+use super::{Fs, Ino, State, ROOT};
+use crate::error::{Error, Result};
+use crate::format::{Superblock, BLOCK, FLAG_INLINE_LINK};
+use pmem::Device;
+use std::collections::{HashMap, VecDeque};
+
+/// One problem found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// What is wrong, in one line.
+    pub what: String,
+    /// Whether the repair fixed it.
+    pub fixed: bool,
+}
+
+/// What fsck found.
+#[derive(Clone, Debug, Default)]
+pub struct FsckReport {
+    /// What mounting had to say (journal replayed, orphans reclaimed).
+    pub notes: Vec<String>,
+    pub problems: Vec<Problem>,
+}
+
+impl FsckReport {
+    /// No problems.
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    /// fsck(8)'s exit code: 0 clean, 1 all problems corrected, 4 some left.
+    pub fn exit_code(&self) -> i32 {
+        if self.problems.is_empty() {
+            0
+        } else if self.problems.iter().all(|p| p.fixed) {
+            1
+        } else {
+            4
+        }
+    }
+
+    fn problem(&mut self, what: String, fixed: bool) {
+        self.problems.push(Problem { what, fixed });
+    }
+}
+
+/// Check (and with `repair`, repair) the filesystem on `dev`. An error means
+/// the image could not be checked at all (fsck's operational error).
+pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
+    let mut report = FsckReport::default();
+    let backup_at = (dev.size() / BLOCK - 1) * BLOCK;
+    let primary = super::read_superblock(&dev, 0);
+    let backup = super::read_superblock(&dev, backup_at);
+    match (&primary, &backup) {
+        (Ok(p), Ok(b)) if p == b => {}
+        (Ok(p), _) => {
+            let fixed = repair && dev.memcpy_persist(backup_at, &p.encode()).is_ok();
+            report.problem(format!("backup superblock at {backup_at:#x} is damaged or differs from the primary"), fixed);
+        }
+        (Err(e), Ok(b)) => {
+            let fixed = repair && dev.memcpy_persist(0, &b.encode()).is_ok();
+            report.problem(format!("primary superblock is damaged ({e}); the backup is good"), fixed);
+        }
+        (Err(_), Err(_)) => return Err(primary.expect_err("matched above")),
+    }
+    let fs = Fs::mount(dev)?;
+    report.notes.extend(fs.mount_notes().iter().cloned());
+    let bitmap_fix = {
+        let mut st = fs.lock();
+        check_tree(&fs, &mut st, &mut report, repair)?
+    };
+    let mut fixed_links = Vec::new();
+    for (ino, nlink) in bitmap_fix.nlinks {
+        let done = repair
+            && fs
+                .change(|fs, st, stage| {
+                    let mut inode = fs.inode(st, ino)?;
+                    inode.nlink = nlink;
+                    fs.put_inode(st, stage, ino, inode);
+                    Ok(())
+                })
+                .is_ok();
+        fixed_links.push(done);
+    }
+    let mut link_problems = report.problems.iter_mut().filter(|p| p.what.contains("link count"));
+    for done in fixed_links {
+        if let Some(p) = link_problems.next() {
+            p.fixed = done;
+        }
+    }
+    if repair && !bitmap_fix.words.is_empty() {
+        let sb = fs.sb.clone();
+        for chunk in bitmap_fix.words.chunks(1024) {
+            fs.change(|_, _, stage| {
+                for &(word, value) in chunk {
+                    stage.tx.write(sb.bitmap_start * BLOCK + word as u64 * 8, &value.to_le_bytes());
+                }
+                Ok(())
+            })?;
+        }
+        for p in report.problems.iter_mut().filter(|p| p.what.starts_with("block")) {
+            p.fixed = true;
+        }
+    }
+    let dev = fs.unmount()?;
+    Ok((report, dev))
+}
+
+struct Fixes {
+    /// Inodes whose link count should be this.
+    nlinks: Vec<(Ino, u32)>,
+    /// Bitmap words that should hold this.
+    words: Vec<(usize, u64)>,
+}
+
+fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -> Result<Fixes> {
+    let sb: Superblock = fs.sb.clone();
+    // Who owns each block: 0 nobody, else the inode (u64::MAX: metadata).
+    let mut owner: HashMap<u64, Ino> = HashMap::new();
+    let mut claim = |report: &mut FsckReport, block: u64, ino: Ino| {
+        if block < sb.data_start || block >= sb.backup_block {
+            report.problem(format!("inode {ino}: block {block} lies outside the data area"), false);
+        } else if let Some(other) = owner.insert(block, ino) {
+            report.problem(format!("inodes {other} and {ino} both own block {block}"), false);
+        }
+    };
+    let mut allocated: Vec<Ino> = Vec::new();
+    for ino in 1..=sb.inode_count {
+        if st.free_inodes.contains(&ino) {
+            continue;
+        }
+        let inode = match fs.inode(st, ino) {
+            Ok(inode) => inode,
+            Err(Error::NotFound) => continue,
+            Err(e) => {
+                report.problem(format!("inode {ino}: {e}"), false);
+                continue;
+            }
+        };
+        let kind = inode.kind();
+        if ![libc::S_IFREG, libc::S_IFDIR, libc::S_IFLNK].contains(&kind) {
+            report.problem(format!("inode {ino}: unknown file type {:#o}", inode.mode), false);
+            continue;
+        }
+        allocated.push(ino);
+        if kind == libc::S_IFLNK && inode.flags & FLAG_INLINE_LINK != 0 {
+            continue;
+        }
+        let extents = match fs.extents(st, ino) {
+            Ok(e) => e.clone(),
+            Err(e) => {
+                report.problem(format!("inode {ino}: {e}"), false);
+                continue;
+            }
+        };
+        let mut last_end = 0;
+        let mut count = 0;
+        for e in &extents {
+            if e.len == 0 || (e.logical as u64) < last_end {
+                report.problem(format!("inode {ino}: extents overlap or are out of order at logical block {}", e.logical), false);
+            }
+            last_end = e.end();
+            for block in e.physical..e.physical + e.len as u64 {
+                claim(report, block, ino);
+            }
+            count += e.len as u64;
+        }
+        let chain = fs.cached(st, ino)?.chain.clone();
+        for &block in &chain {
+            claim(report, block, ino);
+        }
+        if inode.xattr_block != 0 {
+            claim(report, inode.xattr_block, ino);
+            count += 1;
+        }
+        count += chain.len() as u64;
+        if count != inode.blocks {
+            report.problem(format!("inode {ino}: counts {} blocks, owns {count}", inode.blocks), false);
+        }
+    }
+    // The directory tree.
+    let mut refs: HashMap<Ino, u32> = HashMap::new();
+    let mut subdirs: HashMap<Ino, u32> = HashMap::new();
+    let mut seen_dirs: HashMap<Ino, Ino> = HashMap::from([(ROOT, ROOT)]);
+    let mut queue = VecDeque::from([ROOT]);
+    while let Some(dir) = queue.pop_front() {
+        let entries: Vec<(Vec<u8>, Ino, u8)> = match fs.dir(st, dir) {
+            Ok(index) => index.entries_from(0).map(|(_, name, slot)| (name.to_vec(), slot.ino, slot.kind)).collect(),
+            Err(e) => {
+                report.problem(format!("directory {dir}: {e}"), false);
+                continue;
+            }
+        };
+        for (name, ino, kind) in entries {
+            let shown = String::from_utf8_lossy(&name).into_owned();
+            let inode = match fs.inode(st, ino) {
+                Ok(inode) => inode,
+                Err(_) => {
+                    report.problem(format!("directory {dir}: entry {shown:?} names free or damaged inode {ino}"), false);
+                    continue;
+                }
+            };
+            if crate::format::dtype_of(inode.mode) != kind {
+                report.problem(format!("directory {dir}: entry {shown:?} says type {kind}, inode {ino} is {:#o}", inode.mode & libc::S_IFMT), false);
+            }
+            *refs.entry(ino).or_default() += 1;
+            if inode.is_dir() {
+                *subdirs.entry(dir).or_default() += 1;
+                if let Some(first) = seen_dirs.insert(ino, dir) {
+                    report.problem(format!("directory {ino} has two parents ({first} and {dir})"), false);
+                    continue;
+                }
+                if inode.parent != dir {
+                    report.problem(format!("directory {ino}: `..` points to {}, but it lives in {dir}", inode.parent), false);
+                }
+                queue.push_back(ino);
+            }
+        }
+    }
+    // The orphan list.
+    let mut orphans = Vec::new();
+    let mut at = st.orphan_head;
+    while at != 0 {
+        if orphans.contains(&at) || orphans.len() as u64 > sb.inode_count {
+            report.problem("the orphan list loops".into(), false);
+            break;
+        }
+        orphans.push(at);
+        at = match fs.inode(st, at) {
+            Ok(inode) => inode.next_orphan,
+            Err(e) => {
+                report.problem(format!("orphan list: inode {at}: {e}"), false);
+                break;
+            }
+        };
+    }
+    let mut nlinks = Vec::new();
+    for &ino in &allocated {
+        let inode = fs.inode(st, ino)?;
+        let names = refs.get(&ino).copied().unwrap_or(0);
+        let orphan = orphans.contains(&ino);
+        if ino != ROOT && names == 0 && !orphan {
+            report.problem(format!("inode {ino} is allocated but no directory names it"), false);
+            continue;
+        }
+        let expected = if inode.is_dir() {
+            if orphan { 0 } else { 2 + subdirs.get(&ino).copied().unwrap_or(0) }
+        } else {
+            names
+        };
+        if inode.nlink != expected {
+            report.problem(format!("inode {ino}: link count is {}, should be {expected}", inode.nlink), false);
+            nlinks.push((ino, expected));
+        }
+    }
+    // The bitmap against ownership.
+    let mut words = Vec::new();
+    let mut leaked = 0;
+    for word in 0..(sb.total_blocks.div_ceil(64) as usize) {
+        let mut want = 0u64;
+        for bit in 0..64 {
+            let block = word as u64 * 64 + bit;
+            if block >= sb.total_blocks {
+                break;
+            }
+            let used = block < sb.data_start || block == sb.backup_block || owner.contains_key(&block);
+            if used {
+                want |= 1 << bit;
+            }
+            match (used, st.alloc.is_used(block)) {
+                (true, false) => report.problem(format!("block {block} is in use (inode {}) but marked free", owner.get(&block).copied().unwrap_or(0)), false),
+                (false, true) => leaked += 1,
+                _ => {}
+            }
+        }
+        let have = (0..64).filter(|&bit| word as u64 * 64 + bit < sb.total_blocks && st.alloc.is_used(word as u64 * 64 + bit)).fold(0u64, |w, bit| w | 1 << bit);
+        if want != have {
+            words.push((word, want));
+        }
+    }
+    if leaked > 0 {
+        report.problem(format!("blocks: {leaked} are marked in use but nothing owns them"), false);
+    }
+    Ok(Fixes { nlinks, words })
+}
