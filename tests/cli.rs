@@ -175,6 +175,8 @@ fn every_subcommand_explains_itself() {
         ("list", "badblocks"),
         ("clear-errors", "zeros"),
         ("scrub", "scrub"),
+        ("mkfs", "--force"),
+        ("fsck", "fsck(8)"),
     ] {
         let out = daxfs(dir.path(), &[sub, "--help"]);
         assert!(out.status.success(), "{sub} --help failed");
@@ -206,4 +208,47 @@ fn info_json_is_machine_readable() {
     assert_eq!(json["size"], 32 << 20);
     assert_eq!(json["persistence"], "memory");
     assert_eq!(json["filesystem"], "tmpfs");
+}
+
+#[test]
+fn mkfs_creates_and_refuses_to_overwrite_without_force() {
+    let dir = shm_dir();
+    let d = dir.path();
+    assert_clean_failure(&daxfs(d, &["mkfs", "fs.img"]), "give --size");
+    let out = stdout(&daxfs_ok(d, &["mkfs", "fs.img", "--size", "64M"]));
+    assert!(out.contains("daxfs filesystem of 64 MiB"), "{out}");
+    assert_clean_failure(&daxfs(d, &["mkfs", "fs.img"]), "use --force");
+    daxfs_ok(d, &["mkfs", "fs.img", "--force"]);
+    let info = stdout(&daxfs_ok(d, &["info", "fs.img"]));
+    assert!(info.contains("filesystem:   daxfs"), "{info}");
+}
+
+#[test]
+fn fsck_exit_codes_follow_fsck8() {
+    let dir = shm_dir();
+    let d = dir.path();
+    daxfs_ok(d, &["mkfs", "fs.img", "--size", "32M"]);
+    let out = daxfs(d, &["fsck", "fs.img"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("clean"));
+    // Damage the backup superblock: an error, corrected by --repair.
+    let path = d.join("fs.img");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let backup = bytes.len() - 4096;
+    bytes[backup + 20] ^= 0xFF;
+    std::fs::write(&path, &bytes).unwrap();
+    let out = daxfs(d, &["fsck", "fs.img"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        stdout(&out).contains("ERROR: backup superblock"),
+        "{}",
+        stdout(&out)
+    );
+    let out = daxfs(d, &["fsck", "fs.img", "--repair"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert_eq!(daxfs(d, &["fsck", "fs.img"]).status.code(), Some(0));
+    // Not a filesystem at all: an operational error.
+    daxfs_ok(d, &["create", "raw.img", "--size", "16M"]);
+    assert_eq!(daxfs(d, &["fsck", "raw.img"]).status.code(), Some(8));
+    assert_eq!(daxfs(d, &["fsck", "missing.img"]).status.code(), Some(8));
 }

@@ -42,6 +42,34 @@ enum Command {
     ClearErrors(ClearArgs),
     /// Read the whole device, as an address-range scrub does, and report poison.
     Scrub(ImageArg),
+    /// Make a daxfs filesystem on a device (creating the image with --size).
+    Mkfs(MkfsArgs),
+    /// Check a filesystem; with --repair, fix what can be fixed.
+    ///
+    /// Exit codes as fsck(8): 0 clean, 1 errors corrected, 4 errors left
+    /// uncorrected, 8 operational error (the image could not be checked).
+    Fsck(FsckArgs),
+}
+
+#[derive(Args)]
+struct MkfsArgs {
+    /// The device: an emulated image file or /dev/daxX.Y.
+    image: PathBuf,
+    /// Create the image with this size first (a multiple of 2 MiB, at least 16 MiB).
+    #[arg(long, short, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Overwrite a device that already holds a daxfs filesystem.
+    #[arg(long, short)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct FsckArgs {
+    /// The device: an emulated image file or /dev/daxX.Y.
+    image: PathBuf,
+    /// Repair what can be repaired without guessing.
+    #[arg(long, short)]
+    repair: bool,
 }
 
 #[derive(Args)]
@@ -113,6 +141,9 @@ struct ClearArgs {
     all: bool,
 }
 
+/// Exit code of fsck(8) for an operational error.
+const FSCK_OPERATIONAL: u8 = 8;
+
 fn main() -> ExitCode {
     // Die quietly on a closed pipe (`daxfs list img | head -1`), as Unix tools
     // do, instead of panicking on the failed write.
@@ -120,6 +151,9 @@ fn main() -> ExitCode {
     // starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    if let Command::Fsck(args) = &cli.command {
+        return fsck(args);
+    }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -136,10 +170,32 @@ fn run(command: Command) -> Outcome {
         Command::Create(args) => create(args),
         Command::Info(args) => {
             let dev = open(&args.image)?;
+            let info = dev.info();
+            let usage = filesystem_usage(dev);
             if args.json {
-                print_json(&device_json(&dev.info(), None));
+                let mut value = device_json(&info, None);
+                value["filesystem_usage"] = match &usage {
+                    Ok(u) => json!({
+                        "blocks": u.blocks, "free_blocks": u.free_blocks,
+                        "inodes": u.inodes, "free_inodes": u.free_inodes,
+                        "aligned_2mib_fraction": u.huge_fraction,
+                    }),
+                    Err(why) => json!({ "none": why }),
+                };
+                print_json(&value);
             } else {
-                print_info(&args.image, &dev.info());
+                print_info(&args.image, &info);
+                match usage {
+                    Ok(u) => println!(
+                        "  filesystem:   daxfs, {} of {} used, {} of {} inodes free, {:.1}% of file data in aligned 2 MiB extents",
+                        human((u.blocks - u.free_blocks) * 4096),
+                        human(u.blocks * 4096),
+                        u.free_inodes,
+                        u.inodes,
+                        u.huge_fraction * 100.0
+                    ),
+                    Err(why) => println!("  filesystem:   none ({why})"),
+                }
             }
             Ok(())
         }
@@ -152,6 +208,91 @@ fn run(command: Command) -> Outcome {
         }
         Command::ClearErrors(args) => clear(args),
         Command::Scrub(args) => scrub(&args.image),
+        Command::Mkfs(args) => mkfs(args),
+        Command::Fsck(_) => unreachable!("fsck exits with its own codes, above"),
+    }
+}
+
+fn mkfs(args: MkfsArgs) -> Outcome {
+    let exists = args.image.exists();
+    let dev = match (exists, args.size) {
+        (false, Some(size)) => {
+            Device::create(&args.image, size, &DeviceOptions::new()).map_err(|e| e.to_string())?
+        }
+        (false, None) => {
+            return Err(format!(
+                "{}: does not exist; give --size to create it (for example --size 1G)",
+                args.image.display()
+            ))
+        }
+        (true, size) => {
+            let dev = open(&args.image)?;
+            if let Some(size) = size.filter(|&s| s != dev.size()) {
+                return Err(format!(
+                    "{}: exists with {} bytes, not the {size} asked for",
+                    args.image.display(),
+                    dev.size()
+                ));
+            }
+            let mut magic = [0u8; 8];
+            dev.read(0, &mut magic).map_err(on(&args.image))?;
+            if magic == daxfs::format::MAGIC && !args.force {
+                return Err(format!(
+                    "{}: already holds a daxfs filesystem; use --force to overwrite it",
+                    args.image.display()
+                ));
+            }
+            dev
+        }
+    };
+    let fs = daxfs::Fs::format(dev).map_err(|e| format!("{}: {e}", args.image.display()))?;
+    let st = fs.statfs();
+    println!(
+        "{}: daxfs filesystem of {} ({} data blocks of 4 KiB, {} inodes, {} free 2 MiB regions)",
+        args.image.display(),
+        human(fs.device().size()),
+        st.blocks,
+        st.files,
+        st.free_huge_regions
+    );
+    fs.unmount()
+        .map_err(|e| format!("{}: {e}", args.image.display()))?;
+    Ok(())
+}
+
+fn fsck(args: &FsckArgs) -> ExitCode {
+    let name = args.image.display();
+    let dev = match open(&args.image) {
+        Ok(dev) => dev,
+        Err(e) => {
+            eprintln!("daxfs: {e}");
+            return ExitCode::from(FSCK_OPERATIONAL);
+        }
+    };
+    match daxfs::fsck(dev, args.repair) {
+        Err(e) => {
+            eprintln!("daxfs: {name}: cannot check: {e}");
+            ExitCode::from(FSCK_OPERATIONAL)
+        }
+        Ok((report, _dev)) => {
+            for note in &report.notes {
+                println!("{name}: {note}");
+            }
+            for p in &report.problems {
+                let state = if p.fixed {
+                    "FIXED"
+                } else if args.repair {
+                    "NOT FIXED"
+                } else {
+                    "ERROR"
+                };
+                println!("{name}: {state}: {}", p.what);
+            }
+            if report.is_clean() {
+                println!("{name}: clean");
+            }
+            ExitCode::from(report.exit_code() as u8)
+        }
     }
 }
 
@@ -310,6 +451,29 @@ fn scrub(image: &Path) -> Outcome {
         );
     }
     Ok(())
+}
+
+struct Usage {
+    blocks: u64,
+    free_blocks: u64,
+    inodes: u64,
+    free_inodes: u64,
+    huge_fraction: f64,
+}
+
+/// Mount the filesystem on `dev` (if there is one) for its usage figures.
+fn filesystem_usage(dev: Device) -> Result<Usage, String> {
+    let fs = daxfs::Fs::mount(dev).map_err(|e| e.to_string())?;
+    let st = fs.statfs();
+    let huge_fraction = fs.huge_fraction().map_err(|e| e.to_string())?;
+    fs.unmount().map_err(|e| e.to_string())?;
+    Ok(Usage {
+        blocks: st.blocks,
+        free_blocks: st.free_blocks,
+        inodes: st.files,
+        free_inodes: st.free_files,
+        huge_fraction,
+    })
 }
 
 fn sectors_text(count: u64) -> String {

@@ -476,7 +476,9 @@ fn mount_refuses_damaged_images_and_falls_back_to_the_backup_superblock() {
 fn fsck_is_clean_after_a_busy_session_and_repairs_what_it_can() {
     let (img, fs) = image(64 << 20);
     for i in 0..20 {
-        let d = fs.mkdir(ROOT, format!("d{i}").as_bytes(), 0o755, 0, 0).unwrap();
+        let d = fs
+            .mkdir(ROOT, format!("d{i}").as_bytes(), 0o755, 0, 0)
+            .unwrap();
         let (f, _) = fs.create(d.ino, b"f", 0o644, 0, 0, true).unwrap();
         fs.write(f.ino, 0, &vec![i as u8; 5000 * (i + 1)]).unwrap();
         fs.link(f.ino, ROOT, format!("l{i}").as_bytes()).unwrap();
@@ -484,8 +486,14 @@ fn fsck_is_clean_after_a_busy_session_and_repairs_what_it_can() {
     }
     for i in 0..10 {
         fs.unlink(ROOT, format!("l{i}").as_bytes()).unwrap();
-        fs.rename(ROOT, format!("d{i}").as_bytes(), ROOT, format!("e{i}").as_bytes(), RenameFlags::default())
-            .unwrap_or_else(|e| panic!("rename {i}: {e}"));
+        fs.rename(
+            ROOT,
+            format!("d{i}").as_bytes(),
+            ROOT,
+            format!("e{i}").as_bytes(),
+            RenameFlags::default(),
+        )
+        .unwrap_or_else(|e| panic!("rename {i}: {e}"));
     }
     let dev = fs.unmount().unwrap();
     let (report, dev) = daxfs::fsck(dev, false).unwrap();

@@ -69,11 +69,19 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
         (Ok(p), Ok(b)) if p == b => {}
         (Ok(p), _) => {
             let fixed = repair && dev.memcpy_persist(backup_at, &p.encode()).is_ok();
-            report.problem(format!("backup superblock at {backup_at:#x} is damaged or differs from the primary"), fixed);
+            report.problem(
+                format!(
+                    "backup superblock at {backup_at:#x} is damaged or differs from the primary"
+                ),
+                fixed,
+            );
         }
         (Err(e), Ok(b)) => {
             let fixed = repair && dev.memcpy_persist(0, &b.encode()).is_ok();
-            report.problem(format!("primary superblock is damaged ({e}); the backup is good"), fixed);
+            report.problem(
+                format!("primary superblock is damaged ({e}); the backup is good"),
+                fixed,
+            );
         }
         (Err(_), Err(_)) => return Err(primary.expect_err("matched above")),
     }
@@ -96,7 +104,10 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
                 .is_ok();
         fixed_links.push(done);
     }
-    let mut link_problems = report.problems.iter_mut().filter(|p| p.what.contains("link count"));
+    let mut link_problems = report
+        .problems
+        .iter_mut()
+        .filter(|p| p.what.contains("link count"));
     for done in fixed_links {
         if let Some(p) = link_problems.next() {
             p.fixed = done;
@@ -107,12 +118,19 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
         for chunk in bitmap_fix.words.chunks(1024) {
             fs.change(|_, _, stage| {
                 for &(word, value) in chunk {
-                    stage.tx.write(sb.bitmap_start * BLOCK + word as u64 * 8, &value.to_le_bytes());
+                    stage.tx.write(
+                        sb.bitmap_start * BLOCK + word as u64 * 8,
+                        &value.to_le_bytes(),
+                    );
                 }
                 Ok(())
             })?;
         }
-        for p in report.problems.iter_mut().filter(|p| p.what.starts_with("block")) {
+        for p in report
+            .problems
+            .iter_mut()
+            .filter(|p| p.what.starts_with("block"))
+        {
             p.fixed = true;
         }
     }
@@ -133,9 +151,15 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
     let mut owner: HashMap<u64, Ino> = HashMap::new();
     let mut claim = |report: &mut FsckReport, block: u64, ino: Ino| {
         if block < sb.data_start || block >= sb.backup_block {
-            report.problem(format!("inode {ino}: block {block} lies outside the data area"), false);
+            report.problem(
+                format!("inode {ino}: block {block} lies outside the data area"),
+                false,
+            );
         } else if let Some(other) = owner.insert(block, ino) {
-            report.problem(format!("inodes {other} and {ino} both own block {block}"), false);
+            report.problem(
+                format!("inodes {other} and {ino} both own block {block}"),
+                false,
+            );
         }
     };
     let mut allocated: Vec<Ino> = Vec::new();
@@ -153,7 +177,10 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
         };
         let kind = inode.kind();
         if ![libc::S_IFREG, libc::S_IFDIR, libc::S_IFLNK].contains(&kind) {
-            report.problem(format!("inode {ino}: unknown file type {:#o}", inode.mode), false);
+            report.problem(
+                format!("inode {ino}: unknown file type {:#o}", inode.mode),
+                false,
+            );
             continue;
         }
         allocated.push(ino);
@@ -171,7 +198,13 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
         let mut count = 0;
         for e in &extents {
             if e.len == 0 || (e.logical as u64) < last_end {
-                report.problem(format!("inode {ino}: extents overlap or are out of order at logical block {}", e.logical), false);
+                report.problem(
+                    format!(
+                        "inode {ino}: extents overlap or are out of order at logical block {}",
+                        e.logical
+                    ),
+                    false,
+                );
             }
             last_end = e.end();
             for block in e.physical..e.physical + e.len as u64 {
@@ -189,7 +222,10 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
         }
         count += chain.len() as u64;
         if count != inode.blocks {
-            report.problem(format!("inode {ino}: counts {} blocks, owns {count}", inode.blocks), false);
+            report.problem(
+                format!("inode {ino}: counts {} blocks, owns {count}", inode.blocks),
+                false,
+            );
         }
     }
     // The directory tree.
@@ -199,7 +235,10 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
     let mut queue = VecDeque::from([ROOT]);
     while let Some(dir) = queue.pop_front() {
         let entries: Vec<(Vec<u8>, Ino, u8)> = match fs.dir(st, dir) {
-            Ok(index) => index.entries_from(0).map(|(_, name, slot)| (name.to_vec(), slot.ino, slot.kind)).collect(),
+            Ok(index) => index
+                .entries_from(0)
+                .map(|(_, name, slot)| (name.to_vec(), slot.ino, slot.kind))
+                .collect(),
             Err(e) => {
                 report.problem(format!("directory {dir}: {e}"), false);
                 continue;
@@ -210,22 +249,42 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
             let inode = match fs.inode(st, ino) {
                 Ok(inode) => inode,
                 Err(_) => {
-                    report.problem(format!("directory {dir}: entry {shown:?} names free or damaged inode {ino}"), false);
+                    report.problem(
+                        format!(
+                            "directory {dir}: entry {shown:?} names free or damaged inode {ino}"
+                        ),
+                        false,
+                    );
                     continue;
                 }
             };
             if crate::format::dtype_of(inode.mode) != kind {
-                report.problem(format!("directory {dir}: entry {shown:?} says type {kind}, inode {ino} is {:#o}", inode.mode & libc::S_IFMT), false);
+                report.problem(
+                    format!(
+                        "directory {dir}: entry {shown:?} says type {kind}, inode {ino} is {:#o}",
+                        inode.mode & libc::S_IFMT
+                    ),
+                    false,
+                );
             }
             *refs.entry(ino).or_default() += 1;
             if inode.is_dir() {
                 *subdirs.entry(dir).or_default() += 1;
                 if let Some(first) = seen_dirs.insert(ino, dir) {
-                    report.problem(format!("directory {ino} has two parents ({first} and {dir})"), false);
+                    report.problem(
+                        format!("directory {ino} has two parents ({first} and {dir})"),
+                        false,
+                    );
                     continue;
                 }
                 if inode.parent != dir {
-                    report.problem(format!("directory {ino}: `..` points to {}, but it lives in {dir}", inode.parent), false);
+                    report.problem(
+                        format!(
+                            "directory {ino}: `..` points to {}, but it lives in {dir}",
+                            inode.parent
+                        ),
+                        false,
+                    );
                 }
                 queue.push_back(ino);
             }
@@ -254,16 +313,29 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
         let names = refs.get(&ino).copied().unwrap_or(0);
         let orphan = orphans.contains(&ino);
         if ino != ROOT && names == 0 && !orphan {
-            report.problem(format!("inode {ino} is allocated but no directory names it"), false);
+            report.problem(
+                format!("inode {ino} is allocated but no directory names it"),
+                false,
+            );
             continue;
         }
         let expected = if inode.is_dir() {
-            if orphan { 0 } else { 2 + subdirs.get(&ino).copied().unwrap_or(0) }
+            if orphan {
+                0
+            } else {
+                2 + subdirs.get(&ino).copied().unwrap_or(0)
+            }
         } else {
             names
         };
         if inode.nlink != expected {
-            report.problem(format!("inode {ino}: link count is {}, should be {expected}", inode.nlink), false);
+            report.problem(
+                format!(
+                    "inode {ino}: link count is {}, should be {expected}",
+                    inode.nlink
+                ),
+                false,
+            );
             nlinks.push((ino, expected));
         }
     }
@@ -277,23 +349,37 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
             if block >= sb.total_blocks {
                 break;
             }
-            let used = block < sb.data_start || block == sb.backup_block || owner.contains_key(&block);
+            let used =
+                block < sb.data_start || block == sb.backup_block || owner.contains_key(&block);
             if used {
                 want |= 1 << bit;
             }
             match (used, st.alloc.is_used(block)) {
-                (true, false) => report.problem(format!("block {block} is in use (inode {}) but marked free", owner.get(&block).copied().unwrap_or(0)), false),
+                (true, false) => report.problem(
+                    format!(
+                        "block {block} is in use (inode {}) but marked free",
+                        owner.get(&block).copied().unwrap_or(0)
+                    ),
+                    false,
+                ),
                 (false, true) => leaked += 1,
                 _ => {}
             }
         }
-        let have = (0..64).filter(|&bit| word as u64 * 64 + bit < sb.total_blocks && st.alloc.is_used(word as u64 * 64 + bit)).fold(0u64, |w, bit| w | 1 << bit);
+        let have = (0..64)
+            .filter(|&bit| {
+                word as u64 * 64 + bit < sb.total_blocks && st.alloc.is_used(word as u64 * 64 + bit)
+            })
+            .fold(0u64, |w, bit| w | 1 << bit);
         if want != have {
             words.push((word, want));
         }
     }
     if leaked > 0 {
-        report.problem(format!("blocks: {leaked} are marked in use but nothing owns them"), false);
+        report.problem(
+            format!("blocks: {leaked} are marked in use but nothing owns them"),
+            false,
+        );
     }
     Ok(Fixes { nlinks, words })
 }
