@@ -182,9 +182,20 @@ impl CrashPoint<'_> {
         Ok(image)
     }
 
-    /// Write [`image`](Self::image) to a new emulated device file at `path`.
+    /// Write [`image`](Self::image) to a new emulated device file at `path`,
+    /// sparsely: pages of zeros are left as holes.
     pub fn write_image(&self, persisted: &[u64], path: &Path) -> Result<()> {
+        use std::os::unix::fs::FileExt;
         let image = self.image(persisted)?;
-        std::fs::write(path, image).map_err(|e| Error::io(path, "write the crash image", e))
+        let io = |e| Error::io(path, "write the crash image", e);
+        let file = std::fs::File::create(path).map_err(io)?;
+        file.set_len(image.len() as u64).map_err(io)?;
+        const PAGE: usize = 4096;
+        for (i, page) in image.chunks(PAGE).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                file.write_all_at(page, (i * PAGE) as u64).map_err(io)?;
+            }
+        }
+        Ok(())
     }
 }
