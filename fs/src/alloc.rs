@@ -105,15 +105,21 @@ impl Allocator {
         }
     }
 
+    /// Mark blocks used or free. A block already in that state (possible
+    /// only on a damaged bitmap, which fsck reports) is left alone.
     fn mark(&mut self, start: u64, len: u64, used: bool) {
-        for block in start..start + len {
+        let limit =
+            (self.bitmap.len() as u64 * 64).min(self.region_free.len() as u64 * HUGE_BLOCKS);
+        let end = (start + len).min(limit);
+        if start >= end {
+            return;
+        }
+        for block in start..end {
             let word = (block / 64) as usize;
             let bit = 1u64 << (block % 64);
-            debug_assert_eq!(
-                self.bitmap[word] & bit != 0,
-                !used,
-                "block {block} already {used}"
-            );
+            if (self.bitmap[word] & bit != 0) == used {
+                continue;
+            }
             if used {
                 self.bitmap[word] |= bit;
                 self.region_free[(block / HUGE_BLOCKS) as usize] -= 1;
@@ -125,7 +131,7 @@ impl Allocator {
             }
             self.dirty_words.insert(word);
         }
-        for region in start / HUGE_BLOCKS..=(start + len - 1) / HUGE_BLOCKS {
+        for region in start / HUGE_BLOCKS..=(end - 1) / HUGE_BLOCKS {
             self.classify(region);
         }
     }

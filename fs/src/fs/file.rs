@@ -227,7 +227,7 @@ impl Fs {
                     count += len;
                 }
                 inode = self.store_extents(st, stage, ino)?;
-                inode.blocks -= count;
+                inode.blocks = inode.blocks.saturating_sub(count);
             }
         } else if size > inode.size {
             self.zero_tail(st, ino, inode.size, size)?;
@@ -309,7 +309,7 @@ impl Fs {
                         count += len;
                     }
                     inode = fs.store_extents(st, stage, ino)?;
-                    inode.blocks -= count;
+                    inode.blocks = inode.blocks.saturating_sub(count);
                 }
             }
             inode.ctime = Time::now();

@@ -549,10 +549,12 @@ impl Fs {
             let mut extents = inode.inline_extents();
             let mut chain = Vec::new();
             let mut next = inode.extent_block;
+            let longest = (inode.extent_count as usize).div_ceil(OVERFLOW_EXTENTS) + 1;
             while next != 0 && extents.len() < inode.extent_count as usize {
                 if next < self.sb.data_start
                     || next >= self.sb.total_blocks
-                    || chain.len() > 1 << 20
+                    || chain.len() > longest
+                    || chain.contains(&next)
                 {
                     return Err(Error::corrupt(
                         "extent chain",
@@ -573,6 +575,26 @@ impl Fs {
                     self.sb.inode_offset(ino),
                     "extent count does not match",
                 ));
+            }
+            let mut last_end = 0;
+            for e in &extents {
+                let inside = e.len > 0
+                    && e.physical >= self.sb.data_start
+                    && e.physical
+                        .checked_add(e.len as u64)
+                        .is_some_and(|end| end <= self.sb.backup_block)
+                    && e.end() <= u32::MAX as u64
+                    && e.logical as u64 >= last_end;
+                if !inside {
+                    st.damaged.insert(ino);
+                    let offset = self.sb.inode_offset(ino);
+                    return Err(Error::corrupt(
+                        format!("extent map of inode {ino}"),
+                        offset,
+                        format!("bad extent {e:?}"),
+                    ));
+                }
+                last_end = e.end();
             }
             let cached = self.cached(st, ino)?;
             cached.chain = chain;
@@ -611,7 +633,7 @@ impl Fs {
         inode.extent_count = extents.len() as u32;
         inode.extent_block = chain.first().copied().unwrap_or(0);
         inode.set_inline_extents(&extents);
-        inode.blocks = inode.blocks + chain.len() as u64 - old_chain;
+        inode.blocks = (inode.blocks + chain.len() as u64).saturating_sub(old_chain);
         stage.touched.insert(ino);
         Ok(inode)
     }

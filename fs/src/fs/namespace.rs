@@ -472,7 +472,7 @@ impl Fs {
             if inode.xattr_block != 0 {
                 st.alloc.free(inode.xattr_block, 1);
                 inode.xattr_block = 0;
-                inode.blocks -= 1;
+                inode.blocks = inode.blocks.saturating_sub(1);
             }
         } else {
             if inode.xattr_block == 0 {
