@@ -175,27 +175,39 @@ impl Allocator {
         Some((start, len))
     }
 
-    /// The longest run of free blocks in `region`, capped at `want`.
+    /// The longest run of free blocks in `region`, capped at `want` (the
+    /// first run of `want` is taken as soon as it is seen). Scans the bitmap a
+    /// word at a time.
     fn longest_run(&self, region: u64, want: u64) -> Option<(u64, u64)> {
-        let mut best: Option<(u64, u64)> = None;
-        let mut run_start = 0;
-        let mut run = 0;
         let first = (region * HUGE_BLOCKS).max(self.first_region * HUGE_BLOCKS);
         let end = ((region + 1) * HUGE_BLOCKS).min(self.bitmap.len() as u64 * 64);
-        for block in first..end {
-            if self.is_used(block) {
+        let mut best: Option<(u64, u64)> = None;
+        let (mut run_start, mut run) = (first, 0u64);
+        let mut block = first;
+        while block < end {
+            let shift = block % 64;
+            let avail = (64 - shift).min(end - block);
+            let word = self.bitmap[(block / 64) as usize] >> shift;
+            // Free blocks from here (bits are 0), within this word.
+            let free = (word.trailing_zeros() as u64).min(avail);
+            if free > 0 {
+                if run == 0 {
+                    run_start = block;
+                }
+                run += free;
+                block += free;
+                if best.is_none_or(|b| run > b.1) {
+                    best = Some((run_start, run.min(want)));
+                }
+                if run >= want {
+                    return Some((run_start, want));
+                }
+            }
+            if free < avail {
+                // Skip the used blocks that follow.
+                let used = ((word >> free).trailing_ones() as u64).min(avail - free);
                 run = 0;
-                continue;
-            }
-            if run == 0 {
-                run_start = block;
-            }
-            run += 1;
-            if best.is_none_or(|b| run > b.1) {
-                best = Some((run_start, run));
-            }
-            if run == want {
-                break;
+                block += used;
             }
         }
         best
@@ -251,5 +263,53 @@ impl Allocator {
         }
         self.staged_frees.clear();
         self.dirty_words.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allocator(total_blocks: u64) -> Allocator {
+        let sb = Superblock::for_device(total_blocks * BLOCK, [0; 16], 0).unwrap();
+        Allocator::new(&sb, Allocator::initial_bitmap(&sb))
+    }
+
+    #[test]
+    fn small_allocations_fill_broken_regions_before_breaking_free_ones() {
+        let mut a = allocator(64 * 256); // 64 MiB
+        let free_regions = a.free_regions();
+        // The last region is broken from the start (it holds the backup
+        // superblock): small allocations go there, and no free region breaks.
+        let (first, _) = a.alloc(3).unwrap();
+        assert_eq!(first / HUGE_BLOCKS, 64 * 256 / HUGE_BLOCKS - 1);
+        for _ in 0..100 {
+            let (start, len) = a.alloc(2).unwrap();
+            assert_eq!(len, 2);
+            assert_eq!(start / HUGE_BLOCKS, first / HUGE_BLOCKS, "later ones stay in the broken region");
+        }
+        assert_eq!(a.free_regions(), free_regions, "no free region was broken");
+        let huge = a.alloc_huge().unwrap();
+        assert_eq!(huge % HUGE_BLOCKS, 0);
+        a.committed();
+    }
+
+    #[test]
+    fn runs_are_found_across_word_boundaries_and_frees_wait_for_commit() {
+        let mut a = allocator(64 * 256);
+        let (start, _) = a.alloc(60).unwrap();
+        a.committed();
+        // Free blocks 10..20 and 50..60 of the run: a run of 10 straddles a word.
+        a.free(start + 10, 10);
+        a.free(start + 50, 10);
+        assert!(a.is_used(start + 15), "a free is staged until commit");
+        a.committed();
+        let before = a.free_blocks();
+        let got = a.longest_run(start / HUGE_BLOCKS, 10).unwrap();
+        assert_eq!(got, (start + 10, 10));
+        let (s2, l2) = a.alloc(10).unwrap();
+        assert_eq!((s2, l2), (start + 10, 10));
+        a.abort();
+        assert_eq!(a.free_blocks(), before, "abort gives back the stage's allocations");
     }
 }
