@@ -16,8 +16,9 @@
 //! records; [`Allocator::committed`] or [`Allocator::abort`] ends the stage.
 
 use crate::format::{Superblock, BLOCK, HUGE_BLOCKS};
+use crate::fs::HashSet;
 use crate::journal::Tx;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 
 #[derive(Debug)]
 pub struct Allocator {
@@ -52,7 +53,7 @@ impl Allocator {
             free: 0,
             staged_allocs: Vec::new(),
             staged_frees: Vec::new(),
-            dirty_words: HashSet::new(),
+            dirty_words: HashSet::default(),
         };
         for block in sb.data_start..sb.total_blocks {
             if !a.is_used(block) {
@@ -286,7 +287,11 @@ mod tests {
         for _ in 0..100 {
             let (start, len) = a.alloc(2).unwrap();
             assert_eq!(len, 2);
-            assert_eq!(start / HUGE_BLOCKS, first / HUGE_BLOCKS, "later ones stay in the broken region");
+            assert_eq!(
+                start / HUGE_BLOCKS,
+                first / HUGE_BLOCKS,
+                "later ones stay in the broken region"
+            );
         }
         assert_eq!(a.free_regions(), free_regions, "no free region was broken");
         let huge = a.alloc_huge().unwrap();
@@ -310,6 +315,10 @@ mod tests {
         let (s2, l2) = a.alloc(10).unwrap();
         assert_eq!((s2, l2), (start + 10, 10));
         a.abort();
-        assert_eq!(a.free_blocks(), before, "abort gives back the stage's allocations");
+        assert_eq!(
+            a.free_blocks(),
+            before,
+            "abort gives back the stage's allocations"
+        );
     }
 }

@@ -305,7 +305,21 @@ pub struct Time {
 }
 
 impl Time {
+    /// The time for a file timestamp. Like Linux (`current_time` uses the
+    /// coarse clock), this reads `CLOCK_REALTIME_COARSE`: a few nanoseconds
+    /// instead of a full clock read, at the resolution of the timer tick.
     pub fn now() -> Time {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec, which we own.
+        if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
+            return Time {
+                secs: ts.tv_sec,
+                nanos: ts.tv_nsec as u32,
+            };
+        }
         let d = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
