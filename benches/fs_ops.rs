@@ -105,10 +105,8 @@ fn metadata(c: &mut Criterion) {
             while left > 0 {
                 let n = left.min(BATCH);
                 (0..n).for_each(|i| {
-                    drop(
-                        fs.create(ROOT, name(i).as_bytes(), 0o644, 0, 0, true)
-                            .unwrap(),
-                    )
+                    fs.create(ROOT, name(i).as_bytes(), 0o644, 0, 0, true)
+                        .unwrap();
                 });
                 let start = Instant::now();
                 (0..n).for_each(|i| fs.unlink(ROOT, name(i).as_bytes()).unwrap());
@@ -181,13 +179,16 @@ fn data(c: &mut Criterion) {
         b.iter_custom(|iters| {
             batched(
                 iters,
-                |i| drop(fs.write(file.ino, i * 4096, &page).unwrap()),
+                |i| {
+                    fs.write(file.ino, i * 4096, &page).unwrap();
+                },
                 |_| fs.truncate(file.ino, 0).unwrap(),
             )
         })
     });
     let mut std_file = OpenOptions::new()
         .create(true)
+        .truncate(true)
         .read(true)
         .write(true)
         .open(tmp.join("append"))
@@ -217,6 +218,7 @@ fn data(c: &mut Criterion) {
     fs.write(over.ino, 0, &huge).unwrap();
     let std_over = OpenOptions::new()
         .create(true)
+        .truncate(true)
         .read(true)
         .write(true)
         .open(tmp.join("over"))
