@@ -5,8 +5,9 @@
 //!   workspace; ends with one `N passed, M failed` line.
 //! * `cargo xtask bench [ROUNDS]` — the criterion benchmarks (`memcpy_persist`
 //!   against PMDK when libpmem is installed; the entry index against
-//!   `BTreeMap` baselines), run ROUNDS times (default 3), reported as ratios of
-//!   medians so that a noisy machine still gives a fair comparison.
+//!   `BTreeMap` baselines; filesystem operations against tmpfs), run ROUNDS
+//!   times (default 3), reported as ratios of medians so that a noisy machine
+//!   still gives a fair comparison.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -129,7 +130,7 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
     let mut samples: Vec<Medians> = Vec::new();
     for round in 1..=rounds {
-        for bench in ["memcpy_persist", "entry_index"] {
+        for bench in ["memcpy_persist", "entry_index", "fs_ops"] {
             let mut cmd = cargo();
             cmd.args(["bench", "--bench", bench]);
             if pmdk && bench == "memcpy_persist" {
@@ -209,6 +210,39 @@ fn bench(args: &[String]) -> Result<(), String> {
             "{label:<30} {time:>12} {:>18} {:>18}",
             against("mutex_btreemap"),
             against("rwlock_btreemap")
+        );
+    }
+
+    println!("\nfilesystem operations: daxfs library on /dev/shm against std::fs on tmpfs ({rounds} rounds)");
+    println!(
+        "{:<30} {:>12} {:>12} {:>22}",
+        "operation", "daxfs", "tmpfs", "tmpfs / daxfs (>1 wins)"
+    );
+    let time = |ns: Option<f64>| {
+        ns.map_or("-".to_string(), |ns| {
+            if ns >= 10_000.0 {
+                format!("{:.1} us", ns / 1000.0)
+            } else {
+                format!("{ns:.0} ns")
+            }
+        })
+    };
+    for (label, function) in [
+        ("create + close", "create_close"),
+        ("stat", "stat"),
+        ("unlink", "unlink"),
+        ("4 KiB append (durable)", "append_4k"),
+        ("4 KiB overwrite (durable)", "overwrite_4k"),
+        ("2 MiB write (durable)", "write_2m"),
+        ("readdir of 10,000", "readdir_10000"),
+    ] {
+        let ours = format!("fs_ops/{function}/daxfs");
+        let theirs = format!("fs_ops/{function}/tmpfs");
+        println!(
+            "{label:<30} {:>12} {:>12} {:>22}",
+            time(median(&|m: &Medians| m.get(&ours).copied())),
+            time(median(&|m: &Medians| m.get(&theirs).copied())),
+            show(median(&ratio(theirs.clone(), ours.clone()))),
         );
     }
     Ok(())
