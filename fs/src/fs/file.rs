@@ -80,6 +80,16 @@ fn remove_range(extents: &mut Vec<Extent>, start: u64, end: u64) -> Vec<(u64, u6
     freed
 }
 
+/// File data calls take regular files only: `EISDIR` for a directory,
+/// `EINVAL` for a symbolic link (a path call never gets here with one).
+fn check_regular(inode: &crate::format::Inode) -> Result<()> {
+    match inode.kind() {
+        libc::S_IFREG => Ok(()),
+        libc::S_IFDIR => Err(Error::IsDir),
+        _ => Err(Error::Invalid("not a regular file")),
+    }
+}
+
 fn media(e: pmem::Error) -> Error {
     match e {
         pmem::Error::PartialPoisonWrite { sector_offset } => Error::MediaError {
@@ -97,9 +107,7 @@ impl Fs {
     pub fn read(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let mut st = self.lock();
         let inode = self.inode(&mut st, ino)?;
-        if inode.is_dir() {
-            return Err(Error::IsDir);
-        }
+        check_regular(&inode)?;
         if offset >= inode.size || buf.is_empty() {
             return Ok(0);
         }
@@ -151,9 +159,7 @@ impl Fs {
         self.change(|fs, st, stage| {
             stage.touched.insert(ino);
             let mut inode = fs.inode(st, ino)?;
-            if inode.is_dir() {
-                return Err(Error::IsDir);
-            }
+            check_regular(&inode)?;
             let old_size = inode.size;
             let new_size = old_size.max(end);
             if offset > old_size {
@@ -214,9 +220,7 @@ impl Fs {
         }
         stage.touched.insert(ino);
         let mut inode = self.inode(st, ino)?;
-        if inode.is_dir() {
-            return Err(Error::IsDir);
-        }
+        check_regular(&inode)?;
         if size < inode.size {
             let extents = self.extents(st, ino)?;
             let freed = remove_range(extents, size.div_ceil(BLOCK), u64::MAX);
@@ -250,9 +254,7 @@ impl Fs {
         self.change(|fs, st, stage| {
             stage.touched.insert(ino);
             let mut inode = fs.inode(st, ino)?;
-            if inode.is_dir() {
-                return Err(Error::IsDir);
-            }
+            check_regular(&inode)?;
             let new_size = if keep_size {
                 inode.size
             } else {
@@ -282,9 +284,7 @@ impl Fs {
         self.change(|fs, st, stage| {
             stage.touched.insert(ino);
             let mut inode = fs.inode(st, ino)?;
-            if inode.is_dir() {
-                return Err(Error::IsDir);
-            }
+            check_regular(&inode)?;
             let end = end.min(inode.size);
             if offset >= end {
                 return Ok(());

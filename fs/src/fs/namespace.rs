@@ -765,10 +765,28 @@ impl Fs {
     /// but the last.
     pub fn resolve(&self, path: impl AsRef<Path>) -> Result<Ino> {
         let mut st = self.lock();
-        self.resolve_in(&mut st, ROOT, path.as_ref(), &mut 0)
+        self.resolve_in(&mut st, ROOT, path.as_ref(), false, &mut 0)
     }
 
-    fn resolve_in(&self, st: &mut State, start: Ino, path: &Path, hops: &mut u32) -> Result<Ino> {
+    /// The directory a path names, following a symbolic link in the last
+    /// component too (as the parent of a new name is resolved).
+    fn resolve_dir(&self, path: &Path) -> Result<Ino> {
+        let mut st = self.lock();
+        let ino = self.resolve_in(&mut st, ROOT, path, true, &mut 0)?;
+        if !self.inode(&mut st, ino)?.is_dir() {
+            return Err(Error::NotDir);
+        }
+        Ok(ino)
+    }
+
+    fn resolve_in(
+        &self,
+        st: &mut State,
+        start: Ino,
+        path: &Path,
+        follow_last: bool,
+        hops: &mut u32,
+    ) -> Result<Ino> {
         let mut at = if path.is_absolute() { ROOT } else { start };
         let components: Vec<Component> = path.components().collect();
         for (i, component) in components.iter().enumerate() {
@@ -781,7 +799,7 @@ impl Fs {
             let next = self.lookup_ino(st, at, name)?;
             let last = i + 1 == components.len();
             let inode = self.inode(st, next)?;
-            if !last && inode.kind() == libc::S_IFLNK {
+            if (!last || follow_last) && inode.kind() == libc::S_IFLNK {
                 *hops += 1;
                 if *hops > MAX_SYMLINK_HOPS {
                     return Err(Error::Invalid("too many levels of symbolic links"));
@@ -793,7 +811,7 @@ impl Fs {
                     return Err(Error::Unsupported("long symlinks inside paths"));
                 };
                 let target = std::ffi::OsStr::from_bytes_compat(&target);
-                at = self.resolve_in(st, at, Path::new(target), hops)?;
+                at = self.resolve_in(st, at, Path::new(target), true, hops)?;
             } else {
                 at = next;
             }
@@ -818,28 +836,28 @@ impl Fs {
     /// Create a regular file at `path` (`exclusive` as `O_EXCL`).
     pub fn create_path(&self, path: impl AsRef<Path>, mode: u32, exclusive: bool) -> Result<Attr> {
         let (parent, name) = Fs::split_path(path.as_ref())?;
-        let parent = self.resolve(parent)?;
+        let parent = self.resolve_dir(parent)?;
         Ok(self.create(parent, name, mode, 0, 0, exclusive)?.0)
     }
 
     /// Create a directory at `path`.
     pub fn mkdir_path(&self, path: impl AsRef<Path>, mode: u32) -> Result<Attr> {
         let (parent, name) = Fs::split_path(path.as_ref())?;
-        let parent = self.resolve(parent)?;
+        let parent = self.resolve_dir(parent)?;
         self.mkdir(parent, name, mode, 0, 0)
     }
 
     /// Remove the file at `path`.
     pub fn unlink_path(&self, path: impl AsRef<Path>) -> Result<()> {
         let (parent, name) = Fs::split_path(path.as_ref())?;
-        let parent = self.resolve(parent)?;
+        let parent = self.resolve_dir(parent)?;
         self.unlink(parent, name)
     }
 
     /// Remove the empty directory at `path`.
     pub fn rmdir_path(&self, path: impl AsRef<Path>) -> Result<()> {
         let (parent, name) = Fs::split_path(path.as_ref())?;
-        let parent = self.resolve(parent)?;
+        let parent = self.resolve_dir(parent)?;
         self.rmdir(parent, name)
     }
 
@@ -852,15 +870,23 @@ impl Fs {
     ) -> Result<()> {
         let (from_parent, from_name) = Fs::split_path(from.as_ref())?;
         let (to_parent, to_name) = Fs::split_path(to.as_ref())?;
-        let from_parent = self.resolve(from_parent)?;
-        let to_parent = self.resolve(to_parent)?;
+        let from_parent = self.resolve_dir(from_parent)?;
+        let to_parent = self.resolve_dir(to_parent)?;
         self.rename(from_parent, from_name, to_parent, to_name, flags)
+    }
+
+    /// Give the file at `from` another name, `to`.
+    pub fn link_path(&self, from: impl AsRef<Path>, to: impl AsRef<Path>) -> Result<Attr> {
+        let ino = self.resolve(from)?;
+        let (parent, name) = Fs::split_path(to.as_ref())?;
+        let parent = self.resolve_dir(parent)?;
+        self.link(ino, parent, name)
     }
 
     /// Create a symbolic link at `path` pointing to `target`.
     pub fn symlink_path(&self, path: impl AsRef<Path>, target: &[u8]) -> Result<Attr> {
         let (parent, name) = Fs::split_path(path.as_ref())?;
-        let parent = self.resolve(parent)?;
+        let parent = self.resolve_dir(parent)?;
         self.symlink(parent, name, target, 0, 0)
     }
 
