@@ -521,3 +521,34 @@ fn fsck_is_clean_after_a_busy_session_and_repairs_what_it_can() {
     assert!(report.is_clean(), "after repair: {:?}", report.problems);
     drop(img);
 }
+
+#[test]
+fn poison_in_an_inode_is_eio_naming_it_and_the_inode_is_left_alone() {
+    let (img, fs) = image(64 << 20);
+    // Two inodes share a 512-byte sector: keep the root's sector out of it.
+    for name in [b"a", b"b", b"c"] {
+        fs.create(ROOT, name, 0o644, 0, 0, true).unwrap();
+    }
+    let (f, _) = fs.create(ROOT, b"victim", 0o644, 0, 0, true).unwrap();
+    assert_eq!(f.ino % 2, 1, "the victim starts a sector");
+    fs.write(f.ino, 0, b"data").unwrap();
+    let offset = fs.superblock().inode_offset(f.ino);
+    let dev = fs.unmount().unwrap();
+    dev.inject(offset, 256).unwrap();
+    let fs = Fs::mount(dev).unwrap();
+    let err = fs.getattr(f.ino).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    assert!(
+        err.to_string().contains(&format!("inode {}", f.ino)),
+        "{err}"
+    );
+    assert_eq!(errno(fs.write(f.ino, 0, b"more")), libc::EIO);
+    assert_eq!(
+        errno(fs.unlink(ROOT, b"victim")),
+        libc::EIO,
+        "no change to a damaged inode"
+    );
+    // The rest of the filesystem carries on.
+    fs.create(ROOT, b"other", 0o644, 0, 0, true).unwrap();
+    drop(img);
+}

@@ -290,13 +290,19 @@ impl Fs {
                 return Ok(());
             }
             let (first_whole, end_whole) = (offset.div_ceil(BLOCK), end / BLOCK);
-            // Zero the partial blocks at either edge, in place.
-            for (a, b) in [
-                (offset, (first_whole * BLOCK).min(end)),
-                ((end_whole * BLOCK).max(offset), end),
-            ] {
+            // Zero the partial blocks at either edge, through the journal, so
+            // that the punch is wholly done or not at all after a crash.
+            let mut edges = vec![(offset, (first_whole * BLOCK).min(end))];
+            if end_whole >= first_whole {
+                edges.push(((end_whole * BLOCK).max(offset), end));
+            }
+            for (a, b) in edges {
                 if a < b {
-                    fs.zero_mapped(st, ino, a, b)?;
+                    if let Some((physical, _)) = map(fs.extents(st, ino)?, a / BLOCK) {
+                        stage
+                            .tx
+                            .write(physical * BLOCK + a % BLOCK, &vec![0u8; (b - a) as usize]);
+                    }
                 }
             }
             if first_whole < end_whole {

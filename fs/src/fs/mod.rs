@@ -297,17 +297,27 @@ impl Fs {
             .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
             .collect();
         let alloc = Allocator::new(&sb, bitmap);
+        // Which inodes are free. A poisoned sector of the table makes its
+        // inodes damaged (neither free nor usable), not the mount impossible.
         let mut table = vec![0u8; (sb.inode_count * INODE_SIZE) as usize];
-        read_meta(
-            &dev,
-            sb.inode_table_start * BLOCK,
-            &mut table,
-            "inode table",
-        )?;
+        let table_at = sb.inode_table_start * BLOCK;
+        let mut damaged = HashSet::default();
+        let mut pos = 0;
+        while pos < table.len() {
+            let got = dev.read_mcsafe(table_at + pos as u64, &mut table[pos..])?;
+            pos += got.copied;
+            if let Some(poison) = got.poison {
+                let sector_end = ((poison / pmem::SECTOR + 1) * pmem::SECTOR - table_at) as usize;
+                let first = (poison - table_at) / INODE_SIZE + 1;
+                let last = (sector_end as u64).div_ceil(INODE_SIZE);
+                damaged.extend(first..=last);
+                pos = sector_end;
+            }
+        }
         let mut free_inodes = BTreeSet::new();
         for ino in 1..=sb.inode_count {
             let at = ((ino - 1) * INODE_SIZE) as usize;
-            if table[at..at + 4] == [0; 4] {
+            if table[at..at + 4] == [0; 4] && !damaged.contains(&ino) {
                 free_inodes.insert(ino);
             }
         }
@@ -331,7 +341,7 @@ impl Fs {
                 handles: HashSet::default(),
                 next_handle: 1,
                 orphan_head,
-                damaged: HashSet::default(),
+                damaged,
             }),
             notes,
         };
