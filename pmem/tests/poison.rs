@@ -296,9 +296,10 @@ fn injecting_and_clearing_while_other_threads_copy_never_faults_them() {
     let dev = std::sync::Arc::new(dev);
     let region = 1u64 << 20;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let workers: Vec<_> = (0..2)
         .map(|id| {
-            let (dev, stop) = (dev.clone(), stop.clone());
+            let (dev, stop, started) = (dev.clone(), stop.clone(), started.clone());
             std::thread::spawn(move || {
                 let page = vec![id as u8; 4096];
                 let mut buf = vec![0u8; 16384];
@@ -310,11 +311,16 @@ fn injecting_and_clearing_while_other_threads_copy_never_faults_them() {
                     let read = dev.read_mcsafe(region, &mut buf).unwrap();
                     assert!(read.copied <= buf.len());
                     rounds += 1;
+                    started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 rounds
             })
         })
         .collect();
+    // Inject only once both workers are copying, however they are scheduled.
+    while started.load(std::sync::atomic::Ordering::Relaxed) < 20 {
+        std::thread::yield_now();
+    }
     for i in 0..300u64 {
         let at = region + (i % 16) * SECTOR * 3;
         dev.inject(at, SECTOR).unwrap();
@@ -323,7 +329,6 @@ fn injecting_and_clearing_while_other_threads_copy_never_faults_them() {
         }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for worker in workers {
-        assert!(worker.join().unwrap() > 0);
-    }
+    let rounds: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(rounds >= 20, "the workers copied while poison changed");
 }

@@ -222,16 +222,10 @@ impl Fs {
         let mut inode = self.inode(st, ino)?;
         check_regular(&inode)?;
         if size < inode.size {
-            let extents = self.extents(st, ino)?;
-            let freed = remove_range(extents, size.div_ceil(BLOCK), u64::MAX);
-            if !freed.is_empty() {
-                let mut count = 0;
-                for (start, len) in freed {
-                    st.alloc.free(start, len);
-                    count += len;
-                }
-                inode = self.store_extents(st, stage, ino)?;
-                inode.blocks = inode.blocks.saturating_sub(count);
+            if let Some(changed) =
+                self.unmap_blocks(st, stage, ino, size.div_ceil(BLOCK), u64::MAX)?
+            {
+                inode = changed;
             }
         } else if size > inode.size {
             self.zero_tail(st, ino, inode.size, size)?;
@@ -306,16 +300,8 @@ impl Fs {
                 }
             }
             if first_whole < end_whole {
-                let extents = fs.extents(st, ino)?;
-                let freed = remove_range(extents, first_whole, end_whole);
-                if !freed.is_empty() {
-                    let mut count = 0;
-                    for (start, len) in freed {
-                        st.alloc.free(start, len);
-                        count += len;
-                    }
-                    inode = fs.store_extents(st, stage, ino)?;
-                    inode.blocks = inode.blocks.saturating_sub(count);
+                if let Some(changed) = fs.unmap_blocks(st, stage, ino, first_whole, end_whole)? {
+                    inode = changed;
                 }
             }
             inode.ctime = Time::now();
@@ -323,6 +309,31 @@ impl Fs {
             fs.put_inode(st, stage, ino, inode);
             Ok(())
         })
+    }
+
+    /// Unmap logical blocks `[first, end)` and free them (after commit).
+    /// Returns the inode with its new extents and block count, if anything
+    /// was mapped there.
+    fn unmap_blocks(
+        &self,
+        st: &mut State,
+        stage: &mut Stage,
+        ino: Ino,
+        first: u64,
+        end: u64,
+    ) -> Result<Option<crate::format::Inode>> {
+        let freed = remove_range(self.extents(st, ino)?, first, end);
+        if freed.is_empty() {
+            return Ok(None);
+        }
+        let mut count = 0;
+        for (start, len) in freed {
+            st.alloc.free(start, len);
+            count += len;
+        }
+        let mut inode = self.store_extents(st, stage, ino)?;
+        inode.blocks = inode.blocks.saturating_sub(count);
+        Ok(Some(inode))
     }
 
     /// Map every hole in `[offset, end)`; zero what `written` (the byte range

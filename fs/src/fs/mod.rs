@@ -172,6 +172,17 @@ struct Cached {
     dir: Option<DirIndex>,
 }
 
+impl Cached {
+    fn new(inode: Inode) -> Cached {
+        Cached {
+            inode,
+            extents: None,
+            chain: Vec::new(),
+            dir: None,
+        }
+    }
+}
+
 struct State {
     journal: Journal,
     alloc: Allocator,
@@ -466,15 +477,7 @@ impl Fs {
             if inode.is_free() {
                 return Err(Error::NotFound);
             }
-            st.inodes.insert(
-                ino,
-                Cached {
-                    inode,
-                    extents: None,
-                    chain: Vec::new(),
-                    dir: None,
-                },
-            );
+            st.inodes.insert(ino, Cached::new(inode));
         }
         Ok(st.inodes.get_mut(&ino).expect("inserted above"))
     }
@@ -490,15 +493,7 @@ impl Fs {
         match st.inodes.get_mut(&ino) {
             Some(cached) => cached.inode = inode,
             None => {
-                st.inodes.insert(
-                    ino,
-                    Cached {
-                        inode,
-                        extents: None,
-                        chain: Vec::new(),
-                        dir: None,
-                    },
-                );
+                st.inodes.insert(ino, Cached::new(inode));
             }
         }
     }

@@ -201,11 +201,7 @@ impl Fs {
                 return Err(Error::IsDir);
             }
             check_name(name)?;
-            let slot = fs
-                .dir(st, parent)?
-                .get(name)
-                .cloned()
-                .ok_or(Error::NotFound)?;
+            let slot = fs.entry(st, parent, name)?;
             if fs.inode(st, slot.ino)?.is_dir() {
                 return Err(Error::IsDir);
             }
@@ -222,11 +218,7 @@ impl Fs {
                 b".." => return Err(Error::NotEmpty),
                 _ => check_name(name)?,
             }
-            let slot = fs
-                .dir(st, parent)?
-                .get(name)
-                .cloned()
-                .ok_or(Error::NotFound)?;
+            let slot = fs.entry(st, parent, name)?;
             if !fs.inode(st, slot.ino)?.is_dir() {
                 return Err(Error::NotDir);
             }
@@ -256,11 +248,7 @@ impl Fs {
             }
             check_name(name)?;
             check_name(new_name)?;
-            let src = fs
-                .dir(st, parent)?
-                .get(name)
-                .cloned()
-                .ok_or(Error::NotFound)?;
+            let src = fs.entry(st, parent, name)?;
             fs.dir(st, new_parent)?;
             let dst = fs.dir(st, new_parent)?.get(new_name).cloned();
             let src_inode = fs.inode(st, src.ino)?;
@@ -617,6 +605,11 @@ impl Fs {
         })?;
         self.put_inode(st, stage, ino, inode);
         Ok(())
+    }
+
+    /// The entry `name` of directory `dir`.
+    fn entry(&self, st: &mut State, dir: Ino, name: &[u8]) -> Result<Slot> {
+        self.dir(st, dir)?.get(name).cloned().ok_or(Error::NotFound)
     }
 
     /// The device offset of directory position `pos`.
