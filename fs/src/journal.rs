@@ -98,6 +98,8 @@ pub struct Journal {
     checkpoints: u64,
     /// Transactions committed since mount, for statistics.
     pub committed: u64,
+    /// Records recovery could not replay because their target is poisoned.
+    pub skipped: u64,
 }
 
 impl Journal {
@@ -120,6 +122,7 @@ impl Journal {
             used: 0,
             checkpoints: 0,
             committed: 0,
+            skipped: 0,
         }
     }
 
@@ -171,7 +174,14 @@ impl Journal {
                 break;
             };
             for (offset, data) in records {
-                dev.memcpy_nodrain(offset, &data)?;
+                match dev.memcpy_nodrain(offset, &data) {
+                    Ok(()) => {}
+                    // Poison arrived over the record's target after it
+                    // committed: that structure is lost and stays poisoned
+                    // (reads of it give EIO); everything else replays.
+                    Err(pmem::Error::PartialPoisonWrite { .. }) => journal.skipped += 1,
+                    Err(e) => return Err(e.into()),
+                }
             }
             journal.head = pos + len;
             journal.next_seq += 1;
@@ -235,6 +245,21 @@ impl Journal {
     pub fn commit(&mut self, dev: &Device, tx: Tx) -> Result<()> {
         if tx.is_empty() {
             return Ok(());
+        }
+        // A record that would cover part of a poisoned sector could not be
+        // applied: refuse before anything is durable, not after.
+        for (offset, data) in &tx.records {
+            let end = offset + data.len() as u64;
+            if let Some(bad) = dev.first_poison(*offset, data.len() as u64) {
+                let sector_end = bad + pmem::SECTOR;
+                if bad < *offset || sector_end > end {
+                    return Err(Error::corrupt(
+                        "metadata",
+                        *offset,
+                        format!("media error (poison) at {bad:#x}"),
+                    ));
+                }
+            }
         }
         let bytes = tx.encode(self.next_seq, &self.uuid);
         let len = bytes.len() as u64;

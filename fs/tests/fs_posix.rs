@@ -552,3 +552,29 @@ fn poison_in_an_inode_is_eio_naming_it_and_the_inode_is_left_alone() {
     fs.create(ROOT, b"other", 0o644, 0, 0, true).unwrap();
     drop(img);
 }
+
+#[test]
+fn poison_under_a_cached_inode_fails_the_change_before_it_commits() {
+    let (img, fs) = image(64 << 20);
+    for name in [b"a", b"b", b"c"] {
+        fs.create(ROOT, name, 0o644, 0, 0, true).unwrap();
+    }
+    let (f, _) = fs.create(ROOT, b"victim", 0o644, 0, 0, true).unwrap();
+    // Poison arrives while the inode is cached: a change to it must fail
+    // with EIO and leave nothing half-done in the journal.
+    fs.device()
+        .inject(fs.superblock().inode_offset(f.ino), 512)
+        .unwrap();
+    let set = SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    assert_eq!(errno(fs.setattr(f.ino, &set)), libc::EIO);
+    fs.create(ROOT, b"fine", 0o644, 0, 0, true).unwrap();
+    let fs = crash_and_mount(&img, fs);
+    assert!(
+        fs.lookup(ROOT, b"fine").is_ok(),
+        "the filesystem mounts and kept the later change"
+    );
+    assert_eq!(errno(fs.getattr(f.ino)), libc::EIO);
+}

@@ -493,6 +493,20 @@ impl Device {
         Ok(())
     }
 
+    /// The device offset of the first poisoned sector that overlaps
+    /// `[offset, offset + len)`, if any. Cheap when the device has no poison.
+    pub fn first_poison(&self, offset: u64, len: u64) -> Option<u64> {
+        let poison = self.poison_ref();
+        if poison.all.is_empty() || len == 0 {
+            return None;
+        }
+        let end = offset.saturating_add(len);
+        poison
+            .all
+            .first_in(offset / SECTOR, end.div_ceil(SECTOR))
+            .map(|sector| sector * SECTOR)
+    }
+
     /// The poisoned ranges, in device order.
     pub fn badblocks(&self) -> Vec<BadRange> {
         self.poison_ref().all.ranges().collect()

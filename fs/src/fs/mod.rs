@@ -301,6 +301,12 @@ impl Fs {
         if replayed > 0 {
             notes.push(format!("replayed {replayed} journal transactions"));
         }
+        if journal.skipped > 0 {
+            notes.push(format!(
+                "{} journal records were not replayed: their metadata is poisoned and reads of it fail with EIO",
+                journal.skipped
+            ));
+        }
         let mut raw = vec![0u8; (sb.bitmap_blocks * BLOCK) as usize];
         read_meta(&dev, sb.bitmap_start * BLOCK, &mut raw, "allocation bitmap")?;
         let bitmap = raw
@@ -500,9 +506,20 @@ impl Fs {
 
     /// Take a free inode for a new file.
     fn take_inode(&self, st: &mut State, stage: &mut Stage) -> Result<Ino> {
-        let ino = st.free_inodes.pop_first().ok_or(Error::NoSpace)?;
-        stage.taken_inodes.push(ino);
-        Ok(ino)
+        loop {
+            let ino = st.free_inodes.pop_first().ok_or(Error::NoSpace)?;
+            // A free slot on poisoned media is never handed out.
+            if self
+                .dev
+                .first_poison(self.sb.inode_offset(ino), INODE_SIZE)
+                .is_some()
+            {
+                st.damaged.insert(ino);
+                continue;
+            }
+            stage.taken_inodes.push(ino);
+            return Ok(ino);
+        }
     }
 
     fn attr(ino: Ino, inode: &Inode) -> Attr {
