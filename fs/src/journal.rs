@@ -152,7 +152,9 @@ impl Journal {
             ));
         };
         let mut journal = Journal::empty(region, blocks, uuid);
-        if tail >= journal.ring_len || tail % 64 != 0 {
+        // A tail at the very end of the ring means "wrap to the start".
+        let tail = if tail == journal.ring_len { 0 } else { tail };
+        if tail >= journal.ring_len || !tail.is_multiple_of(64) {
             return Err(Error::corrupt(
                 "journal header",
                 region,
@@ -183,7 +185,7 @@ impl Journal {
                     Err(e) => return Err(e.into()),
                 }
             }
-            journal.head = pos + len;
+            journal.head = (pos + len) % journal.ring_len;
             journal.next_seq += 1;
             replayed += 1;
         }
@@ -286,7 +288,8 @@ impl Journal {
         for (offset, data) in &tx.records {
             dev.memcpy_nodrain(*offset, data)?;
         }
-        self.head = pos + len;
+        // A transaction that ends exactly at the ring's end wraps the head.
+        self.head = (pos + len) % self.ring_len;
         self.used += skipped + len;
         self.next_seq += 1;
         self.committed += 1;
