@@ -403,10 +403,8 @@ fn a_long_run_across_journal_wraps_and_checkpoints_recovers_at_every_fence() {
     // Each step is one operation, so every step boundary is a state a crash
     // may show.
     let create: Step = |fs, ctx| {
-        drop(
-            fs.create_path(format!("/w{}", ctx.made), 0o644, true)
-                .unwrap(),
-        )
+        fs.create_path(format!("/w{}", ctx.made), 0o644, true)
+            .unwrap();
     };
     let write: Step = |fs, ctx| {
         fs.write_path(format!("/w{}", ctx.made), 0, &[ctx.made as u8; 700])
