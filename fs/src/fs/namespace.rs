@@ -664,10 +664,24 @@ impl Fs {
             kind,
             name: name.to_vec(),
         };
-        let offset = self.slot_offset(st, dir, pos)?;
-        stage.tx.write(offset, &dirent.encode());
+        self.write_slots(st, stage, dir, pos, &dirent.encode())?;
         self.dir(st, dir)?.insert(&dirent, pos, slots);
         self.touch_dir(st, stage, dir)
+    }
+
+    /// Stage `bytes` at directory position `pos` of `dir`.
+    fn write_slots(
+        &self,
+        st: &mut State,
+        stage: &mut Stage,
+        dir: Ino,
+        pos: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
+        stage.touched.insert(dir);
+        let offset = self.slot_offset(st, dir, pos)?;
+        stage.tx.write(offset, bytes);
+        Ok(())
     }
 
     fn remove_entry(
@@ -678,9 +692,7 @@ impl Fs {
         name: &[u8],
         slot: &Slot,
     ) -> Result<()> {
-        stage.touched.insert(dir);
-        let offset = self.slot_offset(st, dir, slot.pos)?;
-        stage.tx.write(offset, &vec![0u8; slot.slots * SLOT]);
+        self.write_slots(st, stage, dir, slot.pos, &vec![0u8; slot.slots * SLOT])?;
         self.dir(st, dir)?.remove(name);
         self.touch_dir(st, stage, dir)
     }
@@ -696,17 +708,12 @@ impl Fs {
         ino: Ino,
         kind: u8,
     ) -> Result<()> {
-        stage.touched.insert(dir);
-        let offset = self.slot_offset(st, dir, slot.pos)?;
-        stage.tx.write(
-            offset,
-            &Dirent {
-                ino,
-                kind,
-                name: name.to_vec(),
-            }
-            .encode(),
-        );
+        let dirent = Dirent {
+            ino,
+            kind,
+            name: name.to_vec(),
+        };
+        self.write_slots(st, stage, dir, slot.pos, &dirent.encode())?;
         self.dir(st, dir)?.retarget(name, ino, kind);
         self.touch_dir(st, stage, dir)
     }
