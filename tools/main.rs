@@ -255,7 +255,7 @@ fn mkfs(args: MkfsArgs) -> Outcome {
         st.files,
         st.free_huge_regions
     );
-    fs.unmount()
+    fs.into_device()
         .map_err(|e| format!("{}: {e}", args.image.display()))?;
     Ok(())
 }
@@ -466,7 +466,7 @@ fn filesystem_usage(dev: Device) -> Result<Usage, String> {
     let fs = daxfs::Fs::mount(dev).map_err(|e| e.to_string())?;
     let st = fs.statfs();
     let huge_fraction = fs.huge_fraction().map_err(|e| e.to_string())?;
-    fs.unmount().map_err(|e| e.to_string())?;
+    fs.into_device().map_err(|e| e.to_string())?;
     Ok(Usage {
         blocks: st.blocks,
         free_blocks: st.free_blocks,

@@ -59,6 +59,12 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+    /// The filesystem is busy (`EBUSY`): what is still in use.
+    #[error("filesystem is busy: {0}")]
+    Busy(String),
+    /// The filesystem was unmounted: no call can be served any more.
+    #[error("the filesystem is unmounted")]
+    Unmounted,
     /// The device layer failed.
     #[error(transparent)]
     Device(#[from] pmem::Error),
@@ -81,6 +87,8 @@ impl Error {
             Error::Range => libc::ERANGE,
             Error::Unsupported(_) => libc::EOPNOTSUPP,
             Error::MediaError { .. } | Error::Corrupt { .. } => libc::EIO,
+            Error::Busy(_) => libc::EBUSY,
+            Error::Unmounted => libc::EIO,
             Error::Device(pmem::Error::Poisoned { .. })
             | Error::Device(pmem::Error::PartialPoisonWrite { .. }) => libc::EIO,
             Error::Device(_) => libc::EIO,

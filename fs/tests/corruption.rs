@@ -65,7 +65,7 @@ fn random_metadata_corruption_gives_errors_never_panics() {
         fs.setxattr(d.ino, b"user.k", b"v", false, false).unwrap();
     }
     let sb = fs.superblock().clone();
-    fs.unmount().unwrap();
+    fs.into_device().unwrap();
     let bytes = std::fs::read(&pristine).unwrap();
     // The metadata regions, and the first megabyte of the data area, where
     // directory, extent and xattr blocks of this small tree live.

@@ -418,7 +418,7 @@ fn run(seed: u64, steps: usize, dir: &std::path::Path) -> Result<(), String> {
                     drop(fs);
                     Fs::mount(Device::open(&path, &DeviceOptions::new()).unwrap()).unwrap()
                 } else {
-                    let dev = fs.unmount().unwrap();
+                    let dev = fs.into_device().unwrap();
                     Fs::mount(dev).unwrap()
                 };
                 (format!("remount crash={crash}"), Ok(()), Ok(()))
@@ -444,7 +444,7 @@ fn run(seed: u64, steps: usize, dir: &std::path::Path) -> Result<(), String> {
             "at the end: trees differ:\n fs    {a:?}\n model {b:?}"
         ));
     }
-    let (report, _) = daxfs::fsck(fs.unmount().unwrap(), false).map_err(|e| e.to_string())?;
+    let (report, _) = daxfs::fsck(fs.into_device().unwrap(), false).map_err(|e| e.to_string())?;
     if !report.is_clean() {
         return Err(format!("fsck: {:?}", report.problems));
     }

@@ -20,7 +20,7 @@ fn image(size: u64) -> (Image, Fs) {
 }
 
 fn remount(img: &Image, fs: Fs) -> Fs {
-    let dev = fs.unmount().unwrap();
+    let dev = fs.into_device().unwrap();
     drop(dev);
     Fs::mount(Device::open(&img.path, &DeviceOptions::new()).unwrap()).unwrap()
 }
@@ -442,7 +442,7 @@ fn poisoned_data_reads_short_or_eio_and_a_covering_write_clears_it() {
 fn mount_refuses_damaged_images_and_falls_back_to_the_backup_superblock() {
     let (img, fs) = image(64 << 20);
     fs.create_path("/kept", 0o644, true).unwrap();
-    let dev = fs.unmount().unwrap();
+    let dev = fs.into_device().unwrap();
     dev.memset_persist(16, 0xAB, 8).unwrap(); // damage the primary superblock
     let fs = Fs::mount(dev).unwrap();
     assert!(
@@ -451,7 +451,7 @@ fn mount_refuses_damaged_images_and_falls_back_to_the_backup_superblock() {
         fs.mount_notes()
     );
     assert!(fs.lookup(ROOT, b"kept").is_ok());
-    let dev = fs.unmount().unwrap();
+    let dev = fs.into_device().unwrap();
     let backup = dev.size() - 4096;
     dev.memset_persist(backup + 16, 0xAB, 8).unwrap();
     let err = Fs::mount(dev).unwrap_err();
@@ -495,7 +495,7 @@ fn fsck_is_clean_after_a_busy_session_and_repairs_what_it_can() {
         )
         .unwrap_or_else(|e| panic!("rename {i}: {e}"));
     }
-    let dev = fs.unmount().unwrap();
+    let dev = fs.into_device().unwrap();
     let (report, dev) = daxfs::fsck(dev, false).unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
     assert_eq!(report.exit_code(), 0);
@@ -504,7 +504,7 @@ fn fsck_is_clean_after_a_busy_session_and_repairs_what_it_can() {
     let fs = Fs::mount(dev).unwrap();
     let ino = fs.lookup(ROOT, b"l15").unwrap().ino;
     let sb = fs.superblock().clone();
-    let dev = fs.unmount().unwrap();
+    let dev = fs.into_device().unwrap();
     let at = sb.inode_offset(ino);
     let mut raw = [0u8; 256];
     dev.read(at, &mut raw).unwrap();
@@ -533,7 +533,7 @@ fn poison_in_an_inode_is_eio_naming_it_and_the_inode_is_left_alone() {
     assert_eq!(f.ino % 2, 1, "the victim starts a sector");
     fs.write(f.ino, 0, b"data").unwrap();
     let offset = fs.superblock().inode_offset(f.ino);
-    let dev = fs.unmount().unwrap();
+    let dev = fs.into_device().unwrap();
     dev.inject(offset, 256).unwrap();
     let fs = Fs::mount(dev).unwrap();
     let err = fs.getattr(f.ino).unwrap_err();
@@ -577,4 +577,75 @@ fn poison_under_a_cached_inode_fails_the_change_before_it_commits() {
         "the filesystem mounts and kept the later change"
     );
     assert_eq!(errno(fs.getattr(f.ino)), libc::EIO);
+}
+
+#[test]
+fn unmount_is_refused_while_handles_are_open_waits_when_asked_and_happens_once() {
+    let (img, fs) = image(64 << 20);
+    let (f, _) = fs.create(ROOT, b"open", 0o644, 0, 0, true).unwrap();
+    let handle = fs.open(f.ino).unwrap();
+    let err = fs.unmount().unwrap_err();
+    assert_eq!(err.errno(), libc::EBUSY);
+    assert!(
+        err.to_string()
+            .contains(&format!("1 open handle: inode {} (1)", f.ino)),
+        "{err}"
+    );
+    // Still fully usable after a refused unmount.
+    fs.write(f.ino, 0, b"still mounted").unwrap();
+    // Waiting with a timeout that passes gives Busy; one that outlasts the
+    // holder unmounts.
+    assert_eq!(
+        errno(fs.unmount_wait(std::time::Duration::from_millis(50))),
+        libc::EBUSY
+    );
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            fs.close(handle).unwrap();
+        });
+        fs.unmount_wait(std::time::Duration::from_secs(10)).unwrap();
+    });
+    // Every later call, a second unmount included, is an error, not a crash.
+    assert!(matches!(fs.unmount(), Err(Error::Unmounted)));
+    assert!(matches!(fs.getattr(ROOT), Err(Error::Unmounted)));
+    assert!(matches!(
+        fs.create(ROOT, b"late", 0o644, 0, 0, true),
+        Err(Error::Unmounted)
+    ));
+    // The image is clean and holds what was written.
+    let (report, dev) = daxfs::fsck(fs.into_device().unwrap(), false).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    let fs = Fs::mount(dev).unwrap();
+    assert_eq!(fs.read_path("/open").unwrap(), b"still mounted");
+    drop(img);
+}
+
+#[test]
+fn a_directory_removed_while_open_lists_nothing_and_takes_no_new_names() {
+    let (img, fs) = image(64 << 20);
+    let d = fs.mkdir(ROOT, b"gone", 0o755, 0, 0).unwrap();
+    let handle = fs.open(d.ino).unwrap();
+    fs.rmdir(ROOT, b"gone").unwrap();
+    let names: Vec<Vec<u8>> = fs
+        .readdir(d.ino, 2)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+    assert_eq!(
+        errno(fs.create(d.ino, b"x", 0o644, 0, 0, true)),
+        libc::ENOENT
+    );
+    assert_eq!(errno(fs.mkdir(d.ino, b"y", 0o755, 0, 0)), libc::ENOENT);
+    let free = fs.statfs().free_files;
+    fs.close(handle).unwrap();
+    assert_eq!(
+        fs.statfs().free_files,
+        free + 1,
+        "the last close frees the directory"
+    );
+    assert_eq!(errno(fs.getattr(d.ino)), libc::ENOENT);
+    drop(img);
 }

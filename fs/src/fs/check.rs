@@ -88,7 +88,7 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
     let fs = Fs::mount(dev)?;
     report.notes.extend(fs.mount_notes().iter().cloned());
     let bitmap_fix = {
-        let mut st = fs.lock();
+        let mut st = fs.lock()?;
         check_tree(&fs, &mut st, &mut report, repair)?
     };
     let mut fixed_links = Vec::new();
@@ -134,7 +134,7 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
             p.fixed = true;
         }
     }
-    let dev = fs.unmount()?;
+    let dev = fs.into_device()?;
     Ok((report, dev))
 }
 

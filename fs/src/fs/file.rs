@@ -105,7 +105,7 @@ impl Fs {
     /// the end). Holes read as zeros. A read that reaches poison returns the
     /// bytes before it, or `EIO` if there are none.
     pub fn read(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         let inode = self.inode(&mut st, ino)?;
         check_regular(&inode)?;
         if offset >= inode.size || buf.is_empty() {
@@ -441,7 +441,7 @@ impl Fs {
     pub fn huge_fraction(&self) -> Result<f64> {
         let (mut huge, mut all) = (0u64, 0u64);
         let inos: Vec<Ino> = (1..=self.sb.inode_count).collect();
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         for ino in inos {
             if st.free_inodes.contains(&ino) {
                 continue;

@@ -38,7 +38,7 @@ use dir::DirIndex;
 use pmem::Device;
 use std::collections::BTreeSet;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// A hasher for inode and block numbers: one multiply, not SipHash (which
 /// took a tenth of a 4 KiB append). The keys are not attacker-chosen.
@@ -195,6 +195,8 @@ struct State {
     orphan_head: Ino,
     /// Inodes whose metadata is damaged or poisoned: never changed again.
     damaged: HashSet<Ino>,
+    /// Set by a successful unmount: every later call fails.
+    unmounted: bool,
 }
 
 /// The changes of one call, and how to undo them in memory if it fails.
@@ -211,6 +213,8 @@ pub struct Fs {
     dev: Device,
     sb: Superblock,
     state: Mutex<State>,
+    /// Signalled when a handle closes (for `unmount_wait`).
+    closed: Condvar,
     notes: Vec<String>,
 }
 
@@ -359,7 +363,9 @@ impl Fs {
                 next_handle: 1,
                 orphan_head,
                 damaged,
+                unmounted: false,
             }),
+            closed: Condvar::new(),
             notes,
         };
         let root = fs.getattr(ROOT)?;
@@ -379,13 +385,48 @@ impl Fs {
         Ok(fs)
     }
 
-    /// Unmount: a clean journal checkpoint, and the device back.
-    pub fn unmount(self) -> Result<Device> {
-        {
-            let mut st = self.lock();
-            st.journal.close(&self.dev)?;
+    /// Unmount: refused with [`Error::Busy`], naming them, while handles are
+    /// open; otherwise a clean journal checkpoint, after which every call
+    /// fails with [`Error::Unmounted`] (a second unmount too).
+    pub fn unmount(&self) -> Result<()> {
+        let mut st = self.lock()?;
+        if !st.open.is_empty() {
+            return Err(Error::Busy(busy_handles(&st)));
         }
-        Ok(self.dev)
+        st.journal.close(&self.dev)?;
+        st.unmounted = true;
+        Ok(())
+    }
+
+    /// Unmount once the open handles are closed, waiting up to `timeout`
+    /// for them; on timeout, [`Error::Busy`] names what is still open.
+    pub fn unmount_wait(&self, timeout: std::time::Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut st = self.lock()?;
+        while !st.open.is_empty() {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Err(Error::Busy(busy_handles(&st)));
+            }
+            st = self
+                .closed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            if st.unmounted {
+                return Err(Error::Unmounted);
+            }
+        }
+        drop(st);
+        self.unmount()
+    }
+
+    /// Unmount (if not done yet) and give the device back.
+    pub fn into_device(self) -> Result<Device> {
+        match self.unmount() {
+            Ok(()) | Err(Error::Unmounted) => Ok(self.dev),
+            Err(e) => Err(e),
+        }
     }
 
     /// What mount had to say (a backup superblock used, journal replayed,
@@ -404,14 +445,24 @@ impl Fs {
         &self.sb
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    /// The state, for a call on a mounted filesystem.
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        let st = self.lock_any();
+        if st.unmounted {
+            return Err(Error::Unmounted);
+        }
+        Ok(st)
+    }
+
+    /// The state, mounted or not.
+    fn lock_any(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Run a changing call: `f` stages its changes; they commit if it
     /// succeeds and are undone in memory if it fails.
     fn change<T>(&self, f: impl FnOnce(&Fs, &mut State, &mut Stage) -> Result<T>) -> Result<T> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         let mut stage = Stage {
             tx: Tx::new(),
             touched: HashSet::default(),
@@ -540,7 +591,7 @@ impl Fs {
 
     /// The attributes of `ino`.
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         let inode = self.inode(&mut st, ino)?;
         Ok(Fs::attr(ino, &inode))
     }
@@ -575,7 +626,7 @@ impl Fs {
 
     /// Filesystem usage.
     pub fn statfs(&self) -> StatFs {
-        let st = self.lock();
+        let st = self.lock_any();
         StatFs {
             block_size: BLOCK,
             blocks: self.sb.total_blocks - self.sb.data_start,
@@ -691,7 +742,7 @@ impl Fs {
     /// Open `ino`; the file stays usable after unlink until its last handle
     /// closes.
     pub fn open(&self, ino: Ino) -> Result<Handle> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         self.inode(&mut st, ino)?;
         let id = st.next_handle;
         st.next_handle += 1;
@@ -703,7 +754,7 @@ impl Fs {
     /// Close a handle; the last close of an unlinked file frees it.
     pub fn close(&self, handle: Handle) -> Result<()> {
         let last = {
-            let mut st = self.lock();
+            let mut st = self.lock()?;
             if !st.handles.remove(&handle.id) {
                 return Err(Error::Invalid("handle is not open"));
             }
@@ -712,6 +763,7 @@ impl Fs {
             let last = *count == 0;
             if last {
                 st.open.remove(&handle.ino);
+                self.closed.notify_all();
             }
             last
         };
@@ -771,7 +823,7 @@ impl Fs {
     fn reclaim_orphans(&self) -> Result<u64> {
         let mut reclaimed = 0;
         loop {
-            let head = self.lock().orphan_head;
+            let head = self.lock()?.orphan_head;
             if head == 0 {
                 return Ok(reclaimed);
             }
@@ -875,6 +927,22 @@ impl Fs {
         }
         Ok(blocks)
     }
+}
+
+/// "2 open handles: inode 5 (1), inode 9 (1)".
+fn busy_handles(st: &State) -> String {
+    let mut open: Vec<(Ino, u32)> = st.open.iter().map(|(&i, &n)| (i, n)).collect();
+    open.sort_unstable();
+    let total: u32 = open.iter().map(|o| o.1).sum();
+    let list: Vec<String> = open
+        .iter()
+        .map(|(i, n)| format!("inode {i} ({n})"))
+        .collect();
+    format!(
+        "{total} open handle{}: {}",
+        if total == 1 { "" } else { "s" },
+        list.join(", ")
+    )
 }
 
 fn read_superblock(dev: &Device, offset: u64) -> Result<Superblock> {

@@ -35,7 +35,7 @@ fn is_dot(name: &[u8]) -> bool {
 impl Fs {
     /// The attributes of `name` in directory `parent`.
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         let ino = self.lookup_ino(&mut st, parent, name)?;
         let inode = self.inode(&mut st, ino)?;
         Ok(Fs::attr(ino, &inode))
@@ -149,7 +149,7 @@ impl Fs {
 
     /// The target of a symbolic link.
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         let inode = self.inode(&mut st, ino)?;
         if inode.kind() != libc::S_IFLNK {
             return Err(Error::Invalid("not a symbolic link"));
@@ -362,7 +362,7 @@ impl Fs {
 
     /// The entries of directory `ino` from `offset` on (0 starts with `.`).
     pub fn readdir(&self, ino: Ino, offset: u64) -> Result<Vec<DirEntry>> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         let parent = self.inode(&mut st, ino)?.parent;
         let dir = self.dir(&mut st, ino)?;
         let mut out = Vec::new();
@@ -518,7 +518,7 @@ impl Fs {
 
     /// The value of attribute `name`.
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         let attrs = self.xattrs(&mut st, ino)?;
         attrs
             .into_iter()
@@ -529,7 +529,7 @@ impl Fs {
 
     /// The attribute names.
     pub fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         Ok(self
             .xattrs(&mut st, ino)?
             .into_iter()
@@ -764,14 +764,14 @@ impl Fs {
     /// The inode a path names, following symbolic links in every component
     /// but the last.
     pub fn resolve(&self, path: impl AsRef<Path>) -> Result<Ino> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         self.resolve_in(&mut st, ROOT, path.as_ref(), false, &mut 0)
     }
 
     /// The directory a path names, following a symbolic link in the last
     /// component too (as the parent of a new name is resolved).
     fn resolve_dir(&self, path: &Path) -> Result<Ino> {
-        let mut st = self.lock();
+        let mut st = self.lock()?;
         let ino = self.resolve_in(&mut st, ROOT, path, true, &mut 0)?;
         if !self.inode(&mut st, ino)?.is_dir() {
             return Err(Error::NotDir);
