@@ -19,7 +19,7 @@ pub mod journal;
 
 pub use error::{Error, Result};
 pub use fs::{
-    fsck, Attr, DirEntry, FileKind, Fs, FsckReport, Handle, Ino, Problem, RenameFlags, SetAttr,
-    StatFs, Timestamp, ROOT,
+    fsck, Attr, CreateOptions, DirEntry, FileKind, Fs, FsckReport, Handle, Ino, Problem,
+    RenameFlags, SetAttr, StatFs, Timestamp, ROOT,
 };
 pub use pmem;

@@ -649,3 +649,49 @@ fn a_directory_removed_while_open_lists_nothing_and_takes_no_new_names() {
     assert_eq!(errno(fs.getattr(d.ino)), libc::ENOENT);
     drop(img);
 }
+
+#[test]
+fn open_create_truncates_and_exactly_one_of_many_racing_exclusive_creates_wins() {
+    let (_img, fs) = image(64 << 20);
+    let opts = daxfs::CreateOptions {
+        mode: 0o644,
+        ..Default::default()
+    };
+    let (a, h, created) = fs.open_create(ROOT, b"t", &opts).unwrap();
+    assert!(created);
+    fs.write(a.ino, 0, b"old contents").unwrap();
+    fs.close(h).unwrap();
+    let trunc = daxfs::CreateOptions {
+        truncate: true,
+        ..opts
+    };
+    let (b, h, created) = fs.open_create(ROOT, b"t", &trunc).unwrap();
+    assert_eq!((b.ino, b.size, created), (a.ino, 0, false));
+    fs.close(h).unwrap();
+
+    let exclusive = daxfs::CreateOptions {
+        exclusive: true,
+        ..opts
+    };
+    for round in 0..100 {
+        let name = format!("race{round}");
+        let wins = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..6 {
+                s.spawn(|| match fs.open_create(ROOT, name.as_bytes(), &exclusive) {
+                    Ok((_, h, true)) => {
+                        wins.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        fs.close(h).unwrap();
+                    }
+                    Ok(other) => panic!("an exclusive create opened an existing file: {other:?}"),
+                    Err(e) => assert_eq!(e.errno(), libc::EEXIST),
+                });
+            }
+        });
+        assert_eq!(
+            wins.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "round {round}"
+        );
+    }
+}

@@ -154,6 +154,19 @@ pub struct RenameFlags {
     pub exchange: bool,
 }
 
+/// How `open_create` creates and opens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// `O_EXCL`: fail with `EEXIST` if the name exists.
+    pub exclusive: bool,
+    /// `O_TRUNC`: an existing regular file is emptied.
+    pub truncate: bool,
+    /// Permission bits of a new file.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
 /// An open file or directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Handle {
@@ -744,11 +757,15 @@ impl Fs {
     pub fn open(&self, ino: Ino) -> Result<Handle> {
         let mut st = self.lock()?;
         self.inode(&mut st, ino)?;
+        Ok(Fs::new_handle(&mut st, ino))
+    }
+
+    fn new_handle(st: &mut State, ino: Ino) -> Handle {
         let id = st.next_handle;
         st.next_handle += 1;
         st.handles.insert(id);
         *st.open.entry(ino).or_default() += 1;
-        Ok(Handle { ino, id })
+        Handle { ino, id }
     }
 
     /// Close a handle; the last close of an unlinked file frees it.

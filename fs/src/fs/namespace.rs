@@ -3,7 +3,9 @@
 
 use super::dir::Slot;
 use super::file::map;
-use super::{Attr, DirEntry, FileKind, Fs, Ino, RenameFlags, Stage, State, ROOT};
+use super::{
+    Attr, CreateOptions, DirEntry, FileKind, Fs, Handle, Ino, RenameFlags, Stage, State, ROOT,
+};
 use crate::error::{Error, Result};
 use crate::format::{
     dtype_of, Dirent, Extent, Inode, Time, BLOCK, FLAG_INLINE_LINK, INLINE_LINK_MAX, NAME_MAX,
@@ -62,6 +64,45 @@ impl Fs {
                     .ok_or(Error::NotFound)
             }
         }
+    }
+
+    /// Open `name` in `parent` with `O_CREAT` as one operation: look it up,
+    /// create it if missing, apply `O_TRUNC`, and open it, all under one
+    /// hold of the filesystem, so no rename or unlink can come between the
+    /// steps. Returns the attributes, the handle and whether it was created.
+    pub fn open_create(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        opts: &CreateOptions,
+    ) -> Result<(Attr, Handle, bool)> {
+        self.change(|fs, st, stage| {
+            check_name(name)?;
+            let (ino, created) = match fs.dir(st, parent)?.get(name).map(|s| s.ino) {
+                Some(_) if opts.exclusive => return Err(Error::Exists),
+                Some(ino) => {
+                    let inode = fs.inode(st, ino)?;
+                    if inode.is_dir() {
+                        return Err(Error::IsDir);
+                    }
+                    if opts.truncate && inode.kind() == libc::S_IFREG && inode.size > 0 {
+                        fs.truncate_staged(st, stage, ino, 0)?;
+                    }
+                    (ino, false)
+                }
+                None => {
+                    let inode = fs.new_inode(
+                        libc::S_IFREG | (opts.mode & 0o7777),
+                        opts.uid,
+                        opts.gid,
+                        parent,
+                    );
+                    (fs.add_new(st, stage, parent, name, inode)?, true)
+                }
+            };
+            let attr = Fs::attr(ino, &fs.inode(st, ino)?);
+            Ok((attr, Fs::new_handle(st, ino), created))
+        })
     }
 
     /// Create a regular file (open with `O_CREAT`). With `exclusive`
