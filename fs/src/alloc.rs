@@ -233,17 +233,18 @@ impl Allocator {
 
     /// Add the changed bitmap words to `tx` (with this stage's frees applied).
     pub fn stage(&mut self, tx: &mut Tx) {
+        // The bits this stage frees, per word (frees stay marked in use in
+        // memory until the commit).
+        let mut freed: crate::fs::HashMap<usize, u64> = Default::default();
+        for &(start, len) in &self.staged_frees {
+            for block in start..start + len {
+                *freed.entry((block / 64) as usize).or_default() |= 1 << (block % 64);
+            }
+        }
         let mut words: Vec<usize> = self.dirty_words.iter().copied().collect();
         words.sort_unstable();
         for word in words {
-            let mut value = self.bitmap[word];
-            for &(start, len) in &self.staged_frees {
-                for block in start..start + len {
-                    if (block / 64) as usize == word {
-                        value &= !(1 << (block % 64));
-                    }
-                }
-            }
+            let value = self.bitmap[word] & !freed.get(&word).copied().unwrap_or(0);
             tx.write(self.bitmap_offset + word as u64 * 8, &value.to_le_bytes());
         }
     }

@@ -53,8 +53,10 @@ impl FsckReport {
         }
     }
 
-    fn problem(&mut self, what: String, fixed: bool) {
+    /// Record a problem; returns its index, for marking it fixed later.
+    fn problem(&mut self, what: String, fixed: bool) -> usize {
         self.problems.push(Problem { what, fixed });
+        self.problems.len() - 1
     }
 }
 
@@ -91,9 +93,8 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
         let mut st = fs.lock()?;
         check_tree(&fs, &mut st, &mut report, repair)?
     };
-    let mut fixed_links = Vec::new();
-    for (ino, nlink) in bitmap_fix.nlinks {
-        let done = repair
+    for (problem, ino, nlink) in bitmap_fix.nlinks {
+        report.problems[problem].fixed = repair
             && fs
                 .change(|fs, st, stage| {
                     let mut inode = fs.inode(st, ino)?;
@@ -102,16 +103,6 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
                     Ok(())
                 })
                 .is_ok();
-        fixed_links.push(done);
-    }
-    let mut link_problems = report
-        .problems
-        .iter_mut()
-        .filter(|p| p.what.contains("link count"));
-    for done in fixed_links {
-        if let Some(p) = link_problems.next() {
-            p.fixed = done;
-        }
     }
     if repair && !bitmap_fix.words.is_empty() {
         let sb = fs.sb.clone();
@@ -126,12 +117,8 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
                 Ok(())
             })?;
         }
-        for p in report
-            .problems
-            .iter_mut()
-            .filter(|p| p.what.starts_with("block"))
-        {
-            p.fixed = true;
+        for &problem in &bitmap_fix.bitmap_problems {
+            report.problems[problem].fixed = true;
         }
     }
     let dev = fs.into_device()?;
@@ -139,8 +126,10 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
 }
 
 struct Fixes {
-    /// Inodes whose link count should be this.
-    nlinks: Vec<(Ino, u32)>,
+    /// Link-count problems: the problem's index, the inode, the right count.
+    nlinks: Vec<(usize, Ino, u32)>,
+    /// Indexes of the problems a rewrite of the bitmap fixes.
+    bitmap_problems: Vec<usize>,
     /// Bitmap words that should hold this.
     words: Vec<(usize, u64)>,
 }
@@ -329,18 +318,16 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
             names
         };
         if inode.nlink != expected {
-            report.problem(
-                format!(
-                    "inode {ino}: link count is {}, should be {expected}",
-                    inode.nlink
-                ),
-                false,
+            let what = format!(
+                "inode {ino}: link count is {}, should be {expected}",
+                inode.nlink
             );
-            nlinks.push((ino, expected));
+            nlinks.push((report.problem(what, false), ino, expected));
         }
     }
     // The bitmap against ownership.
     let mut words = Vec::new();
+    let mut bitmap_problems = Vec::new();
     let mut leaked = 0;
     for word in 0..(sb.total_blocks.div_ceil(64) as usize) {
         let mut want = 0u64;
@@ -355,13 +342,11 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
                 want |= 1 << bit;
             }
             match (used, st.alloc.is_used(block)) {
-                (true, false) => report.problem(
-                    format!(
-                        "block {block} is in use (inode {}) but marked free",
-                        owner.get(&block).copied().unwrap_or(0)
-                    ),
-                    false,
-                ),
+                (true, false) => {
+                    let owner = owner.get(&block).copied().unwrap_or(0);
+                    let what = format!("block {block} is in use (inode {owner}) but marked free");
+                    bitmap_problems.push(report.problem(what, false));
+                }
                 (false, true) => leaked += 1,
                 _ => {}
             }
@@ -376,10 +361,12 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
         }
     }
     if leaked > 0 {
-        report.problem(
-            format!("blocks: {leaked} are marked in use but nothing owns them"),
-            false,
-        );
+        let what = format!("blocks: {leaked} are marked in use but nothing owns them");
+        bitmap_problems.push(report.problem(what, false));
     }
-    Ok(Fixes { nlinks, words })
+    Ok(Fixes {
+        nlinks,
+        words,
+        bitmap_problems,
+    })
 }

@@ -776,13 +776,10 @@ impl Fs {
         inode.ctime = Time::now();
         if inode.nlink > 0 {
             self.put_inode(st, stage, ino, inode);
-        } else if st.open.get(&ino).is_some_and(|&n| n > 0) {
-            self.add_orphan(st, stage, ino, inode);
+            Ok(())
         } else {
-            self.put_inode(st, stage, ino, inode);
-            self.free_inode(st, stage, ino)?;
+            self.release_unlinked(st, stage, ino, inode)
         }
-        Ok(())
     }
 
     /// Directory `ino`, removed from `parent`: unlink it.
@@ -791,13 +788,24 @@ impl Fs {
         let mut inode = self.inode(st, ino)?;
         inode.nlink = 0;
         inode.ctime = Time::now();
+        self.release_unlinked(st, stage, ino, inode)
+    }
+
+    /// An inode that just lost its last name: onto the orphan list while it
+    /// is open, freed otherwise.
+    fn release_unlinked(
+        &self,
+        st: &mut State,
+        stage: &mut Stage,
+        ino: Ino,
+        inode: Inode,
+    ) -> Result<()> {
         if st.open.get(&ino).is_some_and(|&n| n > 0) {
             self.add_orphan(st, stage, ino, inode);
+            Ok(())
         } else {
-            self.put_inode(st, stage, ino, inode);
-            self.free_inode(st, stage, ino)?;
+            self.free_inode(st, stage, ino)
         }
-        Ok(())
     }
 
     // ---- paths --------------------------------------------------------------
