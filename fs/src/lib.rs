@@ -19,7 +19,7 @@ pub mod journal;
 
 pub use error::{Error, Result};
 pub use fs::{
-    fsck, Attr, CreateOptions, DirEntry, FileKind, Fs, FsckReport, Handle, Ino, Problem,
-    RenameFlags, SetAttr, StatFs, Timestamp, ROOT,
+    fsck, Attr, CacheUsage, CreateOptions, DirEntry, FileKind, Fs, FsckReport, Handle, Hold, Ino,
+    Problem, RenameFlags, SetAttr, Shrunk, StatFs, Timestamp, DEFAULT_CACHE_BUDGET, ROOT,
 };
 pub use pmem;

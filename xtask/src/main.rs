@@ -5,7 +5,8 @@
 //!   workspace; ends with one `N passed, M failed` line.
 //! * `cargo xtask bench [ROUNDS]` — the criterion benchmarks (`memcpy_persist`
 //!   against PMDK when libpmem is installed; the entry index against
-//!   `BTreeMap` baselines; filesystem operations against tmpfs), run ROUNDS
+//!   `BTreeMap` baselines; filesystem operations against tmpfs; namespace
+//!   lookups, creates and the shrinker with one and two threads), run ROUNDS
 //!   times (default 3), reported as ratios of medians so that a noisy machine
 //!   still gives a fair comparison.
 
@@ -130,7 +131,7 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
     let mut samples: Vec<Medians> = Vec::new();
     for round in 1..=rounds {
-        for bench in ["memcpy_persist", "entry_index", "fs_ops"] {
+        for bench in ["memcpy_persist", "entry_index", "fs_ops", "namespace"] {
             let mut cmd = cargo();
             cmd.args(["bench", "--bench", bench]);
             if pmdk && bench == "memcpy_persist" {
@@ -245,6 +246,35 @@ fn bench(args: &[String]) -> Result<(), String> {
             show(median(&ratio(theirs.clone(), ours.clone()))),
         );
     }
+
+    println!("\nnamespace: time per operation and scaling to 2 threads ({rounds} rounds; 2.00 is perfect)");
+    println!(
+        "{:<34} {:>12} {:>12} {:>10}",
+        "operation", "1 thread", "2 threads", "scaling"
+    );
+    let scaling = |one: String, two: String| {
+        move |m: &Medians| Some(2.0 * m.get(&one)? / m.get(&two)?)
+    };
+    for (label, function) in [
+        ("lookup of a cached depth-4 path", "lookup_depth4"),
+        ("tmpfs stat of a depth-4 path", "tmpfs_stat_depth4"),
+        ("create + unlink, one directory", "create_unlink"),
+    ] {
+        let one = format!("namespace/{function}/1");
+        let two = format!("namespace/{function}/2");
+        println!(
+            "{label:<34} {:>12} {:>12} {:>10}",
+            time(median(&|m: &Medians| m.get(&one).copied())),
+            time(median(&|m: &Medians| m.get(&two).copied())),
+            show(median(&scaling(one.clone(), two.clone()))),
+        );
+    }
+    let pass = "namespace/shrink_pass/100000_inodes".to_string();
+    println!(
+        "{:<34} {:>12}",
+        "shrinker pass, 100,000 inodes",
+        time(median(&|m: &Medians| m.get(&pass).copied()))
+    );
     Ok(())
 }
 

@@ -105,7 +105,7 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
                 .is_ok();
     }
     if repair && !bitmap_fix.words.is_empty() {
-        let sb = fs.sb.clone();
+        let sb = fs.core.sb.clone();
         for chunk in bitmap_fix.words.chunks(1024) {
             fs.change(|_, _, stage| {
                 for &(word, value) in chunk {
@@ -135,7 +135,7 @@ struct Fixes {
 }
 
 fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -> Result<Fixes> {
-    let sb: Superblock = fs.sb.clone();
+    let sb: Superblock = fs.core.sb.clone();
     // Who owns each block: 0 nobody, else the inode (u64::MAX: metadata).
     let mut owner: HashMap<u64, Ino> = HashMap::new();
     let mut claim = |report: &mut FsckReport, block: u64, ino: Ino| {

@@ -26,6 +26,8 @@ pub struct DirIndex {
     by_pos: BTreeMap<u64, Vec<u8>>,
     /// Per directory block, a bitmap of its used slots.
     used: Vec<u128>,
+    /// Bytes of the names held (for the cost estimate).
+    name_bytes: usize,
 }
 
 impl DirIndex {
@@ -38,6 +40,15 @@ impl DirIndex {
 
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
+    }
+
+    /// What the index costs in memory, roughly: per entry the name twice
+    /// (both maps own it), its slot, and the maps' overhead.
+    pub fn cost(&self) -> usize {
+        std::mem::size_of::<DirIndex>()
+            + self.by_name.len() * 150
+            + self.name_bytes * 2
+            + self.used.len() * 16
     }
 
     pub fn blocks(&self) -> usize {
@@ -57,6 +68,7 @@ impl DirIndex {
         }
         self.used[block] |= run_mask(first, slots);
         self.by_pos.insert(pos, dirent.name.clone());
+        self.name_bytes += dirent.name.len();
         self.by_name.insert(
             dirent.name.clone(),
             Slot {
@@ -71,6 +83,7 @@ impl DirIndex {
     pub fn remove(&mut self, name: &[u8]) -> Option<Slot> {
         let slot = self.by_name.remove(name)?;
         self.by_pos.remove(&slot.pos);
+        self.name_bytes = self.name_bytes.saturating_sub(name.len());
         let block = (slot.pos / SLOTS_PER_BLOCK as u64) as usize;
         let first = (slot.pos % SLOTS_PER_BLOCK as u64) as usize;
         self.used[block] &= !run_mask(first, slot.slots);

@@ -121,7 +121,7 @@ impl Fs {
             match map(extents, lblock) {
                 Some((physical, run)) => {
                     let n = (end - pos).min(run * BLOCK - within) as usize;
-                    let got = self
+                    let got = self.core
                         .dev
                         .read_mcsafe(physical * BLOCK + within, &mut buf[at..at + n])?;
                     if let Some(poison) = got.poison {
@@ -173,7 +173,7 @@ impl Fs {
                 let within = pos % BLOCK;
                 let n = (end - pos).min(run * BLOCK - within);
                 let from = (pos - offset) as usize;
-                fs.dev
+                fs.core.dev
                     .memcpy_nodrain(physical * BLOCK + within, &data[from..from + n as usize])
                     .map_err(media)?;
                 pos += n;
@@ -191,14 +191,14 @@ impl Fs {
             }
             Ok(data.len())
         })
-        .inspect(|_| self.dev.drain())
+        .inspect(|_| self.core.dev.drain())
     }
 
     /// Make the file's data and metadata durable. Every call is durable when
     /// it returns already, so this is a fence.
     pub fn fsync(&self, ino: Ino) -> Result<()> {
         self.getattr(ino)?;
-        self.dev.drain();
+        self.core.dev.drain();
         Ok(())
     }
 
@@ -391,7 +391,7 @@ impl Fs {
             };
             for (from, to) in gaps {
                 if from < to {
-                    self.dev
+                    self.core.dev
                         .memset_nodrain(dev_at(from), 0, to - from)
                         .map_err(media)?;
                 }
@@ -416,7 +416,7 @@ impl Fs {
             let within = pos % BLOCK;
             let n = (to - pos).min(BLOCK - within);
             if let Some((physical, _)) = map(extents, pos / BLOCK) {
-                self.dev
+                self.core.dev
                     .memset_nodrain(physical * BLOCK + within, 0, n)
                     .map_err(media)?;
             }
@@ -440,7 +440,7 @@ impl Fs {
     /// extents, over every file.
     pub fn huge_fraction(&self) -> Result<f64> {
         let (mut huge, mut all) = (0u64, 0u64);
-        let inos: Vec<Ino> = (1..=self.sb.inode_count).collect();
+        let inos: Vec<Ino> = (1..=self.core.sb.inode_count).collect();
         let mut st = self.lock()?;
         for ino in inos {
             if st.free_inodes.contains(&ino) {

@@ -21,9 +21,11 @@
 //! issue replaces it with per-inode locking and lock-free lookups.)
 
 mod check;
+mod dcache;
 mod dir;
 mod file;
 mod namespace;
+mod shrink;
 
 pub use check::{fsck, FsckReport, Problem};
 
@@ -38,7 +40,9 @@ use dir::DirIndex;
 use pmem::Device;
 use std::collections::BTreeSet;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use dcache::{Dcache, NameChange};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// A hasher for inode and block numbers: one multiply, not SipHash (which
 /// took a tenth of a 4 KiB append). The keys are not attacker-chosen.
@@ -183,7 +187,12 @@ struct Cached {
     /// The overflow extent blocks, in chain order, once read.
     chain: Vec<u64>,
     dir: Option<DirIndex>,
+    /// Used since the shrinker last looked (its second chance).
+    accessed: bool,
 }
+
+/// Bytes a cached inode costs beyond its extents and directory index.
+const INODE_COST: usize = std::mem::size_of::<Cached>() + 48;
 
 impl Cached {
     fn new(inode: Inode) -> Cached {
@@ -192,7 +201,50 @@ impl Cached {
             extents: None,
             chain: Vec::new(),
             dir: None,
+            accessed: true,
         }
+    }
+
+    /// What this inode costs in memory, roughly.
+    fn cost(&self) -> usize {
+        INODE_COST
+            + self.extents.as_ref().map_or(0, |e| e.capacity() * 16)
+            + self.chain.capacity() * 8
+            + self.dir.as_ref().map_or(0, DirIndex::cost)
+    }
+}
+
+/// Who holds an in-memory inode. An inode with any reference is never
+/// evicted, and one whose last name is gone is kept (on the orphan list)
+/// until its last reference goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Refs {
+    /// Lookups the kernel remembers (the FUSE protocol's `nlookup`).
+    lookups: u64,
+    /// Open handles.
+    opens: u32,
+    /// Internal holds ([`Hold`]).
+    holds: u32,
+}
+
+impl Refs {
+    fn is_zero(&self) -> bool {
+        *self == Refs::default()
+    }
+}
+
+impl std::fmt::Display for Refs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        let mut part = |n: u64, what: &str| {
+            if n > 0 {
+                parts.push(format!("{n} {what}{}", if n == 1 { "" } else { "s" }));
+            }
+        };
+        part(self.opens as u64, "open handle");
+        part(self.lookups, "lookup");
+        part(self.holds as u64, "hold");
+        f.write_str(&parts.join(", "))
     }
 }
 
@@ -201,8 +253,8 @@ struct State {
     alloc: Allocator,
     free_inodes: BTreeSet<Ino>,
     inodes: HashMap<Ino, Cached>,
-    /// Open handles per inode.
-    open: HashMap<Ino, u32>,
+    /// References per inode; an inode with none has no entry.
+    refs: HashMap<Ino, Refs>,
     handles: HashSet<u64>,
     next_handle: u64,
     orphan_head: Ino,
@@ -210,6 +262,10 @@ struct State {
     damaged: HashSet<Ino>,
     /// Set by a successful unmount: every later call fails.
     unmounted: bool,
+    /// What the inode cache costs, roughly (exact after a shrinker pass).
+    cache_cost: usize,
+    /// Above this (inodes and dentries together) the shrinker runs.
+    cache_budget: usize,
 }
 
 /// The changes of one call, and how to undo them in memory if it fails.
@@ -219,23 +275,109 @@ struct Stage {
     taken_inodes: Vec<Ino>,
     freed_inodes: Vec<Ino>,
     old_orphan_head: Option<Ino>,
+    /// Names added, removed or retargeted, for the dentry cache once
+    /// committed.
+    names: Vec<NameChange>,
 }
 
 /// A mounted daxfs filesystem. `Send + Sync`: share it between threads.
+///
+/// Dropping it without [`Fs::unmount`] stops its background work and
+/// leaves the image as a crash would (the next mount replays the journal).
 pub struct Fs {
+    core: Arc<Core>,
+    /// The background worker (the shrinker); `None` in the worker's own
+    /// view of the filesystem and once stopped.
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// What every view of one mounted filesystem shares.
+struct Core {
     dev: Device,
     sb: Superblock,
     state: Mutex<State>,
-    /// Signalled when a handle closes (for `unmount_wait`).
+    /// The dentry cache, read without the state lock.
+    names: Dcache,
+    /// Set with `State::unmounted`, for the calls that take no lock.
+    unmounted: AtomicBool,
+    /// Signalled when an inode's last reference goes (for `unmount_wait`).
     closed: Condvar,
+    /// Wakes the background worker.
+    background: Mutex<Background>,
+    background_cv: Condvar,
     notes: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Background {
+    /// A shrinker pass is asked for.
+    shrink: bool,
+    /// The worker is to exit.
+    stop: bool,
+    /// Passes finished so far.
+    passes: u64,
+}
+
+/// Default cache budget: 64 MiB of inodes and dentries.
+pub const DEFAULT_CACHE_BUDGET: usize = 64 << 20;
+
+/// What the inode and dentry caches hold (see [`Fs::cache_usage`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheUsage {
+    /// Inodes in memory.
+    pub inodes: usize,
+    /// Inodes with a reference (lookups, handles or holds).
+    pub referenced: usize,
+    /// Cached names, positive and negative.
+    pub dentries: usize,
+    /// Their estimated memory, in bytes.
+    pub bytes: usize,
+    /// The budget the shrinker keeps them under.
+    pub budget: usize,
+    /// Shrinker passes run so far.
+    pub shrinker_passes: u64,
+}
+
+/// What one shrinker pass evicted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Shrunk {
+    pub inodes: usize,
+    pub dentries: usize,
+}
+
+/// An internal reference to an inode (like the kernel's `igrab`): while it
+/// lives the inode stays in memory and, if its last name is removed, on the
+/// orphan list. Dropping it releases the inode (freeing an unlinked one; if
+/// that fails, the orphan is reclaimed at the next mount).
+#[derive(Debug)]
+pub struct Hold<'a> {
+    fs: &'a Fs,
+    ino: Ino,
+}
+
+impl Hold<'_> {
+    pub fn ino(&self) -> Ino {
+        self.ino
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let _ = self.fs.put_ref(self.ino, |r| r.holds -= 1);
+    }
 }
 
 impl std::fmt::Debug for Fs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fs")
-            .field("device", &self.dev.path())
+            .field("device", &self.core.dev.path())
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        self.stop_worker();
     }
 }
 
@@ -363,65 +505,162 @@ impl Fs {
             "state block",
         )?;
         let orphan_head = u64::from_le_bytes(state_block);
-        let fs = Fs {
-            dev,
-            sb,
-            state: Mutex::new(State {
-                journal,
-                alloc,
-                free_inodes,
-                inodes: HashMap::default(),
-                open: HashMap::default(),
-                handles: HashSet::default(),
-                next_handle: 1,
-                orphan_head,
-                damaged,
-                unmounted: false,
+        let mut fs = Fs {
+            core: Arc::new(Core {
+                dev,
+                sb,
+                state: Mutex::new(State {
+                    journal,
+                    alloc,
+                    free_inodes,
+                    inodes: HashMap::default(),
+                    refs: HashMap::default(),
+                    handles: HashSet::default(),
+                    next_handle: 1,
+                    orphan_head,
+                    damaged,
+                    unmounted: false,
+                    cache_cost: 0,
+                    cache_budget: DEFAULT_CACHE_BUDGET,
+                }),
+                names: Dcache::new(),
+                unmounted: AtomicBool::new(false),
+                closed: Condvar::new(),
+                background: Mutex::new(Background::default()),
+                background_cv: Condvar::new(),
+                notes,
             }),
-            closed: Condvar::new(),
-            notes,
+            worker: Mutex::new(None),
         };
         let root = fs.getattr(ROOT)?;
         if root.kind != FileKind::Dir {
             return Err(Error::corrupt(
                 "root inode",
-                fs.sb.inode_offset(ROOT),
+                fs.core.sb.inode_offset(ROOT),
                 "not a directory",
             ));
         }
         let reclaimed = fs.reclaim_orphans()?;
-        let mut fs = fs;
         if reclaimed > 0 {
-            fs.notes
+            Arc::get_mut(&mut fs.core)
+                .expect("no other view before the worker starts")
+                .notes
                 .push(format!("reclaimed {reclaimed} orphaned inodes"));
         }
+        fs.start_worker()?;
         Ok(fs)
     }
 
-    /// Unmount: refused with [`Error::Busy`], naming them, while handles are
-    /// open; otherwise a clean journal checkpoint, after which every call
-    /// fails with [`Error::Unmounted`] (a second unmount too).
-    pub fn unmount(&self) -> Result<()> {
-        let mut st = self.lock()?;
-        if !st.open.is_empty() {
-            return Err(Error::Busy(busy_handles(&st)));
-        }
-        st.journal.close(&self.dev)?;
-        st.unmounted = true;
+    /// Start the background worker: the shrinker, woken when the caches
+    /// grow past their budget.
+    fn start_worker(&self) -> Result<()> {
+        let view = Fs {
+            core: Arc::clone(&self.core),
+            worker: Mutex::new(None),
+        };
+        let handle = std::thread::Builder::new()
+            .name("daxfs-shrinker".into())
+            .spawn(move || view.run_background())
+            .map_err(|source| {
+                Error::Device(pmem::Error::Io {
+                    path: self.core.dev.path().to_path_buf(),
+                    op: "start the background worker thread for",
+                    source,
+                })
+            })?;
+        *self.worker.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         Ok(())
     }
 
-    /// Unmount once the open handles are closed, waiting up to `timeout`
-    /// for them; on timeout, [`Error::Busy`] names what is still open.
+    fn run_background(&self) {
+        loop {
+            {
+                let mut bg = self.background();
+                while !bg.shrink && !bg.stop {
+                    bg = self
+                        .core
+                        .background_cv
+                        .wait(bg)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                if bg.stop {
+                    return;
+                }
+                bg.shrink = false;
+            }
+            // An error means the filesystem is unmounted: wait for stop.
+            let _ = self.shrink();
+            self.background().passes += 1;
+            self.core.background_cv.notify_all();
+        }
+    }
+
+    fn background(&self) -> MutexGuard<'_, Background> {
+        self.core
+            .background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stop the background worker and wait for it to finish its pass.
+    fn stop_worker(&self) {
+        let handle = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = handle {
+            self.background().stop = true;
+            self.core.background_cv.notify_all();
+            // The worker never panics on purpose; if it did, the pass it was
+            // running held only in-memory state that unmount throws away.
+            let _ = handle.join();
+        }
+    }
+
+    /// Unmount: refused with [`Error::Busy`], naming them, while inodes are
+    /// referenced (open handles, remembered lookups, holds); otherwise the
+    /// background work is stopped (a shrinker pass in flight finishes
+    /// first), the journal is checkpointed, and the caches are emptied.
+    /// Every later call fails with [`Error::Unmounted`], a second unmount
+    /// too.
+    pub fn unmount(&self) -> Result<()> {
+        {
+            let mut st = self.lock()?;
+            if !st.refs.is_empty() {
+                return Err(Error::Busy(busy_inodes(&st)));
+            }
+            st.journal.close(&self.core.dev)?;
+            st.unmounted = true;
+            self.core.unmounted.store(true, Ordering::Release);
+            st.inodes.clear();
+            st.cache_cost = 0;
+            self.core.names.clear();
+        }
+        self.stop_worker();
+        // Nothing may be left behind: not by the worker's last pass, not by
+        // a call that raced the unmount.
+        let st = self.lock_any();
+        if !st.inodes.is_empty() || !st.refs.is_empty() || self.core.names.len() > 0 {
+            let mut left: Vec<Ino> = st.inodes.keys().chain(st.refs.keys()).copied().collect();
+            left.sort_unstable();
+            left.dedup();
+            return Err(Error::Busy(format!(
+                "in-memory inodes left after unmount: {left:?} ({} dentries)",
+                self.core.names.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Unmount once every reference is gone, waiting up to `timeout` for
+    /// them; on timeout, [`Error::Busy`] names what is still referenced.
     pub fn unmount_wait(&self, timeout: std::time::Duration) -> Result<()> {
         let deadline = std::time::Instant::now() + timeout;
         let mut st = self.lock()?;
-        while !st.open.is_empty() {
+        while !st.refs.is_empty() {
             let now = std::time::Instant::now();
             if now >= deadline {
-                return Err(Error::Busy(busy_handles(&st)));
+                return Err(Error::Busy(busy_inodes(&st)));
             }
             st = self
+                .core
                 .closed
                 .wait_timeout(st, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
@@ -437,25 +676,32 @@ impl Fs {
     /// Unmount (if not done yet) and give the device back.
     pub fn into_device(self) -> Result<Device> {
         match self.unmount() {
-            Ok(()) | Err(Error::Unmounted) => Ok(self.dev),
-            Err(e) => Err(e),
+            Ok(()) | Err(Error::Unmounted) => {}
+            Err(e) => return Err(e),
+        }
+        self.stop_worker();
+        let core = Arc::clone(&self.core);
+        drop(self);
+        match Arc::try_unwrap(core) {
+            Ok(core) => Ok(core.dev),
+            Err(_) => Err(Error::Busy("another view of the filesystem is alive".into())),
         }
     }
 
     /// What mount had to say (a backup superblock used, journal replayed,
     /// orphans reclaimed).
     pub fn mount_notes(&self) -> &[String] {
-        &self.notes
+        &self.core.notes
     }
 
     /// The device under the filesystem.
     pub fn device(&self) -> &Device {
-        &self.dev
+        &self.core.dev
     }
 
     /// The filesystem's geometry.
     pub fn superblock(&self) -> &Superblock {
-        &self.sb
+        &self.core.sb
     }
 
     /// The state, for a call on a mounted filesystem.
@@ -469,7 +715,7 @@ impl Fs {
 
     /// The state, mounted or not.
     fn lock_any(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.core.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Run a changing call: `f` stages its changes; they commit if it
@@ -482,27 +728,37 @@ impl Fs {
             taken_inodes: Vec::new(),
             freed_inodes: Vec::new(),
             old_orphan_head: None,
+            names: Vec::new(),
         };
         let result = f(self, &mut st, &mut stage).and_then(|value| {
             st.alloc.stage(&mut stage.tx);
             let tx = std::mem::take(&mut stage.tx);
             let State { journal, .. } = &mut *st;
-            journal.commit(&self.dev, tx)?;
+            journal.commit(&self.core.dev, tx)?;
             Ok(value)
         });
         match result {
             Ok(value) => {
                 st.alloc.committed();
+                self.core.names.apply(&stage.names);
                 for ino in stage.freed_inodes {
+                    // Its names go before its number can be reused.
+                    self.core.names.purge_dir(ino);
                     st.free_inodes.insert(ino);
-                    st.inodes.remove(&ino);
+                    if let Some(cached) = st.inodes.remove(&ino) {
+                        st.cache_cost = st.cache_cost.saturating_sub(cached.cost());
+                    }
                 }
                 Ok(value)
             }
             Err(e) => {
                 st.alloc.abort();
                 for ino in stage.touched.iter().chain(&stage.taken_inodes) {
-                    st.inodes.remove(ino);
+                    // Reloaded from media when next used; the dentry cache
+                    // never saw the uncommitted names.
+                    if let Some(cached) = st.inodes.remove(ino) {
+                        st.cache_cost = st.cache_cost.saturating_sub(cached.cost());
+                    }
                 }
                 st.free_inodes.extend(stage.taken_inodes);
                 if let Some(head) = stage.old_orphan_head {
@@ -516,7 +772,7 @@ impl Fs {
     // ---- inodes -------------------------------------------------------------
 
     fn check_ino(&self, ino: Ino) -> Result<()> {
-        if ino == 0 || ino > self.sb.inode_count {
+        if ino == 0 || ino > self.core.sb.inode_count {
             return Err(Error::NotFound);
         }
         Ok(())
@@ -528,14 +784,14 @@ impl Fs {
         if st.damaged.contains(&ino) {
             return Err(Error::corrupt(
                 format!("inode {ino}"),
-                self.sb.inode_offset(ino),
+                self.core.sb.inode_offset(ino),
                 "damaged; it will not be changed",
             ));
         }
         if !st.inodes.contains_key(&ino) {
-            let offset = self.sb.inode_offset(ino);
+            let offset = self.core.sb.inode_offset(ino);
             let mut raw = [0u8; INODE_SIZE as usize];
-            let inode = read_meta(&self.dev, offset, &mut raw, &format!("inode {ino}"))
+            let inode = read_meta(&self.core.dev, offset, &mut raw, &format!("inode {ino}"))
                 .and_then(|()| Inode::decode(&raw, ino, offset));
             let inode = match inode {
                 Ok(inode) => inode,
@@ -548,8 +804,11 @@ impl Fs {
                 return Err(Error::NotFound);
             }
             st.inodes.insert(ino, Cached::new(inode));
+            self.charge(st, INODE_COST);
         }
-        Ok(st.inodes.get_mut(&ino).expect("inserted above"))
+        let cached = st.inodes.get_mut(&ino).expect("inserted above");
+        cached.accessed = true;
+        Ok(cached)
     }
 
     fn inode(&self, st: &mut State, ino: Ino) -> Result<Inode> {
@@ -558,12 +817,13 @@ impl Fs {
 
     /// Stage inode `ino` as `inode`.
     fn put_inode(&self, st: &mut State, stage: &mut Stage, ino: Ino, inode: Inode) {
-        stage.tx.write(self.sb.inode_offset(ino), &inode.encode());
+        stage.tx.write(self.core.sb.inode_offset(ino), &inode.encode());
         stage.touched.insert(ino);
         match st.inodes.get_mut(&ino) {
             Some(cached) => cached.inode = inode,
             None => {
                 st.inodes.insert(ino, Cached::new(inode));
+                self.charge(st, INODE_COST);
             }
         }
     }
@@ -573,9 +833,9 @@ impl Fs {
         loop {
             let ino = st.free_inodes.pop_first().ok_or(Error::NoSpace)?;
             // A free slot on poisoned media is never handed out.
-            if self
+            if self.core
                 .dev
-                .first_poison(self.sb.inode_offset(ino), INODE_SIZE)
+                .first_poison(self.core.sb.inode_offset(ino), INODE_SIZE)
                 .is_some()
             {
                 st.damaged.insert(ino);
@@ -642,9 +902,9 @@ impl Fs {
         let st = self.lock_any();
         StatFs {
             block_size: BLOCK,
-            blocks: self.sb.total_blocks - self.sb.data_start,
+            blocks: self.core.sb.total_blocks - self.core.sb.data_start,
             free_blocks: st.alloc.free_blocks(),
-            files: self.sb.inode_count,
+            files: self.core.sb.inode_count,
             free_files: st.free_inodes.len() as u64,
             name_max: crate::format::NAME_MAX as u64,
             free_huge_regions: st.alloc.free_regions(),
@@ -663,8 +923,8 @@ impl Fs {
             let mut next = inode.extent_block;
             let longest = (inode.extent_count as usize).div_ceil(OVERFLOW_EXTENTS) + 1;
             while next != 0 && extents.len() < inode.extent_count as usize {
-                if next < self.sb.data_start
-                    || next >= self.sb.total_blocks
+                if next < self.core.sb.data_start
+                    || next >= self.core.sb.total_blocks
                     || chain.len() > longest
                     || chain.contains(&next)
                 {
@@ -675,7 +935,7 @@ impl Fs {
                     ));
                 }
                 let mut raw = vec![0u8; BLOCK as usize];
-                read_meta(&self.dev, next * BLOCK, &mut raw, "extent block")?;
+                read_meta(&self.core.dev, next * BLOCK, &mut raw, "extent block")?;
                 let block = ExtentBlock::decode(&raw, next * BLOCK)?;
                 chain.push(next);
                 extents.extend(block.extents);
@@ -684,22 +944,22 @@ impl Fs {
             if extents.len() != inode.extent_count as usize {
                 return Err(Error::corrupt(
                     "extent map",
-                    self.sb.inode_offset(ino),
+                    self.core.sb.inode_offset(ino),
                     "extent count does not match",
                 ));
             }
             let mut last_end = 0;
             for e in &extents {
                 let inside = e.len > 0
-                    && e.physical >= self.sb.data_start
+                    && e.physical >= self.core.sb.data_start
                     && e.physical
                         .checked_add(e.len as u64)
-                        .is_some_and(|end| end <= self.sb.backup_block)
+                        .is_some_and(|end| end <= self.core.sb.backup_block)
                     && e.end() <= u32::MAX as u64
                     && e.logical as u64 >= last_end;
                 if !inside {
                     st.damaged.insert(ino);
-                    let offset = self.sb.inode_offset(ino);
+                    let offset = self.core.sb.inode_offset(ino);
                     return Err(Error::corrupt(
                         format!("extent map of inode {ino}"),
                         offset,
@@ -710,7 +970,9 @@ impl Fs {
             }
             let cached = self.cached(st, ino)?;
             cached.chain = chain;
+            let cost = extents.capacity() * 16;
             cached.extents = Some(extents);
+            self.charge(st, cost);
         }
         Ok(self.cached(st, ino)?.extents.as_mut().expect("read above"))
     }
@@ -750,7 +1012,7 @@ impl Fs {
         Ok(inode)
     }
 
-    // ---- handles and orphans ------------------------------------------------
+    // ---- references, handles and orphans ----------------------------------
 
     /// Open `ino`; the file stays usable after unlink until its last handle
     /// closes.
@@ -764,37 +1026,114 @@ impl Fs {
         let id = st.next_handle;
         st.next_handle += 1;
         st.handles.insert(id);
-        *st.open.entry(ino).or_default() += 1;
+        st.refs.entry(ino).or_default().opens += 1;
         Handle { ino, id }
     }
 
-    /// Close a handle; the last close of an unlinked file frees it.
+    /// Close a handle; the last reference to an unlinked file frees it.
     pub fn close(&self, handle: Handle) -> Result<()> {
-        let last = {
+        let free = {
             let mut st = self.lock()?;
             if !st.handles.remove(&handle.id) {
                 return Err(Error::Invalid("handle is not open"));
             }
-            let count = st.open.get_mut(&handle.ino).expect("an open handle counts");
-            *count -= 1;
-            let last = *count == 0;
-            if last {
-                st.open.remove(&handle.ino);
-                self.closed.notify_all();
-            }
-            last
+            self.put_ref_locked(&mut st, handle.ino, |r| r.opens -= 1)
         };
-        if last {
-            self.change(|fs, st, stage| {
-                let inode = fs.inode(st, handle.ino)?;
-                if inode.nlink == 0 {
-                    fs.remove_orphan(st, stage, handle.ino)?;
-                    fs.free_inode(st, stage, handle.ino)?;
-                }
+        self.release_if_unlinked(handle.ino, free)
+    }
+
+    /// `lookup` that the caller remembers (the FUSE protocol's lookup
+    /// count): the inode stays referenced until [`Fs::forget`] gives the
+    /// lookups back, and an unlinked one stays usable until then.
+    pub fn lookup_ref(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        let mut st = self.lock()?;
+        let ino = self.lookup_ino(&mut st, parent, name)?;
+        let inode = self.inode(&mut st, ino)?;
+        st.refs.entry(ino).or_default().lookups += 1;
+        Ok(Fs::attr(ino, &inode))
+    }
+
+    /// Count one more remembered lookup of `ino`, which the caller holds
+    /// some other reference to (a handle it just opened, a hold, a lookup).
+    pub fn remember(&self, ino: Ino) -> Result<()> {
+        let mut st = self.lock()?;
+        match st.refs.get_mut(&ino) {
+            Some(refs) => {
+                refs.lookups += 1;
                 Ok(())
-            })?;
+            }
+            None => Err(Error::Invalid("remember needs a referenced inode")),
         }
+    }
+
+    /// Give back `n` remembered lookups of `ino` (FUSE `forget`).
+    pub fn forget(&self, ino: Ino, n: u64) -> Result<()> {
+        {
+            let st = self.lock()?;
+            if st.refs.get(&ino).is_none_or(|r| r.lookups < n) {
+                return Err(Error::Invalid("forget of more lookups than were made"));
+            }
+        }
+        self.put_ref(ino, |r| r.lookups -= n)?;
         Ok(())
+    }
+
+    /// Hold `ino` in memory (and, once unlinked, on the orphan list) until
+    /// the returned [`Hold`] is dropped.
+    pub fn hold(&self, ino: Ino) -> Result<Hold<'_>> {
+        let mut st = self.lock()?;
+        self.inode(&mut st, ino)?;
+        st.refs.entry(ino).or_default().holds += 1;
+        Ok(Hold { fs: self, ino })
+    }
+
+    /// Drop one reference (`put` changes the counts; the caller checked it
+    /// may). At the last one, an unlinked inode is freed.
+    fn put_ref(&self, ino: Ino, put: impl FnOnce(&mut Refs)) -> Result<()> {
+        let free = {
+            let mut st = self.lock()?;
+            if !st.refs.contains_key(&ino) {
+                return Err(Error::Invalid("inode is not referenced"));
+            }
+            self.put_ref_locked(&mut st, ino, put)
+        };
+        self.release_if_unlinked(ino, free)
+    }
+
+    /// Drop one reference of a referenced inode; whether it was the last
+    /// of an inode that may be unlinked.
+    fn put_ref_locked(&self, st: &mut State, ino: Ino, put: impl FnOnce(&mut Refs)) -> bool {
+        let refs = st.refs.get_mut(&ino).expect("the caller checked");
+        put(refs);
+        if !refs.is_zero() {
+            return false;
+        }
+        st.refs.remove(&ino);
+        self.core.closed.notify_all();
+        st.inodes.get(&ino).is_none_or(|c| c.inode.nlink == 0)
+    }
+
+    /// Free `ino` if `maybe` says it lost its last reference and it has
+    /// no name left.
+    fn release_if_unlinked(&self, ino: Ino, maybe: bool) -> Result<()> {
+        if !maybe {
+            return Ok(());
+        }
+        // A new reference may have come in meanwhile: decide again under
+        // the lock the freeing takes.
+        self.change(|fs, st, stage| {
+            if st.refs.contains_key(&ino) {
+                return Ok(());
+            }
+            match fs.inode(st, ino) {
+                Ok(inode) if inode.nlink == 0 => {
+                    fs.remove_orphan(st, stage, ino)?;
+                    fs.free_inode(st, stage, ino)
+                }
+                Ok(_) | Err(Error::NotFound) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
     }
 
     fn set_orphan_head(&self, st: &mut State, stage: &mut Stage, head: Ino) {
@@ -802,7 +1141,7 @@ impl Fs {
         st.orphan_head = head;
         stage
             .tx
-            .write(self.sb.state_block * BLOCK, &head.to_le_bytes());
+            .write(self.core.sb.state_block * BLOCK, &head.to_le_bytes());
     }
 
     fn add_orphan(&self, st: &mut State, stage: &mut Stage, ino: Ino, mut inode: Inode) {
@@ -819,7 +1158,7 @@ impl Fs {
         }
         let mut at = st.orphan_head;
         let mut hops = 0;
-        while at != 0 && hops <= self.sb.inode_count {
+        while at != 0 && hops <= self.core.sb.inode_count {
             let mut inode = self.inode(st, at)?;
             if inode.next_orphan == ino {
                 inode.next_orphan = next;
@@ -831,7 +1170,7 @@ impl Fs {
         }
         Err(Error::corrupt(
             "orphan list",
-            self.sb.state_block * BLOCK,
+            self.core.sb.state_block * BLOCK,
             format!("inode {ino} is not on it"),
         ))
     }
@@ -844,10 +1183,10 @@ impl Fs {
             if head == 0 {
                 return Ok(reclaimed);
             }
-            if reclaimed > self.sb.inode_count {
+            if reclaimed > self.core.sb.inode_count {
                 return Err(Error::corrupt(
                     "orphan list",
-                    self.sb.state_block * BLOCK,
+                    self.core.sb.state_block * BLOCK,
                     "it loops",
                 ));
             }
@@ -883,7 +1222,7 @@ impl Fs {
         }
         stage
             .tx
-            .write(self.sb.inode_offset(ino), &[0u8; INODE_SIZE as usize]);
+            .write(self.core.sb.inode_offset(ino), &[0u8; INODE_SIZE as usize]);
         stage.touched.insert(ino);
         stage.freed_inodes.push(ino);
         Ok(())
@@ -903,7 +1242,7 @@ impl Fs {
             let mut raw = vec![0u8; BLOCK as usize];
             for (i, &block) in blocks.iter().enumerate() {
                 let offset = block * BLOCK;
-                if let Err(e) = read_meta(&self.dev, offset, &mut raw, "directory block") {
+                if let Err(e) = read_meta(&self.core.dev, offset, &mut raw, "directory block") {
                     st.damaged.insert(ino);
                     return Err(e);
                 }
@@ -922,7 +1261,9 @@ impl Fs {
                     }
                 }
             }
+            let cost = index.cost();
             self.cached(st, ino)?.dir = Some(index);
+            self.charge(st, cost);
         }
         Ok(self.cached(st, ino)?.dir.as_mut().expect("read above"))
     }
@@ -936,7 +1277,7 @@ impl Fs {
             if e.logical as usize != blocks.len() {
                 return Err(Error::corrupt(
                     "directory",
-                    self.sb.inode_offset(ino),
+                    self.core.sb.inode_offset(ino),
                     "its blocks have a hole",
                 ));
             }
@@ -946,18 +1287,18 @@ impl Fs {
     }
 }
 
-/// "2 open handles: inode 5 (1), inode 9 (1)".
-fn busy_handles(st: &State) -> String {
-    let mut open: Vec<(Ino, u32)> = st.open.iter().map(|(&i, &n)| (i, n)).collect();
-    open.sort_unstable();
-    let total: u32 = open.iter().map(|o| o.1).sum();
-    let list: Vec<String> = open
+/// "2 inodes referenced: inode 5 (1 open handle), inode 9 (2 lookups)".
+fn busy_inodes(st: &State) -> String {
+    let mut refs: Vec<(Ino, Refs)> = st.refs.iter().map(|(&i, &r)| (i, r)).collect();
+    refs.sort_unstable_by_key(|r| r.0);
+    let list: Vec<String> = refs
         .iter()
-        .map(|(i, n)| format!("inode {i} ({n})"))
+        .map(|(ino, r)| format!("inode {ino} ({r})"))
         .collect();
     format!(
-        "{total} open handle{}: {}",
-        if total == 1 { "" } else { "s" },
+        "{} inode{} referenced: {}",
+        refs.len(),
+        if refs.len() == 1 { "" } else { "s" },
         list.join(", ")
     )
 }

@@ -1,6 +1,7 @@
 //! Names: lookup, create, mkdir, symlink, link, unlink, rmdir, rename,
 //! readlink, readdir, extended attributes, and the path-based calls.
 
+use super::dcache::{Dentry, NameChange};
 use super::dir::Slot;
 use super::file::map;
 use super::{
@@ -18,6 +19,8 @@ const FIRST_ENTRY: u64 = 2;
 const MAX_LINKS: u32 = 65000;
 const SYMLINK_MAX: usize = 4095;
 const MAX_SYMLINK_HOPS: u32 = 40;
+const DT_DIR: u8 = libc::DT_DIR;
+const DT_LNK: u8 = libc::DT_LNK;
 
 fn check_name(name: &[u8]) -> Result<()> {
     if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
@@ -43,7 +46,7 @@ impl Fs {
         Ok(Fs::attr(ino, &inode))
     }
 
-    fn lookup_ino(&self, st: &mut State, parent: Ino, name: &[u8]) -> Result<Ino> {
+    pub(super) fn lookup_ino(&self, st: &mut State, parent: Ino, name: &[u8]) -> Result<Ino> {
         if name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
         }
@@ -58,10 +61,17 @@ impl Fs {
             }
             _ => {
                 check_name(name)?;
-                self.dir(st, parent)?
-                    .get(name)
-                    .map(|s| s.ino)
-                    .ok_or(Error::NotFound)
+                let found = self.dir(st, parent)?.get(name).map(|s| (s.ino, s.kind));
+                // A fact under the lock: the walks after this one need no lock.
+                self.core.names.fill(
+                    parent,
+                    name,
+                    match found {
+                        Some((ino, kind)) => Dentry::Positive { ino, kind },
+                        None => Dentry::Negative,
+                    },
+                );
+                found.map(|f| f.0).ok_or(Error::NotFound)
             }
         }
     }
@@ -174,7 +184,7 @@ impl Fs {
                 let (block, _) = st.alloc.alloc(1).ok_or(Error::NoSpace)?;
                 let mut data = target.to_vec();
                 data.resize(BLOCK as usize, 0);
-                fs.dev.memcpy_nodrain(block * BLOCK, &data)?;
+                fs.core.dev.memcpy_nodrain(block * BLOCK, &data)?;
                 inode.extent_count = 1;
                 inode.blocks = 1;
                 inode.set_inline_extents(&[Extent {
@@ -203,13 +213,13 @@ impl Fs {
             .ok_or_else(|| {
                 Error::corrupt(
                     format!("symlink {ino}"),
-                    self.sb.inode_offset(ino),
+                    self.core.sb.inode_offset(ino),
                     "no target block",
                 )
             })?
             .0;
         let mut target = vec![0u8; len.min(SYMLINK_MAX)];
-        crate::journal::read_meta(&self.dev, block * BLOCK, &mut target, "symlink target")?;
+        crate::journal::read_meta(&self.core.dev, block * BLOCK, &mut target, "symlink target")?;
         Ok(target)
     }
 
@@ -389,7 +399,7 @@ impl Fs {
 
     /// Whether `ancestor` is `ino` or lies on the path from `ino` to the root.
     fn is_ancestor(&self, st: &mut State, ancestor: Ino, mut ino: Ino) -> Result<bool> {
-        for _ in 0..=self.sb.inode_count {
+        for _ in 0..=self.core.sb.inode_count {
             if ino == ancestor {
                 return Ok(true);
             }
@@ -448,7 +458,7 @@ impl Fs {
         }
         let offset = inode.xattr_block * BLOCK;
         let mut raw = vec![0u8; BLOCK as usize];
-        crate::journal::read_meta(&self.dev, offset, &mut raw, "xattr block")?;
+        crate::journal::read_meta(&self.core.dev, offset, &mut raw, "xattr block")?;
         let bad = || Error::corrupt("xattr block", offset, "malformed");
         let word = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().expect("4"));
         if word(0) != XATTR_MAGIC {
@@ -640,7 +650,7 @@ impl Fs {
         inode.nlink = inode.nlink.checked_add_signed(by).ok_or_else(|| {
             Error::corrupt(
                 format!("inode {ino}"),
-                self.sb.inode_offset(ino),
+                self.core.sb.inode_offset(ino),
                 "link count underflow",
             )
         })?;
@@ -659,7 +669,7 @@ impl Fs {
         let (physical, _) = map(self.extents(st, dir)?, block).ok_or_else(|| {
             Error::corrupt(
                 "directory",
-                self.sb.inode_offset(dir),
+                self.core.sb.inode_offset(dir),
                 "slot in an unmapped block",
             )
         })?;
@@ -683,7 +693,7 @@ impl Fs {
                 // A new, zeroed directory block.
                 let blocks = self.dir(st, dir)?.blocks() as u64;
                 let (block, _) = st.alloc.alloc(1).ok_or(Error::NoSpace)?;
-                self.dev.memset_nodrain(block * BLOCK, 0, BLOCK)?;
+                self.core.dev.memset_nodrain(block * BLOCK, 0, BLOCK)?;
                 super::file::insert_extent(
                     self.extents(st, dir)?,
                     Extent {
@@ -707,6 +717,12 @@ impl Fs {
         };
         self.write_slots(st, stage, dir, pos, &dirent.encode())?;
         self.dir(st, dir)?.insert(&dirent, pos, slots);
+        stage.names.push(NameChange {
+            parent: dir,
+            name: name.to_vec(),
+            to: Dentry::Positive { ino, kind },
+            existed: false,
+        });
         self.touch_dir(st, stage, dir)
     }
 
@@ -735,6 +751,12 @@ impl Fs {
     ) -> Result<()> {
         self.write_slots(st, stage, dir, slot.pos, &vec![0u8; slot.slots * SLOT])?;
         self.dir(st, dir)?.remove(name);
+        stage.names.push(NameChange {
+            parent: dir,
+            name: name.to_vec(),
+            to: Dentry::Negative,
+            existed: true,
+        });
         self.touch_dir(st, stage, dir)
     }
 
@@ -756,6 +778,12 @@ impl Fs {
         };
         self.write_slots(st, stage, dir, slot.pos, &dirent.encode())?;
         self.dir(st, dir)?.retarget(name, ino, kind);
+        stage.names.push(NameChange {
+            parent: dir,
+            name: name.to_vec(),
+            to: Dentry::Positive { ino, kind },
+            existed: true,
+        });
         self.touch_dir(st, stage, dir)
     }
 
@@ -800,7 +828,7 @@ impl Fs {
         ino: Ino,
         inode: Inode,
     ) -> Result<()> {
-        if st.open.get(&ino).is_some_and(|&n| n > 0) {
+        if st.refs.contains_key(&ino) {
             self.add_orphan(st, stage, ino, inode);
             Ok(())
         } else {
@@ -812,9 +840,46 @@ impl Fs {
 
     /// The inode a path names, following symbolic links in every component
     /// but the last.
+    ///
+    /// A walk over cached names takes no lock (see the dentry cache); a
+    /// miss, a symbolic link or a racing rename sends it down the locked
+    /// path, which fills the cache for the next one.
     pub fn resolve(&self, path: impl AsRef<Path>) -> Result<Ino> {
+        let path = path.as_ref();
+        if let Some(answer) = self.resolve_cached(path) {
+            return answer;
+        }
         let mut st = self.lock()?;
-        self.resolve_in(&mut st, ROOT, path.as_ref(), false, &mut 0)
+        self.resolve_in(&mut st, ROOT, path, false, &mut 0)
+    }
+
+    /// The lock-free walk: `None` when it needs the locked path.
+    fn resolve_cached(&self, path: &Path) -> Option<Result<Ino>> {
+        if self.core.unmounted.load(std::sync::atomic::Ordering::Acquire) {
+            return Some(Err(Error::Unmounted));
+        }
+        self.core.names.walk(|get| {
+            let mut at = ROOT;
+            let mut components = path.components().peekable();
+            while let Some(component) = components.next() {
+                let name = match component {
+                    Component::RootDir | Component::CurDir => continue,
+                    Component::Normal(name) => name.as_encoded_bytes(),
+                    Component::ParentDir | Component::Prefix(_) => return None,
+                };
+                match get(at, name)? {
+                    Dentry::Negative => return Some(Err(Error::NotFound)),
+                    Dentry::Positive { ino, kind } => {
+                        let last = components.peek().is_none();
+                        if kind == DT_LNK || (!last && kind != DT_DIR) {
+                            return None;
+                        }
+                        at = ino;
+                    }
+                }
+            }
+            Some(Ok(at))
+        })
     }
 
     /// The directory a path names, following a symbolic link in the last
