@@ -47,7 +47,11 @@ fn on_threads(threads: usize, iters: u64, op: impl Fn(usize, u64) + Sync) -> Dur
             .collect();
         barrier.wait();
         let start = Instant::now();
-        let end = handles.into_iter().map(|h| h.join().unwrap()).max().unwrap();
+        let end = handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .max()
+            .unwrap();
         end - start
     })
 }
@@ -107,10 +111,18 @@ fn shrinker(c: &mut Criterion) {
     let (_dir, fs) = setup(1 << 30);
     let mut inos = Vec::with_capacity(FILES);
     for d in 0..100 {
-        let dir = fs.mkdir(ROOT, format!("d{d}").as_bytes(), 0o755, 0, 0).unwrap().ino;
+        let dir = fs
+            .mkdir(ROOT, format!("d{d}").as_bytes(), 0o755, 0, 0)
+            .unwrap()
+            .ino;
         for f in 0..FILES / 100 {
             let name = format!("f{f}");
-            inos.push(fs.create(dir, name.as_bytes(), 0o644, 0, 0, true).unwrap().0.ino);
+            inos.push(
+                fs.create(dir, name.as_bytes(), 0o644, 0, 0, true)
+                    .unwrap()
+                    .0
+                    .ino,
+            );
         }
     }
     let mut group = c.benchmark_group("namespace");

@@ -587,8 +587,10 @@ fn unmount_is_refused_while_handles_are_open_waits_when_asked_and_happens_once()
     let err = fs.unmount().unwrap_err();
     assert_eq!(err.errno(), libc::EBUSY);
     assert!(
-        err.to_string()
-            .contains(&format!("1 inode referenced: inode {} (1 open handle)", f.ino)),
+        err.to_string().contains(&format!(
+            "1 inode referenced: inode {} (1 open handle)",
+            f.ino
+        )),
         "{err}"
     );
     // Still fully usable after a refused unmount.

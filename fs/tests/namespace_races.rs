@@ -165,8 +165,14 @@ fn atomic_open_never_fails_stale_nor_makes_two_files_for_one_name() {
                                         // Tag it while the handle keeps it alive,
                                         // whatever renames and unlinks do meanwhile.
                                         let tag = next_tag.fetch_add(1, Ordering::Relaxed);
-                                        fs.setxattr(attr.ino, TAG, &tag.to_le_bytes(), false, false)
-                                            .unwrap();
+                                        fs.setxattr(
+                                            attr.ino,
+                                            TAG,
+                                            &tag.to_le_bytes(),
+                                            false,
+                                            false,
+                                        )
+                                        .unwrap();
                                         created.fetch_add(1, Ordering::Relaxed);
                                     } else {
                                         assert!(!opts.exclusive, "O_EXCL opened an existing file");
@@ -250,7 +256,10 @@ fn atomic_open_never_fails_stale_nor_makes_two_files_for_one_name() {
 
 #[test]
 fn directory_renames_against_walks_never_give_two_parents_or_a_cycle() {
-    let _dog = watchdog("the directory-rename race", secs() * 4 + Duration::from_secs(60));
+    let _dog = watchdog(
+        "the directory-rename race",
+        secs() * 4 + Duration::from_secs(60),
+    );
     let seed = seed("directory_renames");
     let (img, fs) = image(128 << 20);
     // Twelve directories, each with a tagged file "f", all starting at the
@@ -260,9 +269,17 @@ fn directory_renames_against_walks_never_give_two_parents_or_a_cycle() {
     for (i, name) in names.iter().enumerate() {
         let d = fs.mkdir(ROOT, name.as_bytes(), 0o755, 0, 0).unwrap().ino;
         let (f, h, _) = fs
-            .open_create(d, b"f", &CreateOptions { mode: 0o644, ..Default::default() })
+            .open_create(
+                d,
+                b"f",
+                &CreateOptions {
+                    mode: 0o644,
+                    ..Default::default()
+                },
+            )
             .unwrap();
-        fs.setxattr(f.ino, TAG, &(i as u64).to_le_bytes(), false, false).unwrap();
+        fs.setxattr(f.ino, TAG, &(i as u64).to_le_bytes(), false, false)
+            .unwrap();
         fs.close(h).unwrap();
         dir_inos.insert(d, name.clone());
     }
@@ -281,7 +298,11 @@ fn directory_renames_against_walks_never_give_two_parents_or_a_cycle() {
                     let Some(from) = find_parent(fs, &dirs, name) else {
                         continue;
                     };
-                    let to = if rng.below(4) == 0 { ROOT } else { *rng.pick(&dirs) };
+                    let to = if rng.below(4) == 0 {
+                        ROOT
+                    } else {
+                        *rng.pick(&dirs)
+                    };
                     let r = fs.rename(from, name, to, name, RenameFlags::default());
                     match r {
                         Ok(()) => {
@@ -346,23 +367,34 @@ fn find_parent(fs: &Fs, dirs: &[Ino], name: &[u8]) -> Option<Ino> {
 }
 
 /// Every directory is reachable from the root exactly once, its ".." is
-/// the directory it was found in, and it still holds its own file.
+/// the directory it was found in, it still holds its own file, and the
+/// cached walk of its path agrees.
 fn check_tree(fs: &Fs, dirs: &HashMap<Ino, String>) {
     let mut seen = HashSet::new();
-    let mut stack = vec![ROOT];
-    while let Some(dir) = stack.pop() {
+    let mut stack = vec![(ROOT, String::new())];
+    while let Some((dir, path)) = stack.pop() {
         for e in fs.readdir(dir, 2).unwrap() {
             if e.kind != FileKind::Dir {
                 continue;
             }
             assert!(seen.insert(e.ino), "directory {} has two parents", e.ino);
-            assert_eq!(fs.lookup(e.ino, b"..").unwrap().ino, dir, "its parent pointer");
+            assert_eq!(
+                fs.lookup(e.ino, b"..").unwrap().ino,
+                dir,
+                "its parent pointer"
+            );
             assert_eq!(dirs[&e.ino].as_bytes(), e.name.as_slice());
+            let path = format!("{path}/{}", dirs[&e.ino]);
+            assert_eq!(fs.resolve(&path).unwrap(), e.ino, "{path}");
             let f = fs.lookup(e.ino, b"f").unwrap();
+            assert_eq!(fs.resolve(format!("{path}/f")).unwrap(), f.ino, "{path}/f");
             assert_eq!(fs.getattr(e.ino).unwrap().nlink, 2 + count_dirs(fs, e.ino));
-            assert_eq!(fs.readdir(e.ino, 2).unwrap().len() as u32, 1 + count_dirs(fs, e.ino));
+            assert_eq!(
+                fs.readdir(e.ino, 2).unwrap().len() as u32,
+                1 + count_dirs(fs, e.ino)
+            );
             tag_of(fs, f.ino);
-            stack.push(e.ino);
+            stack.push((e.ino, path));
         }
     }
     assert_eq!(seen.len(), dirs.len(), "a directory was cut off (a cycle)");
@@ -381,7 +413,8 @@ fn links_and_unlinks_keep_link_counts_exact() {
     let d1 = fs.mkdir(ROOT, b"d1", 0o755, 0, 0).unwrap().ino;
     let d2 = fs.mkdir(ROOT, b"d2", 0o755, 0, 0).unwrap().ino;
     let file = fs.create(ROOT, b"orig", 0o644, 0, 0, true).unwrap().0.ino;
-    fs.setxattr(file, TAG, &7u64.to_le_bytes(), false, false).unwrap();
+    fs.setxattr(file, TAG, &7u64.to_le_bytes(), false, false)
+        .unwrap();
     let stop = AtomicBool::new(false);
     let names: Vec<Vec<u8>> = (0..6).map(|i| format!("l{i}").into_bytes()).collect();
     std::thread::scope(|s| {
@@ -436,7 +469,12 @@ fn the_shrinker_racing_unmount_leaves_no_busy_inode_behind() {
         let mut children = Vec::new();
         for i in 0..20 {
             let name = format!("child{i}");
-            children.push(fs.create(parent, name.as_bytes(), 0o644, 0, 0, true).unwrap().0.ino);
+            children.push(
+                fs.create(parent, name.as_bytes(), 0o644, 0, 0, true)
+                    .unwrap()
+                    .0
+                    .ino,
+            );
             fs.resolve(format!("/parent/{name}")).unwrap();
         }
         fs.set_cache_budget(1).unwrap();
@@ -503,7 +541,10 @@ fn references_of_every_kind_keep_an_unlinked_inode_and_block_unmount() {
     );
     assert_eq!(fs.forget(f.ino, 2).unwrap_err().errno(), libc::EINVAL);
     fs.forget(f.ino, 1).unwrap();
-    assert!(fs.statfs().free_blocks < before.free_blocks, "held, not freed");
+    assert!(
+        fs.statfs().free_blocks < before.free_blocks,
+        "held, not freed"
+    );
     drop(hold);
     let after = fs.statfs();
     assert_eq!(
@@ -534,10 +575,17 @@ fn the_caches_stay_under_budget_and_answers_stay_right() {
     let (_img, fs) = image(256 << 20);
     let mut inos = Vec::new();
     for d in 0..10 {
-        let dir = fs.mkdir(ROOT, format!("d{d}").as_bytes(), 0o755, 0, 0).unwrap().ino;
+        let dir = fs
+            .mkdir(ROOT, format!("d{d}").as_bytes(), 0o755, 0, 0)
+            .unwrap()
+            .ino;
         for f in 0..300 {
             let name = format!("f{f}");
-            let ino = fs.create(dir, name.as_bytes(), 0o644, 0, 0, true).unwrap().0.ino;
+            let ino = fs
+                .create(dir, name.as_bytes(), 0o644, 0, 0, true)
+                .unwrap()
+                .0
+                .ino;
             fs.write(ino, 0, name.as_bytes()).unwrap();
             inos.push((format!("/d{d}/{name}"), ino));
         }

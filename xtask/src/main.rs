@@ -252,9 +252,8 @@ fn bench(args: &[String]) -> Result<(), String> {
         "{:<34} {:>12} {:>12} {:>10}",
         "operation", "1 thread", "2 threads", "scaling"
     );
-    let scaling = |one: String, two: String| {
-        move |m: &Medians| Some(2.0 * m.get(&one)? / m.get(&two)?)
-    };
+    let scaling =
+        |one: String, two: String| move |m: &Medians| Some(2.0 * m.get(&one)? / m.get(&two)?);
     for (label, function) in [
         ("lookup of a cached depth-4 path", "lookup_depth4"),
         ("tmpfs stat of a depth-4 path", "tmpfs_stat_depth4"),

@@ -291,7 +291,10 @@ mod tests {
         let cache = Dcache::new();
         cache.fill(1, b"a", Dentry::Positive { ino: 5, kind: 1 });
         cache.fill(2, b"a", Dentry::Negative);
-        assert_eq!(cache.get(1, b"a"), Some(Dentry::Positive { ino: 5, kind: 1 }));
+        assert_eq!(
+            cache.get(1, b"a"),
+            Some(Dentry::Positive { ino: 5, kind: 1 })
+        );
         assert_eq!(cache.get(2, b"a"), Some(Dentry::Negative));
         assert_eq!(cache.get(3, b"a"), None);
         cache.purge_dir(1);

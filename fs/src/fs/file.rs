@@ -121,7 +121,8 @@ impl Fs {
             match map(extents, lblock) {
                 Some((physical, run)) => {
                     let n = (end - pos).min(run * BLOCK - within) as usize;
-                    let got = self.core
+                    let got = self
+                        .core
                         .dev
                         .read_mcsafe(physical * BLOCK + within, &mut buf[at..at + n])?;
                     if let Some(poison) = got.poison {
@@ -173,7 +174,8 @@ impl Fs {
                 let within = pos % BLOCK;
                 let n = (end - pos).min(run * BLOCK - within);
                 let from = (pos - offset) as usize;
-                fs.core.dev
+                fs.core
+                    .dev
                     .memcpy_nodrain(physical * BLOCK + within, &data[from..from + n as usize])
                     .map_err(media)?;
                 pos += n;
@@ -391,7 +393,8 @@ impl Fs {
             };
             for (from, to) in gaps {
                 if from < to {
-                    self.core.dev
+                    self.core
+                        .dev
                         .memset_nodrain(dev_at(from), 0, to - from)
                         .map_err(media)?;
                 }
@@ -416,7 +419,8 @@ impl Fs {
             let within = pos % BLOCK;
             let n = (to - pos).min(BLOCK - within);
             if let Some((physical, _)) = map(extents, pos / BLOCK) {
-                self.core.dev
+                self.core
+                    .dev
                     .memset_nodrain(physical * BLOCK + within, 0, n)
                     .map_err(media)?;
             }

@@ -17,8 +17,31 @@
 //! blocks go in place. Every write is durable when it returns, so `fsync` has
 //! nothing left to do but a fence.
 //!
-//! Concurrency is coarse for now: one lock over the state. (The namespace
-//! issue replaces it with per-inode locking and lock-free lookups.)
+//! ## Concurrency and lifecycle
+//!
+//! Changes are serialised by the state lock: the journal is one sequential
+//! log, and a metadata change costs a couple of microseconds, so a single
+//! writer at a time loses little and makes every change atomic against
+//! every other, which is what removes the races Linux shipped (an `O_CREAT`
+//! open racing a rename, a negative dentry turning positive under a caller):
+//! [`Fs::open_create`] looks up, creates and opens in one hold of the lock.
+//! Path walks take no lock at all: they read the dentry cache (`dcache`),
+//! a lock-free map validated by a sequence count that every committed
+//! removal or rename bumps, and fall back to the locked path on a miss.
+//! This differs from DESIGN.md's per-inode locking; see the README.
+//!
+//! In-memory inodes are counted three ways (`Refs`): remembered lookups (the
+//! FUSE protocol's `nlookup`, [`Fs::lookup_ref`] / [`Fs::forget`]), open
+//! handles, and internal holds ([`Fs::hold`]). Unreferenced inodes may be
+//! evicted by the shrinker (`shrink`), which a background worker runs when
+//! the caches pass their budget. An inode whose last name goes while it is
+//! referenced sits on the on-media orphan list until its last reference
+//! goes; a crash leaves it for the next mount to reclaim.
+//!
+//! [`Fs::unmount`] is refused while any inode is referenced; once it goes
+//! ahead, the worker is stopped (finishing its pass), the caches are emptied
+//! and checked empty, and every later call fails with
+//! [`Error::Unmounted`].
 
 mod check;
 mod dcache;
@@ -36,11 +59,11 @@ use crate::format::{
     OVERFLOW_EXTENTS, ROOT_INO, SLOTS_PER_BLOCK, SUPERBLOCK_LEN,
 };
 use crate::journal::{read_meta, Journal, Tx};
+use dcache::{Dcache, NameChange};
 use dir::DirIndex;
 use pmem::Device;
 use std::collections::BTreeSet;
 use std::hash::{BuildHasherDefault, Hasher};
-use dcache::{Dcache, NameChange};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -684,7 +707,9 @@ impl Fs {
         drop(self);
         match Arc::try_unwrap(core) {
             Ok(core) => Ok(core.dev),
-            Err(_) => Err(Error::Busy("another view of the filesystem is alive".into())),
+            Err(_) => Err(Error::Busy(
+                "another view of the filesystem is alive".into(),
+            )),
         }
     }
 
@@ -817,7 +842,9 @@ impl Fs {
 
     /// Stage inode `ino` as `inode`.
     fn put_inode(&self, st: &mut State, stage: &mut Stage, ino: Ino, inode: Inode) {
-        stage.tx.write(self.core.sb.inode_offset(ino), &inode.encode());
+        stage
+            .tx
+            .write(self.core.sb.inode_offset(ino), &inode.encode());
         stage.touched.insert(ino);
         match st.inodes.get_mut(&ino) {
             Some(cached) => cached.inode = inode,
@@ -833,7 +860,8 @@ impl Fs {
         loop {
             let ino = st.free_inodes.pop_first().ok_or(Error::NoSpace)?;
             // A free slot on poisoned media is never handed out.
-            if self.core
+            if self
+                .core
                 .dev
                 .first_poison(self.core.sb.inode_offset(ino), INODE_SIZE)
                 .is_some()

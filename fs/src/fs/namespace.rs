@@ -855,7 +855,11 @@ impl Fs {
 
     /// The lock-free walk: `None` when it needs the locked path.
     fn resolve_cached(&self, path: &Path) -> Option<Result<Ino>> {
-        if self.core.unmounted.load(std::sync::atomic::Ordering::Acquire) {
+        if self
+            .core
+            .unmounted
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             return Some(Err(Error::Unmounted));
         }
         self.core.names.walk(|get| {

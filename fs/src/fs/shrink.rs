@@ -31,7 +31,11 @@ impl Fs {
     }
 
     fn wake_shrinker(&self) {
-        let mut bg = self.core.background.lock().unwrap_or_else(|e| e.into_inner());
+        let mut bg = self
+            .core
+            .background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if !bg.shrink {
             bg.shrink = true;
             self.core.background_cv.notify_all();
@@ -41,7 +45,12 @@ impl Fs {
     /// What the caches hold now.
     pub fn cache_usage(&self) -> Result<CacheUsage> {
         let st = self.lock()?;
-        let passes = self.core.background.lock().unwrap_or_else(|e| e.into_inner()).passes;
+        let passes = self
+            .core
+            .background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .passes;
         let dentries = self.core.names.len();
         Ok(CacheUsage {
             inodes: st.inodes.len(),
@@ -137,7 +146,11 @@ impl Fs {
     /// after this call (for tests and tools that want a settled cache).
     pub fn wait_for_shrinker(&self, timeout: std::time::Duration) -> Result<bool> {
         let deadline = std::time::Instant::now() + timeout;
-        let mut bg = self.core.background.lock().unwrap_or_else(|e| e.into_inner());
+        let mut bg = self
+            .core
+            .background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let target = bg.passes + 1;
         bg.shrink = true;
         self.core.background_cv.notify_all();
