@@ -217,14 +217,26 @@ fn links_count_names_and_the_last_unlink_frees() {
 fn an_unlinked_open_file_stays_usable_until_closed_and_is_reclaimed_after_a_crash() {
     let (img, fs) = image(64 << 20);
     let (f, _) = fs.create(ROOT, b"tmp", 0o644, 0, 0, true).unwrap();
+    let before = fs.statfs();
     let handle = fs.open(f.ino).unwrap();
     fs.unlink(ROOT, b"tmp").unwrap();
+    fs.write(f.ino, 0, &vec![7u8; 3 << 20]).unwrap();
     fs.write(f.ino, 0, b"still here").unwrap();
+    fs.truncate(f.ino, 1 << 20).unwrap();
     let mut buf = [0u8; 10];
     assert_eq!(fs.read(f.ino, 0, &mut buf).unwrap(), 10);
-    assert_eq!(fs.getattr(f.ino).unwrap().nlink, 0);
+    assert_eq!(&buf, b"still here");
+    let attr = fs.getattr(f.ino).unwrap();
+    assert_eq!((attr.nlink, attr.size), (0, 1 << 20));
+    assert!(fs.statfs().free_blocks < before.free_blocks);
     fs.close(handle).unwrap();
     assert_eq!(errno(fs.getattr(f.ino)), libc::ENOENT);
+    let after = fs.statfs();
+    assert_eq!(
+        after.free_blocks, before.free_blocks,
+        "close freed the blocks"
+    );
+    assert_eq!(after.free_files, before.free_files + 1, "and the inode");
 
     // Crash while an unlinked file is open: the next mount reclaims it.
     let (g, _) = fs.create(ROOT, b"tmp2", 0o644, 0, 0, true).unwrap();
