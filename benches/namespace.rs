@@ -29,29 +29,27 @@ fn setup(size: u64) -> (tempfile::TempDir, Fs) {
 }
 
 /// Run `op` `iters` times on each of `threads` threads at once; the wall
-/// time from a common start to the last finish.
+/// time from the first thread's start to the last one's finish.
 fn on_threads(threads: usize, iters: u64, op: impl Fn(usize, u64) + Sync) -> Duration {
-    let barrier = std::sync::Barrier::new(threads + 1);
+    let barrier = std::sync::Barrier::new(threads);
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (barrier, op) = (&barrier, &op);
                 s.spawn(move || {
                     barrier.wait();
+                    let start = Instant::now();
                     for i in 0..iters {
                         op(t, i);
                     }
-                    Instant::now()
+                    (start, Instant::now())
                 })
             })
             .collect();
-        barrier.wait();
-        let start = Instant::now();
-        let end = handles
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .max()
-            .unwrap();
+        let times: Vec<(Instant, Instant)> =
+            handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let start = times.iter().map(|t| t.0).min().unwrap();
+        let end = times.iter().map(|t| t.1).max().unwrap();
         end - start
     })
 }
@@ -97,6 +95,19 @@ fn lookups(c: &mut Criterion) {
                     let name = format!("t{t}-{i}");
                     fs.create(work, name.as_bytes(), 0o644, 0, 0, true).unwrap();
                     fs.unlink(work, name.as_bytes()).unwrap();
+                })
+            })
+        });
+    }
+    let tmp_work = tmpfs.join("work");
+    std::fs::create_dir(&tmp_work).unwrap();
+    for threads in [1, 2] {
+        group.bench_function(BenchmarkId::new("tmpfs_create_unlink", threads), |b| {
+            b.iter_custom(|iters| {
+                on_threads(threads, iters, |t, i| {
+                    let path = tmp_work.join(format!("t{t}-{i}"));
+                    drop(std::fs::File::create(&path).unwrap());
+                    std::fs::remove_file(&path).unwrap();
                 })
             })
         });

@@ -258,6 +258,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         ("lookup of a cached depth-4 path", "lookup_depth4"),
         ("tmpfs stat of a depth-4 path", "tmpfs_stat_depth4"),
         ("create + unlink, one directory", "create_unlink"),
+        ("tmpfs create + unlink, one dir", "tmpfs_create_unlink"),
     ] {
         let one = format!("namespace/{function}/1");
         let two = format!("namespace/{function}/2");

@@ -34,7 +34,7 @@
 use super::Ino;
 use crate::format::NAME_MAX;
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasher, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -47,28 +47,39 @@ pub(crate) enum Dentry {
     Negative,
 }
 
-/// A lookup key: the parent's inode number (little endian) and the name.
-struct Key {
-    bytes: [u8; 8 + NAME_MAX],
-    len: usize,
+/// A key as stored: the parent's inode number (little endian), then the
+/// name.
+fn stored_key(parent: Ino, name: &[u8]) -> Box<[u8]> {
+    let mut key = Vec::with_capacity(8 + name.len());
+    key.extend_from_slice(&parent.to_le_bytes());
+    key.extend_from_slice(name);
+    key.into_boxed_slice()
 }
 
-impl Key {
-    fn new(parent: Ino, name: &[u8]) -> Option<Key> {
-        if name.len() > NAME_MAX {
-            return None;
-        }
-        let mut bytes = [0u8; 8 + NAME_MAX];
-        bytes[..8].copy_from_slice(&parent.to_le_bytes());
-        bytes[8..8 + name.len()].copy_from_slice(name);
-        Some(Key {
-            bytes,
-            len: 8 + name.len(),
-        })
-    }
+/// A key to look up with, borrowed: hashes and compares as the stored key
+/// would, without building it.
+#[derive(Clone, Copy)]
+struct KeyRef<'a> {
+    parent: Ino,
+    name: &'a [u8],
+}
 
-    fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
+impl Hash for KeyRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // What `<[u8] as Hash>` does with the stored key: the length, then
+        // the bytes (the parent's 8 bytes end on a word boundary, so writing
+        // them apart hashes as writing them together).
+        state.write_usize(8 + self.name.len());
+        state.write(&self.parent.to_le_bytes());
+        state.write(self.name);
+    }
+}
+
+impl papaya::Equivalent<Box<[u8]>> for KeyRef<'_> {
+    fn equivalent(&self, key: &Box<[u8]>) -> bool {
+        key.len() == 8 + self.name.len()
+            && key[..8] == self.parent.to_le_bytes()
+            && key[8..] == *self.name
     }
 }
 
@@ -182,8 +193,7 @@ impl Dcache {
     /// What the cache knows of `name` in `parent` (lock-free).
     #[cfg(test)]
     pub fn get(&self, parent: Ino, name: &[u8]) -> Option<Dentry> {
-        let key = Key::new(parent, name)?;
-        self.map.pin().get(key.as_bytes()).copied()
+        self.map.pin().get(&KeyRef { parent, name }).copied()
     }
 
     /// Run a lock-free walk: `walk` reads entries through the lookup it is
@@ -199,10 +209,7 @@ impl Dcache {
             return None;
         }
         let map = self.map.pin();
-        let lookup = |parent: Ino, name: &[u8]| {
-            let key = Key::new(parent, name)?;
-            map.get(key.as_bytes()).copied()
-        };
+        let lookup = |parent: Ino, name: &[u8]| map.get(&KeyRef { parent, name }).copied();
         let answer = walk(&lookup)?;
         // Order the entry loads before the re-read of the count (the read
         // side of a seqlock).
@@ -216,10 +223,10 @@ impl Dcache {
     }
 
     fn put(&self, parent: Ino, name: &[u8], dentry: Dentry) {
-        let Some(key) = Key::new(parent, name) else {
+        if name.len() > NAME_MAX {
             return;
-        };
-        let key: Box<[u8]> = key.as_bytes().into();
+        }
+        let key = stored_key(parent, name);
         let map = self.map.pin();
         if map.insert(key.clone(), dentry).is_none() {
             self.names
@@ -297,6 +304,19 @@ mod tests {
         );
         assert_eq!(cache.get(2, b"a"), Some(Dentry::Negative));
         assert_eq!(cache.get(3, b"a"), None);
+        assert_eq!(cache.get(1, b"ab"), None);
+        // Borrowed keys hash as stored ones, whatever the name's length.
+        for len in [0, 1, 7, 8, 9, 255] {
+            let name = vec![b'x'; len];
+            let hasher = KeyHasher::new();
+            assert_eq!(
+                hasher.hash_one(KeyRef {
+                    parent: 9,
+                    name: &name
+                }),
+                hasher.hash_one(stored_key(9, &name))
+            );
+        }
         cache.purge_dir(1);
         assert_eq!(cache.get(1, b"a"), None);
         assert_eq!(cache.get(2, b"a"), Some(Dentry::Negative));

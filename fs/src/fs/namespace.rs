@@ -46,6 +46,8 @@ impl Fs {
         Ok(Fs::attr(ino, &inode))
     }
 
+    /// Never call this inside a change: it fills the dentry cache with what
+    /// the directory index says now, which a failing change would undo.
     pub(super) fn lookup_ino(&self, st: &mut State, parent: Ino, name: &[u8]) -> Result<Ino> {
         if name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
@@ -846,15 +848,17 @@ impl Fs {
     /// path, which fills the cache for the next one.
     pub fn resolve(&self, path: impl AsRef<Path>) -> Result<Ino> {
         let path = path.as_ref();
-        if let Some(answer) = self.resolve_cached(path) {
+        if let Some(answer) = self.resolve_cached(path, false) {
             return answer;
         }
         let mut st = self.lock()?;
         self.resolve_in(&mut st, ROOT, path, false, &mut 0)
     }
 
-    /// The lock-free walk: `None` when it needs the locked path.
-    fn resolve_cached(&self, path: &Path) -> Option<Result<Ino>> {
+    /// The lock-free walk: `None` when it needs the locked path. With
+    /// `want_dir`, the answer must be a directory (anything else, a symbolic
+    /// link to follow included, takes the locked path).
+    fn resolve_cached(&self, path: &Path, want_dir: bool) -> Option<Result<Ino>> {
         if self
             .core
             .unmounted
@@ -862,20 +866,25 @@ impl Fs {
         {
             return Some(Err(Error::Unmounted));
         }
+        // `Path::components` without its cost: empty names and `.` go, `..`
+        // needs the parent pointer and so the locked path.
+        let mut names = path
+            .as_os_str()
+            .as_encoded_bytes()
+            .split(|&b| b == b'/')
+            .filter(|name| !name.is_empty() && *name != b".")
+            .peekable();
         self.core.names.walk(|get| {
             let mut at = ROOT;
-            let mut components = path.components().peekable();
-            while let Some(component) = components.next() {
-                let name = match component {
-                    Component::RootDir | Component::CurDir => continue,
-                    Component::Normal(name) => name.as_encoded_bytes(),
-                    Component::ParentDir | Component::Prefix(_) => return None,
-                };
+            while let Some(name) = names.next() {
+                if name == b".." {
+                    return None;
+                }
                 match get(at, name)? {
                     Dentry::Negative => return Some(Err(Error::NotFound)),
                     Dentry::Positive { ino, kind } => {
-                        let last = components.peek().is_none();
-                        if kind == DT_LNK || (!last && kind != DT_DIR) {
+                        let need_dir = want_dir || names.peek().is_some();
+                        if kind == DT_LNK || (need_dir && kind != DT_DIR) {
                             return None;
                         }
                         at = ino;
@@ -889,6 +898,9 @@ impl Fs {
     /// The directory a path names, following a symbolic link in the last
     /// component too (as the parent of a new name is resolved).
     fn resolve_dir(&self, path: &Path) -> Result<Ino> {
+        if let Some(answer) = self.resolve_cached(path, true) {
+            return answer;
+        }
         let mut st = self.lock()?;
         let ino = self.resolve_in(&mut st, ROOT, path, true, &mut 0)?;
         if !self.inode(&mut st, ino)?.is_dir() {
