@@ -238,7 +238,8 @@ impl Dcache {
         }
     }
 
-    /// Apply the name changes of a committed transaction.
+    /// Apply the name changes of a committed transaction to the names the
+    /// cache holds.
     pub fn apply(&self, changes: &[NameChange]) {
         if changes.is_empty() {
             return;
@@ -250,8 +251,18 @@ impl Dcache {
             self.seq.store(seq + 1, Ordering::Relaxed);
             fence(Ordering::Release);
         }
+        // Only names the cache holds need changing: a miss takes the locked
+        // path anyway, and filling here would make every create pay for a
+        // lookup that may never come.
+        let map = self.map.pin();
         for change in changes {
-            self.put(change.parent, &change.name, change.to);
+            let key = KeyRef {
+                parent: change.parent,
+                name: &change.name,
+            };
+            if map.get(&key).is_some() {
+                map.insert(stored_key(change.parent, &change.name), change.to);
+            }
         }
         if section {
             let seq = self.seq.load(Ordering::Relaxed);

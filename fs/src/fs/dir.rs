@@ -101,11 +101,13 @@ impl DirIndex {
     /// The first position with `slots` free consecutive slots in one block,
     /// or `None` when every block is too full (a new block is needed).
     pub fn find_room(&self, slots: usize) -> Option<u64> {
-        let want = run_mask(0, slots);
         self.used.iter().enumerate().find_map(|(block, &used)| {
-            (0..=SLOTS_PER_BLOCK - slots)
-                .find(|&first| used & (want << first) == 0)
-                .map(|first| (block * SLOTS_PER_BLOCK + first) as u64)
+            // Bit p of `starts` is set when slots p..p + slots are all free
+            // (shifting brings in used bits past the block's end).
+            let free = !used;
+            let starts = (1..slots).fold(free, |m, i| m & (free >> i));
+            (starts != 0)
+                .then(|| (block * SLOTS_PER_BLOCK + starts.trailing_zeros() as usize) as u64)
         })
     }
 
@@ -150,5 +152,12 @@ mod tests {
         assert_eq!(d.find_room(3), Some(0));
         let names: Vec<&[u8]> = d.entries_from(0).map(|(_, n, _)| n).collect();
         assert_eq!(names, vec![b"b".as_slice()]);
+        // A run never spills past a block's end into the next block.
+        let mut d = DirIndex::with_blocks(2);
+        d.insert(&e(b"a"), 0, 125);
+        assert_eq!(d.find_room(3), Some(125));
+        assert_eq!(d.find_room(4), Some(128));
+        d.insert(&e(b"b"), 125, 3);
+        assert_eq!(d.find_room(1), Some(128));
     }
 }
