@@ -1,6 +1,8 @@
 //! The `daxfs` command: create, describe, poison and scrub pmem devices.
 
+mod fuse;
 mod huge;
+mod mount;
 mod size;
 
 use clap::{Args, Parser, Subcommand};
@@ -44,6 +46,15 @@ enum Command {
     Scrub(ImageArg),
     /// Make a daxfs filesystem on a device (creating the image with --size).
     Mkfs(MkfsArgs),
+    /// Mount a filesystem with FUSE (by default ./pmem0.img, created when
+    /// missing, at ./mnt).
+    ///
+    /// Returns once the mount is ready; the daemon keeps serving it in the
+    /// background until `daxfs umount` (or umount) unmounts it.
+    Mount(mount::MountArgs),
+    /// Unmount a daxfs mount and wait until the daemon has written
+    /// everything back and released the image.
+    Umount(mount::UmountArgs),
     /// Check a filesystem; with --repair, fix what can be fixed.
     ///
     /// Exit codes as fsck(8): 0 clean, 1 errors corrected, 4 errors left
@@ -209,6 +220,8 @@ fn run(command: Command) -> Outcome {
         Command::ClearErrors(args) => clear(args),
         Command::Scrub(args) => scrub(&args.image),
         Command::Mkfs(args) => mkfs(args),
+        Command::Mount(args) => mount::mount(args),
+        Command::Umount(args) => mount::umount(args),
         Command::Fsck(_) => unreachable!("fsck exits with its own codes, above"),
     }
 }

@@ -1106,6 +1106,33 @@ impl Fs {
         Ok(())
     }
 
+    /// Give back every remembered lookup (the kernel that made them is
+    /// gone: FUSE `destroy`). Returns how many inodes are still referenced
+    /// by handles or holds afterwards; unlinked inodes that only lookups
+    /// kept are freed.
+    pub fn forget_all_lookups(&self) -> Result<u64> {
+        let (released, left) = {
+            let mut st = self.lock()?;
+            let remembered: Vec<Ino> = st
+                .refs
+                .iter()
+                .filter(|(_, r)| r.lookups > 0)
+                .map(|(&ino, _)| ino)
+                .collect();
+            let mut released = Vec::new();
+            for ino in remembered {
+                if self.put_ref_locked(&mut st, ino, |r| r.lookups = 0) {
+                    released.push(ino);
+                }
+            }
+            (released, st.refs.len() as u64)
+        };
+        for ino in released {
+            self.release_if_unlinked(ino, true)?;
+        }
+        Ok(left)
+    }
+
     /// Hold `ino` in memory (and, once unlinked, on the orphan list) until
     /// the returned [`Hold`] is dropped.
     pub fn hold(&self, ino: Ino) -> Result<Hold<'_>> {

@@ -1,0 +1,414 @@
+//! daxfs mounted with FUSE, used through real system calls. Every mount is
+//! in a temporary directory and is unmounted when its guard drops, also
+//! when a test fails (lazily, and the daemon killed, if a clean unmount is
+//! refused).
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn daxfs(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_daxfs"))
+        .args(args)
+        .output()
+        .expect("run daxfs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn is_mounted(at: &Path) -> bool {
+    let at = at.to_string_lossy().into_owned();
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(at.as_str()))
+}
+
+/// A mounted image; unmounts (whatever happens) when dropped.
+struct Mounted {
+    _dir: tempfile::TempDir,
+    img: PathBuf,
+    mnt: PathBuf,
+    pid: Option<i32>,
+}
+
+impl Mounted {
+    fn new(options: &str) -> Mounted {
+        let dir = tempfile::Builder::new()
+            .prefix("daxfs-mount")
+            .tempdir_in("/dev/shm")
+            .unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let img = dir.path().join("pmem0.img");
+        let mnt = dir.path().join("mnt");
+        let mut m = Mounted {
+            _dir: dir,
+            img,
+            mnt,
+            pid: None,
+        };
+        m.mount(options);
+        m
+    }
+
+    fn mount(&mut self, options: &str) {
+        let mut args = vec!["mount".as_ref(), self.img.as_os_str(), self.mnt.as_os_str()];
+        if !options.is_empty() {
+            args.push(std::ffi::OsStr::new("-o"));
+            args.push(std::ffi::OsStr::new(options));
+        }
+        let out = daxfs(&args);
+        assert!(out.status.success(), "mount: {}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        self.pid = stdout
+            .split("daemon pid ")
+            .nth(1)
+            .and_then(|s| s.trim().trim_end_matches(')').parse().ok());
+        assert!(self.pid.is_some(), "{stdout}");
+        assert!(is_mounted(&self.mnt), "mounted once mount returned");
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.mnt.join(p)
+    }
+
+    fn umount(&mut self) -> Output {
+        let out = daxfs(&["umount".as_ref(), self.mnt.as_os_str()]);
+        if out.status.success() {
+            self.pid = None;
+        }
+        out
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let out = self.umount();
+            if !out.status.success() {
+                let c = CString::new(self.mnt.as_os_str().as_bytes()).unwrap();
+                // SAFETY: a valid C string; a lazy unmount has no other effect
+                // on this process.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        if let Some(pid) = self.pid {
+            // The daemon exits once unmounted; if not soon, kill it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // SAFETY: signalling a process this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn fsck_clean(img: &Path) {
+    let out = daxfs(&["fsck".as_ref(), img.as_os_str()]);
+    assert!(out.status.success(), "fsck: {}", text(&out));
+}
+
+#[test]
+fn posix_calls_through_the_kernel_and_the_files_survive_unmount() {
+    let mut m = Mounted::new("");
+    // Files and directories.
+    fs::create_dir(m.path("docs")).unwrap();
+    fs::write(m.path("docs/a.txt"), b"hello, pmem").unwrap();
+    assert_eq!(fs::read(m.path("docs/a.txt")).unwrap(), b"hello, pmem");
+    let mut names: Vec<String> = fs::read_dir(m.path("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a.txt"]);
+    assert_eq!(
+        fs::remove_dir(m.path("docs")).unwrap_err().raw_os_error(),
+        Some(libc::ENOTEMPTY)
+    );
+    // Hard links and symlinks.
+    fs::hard_link(m.path("docs/a.txt"), m.path("b.txt")).unwrap();
+    assert_eq!(fs::metadata(m.path("b.txt")).unwrap().nlink(), 2);
+    std::os::unix::fs::symlink("docs/a.txt", m.path("link")).unwrap();
+    assert_eq!(
+        fs::read_link(m.path("link")).unwrap(),
+        Path::new("docs/a.txt")
+    );
+    assert_eq!(fs::read(m.path("link")).unwrap(), b"hello, pmem");
+    // Renames, with RENAME_NOREPLACE through renameat2.
+    fs::rename(m.path("b.txt"), m.path("docs/c.txt")).unwrap();
+    assert!(!m.path("b.txt").exists());
+    fs::write(m.path("other"), b"x").unwrap();
+    let (from, to) = (
+        CString::new(m.path("other").as_os_str().as_bytes()).unwrap(),
+        CString::new(m.path("docs/c.txt").as_os_str().as_bytes()).unwrap(),
+    );
+    // SAFETY: valid C strings.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EEXIST)
+    );
+    // O_APPEND and O_TRUNC.
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(m.path("other"))
+        .unwrap();
+    f.write_all(b"yz").unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.path("other")).unwrap(), b"xyz");
+    drop(
+        OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(m.path("other"))
+            .unwrap(),
+    );
+    assert_eq!(fs::metadata(m.path("other")).unwrap().len(), 0);
+    // A sparse file with data beyond 4 GiB.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(m.path("sparse"))
+        .unwrap();
+    let far = 5u64 << 30;
+    f.write_all_at(b"far away", far).unwrap();
+    let meta = f.metadata().unwrap();
+    assert_eq!(meta.len(), far + 8);
+    // At most the one 2 MiB extent a file this large gets around its data.
+    assert!(
+        meta.blocks() * 512 <= 2 << 20,
+        "sparse: {} blocks",
+        meta.blocks()
+    );
+    let mut buf = [1u8; 8];
+    f.read_exact_at(&mut buf, far).unwrap();
+    assert_eq!(&buf, b"far away");
+    f.read_exact_at(&mut buf, 1 << 30).unwrap();
+    assert_eq!(buf, [0; 8], "holes read as zeros");
+    drop(f);
+    // Permissions and timestamps.
+    fs::set_permissions(m.path("other"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        fs::metadata(m.path("other")).unwrap().mode() & 0o7777,
+        0o600
+    );
+    let then = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    File::options()
+        .write(true)
+        .open(m.path("other"))
+        .unwrap()
+        .set_modified(then)
+        .unwrap();
+    assert_eq!(
+        fs::metadata(m.path("other")).unwrap().modified().unwrap(),
+        then
+    );
+    // A larger file, written and read through the 1 MiB requests.
+    let big: Vec<u8> = (0..5u32 << 20).map(|i| (i % 251) as u8).collect();
+    fs::write(m.path("big"), &big).unwrap();
+    let mut back = Vec::new();
+    File::open(m.path("big"))
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert!(back == big, "5 MiB round trip");
+    // Unlink while open: still readable through the open file.
+    let mut open = File::open(m.path("docs/a.txt")).unwrap();
+    fs::remove_file(m.path("docs/a.txt")).unwrap();
+    fs::remove_file(m.path("link")).unwrap();
+    let mut s = String::new();
+    open.seek(SeekFrom::Start(0)).unwrap();
+    open.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "hello, pmem");
+    drop(open);
+
+    let out = m.umount();
+    assert!(out.status.success(), "umount: {}", text(&out));
+    assert!(!is_mounted(&m.mnt));
+    fsck_clean(&m.img);
+    m.mount("");
+    assert_eq!(fs::read(m.path("docs/c.txt")).unwrap(), b"hello, pmem");
+    assert_eq!(fs::metadata(m.path("sparse")).unwrap().len(), far + 8);
+    assert_eq!(fs::read(m.path("big")).unwrap().len(), big.len());
+}
+
+#[test]
+fn mmap_of_a_file_agrees_with_read_and_write() {
+    let m = Mounted::new("");
+    let path = m.path("mapped");
+    fs::write(&path, vec![0u8; 8192]).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    // SAFETY: a fresh shared mapping of an open file; only this test uses it.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    // SAFETY: the mapping is 8192 bytes long and lives until munmap below.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(map as *mut u8, 8192) };
+    f.write_all_at(b"written", 100).unwrap();
+    assert_eq!(
+        &bytes[100..107],
+        b"written",
+        "write() is seen by the mapping"
+    );
+    bytes[5000..5006].copy_from_slice(b"stored");
+    // SAFETY: the mapping above.
+    assert_eq!(unsafe { libc::msync(map, 8192, libc::MS_SYNC) }, 0);
+    let mut buf = [0u8; 6];
+    f.read_exact_at(&mut buf, 5000).unwrap();
+    assert_eq!(&buf, b"stored", "stores are seen by read()");
+    // SAFETY: unmapping the mapping made above.
+    unsafe { libc::munmap(map, 8192) };
+}
+
+#[test]
+fn a_second_mount_is_refused_naming_where_and_a_busy_unmount_says_so() {
+    let mut m = Mounted::new("");
+    let other = m._dir.path().join("other");
+    let out = daxfs(&["mount".as_ref(), m.img.as_os_str(), other.as_os_str()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already mounted at") && err.contains(&*m.mnt.to_string_lossy()),
+        "{err}"
+    );
+    let open = File::create(m.path("held")).unwrap();
+    let out = m.umount();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("busy"),
+        "{}",
+        text(&out)
+    );
+    drop(open);
+    let out = m.umount();
+    assert!(out.status.success(), "{}", text(&out));
+    fsck_clean(&m.img);
+}
+
+#[test]
+fn sigterm_to_a_foreground_daemon_unmounts_cleanly() {
+    let dir = tempfile::Builder::new()
+        .prefix("daxfs-mount")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let (img, mnt) = (dir.path().join("img"), dir.path().join("mnt"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_daxfs"))
+        .args([
+            "mount".as_ref(),
+            img.as_os_str(),
+            mnt.as_os_str(),
+            "--foreground".as_ref(),
+        ])
+        .spawn()
+        .unwrap();
+    // Whatever happens, the mount goes and the daemon dies.
+    struct Guard<'a>(&'a Path, &'a mut std::process::Child);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            if is_mounted(self.0) {
+                let c = CString::new(self.0.as_os_str().as_bytes()).unwrap();
+                // SAFETY: a valid C string.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+            let _ = self.1.kill();
+            let _ = self.1.wait();
+        }
+    }
+    let pid = child.id() as i32;
+    let guard = Guard(&mnt, &mut child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !is_mounted(&mnt) {
+        assert!(
+            Instant::now() < deadline,
+            "the foreground mount never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fs::write(mnt.join("kept"), b"across a signal").unwrap();
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = guard.1.wait().unwrap();
+    assert!(status.success(), "the daemon exits cleanly: {status}");
+    assert!(!is_mounted(&mnt));
+    drop(guard);
+    fsck_clean(&img);
+    let out = daxfs(&["info".as_ref(), img.as_os_str()]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn permissions_are_checked_for_another_user() {
+    let m = Mounted::new("allow_other");
+    fs::create_dir(m.path("private")).unwrap();
+    fs::set_permissions(m.path("private"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::create_dir(m.path("shared")).unwrap();
+    fs::set_permissions(m.path("shared"), fs::Permissions::from_mode(0o777)).unwrap();
+    fs::write(m.path("readable"), b"anyone may read").unwrap();
+    fs::set_permissions(m.path("readable"), fs::Permissions::from_mode(0o644)).unwrap();
+    // A child that becomes `nobody` and reports what it may do.
+    let as_nobody = |script: &str| -> Output {
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&m.mnt)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody("cat readable");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(out.stdout, b"anyone may read");
+    let out = as_nobody("echo x >> readable");
+    assert!(
+        !out.status.success(),
+        "nobody may not write a 0644 file of root's"
+    );
+    let out = as_nobody("ls private");
+    assert!(!out.status.success(), "nor list a 0700 directory");
+    let out = as_nobody("echo mine > shared/f && cat shared/f");
+    assert!(out.status.success(), "{}", text(&out));
+    let meta = fs::metadata(m.path("shared/f")).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (65534, 65534),
+        "owned by its creator"
+    );
+}

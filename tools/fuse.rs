@@ -1,0 +1,676 @@
+//! The FUSE adapter: kernel requests become calls of the library.
+//!
+//! It is thin on purpose. Names, inodes, link counts, orphans and atomic
+//! open are the filesystem's business ([`daxfs::Fs`]); this layer converts
+//! types, keeps the kernel's lookup counts as the filesystem's lookup
+//! references (every reply that hands the kernel an inode counts one, every
+//! `forget` gives them back), and maps FUSE file handles to library ones.
+//! No request can stop the daemon: every error becomes an errno.
+
+use daxfs::{Attr, CreateOptions, FileKind, Fs, Handle, SetAttr, Timestamp};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
+    OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the kernel may trust attributes and names. Only this daemon
+/// changes the filesystem, and it tells the kernel when poison changes
+/// what a range holds, so a second is safe and saves most lookups.
+const TTL: Duration = Duration::from_secs(1);
+
+/// Counts the daemon keeps (for `daxfs stat`).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    /// Inodes still referenced when the kernel went away.
+    pub leaked: AtomicU64,
+}
+
+pub struct DaxFuse {
+    fs: Arc<Fs>,
+    /// File data bypasses the kernel's page cache (DAX semantics) unless
+    /// `-o cache` asked for it.
+    direct_io: bool,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+    pub counters: Arc<Counters>,
+}
+
+impl DaxFuse {
+    pub fn new(fs: Arc<Fs>, direct_io: bool) -> DaxFuse {
+        DaxFuse {
+            fs,
+            direct_io,
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            counters: Arc::default(),
+        }
+    }
+
+    fn count(&self) {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn errno(&self, e: daxfs::Error) -> Errno {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        Errno::from_i32(e.errno())
+    }
+
+    fn add_handle(&self, handle: Handle) -> FileHandle {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, handle);
+        FileHandle(fh)
+    }
+
+    fn take_handle(&self, fh: FileHandle) -> Option<Handle> {
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh.0)
+    }
+
+    fn open_flags(&self) -> FopenFlags {
+        if self.direct_io {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::empty()
+        }
+    }
+
+    /// Reply with the entry `name` in `parent`, counting the kernel's
+    /// lookup (after a call that made the name).
+    fn entry(&self, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.fs.lookup_ref(parent.0, name.as_bytes()) {
+            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+}
+
+fn time(t: Timestamp) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+            + Duration::from_nanos(t.nanos as u64)
+    }
+}
+
+fn timestamp(t: TimeOrNow) -> Timestamp {
+    let t = match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    };
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let (secs, nanos) = if d.subsec_nanos() == 0 {
+                (-(d.as_secs() as i64), 0)
+            } else {
+                (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+            };
+            Timestamp { secs, nanos }
+        }
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks * 8,
+        atime: time(a.atime),
+        mtime: time(a.mtime),
+        ctime: time(a.ctime),
+        crtime: time(a.ctime),
+        kind: match a.kind {
+            FileKind::File => FileType::RegularFile,
+            FileKind::Dir => FileType::Directory,
+            FileKind::Symlink => FileType::Symlink,
+        },
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+    }
+}
+
+impl fuser::Filesystem for DaxFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        // mmap of direct-I/O files (Linux 6.6 and later; older kernels
+        // refuse mmap of them, which -o cache avoids).
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        // The kernel is gone and with it every lookup it remembered.
+        match self.fs.forget_all_lookups() {
+            Ok(0) => {}
+            Ok(left) => {
+                self.counters.leaked.store(left, Ordering::Relaxed);
+                eprintln!(
+                    "daxfs: {left} inodes still referenced after the kernel released the mount"
+                );
+            }
+            Err(e) => eprintln!("daxfs: releasing the kernel's lookups: {e}"),
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.count();
+        self.entry(parent, name, reply);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.count();
+        if let Err(e) = self.fs.forget(ino.0, nlookup) {
+            eprintln!("daxfs: forget({}, {nlookup}): {e}", ino.0);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.count();
+        match self.fs.getattr(ino.0) {
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        self.count();
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(timestamp),
+            mtime: mtime.map(timestamp),
+        };
+        match self.fs.setattr(ino.0, &set) {
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.count();
+        match self.fs.readlink(ino.0) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.count();
+        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
+            reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+            return;
+        }
+        let mode = mode & !umask & 0o7777;
+        match self
+            .fs
+            .create(parent.0, name.as_bytes(), mode, req.uid(), req.gid(), true)
+        {
+            Ok(_) => self.entry(parent, name, reply),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.count();
+        let mode = mode & !umask & 0o7777;
+        match self
+            .fs
+            .mkdir(parent.0, name.as_bytes(), mode, req.uid(), req.gid())
+        {
+            Ok(_) => self.entry(parent, name, reply),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.count();
+        match self.fs.unlink(parent.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.count();
+        match self.fs.rmdir(parent.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        self.count();
+        let target = target.as_os_str().as_bytes();
+        match self
+            .fs
+            .symlink(parent.0, link_name.as_bytes(), target, req.uid(), req.gid())
+        {
+            Ok(_) => self.entry(parent, link_name, reply),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.count();
+        if flags.contains(fuser::RenameFlags::RENAME_WHITEOUT) {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let flags = daxfs::RenameFlags {
+            noreplace: flags.contains(fuser::RenameFlags::RENAME_NOREPLACE),
+            exchange: flags.contains(fuser::RenameFlags::RENAME_EXCHANGE),
+        };
+        match self.fs.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags,
+        ) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.count();
+        match self.fs.link(ino.0, newparent.0, newname.as_bytes()) {
+            Ok(_) => self.entry(newparent, newname, reply),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.count();
+        match self.fs.open(ino.0) {
+            Ok(handle) => reply.opened(self.add_handle(handle), self.open_flags()),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        self.count();
+        let opts = CreateOptions {
+            exclusive: flags & libc::O_EXCL != 0,
+            truncate: flags & libc::O_TRUNC != 0,
+            mode: mode & !umask & 0o7777,
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        match self.fs.open_create(parent.0, name.as_bytes(), &opts) {
+            Ok((attr, handle, _)) => {
+                // The handle holds the inode, so counting the kernel's lookup
+                // cannot race an unlink.
+                if let Err(e) = self.fs.remember(attr.ino) {
+                    let _ = self.fs.close(handle);
+                    reply.error(self.errno(e));
+                    return;
+                }
+                let fh = self.add_handle(handle);
+                reply.created(
+                    &TTL,
+                    &file_attr(&attr),
+                    Generation(0),
+                    fh,
+                    self.open_flags(),
+                );
+            }
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.count();
+        let mut buf = vec![0u8; size as usize];
+        match self.fs.read(ino.0, offset, &mut buf) {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.count();
+        match self.fs.write(ino.0, offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.count();
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.count();
+        match self.take_handle(fh).map(|h| self.fs.close(h)) {
+            Some(Ok(())) => reply.ok(),
+            Some(Err(e)) => reply.error(self.errno(e)),
+            None => reply.error(Errno::EBADF),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _d: bool, reply: ReplyEmpty) {
+        self.count();
+        match self.fs.fsync(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.count();
+        match self.fs.getattr(ino.0) {
+            Ok(attr) if attr.kind != FileKind::Dir => reply.error(Errno::ENOTDIR),
+            Ok(_) => match self.fs.open(ino.0) {
+                Ok(handle) => reply.opened(self.add_handle(handle), FopenFlags::empty()),
+                Err(e) => reply.error(self.errno(e)),
+            },
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        self.count();
+        match self.fs.readdir(ino.0, offset) {
+            Ok(entries) => {
+                for e in entries {
+                    let name = OsStr::from_bytes(&e.name);
+                    if reply.add(INodeNo(e.ino), e.next, file_type(e.kind), name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.count();
+        match self.take_handle(fh).map(|h| self.fs.close(h)) {
+            Some(Ok(())) => reply.ok(),
+            Some(Err(e)) => reply.error(self.errno(e)),
+            None => reply.error(Errno::EBADF),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _d: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.count();
+        // Every change is durable when it returns.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.count();
+        let s = self.fs.statfs();
+        reply.statfs(
+            s.blocks,
+            s.free_blocks,
+            s.free_blocks,
+            s.files,
+            s.free_files,
+            s.block_size as u32,
+            s.name_max as u32,
+            s.block_size as u32,
+        );
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        self.count();
+        let create = flags & libc::XATTR_CREATE != 0;
+        let replace = flags & libc::XATTR_REPLACE != 0;
+        match self
+            .fs
+            .setxattr(ino.0, name.as_bytes(), value, create, replace)
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.count();
+        match self.fs.getxattr(ino.0, name.as_bytes()) {
+            Ok(value) => sized(reply, &value, size),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.count();
+        match self.fs.listxattr(ino.0) {
+            Ok(names) => {
+                let mut list = Vec::new();
+                for name in names {
+                    list.extend_from_slice(&name);
+                    list.push(0);
+                }
+                sized(reply, &list, size);
+            }
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.count();
+        match self.fs.removexattr(ino.0, name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        self.count();
+        // Permission bits are checked by the kernel (default_permissions).
+        match self.fs.getattr(ino.0) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.count();
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let result = match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            0 => self.fs.fallocate(ino.0, offset, length, keep_size),
+            libc::FALLOC_FL_PUNCH_HOLE if keep_size => self.fs.punch_hole(ino.0, offset, length),
+            libc::FALLOC_FL_PUNCH_HOLE => Err(daxfs::Error::Invalid("PUNCH_HOLE needs KEEP_SIZE")),
+            _ => Err(daxfs::Error::Unsupported("this fallocate mode")),
+        };
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+}
+
+/// An xattr reply: the size when asked for it (`size` 0), `ERANGE` when the
+/// caller's buffer is too small, the bytes otherwise.
+fn sized(reply: ReplyXattr, bytes: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(bytes.len() as u32);
+    } else if bytes.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(bytes);
+    }
+}

@@ -1,0 +1,409 @@
+//! `daxfs mount` and `daxfs umount`.
+//!
+//! The daemon is this same program run with `--foreground`. Without it,
+//! `mount` starts the daemon in a session of its own with a pipe on its
+//! standard output and returns once the daemon writes that the mount is
+//! ready (the FUSE handshake is done), or fails with what the daemon wrote
+//! on standard error. In the foreground, SIGINT and SIGTERM unmount: a
+//! thread waits for them (blocked everywhere else) and unmounts the
+//! session, whose loop then ends; the filesystem is then unmounted cleanly.
+
+use crate::fuse::DaxFuse;
+use clap::Args;
+use daxfs::pmem::{Device, DeviceOptions};
+use daxfs::Fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct MountArgs {
+    /// The device: an image file (created, 1 GiB and sparse, and formatted
+    /// when missing) or /dev/daxX.Y.
+    #[arg(default_value = "pmem0.img")]
+    image: PathBuf,
+    /// Where to mount it (created when missing).
+    #[arg(default_value = "mnt")]
+    mountpoint: PathBuf,
+    /// Mount options, comma separated: `ro`; `allow_other` (other users may
+    /// use the mount); `cache` (file data through the kernel's page cache
+    /// instead of direct I/O); `threads=N` (request threads, default 2);
+    /// `nodefault_permissions` (no permission checks by the kernel).
+    #[arg(short = 'o', value_delimiter = ',', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Stay in the foreground; Ctrl-C or SIGTERM unmounts.
+    #[arg(long, short)]
+    foreground: bool,
+    /// (Internal) write "ready" on standard output once mounted.
+    #[arg(long, hide = true)]
+    notify_ready: bool,
+}
+
+#[derive(Args)]
+pub struct UmountArgs {
+    /// The mount point.
+    mountpoint: PathBuf,
+    /// Give up waiting for the daemon to finish after this many seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+}
+
+struct Options {
+    read_only: bool,
+    allow_other: bool,
+    cache: bool,
+    threads: usize,
+    default_permissions: bool,
+}
+
+fn parse_options(list: &[String]) -> Result<Options, String> {
+    let mut o = Options {
+        read_only: false,
+        allow_other: false,
+        cache: false,
+        threads: 2,
+        default_permissions: true,
+    };
+    for opt in list.iter().filter(|s| !s.is_empty()) {
+        match opt.split_once('=') {
+            None if opt == "ro" => o.read_only = true,
+            None if opt == "rw" => o.read_only = false,
+            None if opt == "allow_other" => o.allow_other = true,
+            None if opt == "cache" => o.cache = true,
+            None if opt == "default_permissions" => o.default_permissions = true,
+            None if opt == "nodefault_permissions" => o.default_permissions = false,
+            Some(("threads", n)) => {
+                o.threads = n
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=64).contains(n))
+                    .ok_or_else(|| format!("-o threads={n}: give a number from 1 to 64"))?
+            }
+            _ => {
+                return Err(format!(
+                    "unknown mount option {opt:?} (known: ro, rw, allow_other, cache, \
+                     threads=N, default_permissions, nodefault_permissions)"
+                ))
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// Where `image` is mounted now, if it is (a `fuse.daxfs` mount whose source
+/// is the image).
+fn mounted_at(image: &Path) -> Option<PathBuf> {
+    let image = std::fs::canonicalize(image).ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split(' ');
+        let (source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "fuse.daxfs" && unescape(source) == image.as_os_str().to_string_lossy())
+            .then(|| PathBuf::from(unescape(target)))
+    })
+}
+
+/// The source of the `fuse.daxfs` mount at `mountpoint`.
+fn image_of(mountpoint: &Path) -> Option<PathBuf> {
+    let target = std::fs::canonicalize(mountpoint).ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split(' ');
+        let (source, at, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "fuse.daxfs" && unescape(at) == target.as_os_str().to_string_lossy())
+            .then(|| PathBuf::from(unescape(source)))
+    })
+}
+
+/// /proc/mounts escapes space, tab, newline and backslash as octal.
+fn unescape(field: &str) -> String {
+    let mut out = String::new();
+    let mut chars = field.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let code: String = chars.by_ref().take(3).collect();
+            match u8::from_str_radix(&code, 8) {
+                Ok(b) => out.push(b as char),
+                Err(_) => {
+                    out.push('\\');
+                    out.push_str(&code);
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+pub fn mount(args: MountArgs) -> Result<(), String> {
+    let options = parse_options(&args.options)?;
+    if let Some(at) = mounted_at(&args.image) {
+        return Err(format!(
+            "{}: already mounted at {}",
+            args.image.display(),
+            at.display()
+        ));
+    }
+    if !args.image.exists() {
+        let dev = Device::create(&args.image, 1 << 30, &DeviceOptions::new())
+            .map_err(|e| e.to_string())?;
+        Fs::format(dev)
+            .and_then(Fs::into_device)
+            .map_err(|e| format!("{}: cannot format: {e}", args.image.display()))?;
+        eprintln!(
+            "daxfs: created {} (1 GiB, sparse) with a new filesystem",
+            args.image.display()
+        );
+    }
+    if !args.mountpoint.exists() {
+        std::fs::create_dir_all(&args.mountpoint)
+            .map_err(|e| format!("{}: cannot create: {e}", args.mountpoint.display()))?;
+    }
+    if args.foreground {
+        serve(&args, &options)
+    } else {
+        spawn_daemon(&args)
+    }
+}
+
+/// Start the daemon and wait until it says the mount is ready.
+fn spawn_daemon(args: &MountArgs) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount")
+        .arg(&args.image)
+        .arg(&args.mountpoint)
+        .arg("--foreground")
+        .arg("--notify-ready");
+    if !args.options.is_empty() {
+        cmd.arg("-o").arg(args.options.join(","));
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start the daemon: {e}"))?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    if line.trim() == "ready" {
+        println!(
+            "mounted {} at {} (daemon pid {})",
+            args.image.display(),
+            args.mountpoint.display(),
+            child.id()
+        );
+        return Ok(());
+    }
+    let mut stderr = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut stderr);
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let reason = stderr.trim().trim_start_matches("daxfs: ").to_string();
+    Err(if reason.is_empty() {
+        format!("the daemon exited ({status}) before the mount was ready")
+    } else {
+        reason
+    })
+}
+
+/// The daemon: mount, serve until unmounted, then unmount the filesystem.
+fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
+    use nix::sys::signal::{SigSet, Signal};
+    // Signals are taken by one thread; every thread started after this
+    // inherits the mask.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGHUP);
+    signals
+        .thread_block()
+        .map_err(|e| format!("cannot block signals: {e}"))?;
+
+    let image =
+        std::fs::canonicalize(&args.image).map_err(|e| format!("{}: {e}", args.image.display()))?;
+    let dev = Device::open(&image, &DeviceOptions::new()).map_err(|e| e.to_string())?;
+    let fs =
+        Arc::new(Fs::mount(dev).map_err(|e| format!("{}: cannot mount: {e}", image.display()))?);
+    for note in fs.mount_notes() {
+        eprintln!("daxfs: {note}");
+    }
+    let mut mount_options = vec![
+        fuser::MountOption::FSName(image.to_string_lossy().into_owned()),
+        fuser::MountOption::Subtype("daxfs".into()),
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    if options.read_only {
+        mount_options.push(fuser::MountOption::RO);
+    }
+    if options.default_permissions {
+        mount_options.push(fuser::MountOption::DefaultPermissions);
+    }
+    let mut config = fuser::Config::default();
+    config.mount_options = mount_options;
+    // (The options are for fusermount3; the kernel mount below spells them
+    // itself.)
+    config.n_threads = Some(options.threads);
+    config.clone_fd = true;
+    if options.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    let adapter = DaxFuse::new(Arc::clone(&fs), !options.cache);
+    let mnt = args.mountpoint.clone();
+    let (session, mut unmounter) = match kernel_mount(&image, &mnt, options) {
+        // As root: the mount system call, with type fuse.daxfs.
+        Ok(fd) => {
+            let session = fuser::Session::from_fd(adapter, fd, config.acl, config)
+                .map_err(|e| format!("{}: FUSE handshake failed: {e}", mnt.display()))?;
+            (session, None)
+        }
+        // Otherwise through fusermount3.
+        Err(nix::errno::Errno::EPERM) => {
+            let mut session = fuser::Session::new(adapter, &mnt, &config)
+                .map_err(|e| format!("{}: cannot mount: {e}", mnt.display()))?;
+            let unmounter = session.unmount_callable();
+            (session, Some(unmounter))
+        }
+        Err(e) => return Err(format!("{}: cannot mount: {e}", mnt.display())),
+    };
+    std::thread::Builder::new()
+        .name("daxfs-signals".into())
+        .spawn(move || {
+            if signals.wait().is_ok() {
+                match unmounter.as_mut() {
+                    Some(unmounter) => drop(unmounter.unmount()),
+                    None => {
+                        use nix::mount::{umount2, MntFlags};
+                        // Files still open: detach now, finish when closed.
+                        if umount2(&mnt, MntFlags::empty()).is_err() {
+                            let _ = umount2(&mnt, MntFlags::MNT_DETACH);
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    if args.notify_ready {
+        // The parent is waiting for this line; after it nobody reads our
+        // output, so it goes to /dev/null.
+        println!("ready");
+        let _ = std::io::stdout().flush();
+        quiet();
+    }
+    let served = session.run();
+    let unmounted = fs.unmount_wait(Duration::from_secs(10));
+    served.map_err(|e| {
+        format!(
+            "{}: the FUSE session failed: {e}",
+            args.mountpoint.display()
+        )
+    })?;
+    unmounted.map_err(|e| format!("{}: unmount: {e}", image.display()))
+}
+
+/// Mount `/dev/fuse` at `mnt` with the mount system call (root only), so
+/// that the mount table shows type `fuse.daxfs` and the image as source.
+fn kernel_mount(
+    image: &Path,
+    mnt: &Path,
+    options: &Options,
+) -> Result<std::os::fd::OwnedFd, nix::errno::Errno> {
+    use nix::mount::MsFlags;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let errno =
+        |e: std::io::Error| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+    let fuse = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(errno)?;
+    let root_mode = std::fs::metadata(mnt).map_err(errno)?.mode() & libc::S_IFMT;
+    let mut data = format!(
+        "fd={},rootmode={root_mode:o},user_id={},group_id={}",
+        fuse.as_raw_fd(),
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    if options.default_permissions {
+        data.push_str(",default_permissions");
+    }
+    if options.allow_other {
+        data.push_str(",allow_other");
+    }
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if options.read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    nix::mount::mount(
+        Some(image),
+        mnt,
+        Some("fuse.daxfs"),
+        flags,
+        Some(data.as_str()),
+    )?;
+    Ok(fuse.into())
+}
+
+/// Point standard output and error at /dev/null (the daemon's parent has
+/// stopped reading them).
+fn quiet() {
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: dup2 onto the standard descriptors of this process; the
+        // source is a valid open file, and nothing holds a borrowed handle of
+        // the old descriptors' files across this call.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 1);
+            libc::dup2(null.as_raw_fd(), 2);
+        }
+    }
+}
+
+pub fn umount(args: UmountArgs) -> Result<(), String> {
+    let at = &args.mountpoint;
+    let image = image_of(at).ok_or_else(|| format!("{}: not a daxfs mount point", at.display()))?;
+    match nix::mount::umount2(at, nix::mount::MntFlags::empty()) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EBUSY) => {
+            return Err(format!(
+                "{}: busy (files are open in it, or a process is inside it)",
+                at.display()
+            ))
+        }
+        Err(nix::errno::Errno::EPERM) => {
+            let status = Command::new("fusermount3")
+                .arg("-u")
+                .arg(at)
+                .status()
+                .map_err(|e| format!("{}: cannot run fusermount3: {e}", at.display()))?;
+            if !status.success() {
+                return Err(format!("{}: fusermount3 -u failed", at.display()));
+            }
+        }
+        Err(e) => return Err(format!("{}: cannot unmount: {e}", at.display())),
+    }
+    // The daemon checkpoints and releases the image: wait for that, so the
+    // image can be used as soon as this returns.
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    loop {
+        match Device::open(&image, &DeviceOptions::new()) {
+            Ok(_) => return Ok(()),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                return Err(format!(
+                    "{}: unmounted, but the daemon still holds the image: {e}",
+                    at.display()
+                ))
+            }
+        }
+    }
+}
