@@ -412,3 +412,237 @@ fn permissions_are_checked_for_another_user() {
         "owned by its creator"
     );
 }
+
+/// A foreground daemon, started by a test; the guard unmounts (lazily if
+/// it must) and kills it whatever happens.
+struct Foreground {
+    _dir: tempfile::TempDir,
+    img: PathBuf,
+    mnt: PathBuf,
+    child: std::process::Child,
+}
+
+impl Foreground {
+    fn start() -> Foreground {
+        let dir = tempfile::Builder::new()
+            .prefix("daxfs-mount")
+            .tempdir_in("/dev/shm")
+            .unwrap();
+        let (img, mnt) = (dir.path().join("img"), dir.path().join("mnt"));
+        let child = Command::new(env!("CARGO_BIN_EXE_daxfs"))
+            .args([
+                "mount".as_ref(),
+                img.as_os_str(),
+                mnt.as_os_str(),
+                "--foreground".as_ref(),
+                "-o".as_ref(),
+                "threads=4".as_ref(),
+            ])
+            .spawn()
+            .unwrap();
+        let f = Foreground {
+            _dir: dir,
+            img,
+            mnt,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(&f.mnt) {
+            assert!(
+                Instant::now() < deadline,
+                "the foreground mount never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        f
+    }
+
+    /// Unmount and return the daemon's exit status (0: the filesystem
+    /// unmounted with no inode left referenced).
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let out = daxfs(&["umount".as_ref(), self.mnt.as_os_str()]);
+        assert!(out.status.success(), "umount: {}", text(&out));
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let c = CString::new(self.mnt.as_os_str().as_bytes()).unwrap();
+            // SAFETY: a valid C string.
+            if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+                // SAFETY: as above.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Lustre's racer, in small: processes doing random namespace and data
+/// operations on a few names for a while. Errors that the races explain
+/// are expected; anything else (EIO, ESTALE, a hang) is not.
+#[test]
+fn racer_processes_leave_a_clean_filesystem_and_no_leaked_inode() {
+    let secs: u64 = std::env::var("DAXFS_RACER_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let mut f = Foreground::start();
+    for d in 0..3 {
+        fs::create_dir(f.mnt.join(format!("d{d}"))).unwrap();
+    }
+    let workers: Vec<std::process::Child> = (0..4)
+        .map(|i| {
+            Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "racer_worker", "--ignored", "--nocapture"])
+                .env("DAXFS_RACER_DIR", &f.mnt)
+                .env("DAXFS_RACER_SEED", format!("{}", i * 7919 + 1))
+                .env("DAXFS_RACER_SECS", secs.to_string())
+                // Its own "test result" line is not a result of this suite.
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // The workers stop themselves; a hang is caught here.
+    let deadline = Instant::now() + Duration::from_secs(secs + 120);
+    for mut w in workers {
+        loop {
+            if let Some(status) = w.try_wait().unwrap() {
+                assert!(status.success(), "a racer worker failed: {status}");
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = w.kill();
+                panic!("a racer worker hung");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let status = f.stop();
+    assert!(
+        status.success(),
+        "the daemon unmounted with nothing left referenced: {status}"
+    );
+    fsck_clean(&f.img);
+}
+
+/// One racer process (run by the test above, through this test binary).
+#[test]
+#[ignore = "a worker of the racer test, not a test by itself"]
+fn racer_worker() {
+    let Ok(dir) = std::env::var("DAXFS_RACER_DIR") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let mut seed: u64 = std::env::var("DAXFS_RACER_SEED").unwrap().parse().unwrap();
+    let secs: u64 = std::env::var("DAXFS_RACER_SECS").unwrap().parse().unwrap();
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut ops = 0u64;
+    while Instant::now() < end {
+        let mut path = || dir.join(format!("d{}/n{}", rand(3), rand(20)));
+        let (a, b) = (path(), path());
+        let r: std::io::Result<()> = match rand(12) {
+            0 => File::create(&a).map(drop),
+            1 => OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&a)
+                .and_then(|mut f| f.write_all(b"racer was here\n")),
+            2 => fs::rename(&a, &b),
+            3 => fs::hard_link(&a, &b),
+            4 => fs::remove_file(&a),
+            5 => fs::create_dir(&a),
+            6 => fs::remove_dir(&a),
+            7 => fs::read_dir(a.parent().unwrap()).map(|d| d.for_each(drop)),
+            8 => fs::symlink_metadata(&a).map(drop),
+            9 => OpenOptions::new()
+                .write(true)
+                .open(&a)
+                .and_then(|f| f.set_len(rand(1 << 20))),
+            10 => OpenOptions::new()
+                .write(true)
+                .open(&a)
+                .and_then(|f| f.write_all_at(&[7u8; 5000], rand(1 << 22))),
+            _ => fs::read(&a).map(drop),
+        };
+        if let Err(e) = r {
+            let expected = [
+                libc::ENOENT,
+                libc::EEXIST,
+                libc::ENOTEMPTY,
+                libc::EISDIR,
+                libc::ENOTDIR,
+                libc::EINVAL,
+                libc::EPERM,
+                libc::EMLINK,
+            ];
+            assert!(
+                e.raw_os_error().is_some_and(|n| expected.contains(&n)),
+                "{}: unexpected error {e}",
+                a.display()
+            );
+        }
+        ops += 1;
+    }
+    assert!(ops > 100, "only {ops} operations");
+}
+
+#[test]
+fn sigkill_of_the_daemon_loses_nothing_that_was_fsynced() {
+    let mut f = Foreground::start();
+    let files = f.mnt.join("files");
+    fs::create_dir(&files).unwrap();
+    // A writer that fsyncs file after file and reports each one done.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<u32>();
+    let writer = {
+        let files = files.clone();
+        std::thread::spawn(move || {
+            for i in 0.. {
+                let body = vec![(i % 251) as u8; 1000 + i as usize * 37 % 9000];
+                let r = File::create(files.join(format!("f{i}")))
+                    .and_then(|mut file| file.write_all(&body).and_then(|()| file.sync_all()));
+                if r.is_err() || done_tx.send(i).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let first = done_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    f.child.kill().unwrap();
+    f.child.wait().unwrap();
+    writer.join().unwrap();
+    let synced: Vec<u32> = std::iter::once(first).chain(done_rx.try_iter()).collect();
+    assert!(synced.len() > 3, "the writer got going: {synced:?}");
+    // The dead mount is left to the kernel; a new mount over it works.
+    assert!(is_mounted(&f.mnt));
+    fsck_clean(&f.img);
+    let mut m = Mounted {
+        _dir: tempfile::tempdir_in("/dev/shm").unwrap(),
+        img: f.img.clone(),
+        mnt: f.mnt.clone(),
+        pid: None,
+    };
+    m.mount("");
+    for i in synced {
+        let body = fs::read(m.path(&format!("files/f{i}"))).unwrap();
+        assert_eq!(
+            body,
+            vec![(i % 251) as u8; 1000 + i as usize * 37 % 9000],
+            "f{i} was fsynced before the kill"
+        );
+    }
+    let out = m.umount();
+    assert!(out.status.success(), "{}", text(&out));
+    fsck_clean(&m.img);
+}

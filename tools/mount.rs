@@ -106,6 +106,12 @@ fn mounted_at(image: &Path) -> Option<PathBuf> {
     })
 }
 
+/// Whether `at` is a FUSE mount whose daemon is gone (the kernel answers
+/// "transport endpoint is not connected").
+fn is_dead_mount(at: &Path) -> bool {
+    std::fs::metadata(at).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+}
+
 /// The source of the `fuse.daxfs` mount at `mountpoint`.
 fn image_of(mountpoint: &Path) -> Option<PathBuf> {
     let target = std::fs::canonicalize(mountpoint).ok()?;
@@ -141,6 +147,18 @@ fn unescape(field: &str) -> String {
 
 pub fn mount(args: MountArgs) -> Result<(), String> {
     let options = parse_options(&args.options)?;
+    // A mount whose daemon died (killed, crashed) is left to the kernel;
+    // it is detached, and the image is free to mount again.
+    for at in [mounted_at(&args.image), Some(args.mountpoint.clone())]
+        .into_iter()
+        .flatten()
+    {
+        if is_dead_mount(&at) {
+            nix::mount::umount2(&at, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(|e| format!("{}: cannot detach a dead mount: {e}", at.display()))?;
+            eprintln!("daxfs: detached {}, whose daemon had died", at.display());
+        }
+    }
     if let Some(at) = mounted_at(&args.image) {
         return Err(format!(
             "{}: already mounted at {}",
