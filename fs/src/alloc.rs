@@ -82,6 +82,13 @@ impl Allocator {
         self.bitmap[(block / 64) as usize] & (1 << (block % 64)) != 0
     }
 
+    /// Whether `block` is free (as committed).
+    pub fn is_free(&self, block: u64) -> bool {
+        self.bitmap
+            .get((block / 64) as usize)
+            .is_some_and(|w| w & (1 << (block % 64)) == 0)
+    }
+
     pub fn free_blocks(&self) -> u64 {
         self.free
     }

@@ -709,3 +709,29 @@ fn open_create_truncates_and_exactly_one_of_many_racing_exclusive_creates_wins()
         );
     }
 }
+
+#[test]
+fn the_owner_of_a_device_block_is_found() {
+    let (_img, fs) = image(64 << 20);
+    let (f, _) = fs.create(ROOT, b"data", 0o644, 0, 0, true).unwrap();
+    fs.write(f.ino, 0, &vec![1u8; 3 * 4096]).unwrap();
+    fs.write(f.ino, 1 << 20, b"far").unwrap();
+    let at = fs.device_offset(f.ino, 4096 + 10).unwrap().unwrap();
+    assert_eq!(
+        fs.owner_of(at).unwrap(),
+        daxfs::Owner::File {
+            ino: f.ino,
+            offset: 4096 + 10
+        }
+    );
+    assert_eq!(fs.device_offset(f.ino, 512 << 10).unwrap(), None, "a hole");
+    let extents = fs.file_extents(f.ino).unwrap();
+    assert!(extents.iter().all(|e| e.len % 4096 == 0) && !extents.is_empty());
+    let sb = fs.superblock().clone();
+    assert!(matches!(
+        fs.owner_of(sb.journal_start * 4096).unwrap(),
+        daxfs::Owner::Metadata(m) if m.contains("journal")
+    ));
+    let last = (sb.backup_block - 1) * 4096;
+    assert_eq!(fs.owner_of(last).unwrap(), daxfs::Owner::Free);
+}

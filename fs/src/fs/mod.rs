@@ -48,9 +48,11 @@ mod dcache;
 mod dir;
 mod file;
 mod namespace;
+mod owner;
 mod shrink;
 
 pub use check::{fsck, FsckReport, Problem};
+pub use owner::{FileExtent, Owner};
 
 use crate::alloc::Allocator;
 use crate::error::{Error, Result};

@@ -1,0 +1,149 @@
+//! Who owns a device block: the reverse map memory-failure handling needs
+//! (Linux asks the filesystem the same question through `->notify_failure`
+//! and the reverse mapping of XFS).
+
+use super::{Fs, Ino};
+use crate::error::{Error, Result};
+use crate::format::{BLOCK, INODE_SIZE};
+
+/// One extent of a file, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileExtent {
+    /// Where it starts in the file.
+    pub file_offset: u64,
+    /// Where it starts on the device.
+    pub device_offset: u64,
+    pub len: u64,
+}
+
+impl FileExtent {
+    /// Whether it is a whole 2 MiB region, aligned in the file and on the
+    /// device (what a PMD mapping needs).
+    pub fn is_huge_aligned(&self) -> bool {
+        const HUGE: u64 = 2 << 20;
+        self.file_offset % HUGE == 0 && self.device_offset % HUGE == 0 && self.len >= HUGE
+    }
+}
+
+/// What a device block holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Owner {
+    /// Data of a file (or a directory's entries) at `offset` in it.
+    File { ino: Ino, offset: u64 },
+    /// A block of a file's metadata (its extent list or its xattrs).
+    FileMetadata { ino: Ino, what: &'static str },
+    /// Filesystem metadata: the superblock, the journal, the bitmap...
+    Metadata(String),
+    /// Nothing: a free block.
+    Free,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::File { ino, offset } => write!(f, "inode {ino}, file offset {offset}"),
+            Owner::FileMetadata { ino, what } => write!(f, "inode {ino}, {what}"),
+            Owner::Metadata(what) => f.write_str(what),
+            Owner::Free => f.write_str("free space"),
+        }
+    }
+}
+
+impl Fs {
+    /// The extents of regular file or directory `ino`, in file order.
+    pub fn file_extents(&self, ino: Ino) -> Result<Vec<FileExtent>> {
+        let mut st = self.lock()?;
+        let inode = self.inode(&mut st, ino)?;
+        if inode.kind() == libc::S_IFLNK && inode.flags & crate::format::FLAG_INLINE_LINK != 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .extents(&mut st, ino)?
+            .iter()
+            .map(|e| FileExtent {
+                file_offset: e.logical as u64 * BLOCK,
+                device_offset: e.physical * BLOCK,
+                len: e.len as u64 * BLOCK,
+            })
+            .collect())
+    }
+
+    /// The device offset that holds byte `offset` of file `ino`, or `None`
+    /// in a hole.
+    pub fn device_offset(&self, ino: Ino, offset: u64) -> Result<Option<u64>> {
+        Ok(self
+            .file_extents(ino)?
+            .iter()
+            .find(|e| (e.file_offset..e.file_offset + e.len).contains(&offset))
+            .map(|e| e.device_offset + (offset - e.file_offset)))
+    }
+
+    /// Who owns the block at device offset `offset`. Metadata areas are
+    /// known from the superblock; data blocks are found by walking every
+    /// inode's extents (a memory failure is rare; this is not a hot path).
+    pub fn owner_of(&self, offset: u64) -> Result<Owner> {
+        let sb = self.core.sb.clone();
+        let block = offset / BLOCK;
+        let area = |start: u64, len: u64| (start..start + len).contains(&block);
+        if block == 0 {
+            return Ok(Owner::Metadata("the superblock".into()));
+        }
+        if block == sb.backup_block {
+            return Ok(Owner::Metadata("the backup superblock".into()));
+        }
+        if block == sb.state_block {
+            return Ok(Owner::Metadata("the state block (orphan list)".into()));
+        }
+        if area(sb.journal_start, sb.journal_blocks) {
+            return Ok(Owner::Metadata("the journal".into()));
+        }
+        if area(sb.bitmap_start, sb.bitmap_blocks) {
+            return Ok(Owner::Metadata("the allocation bitmap".into()));
+        }
+        if area(sb.inode_table_start, sb.inode_table_blocks) {
+            let ino = (offset - sb.inode_table_start * BLOCK) / INODE_SIZE + 1;
+            return Ok(Owner::Metadata(format!("the inode table (inode {ino})")));
+        }
+        if block < sb.data_start || block >= sb.total_blocks {
+            return Err(Error::Invalid("offset is outside the device"));
+        }
+        let mut st = self.lock()?;
+        if st.alloc.is_free(block) {
+            return Ok(Owner::Free);
+        }
+        for ino in 1..=sb.inode_count {
+            if st.free_inodes.contains(&ino) || st.damaged.contains(&ino) {
+                continue;
+            }
+            let Ok(inode) = self.inode(&mut st, ino) else {
+                continue;
+            };
+            if inode.xattr_block == block {
+                return Ok(Owner::FileMetadata {
+                    ino,
+                    what: "extended attributes",
+                });
+            }
+            if inode.kind() == libc::S_IFLNK && inode.flags & crate::format::FLAG_INLINE_LINK != 0 {
+                continue;
+            }
+            let Ok(extents) = self.extents(&mut st, ino) else {
+                continue;
+            };
+            if let Some(e) = extents
+                .iter()
+                .find(|e| (e.physical..e.physical + e.len as u64).contains(&block))
+            {
+                let offset = (e.logical as u64 + (block - e.physical)) * BLOCK + offset % BLOCK;
+                return Ok(Owner::File { ino, offset });
+            }
+            if self.cached(&mut st, ino)?.chain.contains(&block) {
+                return Ok(Owner::FileMetadata {
+                    ino,
+                    what: "extent list",
+                });
+            }
+        }
+        Ok(Owner::Metadata("an allocated block no inode claims".into()))
+    }
+}
