@@ -646,3 +646,130 @@ fn sigkill_of_the_daemon_loses_nothing_that_was_fsynced() {
     assert!(out.status.success(), "{}", text(&out));
     fsck_clean(&m.img);
 }
+
+#[test]
+fn poison_injected_through_the_mount_gives_eio_and_sigbus_until_a_write_clears_it() {
+    let m = Mounted::new("");
+    let path = m.path("victim");
+    let body: Vec<u8> = (0..65536u32).map(|i| (i % 253) as u8).collect();
+    fs::write(&path, &body).unwrap();
+    let run = |args: &[&str]| {
+        let mut all: Vec<&std::ffi::OsStr> = vec![args[0].as_ref(), m.mnt.as_os_str()];
+        all.extend(args[1..].iter().map(std::ffi::OsStr::new));
+        let out = daxfs(&all);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = run(&["inject-error", "--file", "victim", "--offset", "8192"]);
+    assert!(said.contains("owner: inode"), "{said}");
+    assert!(said.contains("file offset 8192"), "{said}");
+
+    // read(): the good bytes, then EIO.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = f.read_at(&mut buf, 0).unwrap();
+    assert_eq!(n, 8192, "a short read up to the poison");
+    assert_eq!(&buf[..n], &body[..n]);
+    let err = f.read_at(&mut buf, 8192).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert_eq!(
+        f.read_at(&mut buf[..100], 20000).unwrap(),
+        100,
+        "other pages read fine"
+    );
+
+    // A mapped load of the poisoned page raises SIGBUS (in a child).
+    // SAFETY: a shared read-only mapping of an open file, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            65536,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let load_in_child = |at: usize| -> i32 {
+        // SAFETY: the child only loads a byte and exits; it touches no lock
+        // or allocation of the (multi-threaded) parent.
+        match unsafe { libc::fork() } {
+            0 => unsafe {
+                std::ptr::read_volatile((map as *const u8).add(at));
+                libc::_exit(0)
+            },
+            pid => {
+                let mut status = 0;
+                // SAFETY: waiting for the child just forked.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                if libc::WIFSIGNALED(status) {
+                    libc::WTERMSIG(status)
+                } else {
+                    0
+                }
+            }
+        }
+    };
+    assert_eq!(load_in_child(8192), libc::SIGBUS, "a mapped load of poison");
+    assert_eq!(load_in_child(0), 0, "a clean page maps fine");
+
+    let listed = run(&["list", "--media-errors"]);
+    let json: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(json["badblock_count"], 1, "{listed}");
+    let stat = run(&["stat"]);
+    assert!(stat.contains("poison events:   1"), "{stat}");
+
+    // A write over the whole poisoned sector clears it; the data reads back.
+    f.write_all_at(&[9u8; 512], 8192).unwrap();
+    let n = f.read_at(&mut buf, 0).unwrap();
+    assert_eq!(n, 65536);
+    assert_eq!(&buf[8192..8704], &[9u8; 512][..]);
+    assert_eq!(load_in_child(8192), 0, "the mapping works again");
+    // SAFETY: unmapping the mapping made above.
+    unsafe { libc::munmap(map, 65536) };
+
+    // Inject and clear round trip; a hole has no block to poison.
+    run(&[
+        "inject-error",
+        "--file",
+        "victim",
+        "--offset",
+        "30000",
+        "--count",
+        "2",
+    ]);
+    let listed = run(&["list", "--media-errors"]);
+    assert!(
+        listed.contains("\"badblock_count\": 2"),
+        "sectors: {listed}"
+    );
+    assert!(run(&["clear-errors", "--all"]).contains("cleared 2 sectors"));
+    let listed = run(&["list", "--media-errors"]);
+    assert!(listed.contains("\"badblock_count\": 0"), "{listed}");
+    let out = daxfs(&[
+        "inject-error".as_ref(),
+        m.mnt.as_os_str(),
+        "--file".as_ref(),
+        "victim".as_ref(),
+        "--offset".as_ref(),
+        "1000000".as_ref(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("past the end"),
+        "{}",
+        text(&out)
+    );
+    let extents = daxfs(&["extents".as_ref(), path.as_os_str()]);
+    assert!(
+        String::from_utf8_lossy(&extents.stdout).contains("/victim: 1 extent"),
+        "{}",
+        text(&extents)
+    );
+    drop(f);
+}

@@ -1,5 +1,6 @@
 //! The `daxfs` command: create, describe, poison and scrub pmem devices.
 
+mod control;
 mod fuse;
 mod huge;
 mod mount;
@@ -43,7 +44,14 @@ enum Command {
     #[command(group = clap::ArgGroup::new("what").required(true))]
     ClearErrors(ClearArgs),
     /// Read the whole device, as an address-range scrub does, and report poison.
-    Scrub(ImageArg),
+    Scrub(TargetArg),
+    /// Show a file's extents: file offset, device offset, length, and
+    /// whether each is an aligned 2 MiB region (FUSE has no FIEMAP, so
+    /// `filefrag` cannot tell).
+    Extents(PathArg),
+    /// Show a running mount's counters: requests, errors, poison events and
+    /// their owners, inodes left referenced.
+    Stat(PathArg),
     /// Make a daxfs filesystem on a device (creating the image with --size).
     Mkfs(MkfsArgs),
     /// Mount a filesystem with FUSE (by default ./pmem0.img, created when
@@ -84,9 +92,15 @@ struct FsckArgs {
 }
 
 #[derive(Args)]
-struct ImageArg {
-    /// The device: an emulated image file or /dev/daxX.Y.
+struct TargetArg {
+    /// The device: an emulated image file, /dev/daxX.Y, or a daxfs mount point.
     image: PathBuf,
+}
+
+#[derive(Args)]
+struct PathArg {
+    /// A file in a daxfs mount (for `stat`, the mount point).
+    path: PathBuf,
 }
 
 #[derive(Args)]
@@ -115,8 +129,13 @@ struct InfoArgs {
 
 #[derive(Args)]
 struct InjectArgs {
-    /// The device: an emulated image file or /dev/daxX.Y.
+    /// The device: an emulated image file, /dev/daxX.Y, or the mount point
+    /// of a running daxfs mount (which then handles the memory failure).
     image: PathBuf,
+    /// Aim at a file in the mount: --offset is then a byte offset in it, and
+    /// the device sectors that hold it are poisoned.
+    #[arg(long)]
+    file: Option<PathBuf>,
     /// Byte offset of the first byte to poison (the sector holding it is poisoned).
     #[arg(long, group = "where", value_parser = parse_size)]
     offset: Option<u64>,
@@ -130,7 +149,7 @@ struct InjectArgs {
 
 #[derive(Args)]
 struct ListArgs {
-    /// The device: an emulated image file or /dev/daxX.Y.
+    /// The device: an emulated image file, /dev/daxX.Y, or a daxfs mount point.
     image: PathBuf,
     /// Include the poisoned ranges ("badblocks", in 512-byte sectors).
     #[arg(long, short = 'M')]
@@ -139,7 +158,7 @@ struct ListArgs {
 
 #[derive(Args)]
 struct ClearArgs {
-    /// The device: an emulated image file or /dev/daxX.Y.
+    /// The device: an emulated image file, /dev/daxX.Y, or a daxfs mount point.
     image: PathBuf,
     /// Byte offset of the first sector to clear (a multiple of 512).
     #[arg(long, group = "what", requires = "count", value_parser = parse_size)]
@@ -211,6 +230,10 @@ fn run(command: Command) -> Outcome {
             Ok(())
         }
         Command::InjectError(args) => inject(args),
+        Command::List(args) if mount::image_of(&args.image).is_some() => control::print(
+            &args.image,
+            json!({ "op": "list", "media_errors": args.media_errors }),
+        ),
         Command::List(args) => {
             let dev = open(&args.image)?;
             let badblocks = args.media_errors.then(|| dev.badblocks());
@@ -219,6 +242,14 @@ fn run(command: Command) -> Outcome {
         }
         Command::ClearErrors(args) => clear(args),
         Command::Scrub(args) => scrub(&args.image),
+        Command::Extents(args) => {
+            let (mountpoint, inside) = control::locate(&args.path)?;
+            control::print(&mountpoint, json!({ "op": "extents", "path": inside }))
+        }
+        Command::Stat(args) => {
+            let (mountpoint, _) = control::locate(&args.path)?;
+            control::print(&mountpoint, json!({ "op": "stat" }))
+        }
         Command::Mkfs(args) => mkfs(args),
         Command::Mount(args) => mount::mount(args),
         Command::Umount(args) => mount::umount(args),
@@ -375,56 +406,131 @@ fn create(args: CreateArgs) -> Outcome {
 }
 
 fn inject(args: InjectArgs) -> Outcome {
-    let dev = open(&args.image)?;
-    let offset = match (args.offset, args.block) {
-        (Some(offset), _) => offset / SECTOR * SECTOR,
-        (None, Some(block)) => block
-            .checked_mul(SECTOR)
-            .ok_or_else(|| format!("sector {block} is past the end of the device"))?,
-        (None, None) => unreachable!("clap requires --offset or --block"),
-    };
     let len = args
         .count
         .checked_mul(SECTOR)
         .ok_or_else(|| format!("--count {} is too large", args.count))?;
-    dev.inject(offset, len).map_err(on(&args.image))?;
-    println!(
-        "{}: poisoned {} starting at sector {} (device offset {:#x})",
-        args.image.display(),
-        sectors_text(args.count),
-        offset / SECTOR,
-        offset
+    if let Some(mountpoint) = mount::image_of(&args.image).map(|_| args.image.clone()) {
+        let request = match (&args.file, args.offset, args.block) {
+            (Some(file), Some(offset), _) => json!({
+                "op": "inject_file", "path": control::inside(&mountpoint, file)?,
+                "offset": offset, "len": len,
+            }),
+            (Some(_), None, _) => {
+                return Err("--file needs --offset (a byte offset in the file)".into())
+            }
+            (None, _, _) => json!({ "op": "inject", "offset": sector_offset(&args)?, "len": len }),
+        };
+        return control::print(&mountpoint, request);
+    }
+    if args.file.is_some() {
+        return Err(format!(
+            "{}: --file needs a daxfs mount point, not an image",
+            args.image.display()
+        ));
+    }
+    let dev = open(&args.image)?;
+    print!(
+        "{}",
+        inject_on(&dev, &args.image, sector_offset(&args)?, len)?
     );
     Ok(())
+}
+
+/// The sector-aligned device offset `--offset` or `--block` names.
+fn sector_offset(args: &InjectArgs) -> Result<u64, String> {
+    match (args.offset, args.block) {
+        (Some(offset), _) => Ok(offset / SECTOR * SECTOR),
+        (None, Some(block)) => block
+            .checked_mul(SECTOR)
+            .ok_or_else(|| format!("sector {block} is past the end of the device")),
+        (None, None) => unreachable!("clap requires --offset or --block"),
+    }
+}
+
+/// Poison `len` bytes at `offset` (sector aligned) of `dev`; what to print.
+pub(crate) fn inject_on(
+    dev: &Device,
+    label: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<String, String> {
+    dev.inject(offset, len).map_err(on(label))?;
+    Ok(format!(
+        "{}: poisoned {} starting at sector {} (device offset {:#x})\n",
+        label.display(),
+        sectors_text(len / SECTOR),
+        offset / SECTOR,
+        offset
+    ))
 }
 
 fn clear(args: ClearArgs) -> Outcome {
-    let dev = open(&args.image)?;
-    if args.all {
-        let before: u64 = dev.badblocks().iter().map(|r| r.count).sum();
-        dev.clear_all().map_err(on(&args.image))?;
-        println!("{}: cleared {}", args.image.display(), sectors_text(before));
-        return Ok(());
-    }
-    let (Some(offset), Some(count)) = (args.offset, args.count) else {
-        unreachable!("clap requires --offset with --count, or --all");
+    let range = match (args.all, args.offset, args.count) {
+        (true, _, _) => None,
+        (false, Some(offset), Some(count)) => Some((
+            offset,
+            count
+                .checked_mul(SECTOR)
+                .ok_or_else(|| format!("--count {count} is too large"))?,
+        )),
+        _ => unreachable!("clap requires --offset with --count, or --all"),
     };
-    let len = count
-        .checked_mul(SECTOR)
-        .ok_or_else(|| format!("--count {count} is too large"))?;
-    dev.clear(offset, len).map_err(on(&args.image))?;
-    println!(
-        "{}: cleared {} starting at sector {}",
-        args.image.display(),
-        sectors_text(count),
-        offset / SECTOR
+    if mount::image_of(&args.image).is_some() {
+        let request = match range {
+            None => json!({ "op": "clear_all" }),
+            Some((offset, len)) => json!({ "op": "clear", "offset": offset, "len": len }),
+        };
+        return control::print(&args.image, request);
+    }
+    let dev = open(&args.image)?;
+    print!("{}", clear_on(&dev, &args.image, range)?);
+    Ok(())
+}
+
+/// Clear `range` (offset, length), or everything; what to print.
+pub(crate) fn clear_on(
+    dev: &Device,
+    label: &Path,
+    range: Option<(u64, u64)>,
+) -> Result<String, String> {
+    match range {
+        None => {
+            let before: u64 = dev.badblocks().iter().map(|r| r.count).sum();
+            dev.clear_all().map_err(on(label))?;
+            Ok(format!(
+                "{}: cleared {}\n",
+                label.display(),
+                sectors_text(before)
+            ))
+        }
+        Some((offset, len)) => {
+            dev.clear(offset, len).map_err(on(label))?;
+            Ok(format!(
+                "{}: cleared {} starting at sector {}\n",
+                label.display(),
+                sectors_text(len / SECTOR),
+                offset / SECTOR
+            ))
+        }
+    }
+}
+
+fn scrub(image: &Path) -> Outcome {
+    if mount::image_of(image).is_some() {
+        return control::print(image, json!({ "op": "scrub" }));
+    }
+    let dev = open(image)?;
+    print!(
+        "{}",
+        scrub_on(&dev, image, std::io::stderr().is_terminal())?
     );
     Ok(())
 }
 
-fn scrub(image: &Path) -> Outcome {
-    let dev = open(image)?;
-    let bar = std::io::stderr().is_terminal().then(|| {
+/// Read all of `dev` and report its poison; what to print.
+pub(crate) fn scrub_on(dev: &Device, label: &Path, progress: bool) -> Result<String, String> {
+    let bar = progress.then(|| {
         let bar = indicatif::ProgressBar::new(dev.size());
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -440,14 +546,14 @@ fn scrub(image: &Path) -> Outcome {
                 bar.set_position(done);
             }
         })
-        .map_err(on(image))?;
+        .map_err(on(label))?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
     let sectors: u64 = report.poisoned.iter().map(|r| r.count).sum();
-    println!(
-        "{}: scrubbed {} ({} of data read): {} in {} poisoned range{}",
-        image.display(),
+    let mut out = format!(
+        "{}: scrubbed {} ({} of data read): {} in {} poisoned range{}\n",
+        label.display(),
         human(dev.size()),
         human(report.scanned),
         sectors_text(sectors),
@@ -455,15 +561,15 @@ fn scrub(image: &Path) -> Outcome {
         if report.poisoned.len() == 1 { "" } else { "s" }
     );
     for run in &report.poisoned {
-        println!(
-            "  sectors {}..{} (device offset {:#x}, {} bytes)",
+        out += &format!(
+            "  sectors {}..{} (device offset {:#x}, {} bytes)\n",
             run.sector,
             run.sector + run.count - 1,
             run.offset(),
             run.len()
         );
     }
-    Ok(())
+    Ok(out)
 }
 
 struct Usage {
@@ -533,7 +639,7 @@ fn print_info(image: &Path, info: &DeviceInfo) {
     );
 }
 
-fn device_json(info: &DeviceInfo, badblocks: Option<&[BadRange]>) -> serde_json::Value {
+pub(crate) fn device_json(info: &DeviceInfo, badblocks: Option<&[BadRange]>) -> serde_json::Value {
     let mut value = json!({
         "dev": info.path,
         "mode": match info.kind { DeviceKind::Emulated => "emulated", DeviceKind::DevDax { .. } => "devdax" },

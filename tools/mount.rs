@@ -113,7 +113,7 @@ fn is_dead_mount(at: &Path) -> bool {
 }
 
 /// The source of the `fuse.daxfs` mount at `mountpoint`.
-fn image_of(mountpoint: &Path) -> Option<PathBuf> {
+pub fn image_of(mountpoint: &Path) -> Option<PathBuf> {
     let target = std::fs::canonicalize(mountpoint).ok()?;
     let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
     mounts.lines().find_map(|line| {
@@ -275,6 +275,7 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
         config.acl = fuser::SessionACL::All;
     }
     let adapter = DaxFuse::new(Arc::clone(&fs), !options.cache);
+    let counters = Arc::clone(&adapter.counters);
     let mnt = args.mountpoint.clone();
     let (session, mut unmounter) = match kernel_mount(&image, &mnt, options) {
         // As root: the mount system call, with type fuse.daxfs.
@@ -292,6 +293,16 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
         }
         Err(e) => return Err(format!("{}: cannot mount: {e}", mnt.display())),
     };
+    crate::control::serve(
+        &mnt,
+        Arc::new(crate::control::Daemon {
+            fs: Arc::clone(&fs),
+            image: image.clone(),
+            notifier: Some(session.notifier()),
+            counters,
+            events: Default::default(),
+        }),
+    )?;
     std::thread::Builder::new()
         .name("daxfs-signals".into())
         .spawn(move || {

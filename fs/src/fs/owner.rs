@@ -21,7 +21,9 @@ impl FileExtent {
     /// device (what a PMD mapping needs).
     pub fn is_huge_aligned(&self) -> bool {
         const HUGE: u64 = 2 << 20;
-        self.file_offset % HUGE == 0 && self.device_offset % HUGE == 0 && self.len >= HUGE
+        self.file_offset.is_multiple_of(HUGE)
+            && self.device_offset.is_multiple_of(HUGE)
+            && self.len >= HUGE
     }
 }
 

@@ -1,0 +1,320 @@
+//! The control channel of a running mount.
+//!
+//! The daemon listens on a Unix socket in the abstract namespace, named
+//! after the mount point (`daxfs:` and its canonical path, or a hash of it
+//! when that is too long), so nothing is left on disk when it dies. Only
+//! the mount's owner and root may use it: the daemon checks each peer's
+//! credentials (`SO_PEERCRED`). A request is one line of JSON, the answer
+//! one line of JSON: `{"output": TEXT}` to print, or `{"error": TEXT}`.
+//!
+//! Commands run against the live device, so poison injected here takes the
+//! memory-failure path of the running filesystem: the owner of the block is
+//! found, the kernel's cached pages of that range are dropped (so a mapped
+//! access faults, reads the poison and raises SIGBUS), and the event is
+//! recorded for `daxfs stat`.
+
+use crate::fuse::Counters;
+use daxfs::{Fs, Owner};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+/// The socket's abstract name for `mountpoint`.
+fn address(mountpoint: &Path) -> Result<SocketAddr, String> {
+    use std::os::linux::net::SocketAddrExt;
+    let canonical =
+        std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    let mut name = format!("daxfs:{}", canonical.display()).into_bytes();
+    if name.len() > 100 {
+        // FNV-1a: stable across runs, unlike the std hasher.
+        let hash = name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        name = format!("daxfs:#{hash:016x}").into_bytes();
+    }
+    SocketAddr::from_abstract_name(name).map_err(|e| e.to_string())
+}
+
+/// The mount point holding `path` (a file or directory inside a daxfs
+/// mount, or the mount point itself), and `path` relative to it.
+pub fn locate(path: &Path) -> Result<(PathBuf, String), String> {
+    let canonical = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut at = canonical.as_path();
+    loop {
+        if crate::mount::image_of(at).is_some() {
+            let inside = canonical.strip_prefix(at).expect("a prefix");
+            return Ok((at.to_path_buf(), format!("/{}", inside.display())));
+        }
+        at = at
+            .parent()
+            .ok_or_else(|| format!("{}: not inside a daxfs mount", path.display()))?;
+    }
+}
+
+/// `file` (absolute, or relative to the current directory or to the mount
+/// point) as a path inside the mount at `mountpoint`.
+pub fn inside(mountpoint: &Path, file: &Path) -> Result<String, String> {
+    let candidate = if file.is_absolute() || file.exists() {
+        file.to_path_buf()
+    } else {
+        mountpoint.join(file)
+    };
+    let (at, inside) = locate(&candidate)?;
+    if std::fs::canonicalize(mountpoint).ok() != Some(at) {
+        return Err(format!(
+            "{}: not in the mount at {}",
+            file.display(),
+            mountpoint.display()
+        ));
+    }
+    Ok(inside)
+}
+
+/// Send `request` to the daemon of `mountpoint` and print its answer.
+pub fn print(mountpoint: &Path, request: Value) -> Result<(), String> {
+    let answer = ask(mountpoint, &request)?;
+    match (&answer["output"], &answer["error"]) {
+        (Value::String(output), _) => {
+            print!("{output}");
+            Ok(())
+        }
+        (_, Value::String(error)) => Err(error.clone()),
+        _ => Err(format!(
+            "{}: the daemon's answer makes no sense: {answer}",
+            mountpoint.display()
+        )),
+    }
+}
+
+fn ask(mountpoint: &Path, request: &Value) -> Result<Value, String> {
+    let stream = UnixStream::connect_addr(&address(mountpoint)?).map_err(|e| {
+        format!(
+            "{}: cannot reach the daemon of this mount ({e}); is it a daxfs mount of this version?",
+            mountpoint.display()
+        )
+    })?;
+    let mut writer = &stream;
+    writeln!(writer, "{request}").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&line).map_err(|_| {
+        format!(
+            "{}: the daemon closed the control channel without an answer",
+            mountpoint.display()
+        )
+    })
+}
+
+/// A poison event, for `stat`.
+#[derive(Clone, Debug)]
+pub struct PoisonEvent {
+    pub offset: u64,
+    pub len: u64,
+    pub owner: String,
+}
+
+/// What the control server needs of the daemon.
+pub struct Daemon {
+    pub fs: Arc<Fs>,
+    pub image: PathBuf,
+    pub notifier: Option<fuser::Notifier>,
+    pub counters: Arc<Counters>,
+    pub events: Mutex<Vec<PoisonEvent>>,
+}
+
+/// Listen for control requests for the mount at `mountpoint`, in a thread.
+pub fn serve(mountpoint: &Path, daemon: Arc<Daemon>) -> Result<(), String> {
+    let listener = UnixListener::bind_addr(&address(mountpoint)?).map_err(|e| {
+        format!(
+            "{}: cannot open the control socket: {e}",
+            mountpoint.display()
+        )
+    })?;
+    let owner = nix::unistd::getuid().as_raw();
+    std::thread::Builder::new()
+        .name("daxfs-control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let daemon = Arc::clone(&daemon);
+                // One thread per client: a scrub must not hold up a stat.
+                let _ = std::thread::Builder::new()
+                    .name("daxfs-control-client".into())
+                    .spawn(move || client(&stream, &daemon, owner));
+            }
+        })
+        .map_err(|e| format!("cannot start the control thread: {e}"))?;
+    Ok(())
+}
+
+fn client(stream: &UnixStream, daemon: &Daemon, owner: u32) {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let allowed = getsockopt(stream, PeerCredentials)
+        .is_ok_and(|cred| cred.uid() == 0 || cred.uid() == owner);
+    let mut line = String::new();
+    if BufReader::new(stream).read_line(&mut line).is_err() {
+        return;
+    }
+    let answer = if !allowed {
+        json!({ "error": "permission denied: only the mount's owner or root may control it" })
+    } else {
+        match serde_json::from_str::<Value>(&line)
+            .map_err(|e| format!("bad request: {e}"))
+            .and_then(|request| handle(daemon, &request))
+        {
+            Ok(output) => json!({ "output": output }),
+            Err(error) => json!({ "error": error }),
+        }
+    };
+    let mut writer = stream;
+    let _ = writeln!(writer, "{answer}");
+}
+
+fn number(request: &Value, key: &str) -> Result<u64, String> {
+    request[key]
+        .as_u64()
+        .ok_or_else(|| format!("bad request: no {key}"))
+}
+
+fn handle(daemon: &Daemon, request: &Value) -> Result<String, String> {
+    let dev = daemon.fs.device();
+    let label = &daemon.image;
+    match request["op"].as_str().unwrap_or("") {
+        "inject" => {
+            let (offset, len) = (number(request, "offset")?, number(request, "len")?);
+            let mut out = crate::inject_on(dev, label, offset, len)?;
+            out += &memory_failure(daemon, offset, len);
+            Ok(out)
+        }
+        "inject_file" => {
+            let path = request["path"].as_str().ok_or("bad request: no path")?;
+            let (offset, len) = (number(request, "offset")?, number(request, "len")?);
+            let ino = daemon
+                .fs
+                .resolve(path)
+                .map_err(|e| format!("{path}: {e}"))?;
+            let size = daemon
+                .fs
+                .getattr(ino)
+                .map_err(|e| format!("{path}: {e}"))?
+                .size;
+            if offset >= size {
+                return Err(format!(
+                    "{path}: offset {offset} is past the end ({size} bytes)"
+                ));
+            }
+            let at = daemon
+                .fs
+                .device_offset(ino, offset)
+                .map_err(|e| format!("{path}: {e}"))?
+                .ok_or_else(|| {
+                    format!("{path}: offset {offset} is in a hole, which has no block to poison")
+                })?;
+            let at = at / pmem::SECTOR * pmem::SECTOR;
+            let mut out = crate::inject_on(dev, label, at, len)?;
+            out += &memory_failure(daemon, at, len);
+            Ok(out)
+        }
+        "clear" => {
+            let (offset, len) = (number(request, "offset")?, number(request, "len")?);
+            crate::clear_on(dev, label, Some((offset, len)))
+        }
+        "clear_all" => crate::clear_on(dev, label, None),
+        "scrub" => crate::scrub_on(dev, label, false),
+        "list" => {
+            let badblocks = request["media_errors"]
+                .as_bool()
+                .unwrap_or(false)
+                .then(|| dev.badblocks());
+            let value = crate::device_json(&dev.info(), badblocks.as_deref());
+            Ok(format!(
+                "{}\n",
+                serde_json::to_string_pretty(&value).expect("JSON")
+            ))
+        }
+        "extents" => {
+            let path = request["path"].as_str().ok_or("bad request: no path")?;
+            let ino = daemon
+                .fs
+                .resolve(path)
+                .map_err(|e| format!("{path}: {e}"))?;
+            let extents = daemon
+                .fs
+                .file_extents(ino)
+                .map_err(|e| format!("{path}: {e}"))?;
+            let mut out = format!(
+                "{path}: {} extent{}\n{:>14} {:>14} {:>12}  aligned 2 MiB\n",
+                extents.len(),
+                if extents.len() == 1 { "" } else { "s" },
+                "file offset",
+                "device offset",
+                "length"
+            );
+            for e in extents {
+                out += &format!(
+                    "{:>14} {:>14} {:>12}  {}\n",
+                    e.file_offset,
+                    format!("{:#x}", e.device_offset),
+                    e.len,
+                    if e.is_huge_aligned() { "yes" } else { "no" }
+                );
+            }
+            Ok(out)
+        }
+        "stat" => {
+            let c = &daemon.counters;
+            let events = daemon.events.lock().unwrap_or_else(|e| e.into_inner());
+            let usage = daemon.fs.cache_usage().map_err(|e| e.to_string())?;
+            let mut out = format!(
+                "requests:        {}\nerrors returned: {}\nleaked inodes:   {}\n\
+                 cached inodes:   {} ({} referenced), {} cached names\npoison events:   {}\n",
+                c.requests.load(Ordering::Relaxed),
+                c.errors.load(Ordering::Relaxed),
+                c.leaked.load(Ordering::Relaxed),
+                usage.inodes,
+                usage.referenced,
+                usage.dentries,
+                events.len()
+            );
+            for e in events.iter() {
+                out += &format!(
+                    "  device offset {:#x}, {} bytes: {}\n",
+                    e.offset, e.len, e.owner
+                );
+            }
+            Ok(out)
+        }
+        op => Err(format!("bad request: unknown op {op:?}")),
+    }
+}
+
+/// Memory-failure handling for poison at `offset..offset + len`: find the
+/// owner, drop the kernel's cached pages of it, record the event. Returns
+/// a line saying what was hit.
+fn memory_failure(daemon: &Daemon, offset: u64, len: u64) -> String {
+    let owner = match daemon.fs.owner_of(offset) {
+        Ok(owner) => owner,
+        Err(e) => return format!("  owner: unknown ({e})\n"),
+    };
+    if let (Owner::File { ino, offset: at }, Some(notifier)) = (&owner, &daemon.notifier) {
+        let page = at / 4096 * 4096;
+        let end = (at + len).div_ceil(4096) * 4096;
+        // ENOENT: the kernel holds nothing of this inode; nothing to drop.
+        let _ = notifier.inval_inode(fuser::INodeNo(*ino), page as i64, (end - page) as i64);
+    }
+    let owner = owner.to_string();
+    daemon
+        .events
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(PoisonEvent {
+            offset,
+            len,
+            owner: owner.clone(),
+        });
+    format!("  owner: {owner}\n")
+}
