@@ -773,3 +773,70 @@ fn poison_injected_through_the_mount_gives_eio_and_sigbus_until_a_write_clears_i
     );
     drop(f);
 }
+
+#[test]
+fn seek_data_and_hole_copy_file_range_and_long_listings() {
+    let m = Mounted::new("");
+    let path = m.path("holey");
+    let f = File::create(&path).unwrap();
+    f.write_all_at(&[1u8; 4096], 1 << 20).unwrap();
+    f.write_all_at(&[2u8; 4096], 3 << 20).unwrap();
+    f.set_len(4 << 20).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    // SAFETY: lseek on an open descriptor.
+    let seek = |offset: i64, whence: i32| unsafe { libc::lseek(fd, offset, whence) };
+    // Small files get 4 KiB blocks; a file past 2 MiB gets whole 2 MiB
+    // regions, so data starts at a 2 MiB boundary at the latest.
+    let first_data = seek(0, libc::SEEK_DATA);
+    assert!((0..=1 << 20).contains(&first_data), "{first_data}");
+    assert_eq!(
+        seek(0, libc::SEEK_HOLE) < first_data || first_data == 0,
+        true
+    );
+    let hole = seek(first_data, libc::SEEK_HOLE);
+    assert!(hole > 1 << 20 && hole <= 3 << 20, "{hole}");
+    let data = seek(hole, libc::SEEK_DATA);
+    assert!(data > hole && data <= 3 << 20, "{data}");
+    assert_eq!(seek(4 << 20, libc::SEEK_DATA), -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENXIO)
+    );
+
+    // copy_file_range copies exactly.
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    fs::write(m.path("src"), &body).unwrap();
+    let src = File::open(m.path("src")).unwrap();
+    let dst = File::create(m.path("dst")).unwrap();
+    let (mut off_in, mut off_out) = (1000i64, 0i64);
+    // SAFETY: two open descriptors and offsets that live across the call.
+    let n = unsafe {
+        libc::copy_file_range(
+            std::os::fd::AsRawFd::as_raw_fd(&src),
+            &mut off_in,
+            std::os::fd::AsRawFd::as_raw_fd(&dst),
+            &mut off_out,
+            200_000,
+            0,
+        )
+    };
+    assert_eq!(n, 200_000, "{}", std::io::Error::last_os_error());
+    assert!(fs::read(m.path("dst")).unwrap() == body[1000..201_000]);
+
+    // A directory listing longer than one reply buffer, twice.
+    fs::create_dir(m.path("many")).unwrap();
+    for i in 0..2000 {
+        File::create(m.path(&format!("many/entry-with-a-longish-name-{i:05}"))).unwrap();
+    }
+    for _ in 0..2 {
+        let mut names: Vec<String> = fs::read_dir(m.path("many"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), 2000);
+        let meta = fs::metadata(m.path("many/entry-with-a-longish-name-01999")).unwrap();
+        assert!(meta.is_file());
+    }
+}

@@ -169,6 +169,10 @@ impl fuser::Filesystem for DaxFuse {
         // mmap of direct-I/O files (Linux 6.6 and later; older kernels
         // refuse mmap of them, which -o cache avoids).
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        // readdirplus when the kernel sees it pays (a lookup follows a listing).
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
         Ok(())
     }
 
@@ -532,6 +536,49 @@ impl fuser::Filesystem for DaxFuse {
         }
     }
 
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        self.count();
+        let entries = match self.fs.readdir(ino.0, offset) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(self.errno(e)),
+        };
+        for e in entries {
+            let name = OsStr::from_bytes(&e.name);
+            // Every entry but . and .. hands the kernel an inode: count it,
+            // and give it back if the entry does not fit.
+            let dots = e.name == b"." || e.name == b"..";
+            let attr = if dots {
+                self.fs.getattr(e.ino)
+            } else {
+                self.fs.lookup_ref(ino.0, &e.name)
+            };
+            let Ok(attr) = attr else {
+                continue; // gone since the listing: skip it
+            };
+            if reply.add(
+                INodeNo(attr.ino),
+                e.next,
+                name,
+                &TTL,
+                &file_attr(&attr),
+                Generation(0),
+            ) {
+                if !dots {
+                    let _ = self.fs.forget(attr.ino, 1);
+                }
+                break;
+            }
+        }
+        reply.ok();
+    }
+
     fn releasedir(
         &self,
         _req: &Request,
@@ -638,6 +685,66 @@ impl fuser::Filesystem for DaxFuse {
         }
     }
 
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        self.count();
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let found = match whence {
+            libc::SEEK_DATA => self.seek(ino.0, offset, true),
+            libc::SEEK_HOLE => self.seek(ino.0, offset, false),
+            // The kernel handles SEEK_SET, SEEK_CUR and SEEK_END itself.
+            _ => Err(Errno::EINVAL),
+        };
+        match found {
+            Ok(at) => reply.offset(at as i64),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        self.count();
+        // In the daemon, without a trip through the kernel per chunk.
+        let len = len.min(u32::MAX as u64 & !0xfff);
+        let mut buf = vec![0u8; len.min(1 << 20) as usize];
+        let mut copied = 0u64;
+        while copied < len {
+            let want = (len - copied).min(buf.len() as u64) as usize;
+            let n = match self.fs.read(ino_in.0, offset_in + copied, &mut buf[..want]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if copied == 0 => return reply.error(self.errno(e)),
+                Err(_) => break,
+            };
+            match self.fs.write(ino_out.0, offset_out + copied, &buf[..n]) {
+                Ok(_) => copied += n as u64,
+                Err(e) if copied == 0 => return reply.error(self.errno(e)),
+                Err(_) => break,
+            }
+        }
+        reply.written(copied as u32);
+    }
+
     fn fallocate(
         &self,
         _req: &Request,
@@ -659,6 +766,46 @@ impl fuser::Filesystem for DaxFuse {
         match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.errno(e)),
+        }
+    }
+}
+
+impl DaxFuse {
+    /// `lseek` with `SEEK_DATA` or `SEEK_HOLE`: the next data or hole at or
+    /// after `offset`, from the file's extents (ENXIO past the end).
+    fn seek(&self, ino: u64, offset: u64, data: bool) -> Result<u64, Errno> {
+        let size = self.fs.getattr(ino).map_err(|e| self.errno(e))?.size;
+        if offset >= size {
+            return Err(Errno::ENXIO);
+        }
+        let extents = self.fs.file_extents(ino).map_err(|e| self.errno(e))?;
+        let mut at = offset;
+        for e in &extents {
+            let end = e.file_offset + e.len;
+            if end <= at {
+                continue;
+            }
+            if e.file_offset > at {
+                // A hole at `at`, data from the extent on.
+                return if data {
+                    if e.file_offset < size {
+                        Ok(e.file_offset)
+                    } else {
+                        Err(Errno::ENXIO)
+                    }
+                } else {
+                    Ok(at)
+                };
+            }
+            if data {
+                return Ok(at);
+            }
+            at = end; // inside data: the hole starts after it (or the next)
+        }
+        if data {
+            Err(Errno::ENXIO)
+        } else {
+            Ok(at.min(size))
         }
     }
 }

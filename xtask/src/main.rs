@@ -8,7 +8,12 @@
 //!   `BTreeMap` baselines; filesystem operations against tmpfs; namespace
 //!   lookups, creates and the shrinker with one and two threads), run ROUNDS
 //!   times (default 3), reported as ratios of medians so that a noisy machine
-//!   still gives a fair comparison.
+//!   still gives a fair comparison; then `compare`.
+//! * `cargo xtask compare` — fio and a metadata test on a daxfs FUSE mount,
+//!   tmpfs and fuse2fs in one run (needs `apt-get install fio fuse2fs`): a
+//!   table of throughputs and ratios and a bar chart in `target/bench/`.
+
+mod compare;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -20,9 +25,10 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("compare") => compare(),
         _ => {
             eprintln!(
-                "usage: cargo xtask test [-- CARGO TEST ARGS]\n       cargo xtask bench [ROUNDS]"
+                "usage: cargo xtask test [-- CARGO TEST ARGS]\n       cargo xtask bench [ROUNDS]\n       cargo xtask compare"
             );
             return ExitCode::from(2);
         }
@@ -34,6 +40,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The end-to-end comparison alone (also the last part of `bench`).
+fn compare() -> Result<(), String> {
+    let mut build = cargo();
+    build.args(["build", "--release", "--bin", "daxfs"]);
+    run(build, "cargo build --release --bin daxfs")?;
+    compare::compare(&root(), &root().join("target/release/daxfs"))
 }
 
 fn root() -> PathBuf {
@@ -275,7 +289,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         "shrinker pass, 100,000 inodes",
         time(median(&|m: &Medians| m.get(&pass).copied()))
     );
-    Ok(())
+    compare()
 }
 
 fn has_libpmem() -> bool {
