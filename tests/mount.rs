@@ -411,6 +411,22 @@ fn permissions_are_checked_for_another_user() {
         (65534, 65534),
         "owned by its creator"
     );
+    // The control channel is the owner's (root's) alone.
+    let out = Command::new(env!("CARGO_BIN_EXE_daxfs"))
+        .arg("stat")
+        .arg(&m.mnt)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied"),
+        "{}",
+        text(&out)
+    );
+    let out = daxfs(&["stat".as_ref(), m.mnt.as_os_str()]);
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 /// A foreground daemon, started by a test; the guard unmounts (lazily if
