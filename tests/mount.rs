@@ -855,3 +855,37 @@ fn seek_data_and_hole_copy_file_range_and_long_listings() {
         assert!(meta.is_file());
     }
 }
+
+#[test]
+fn read_only_and_page_cache_mounts_xattrs_and_statfs() {
+    let mut m = Mounted::new("cache");
+    let path = m.path("f");
+    fs::write(&path, b"through the page cache").unwrap();
+    assert_eq!(fs::read(&path).unwrap(), b"through the page cache");
+    // Extended attributes through the kernel.
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let name = CString::new("user.colour").unwrap();
+    // SAFETY: valid C strings and a buffer of the length given.
+    let r = unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), b"blue".as_ptr().cast(), 4, 0) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let mut buf = [0u8; 16];
+    // SAFETY: as above.
+    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), 16) };
+    assert_eq!(&buf[..n as usize], b"blue");
+    // statfs: the image's size and free space.
+    let mnt = CString::new(m.mnt.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a zeroed statvfs filled by the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::statvfs(mnt.as_ptr(), &mut st) }, 0);
+    let total = st.f_blocks * st.f_frsize;
+    assert!(total > 900 << 20 && total <= 1 << 30, "{total}");
+    assert!(st.f_bfree > 0 && st.f_bfree < st.f_blocks);
+    let out = m.umount();
+    assert!(out.status.success(), "{}", text(&out));
+
+    m.mount("ro");
+    assert_eq!(fs::read(&path).unwrap(), b"through the page cache");
+    let err = fs::write(m.path("g"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+}
