@@ -81,6 +81,22 @@ impl DaxFuse {
             .remove(&fh.0)
     }
 
+    /// Answer a call that returns nothing.
+    fn empty(&self, result: daxfs::Result<()>, reply: ReplyEmpty) {
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    /// Answer a call that returns attributes.
+    fn attr(&self, result: daxfs::Result<Attr>, reply: ReplyAttr) {
+        match result {
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
     fn open_flags(&self) -> FopenFlags {
         if self.direct_io {
             FopenFlags::FOPEN_DIRECT_IO
@@ -226,10 +242,7 @@ impl fuser::Filesystem for DaxFuse {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.count();
-        match self.fs.getattr(ino.0) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.attr(self.fs.getattr(ino.0), reply)
     }
 
     fn setattr(
@@ -259,10 +272,7 @@ impl fuser::Filesystem for DaxFuse {
             atime: atime.map(timestamp),
             mtime: mtime.map(timestamp),
         };
-        match self.fs.setattr(ino.0, &set) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.attr(self.fs.setattr(ino.0, &set), reply)
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -320,18 +330,12 @@ impl fuser::Filesystem for DaxFuse {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.count();
-        match self.fs.unlink(parent.0, name.as_bytes()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.empty(self.fs.unlink(parent.0, name.as_bytes()), reply)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.count();
-        match self.fs.rmdir(parent.0, name.as_bytes()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.empty(self.fs.rmdir(parent.0, name.as_bytes()), reply)
     }
 
     fn symlink(
@@ -372,16 +376,16 @@ impl fuser::Filesystem for DaxFuse {
             noreplace: flags.contains(fuser::RenameFlags::RENAME_NOREPLACE),
             exchange: flags.contains(fuser::RenameFlags::RENAME_EXCHANGE),
         };
-        match self.fs.rename(
-            parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
-            flags,
-        ) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.empty(
+            self.fs.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags,
+            ),
+            reply,
+        )
     }
 
     fn link(
@@ -519,10 +523,7 @@ impl fuser::Filesystem for DaxFuse {
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _d: bool, reply: ReplyEmpty) {
         self.count();
-        match self.fs.fsync(ino.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.empty(self.fs.fsync(ino.0), reply)
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -660,13 +661,11 @@ impl fuser::Filesystem for DaxFuse {
         self.count();
         let create = flags & libc::XATTR_CREATE != 0;
         let replace = flags & libc::XATTR_REPLACE != 0;
-        match self
-            .fs
-            .setxattr(ino.0, name.as_bytes(), value, create, replace)
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.empty(
+            self.fs
+                .setxattr(ino.0, name.as_bytes(), value, create, replace),
+            reply,
+        )
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -694,10 +693,7 @@ impl fuser::Filesystem for DaxFuse {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.count();
-        match self.fs.removexattr(ino.0, name.as_bytes()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.empty(self.fs.removexattr(ino.0, name.as_bytes()), reply)
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
@@ -787,10 +783,7 @@ impl fuser::Filesystem for DaxFuse {
             libc::FALLOC_FL_PUNCH_HOLE => Err(daxfs::Error::Invalid("PUNCH_HOLE needs KEEP_SIZE")),
             _ => Err(daxfs::Error::Unsupported("this fallocate mode")),
         };
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.empty(result, reply)
     }
 }
 

@@ -305,6 +305,19 @@ struct Stage {
     names: Vec<NameChange>,
 }
 
+impl Stage {
+    /// Record that `name` in `dir` now reads `to` (`existed`: it named
+    /// something before), for the dentry cache once committed.
+    fn name_changed(&mut self, dir: Ino, name: &[u8], to: dcache::Dentry, existed: bool) {
+        self.names.push(NameChange {
+            parent: dir,
+            name: name.to_vec(),
+            to,
+            existed,
+        });
+    }
+}
+
 /// A mounted daxfs filesystem. `Send + Sync`: share it between threads.
 ///
 /// Dropping it without [`Fs::unmount`] stops its background work and

@@ -1,7 +1,7 @@
 //! Names: lookup, create, mkdir, symlink, link, unlink, rmdir, rename,
 //! readlink, readdir, extended attributes, and the path-based calls.
 
-use super::dcache::{Dentry, NameChange};
+use super::dcache::Dentry;
 use super::dir::Slot;
 use super::file::map;
 use super::{
@@ -719,12 +719,7 @@ impl Fs {
         };
         self.write_slots(st, stage, dir, pos, &dirent.encode())?;
         self.dir(st, dir)?.insert(&dirent, pos, slots);
-        stage.names.push(NameChange {
-            parent: dir,
-            name: name.to_vec(),
-            to: Dentry::Positive { ino, kind },
-            existed: false,
-        });
+        stage.name_changed(dir, name, Dentry::Positive { ino, kind }, false);
         self.touch_dir(st, stage, dir)
     }
 
@@ -753,12 +748,7 @@ impl Fs {
     ) -> Result<()> {
         self.write_slots(st, stage, dir, slot.pos, &vec![0u8; slot.slots * SLOT])?;
         self.dir(st, dir)?.remove(name);
-        stage.names.push(NameChange {
-            parent: dir,
-            name: name.to_vec(),
-            to: Dentry::Negative,
-            existed: true,
-        });
+        stage.name_changed(dir, name, Dentry::Negative, true);
         self.touch_dir(st, stage, dir)
     }
 
@@ -780,12 +770,7 @@ impl Fs {
         };
         self.write_slots(st, stage, dir, slot.pos, &dirent.encode())?;
         self.dir(st, dir)?.retarget(name, ino, kind);
-        stage.names.push(NameChange {
-            parent: dir,
-            name: name.to_vec(),
-            to: Dentry::Positive { ino, kind },
-            existed: true,
-        });
+        stage.name_changed(dir, name, Dentry::Positive { ino, kind }, true);
         self.touch_dir(st, stage, dir)
     }
 
