@@ -19,8 +19,8 @@ pub mod journal;
 
 pub use error::{Error, Result};
 pub use fs::{
-    fsck, Attr, CacheUsage, CreateOptions, DirEntry, FileExtent, FileKind, Fs, FsckReport, Handle,
-    Hold, Ino, Owner, Problem, RenameFlags, SetAttr, Shrunk, StatFs, Timestamp,
-    DEFAULT_CACHE_BUDGET, ROOT,
+    fsck, Attr, CacheUsage, CreateOptions, DaxStats, DirEntry, Fallback, FileExtent, FileKind, Fs,
+    FsckReport, Handle, Hold, Ino, MapOptions, Mapping, Owner, Problem, RenameFlags, SetAttr,
+    Shrunk, StatFs, Timestamp, DEFAULT_CACHE_BUDGET, ROOT,
 };
 pub use pmem;

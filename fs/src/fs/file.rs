@@ -105,6 +105,11 @@ impl Fs {
     /// the end). Holes read as zeros. A read that reaches poison returns the
     /// bytes before it, or `EIO` if there are none.
     pub fn read(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        // The destination may be an unfaulted DAX mapping: fault it in for
+        // writing before taking the lock its fault needs.
+        for page in buf.chunks_mut(4096) {
+            page[0] = std::hint::black_box(page[0]);
+        }
         let mut st = self.lock()?;
         let inode = self.inode(&mut st, ino)?;
         check_regular(&inode)?;
@@ -157,6 +162,11 @@ impl Fs {
             .checked_add(data.len() as u64)
             .filter(|&e| e <= MAX_FILE_SIZE)
             .ok_or(Error::Invalid("file too large"))?;
+        // The source may be an unfaulted DAX mapping, whose fault takes the
+        // locks taken below: fault it in first (`fault_in_readable`).
+        for page in data.chunks(4096) {
+            std::hint::black_box(page[0]);
+        }
         self.change(|fs, st, stage| {
             stage.touched.insert(ino);
             let mut inode = fs.inode(st, ino)?;

@@ -44,6 +44,7 @@
 //! [`Error::Unmounted`].
 
 mod check;
+mod dax;
 mod dcache;
 mod dir;
 mod file;
@@ -52,6 +53,7 @@ mod owner;
 mod shrink;
 
 pub use check::{fsck, FsckReport, Problem};
+pub use dax::{DaxStats, Fallback, MapOptions, Mapping};
 pub use owner::{FileExtent, Owner};
 
 use crate::alloc::Allocator;
@@ -336,6 +338,9 @@ struct Core {
     state: Mutex<State>,
     /// The dentry cache, read without the state lock.
     names: Dcache,
+    /// DAX state (entry index, live mappings) of files mapped so far.
+    dax: Mutex<HashMap<Ino, Arc<dax::FileDax>>>,
+    dax_counters: dax::Counters,
     /// Set with `State::unmounted`, for the calls that take no lock.
     unmounted: AtomicBool,
     /// Signalled when an inode's last reference goes (for `unmount_wait`).
@@ -562,6 +567,8 @@ impl Fs {
                     cache_budget: DEFAULT_CACHE_BUDGET,
                 }),
                 names: Dcache::new(),
+                dax: Mutex::new(HashMap::default()),
+                dax_counters: dax::Counters::default(),
                 unmounted: AtomicBool::new(false),
                 closed: Condvar::new(),
                 background: Mutex::new(Background::default()),

@@ -1,0 +1,845 @@
+//! DAX mappings: a file mapped through the library is made of the device's
+//! own pages (`mmap` of the device file at the blocks' offsets), so a store
+//! lands on the (emulated) pmem with no page cache and no copy.
+//!
+//! ## Pieces and entries
+//!
+//! [`Fs::mmap`] reserves a virtual range (`PROT_NONE`) placed so that every
+//! 2 MiB-aligned file offset falls on a 2 MiB-aligned address, and fills it
+//! piece by piece with `MAP_FIXED` mappings: a 2 MiB piece (a PMD) when the
+//! file range is 2 MiB aligned, wholly inside the file and the mapping,
+//! backed by one aligned 2 MiB device extent and free of PTE entries; else
+//! 4 KiB pieces (PTEs). Holes read as the zero page (anonymous memory,
+//! read-only), pages past the end of the file as a page of an empty memory
+//! file, which raises `SIGBUS` as Linux does. Every piece is an entry in the
+//! file's [`EntryIndex`](crate::index::EntryIndex), installed under its entry
+//! lock, so two threads faulting one page install it once.
+//!
+//! ## Faults: lazily, in the faulting thread
+//!
+//! Pieces are made by one fault routine, either for every page at `mmap`
+//! time (`populate`) or on first access: a `SIGSEGV` handler finds the
+//! mapping that holds the address, runs the fault routine, and returns, and
+//! the access is retried. (userfaultfd would run faults in a thread of our
+//! own, but it registers anonymous and shmem memory only, and our pieces
+//! are mappings of the device file; the handler keeps one code path for
+//! every backing.) A fault runs inside the faulting thread, which may hold
+//! locks of ours: the filesystem's write path copies from the caller's
+//! buffer, which may be an unfaulted daxfs mapping, so [`Fs::write`] touches
+//! every page of its source before it takes a lock (Linux's
+//! `fault_in_readable`). The routine allocates memory and takes locks, which
+//! a signal handler may do only because the interrupted code was a load or
+//! a store to a daxfs mapping, never the allocator or our own lock holders
+//! (they never touch mappings). Addresses that are not ours go to the
+//! handler that was there before.
+//!
+//! ## Writes, sync and writeback
+//!
+//! A write fault on a hole allocates (a whole aligned 2 MiB extent where the
+//! range allows), zeroes it durably and commits the metadata before the page
+//! is mapped, which is `MAP_SYNC`'s promise: once a write fault returns the
+//! block mapping is durable, and the application needs only CPU flushes.
+//! In a shared writable mapping a read fault maps data read-only and the
+//! first store write-faults: the entry is tagged dirty and the piece made
+//! writable. [`Mapping::sync`] flushes exactly the pages of dirty entries and
+//! write-protects them again, so the next store faults and re-dirties (as
+//! `dax_writeback_mapping_range` does).
+
+use super::{Fs, Ino, Refs};
+use crate::error::{Error, Result};
+use crate::format::BLOCK;
+use crate::index::{Entry, EntryIndex, Order, Tag, PMD_PAGES};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+
+const PAGE: u64 = 4096;
+const HUGE: u64 = PAGE * PMD_PAGES;
+
+/// How [`Fs::mmap`] maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapOptions {
+    /// Stores allowed (`PROT_WRITE`).
+    pub write: bool,
+    /// Shared (`MAP_SHARED`): stores reach the file. Otherwise private:
+    /// a store copies the page, and the file never changes.
+    pub shared: bool,
+    /// Map every page now instead of on first access.
+    pub populate: bool,
+}
+
+impl Default for MapOptions {
+    fn default() -> MapOptions {
+        MapOptions {
+            write: true,
+            shared: true,
+            populate: false,
+        }
+    }
+}
+
+/// Why a fault that could have been a PMD fault was not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// The 2 MiB around the page is not wholly inside the mapping.
+    Misaligned,
+    /// The 2 MiB around the page reaches past the end of the file.
+    PastEof,
+    /// The blocks are not one 2 MiB extent aligned on the device.
+    NotHugeExtent,
+    /// A PTE entry is already in the range.
+    PteInRange,
+    /// A store into a private mapping (copied page by page).
+    PrivateWrite,
+}
+
+/// Fault counters (see [`Fs::dax_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DaxStats {
+    pub pmd_faults: u64,
+    pub pte_faults: u64,
+    /// Holes mapped to the zero page (PMD- or PTE-sized).
+    pub zero_maps: u64,
+    pub fallback_misaligned: u64,
+    pub fallback_past_eof: u64,
+    pub fallback_not_huge_extent: u64,
+    pub fallback_pte_in_range: u64,
+    pub fallback_private_write: u64,
+    /// Accesses past the end of the file (which raise `SIGBUS`).
+    pub beyond_eof: u64,
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pmd: AtomicU64,
+    pte: AtomicU64,
+    zero: AtomicU64,
+    fallback: [AtomicU64; 5],
+    beyond: AtomicU64,
+}
+
+impl Counters {
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The DAX state of one file: its entry index and its live mappings.
+pub(super) struct FileDax {
+    index: EntryIndex,
+    mappings: Mutex<Vec<Weak<Inner>>>,
+}
+
+/// What a page of a mapping shows now.
+const NONE: u8 = 0;
+const ZERO: u8 = 1;
+const READ: u8 = 2;
+const WRITE: u8 = 3;
+const BEYOND: u8 = 4;
+
+/// A DAX mapping of a file. Dereferences to its bytes; unmapped on drop.
+pub struct Mapping {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    fs: Fs,
+    ino: Ino,
+    dax: Arc<FileDax>,
+    /// File page of the mapping's first byte.
+    first_page: u64,
+    pages: u64,
+    /// Address of the first byte.
+    base: usize,
+    /// The whole reservation, to unmap.
+    reservation: (usize, usize),
+    opts: MapOptions,
+    state: Box<[AtomicU8]>,
+}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping")
+            .field("ino", &self.inner.ino)
+            .field("offset", &(self.inner.first_page * PAGE))
+            .field("len", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: the mapping is raw shared memory; the pointer is only an address,
+// and every change to the mapping's state is atomic or under locks.
+unsafe impl Send for Inner {}
+// SAFETY: as above.
+unsafe impl Sync for Inner {}
+
+impl Mapping {
+    /// The first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.inner.base as *mut u8
+    }
+
+    pub fn len(&self) -> usize {
+        (self.inner.pages * PAGE) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.pages == 0
+    }
+
+    /// Make the stores so far durable: flush the pages of dirty entries,
+    /// clear their tags and write-protect them again (`msync`).
+    pub fn sync(&self) -> Result<()> {
+        self.inner.fs.dax_writeback(self.inner.ino, &self.inner.dax)
+    }
+}
+
+impl std::ops::Deref for Mapping {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the reservation is ours for the mapping's life; the
+        // caller of `Fs::mmap` promised no conflicting mutable access.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len()) }
+    }
+}
+
+impl std::ops::DerefMut for Mapping {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`; stores to a read-only mapping fault.
+        unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), self.len()) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        unregister(&self.inner);
+        let (start, len) = self.inner.reservation;
+        // SAFETY: the reservation was made by `Fs::mmap` and nothing else
+        // refers to it now that it is out of the registry.
+        unsafe { libc::munmap(start as *mut libc::c_void, len) };
+        let ino = self.inner.ino;
+        let _ = self.inner.fs.put_ref(ino, |r: &mut Refs| r.holds -= 1);
+    }
+}
+
+impl Fs {
+    /// The DAX state of `ino`, made on first use.
+    fn file_dax(&self, ino: Ino) -> Arc<FileDax> {
+        let mut files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(files.entry(ino).or_insert_with(|| {
+            Arc::new(FileDax {
+                index: EntryIndex::new(),
+                mappings: Mutex::new(Vec::new()),
+            })
+        }))
+    }
+
+    /// Map `len` bytes of regular file `ino` from `offset` (a multiple of
+    /// 4 KiB). The mapping holds the inode (unmount is refused meanwhile).
+    ///
+    /// # Safety
+    ///
+    /// Like any shared mapping of a file (memmap2's contract): while a slice
+    /// borrowed from the mapping lives, nothing else (another mapping, a
+    /// write, a truncate) may change the bytes it covers.
+    pub unsafe fn mmap(
+        &self,
+        ino: Ino,
+        offset: u64,
+        len: u64,
+        opts: MapOptions,
+    ) -> Result<Mapping> {
+        if !offset.is_multiple_of(PAGE) || len == 0 {
+            return Err(Error::Invalid(
+                "mmap offset must be 4 KiB aligned, length not 0",
+            ));
+        }
+        let attr = self.getattr(ino)?;
+        if attr.kind != super::FileKind::File {
+            return Err(Error::Invalid("only regular files can be mapped"));
+        }
+        let pages = len.div_ceil(PAGE);
+        let bytes = (pages * PAGE) as usize;
+        // Reserve 2 MiB more, to place the start where file offset and
+        // address agree modulo 2 MiB.
+        let reserve = bytes + HUGE as usize;
+        // SAFETY: a new anonymous, inaccessible reservation.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserve,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(Error::NoSpace);
+        }
+        let raw = raw as usize;
+        let want = (offset % HUGE) as usize;
+        let huge = HUGE as usize;
+        let base = (raw + huge - want).next_multiple_of(huge) - huge + want;
+        let base = if base < raw { base + huge } else { base };
+        {
+            let mut st = self.lock()?;
+            st.refs.entry(ino).or_default().holds += 1;
+        }
+        install_handler();
+        let dax = self.file_dax(ino);
+        let inner = Arc::new(Inner {
+            fs: self.view(),
+            ino,
+            dax: Arc::clone(&dax),
+            first_page: offset / PAGE,
+            pages,
+            base,
+            reservation: (raw, reserve),
+            opts,
+            state: (0..pages).map(|_| AtomicU8::new(NONE)).collect(),
+        });
+        dax.mappings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&inner));
+        register(&inner);
+        let mapping = Mapping { inner };
+        if opts.populate {
+            for page in 0..pages {
+                if mapping.inner.state[page as usize].load(Ordering::Acquire) == NONE {
+                    mapping.inner.fault(page, false)?;
+                }
+            }
+        }
+        Ok(mapping)
+    }
+
+    /// The fault counters of every mapping so far.
+    pub fn dax_stats(&self) -> DaxStats {
+        let c = &self.core.dax_counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DaxStats {
+            pmd_faults: get(&c.pmd),
+            pte_faults: get(&c.pte),
+            zero_maps: get(&c.zero),
+            fallback_misaligned: get(&c.fallback[0]),
+            fallback_past_eof: get(&c.fallback[1]),
+            fallback_not_huge_extent: get(&c.fallback[2]),
+            fallback_pte_in_range: get(&c.fallback[3]),
+            fallback_private_write: get(&c.fallback[4]),
+            beyond_eof: get(&c.beyond),
+        }
+    }
+
+    /// Writeback of a file's dirty entries: flush their pages, clear the
+    /// tags, and write-protect them in every mapping.
+    fn dax_writeback(&self, _ino: Ino, dax: &FileDax) -> Result<()> {
+        let mut at = 0;
+        while let Some((first, entry)) = dax.index.find_next_tagged(at, Tag::Dirty) {
+            let pages = entry.order().pages();
+            if let Ok(guard) = dax.index.lock_entry(first, entry.order()) {
+                let e = guard.entry();
+                if e.is_mapped() {
+                    dax.index.set_tag(first, Tag::Towrite);
+                    self.core.dev.flush(e.pfn() * PAGE, pages * PAGE)?;
+                    dax.index.clear_tag(first, Tag::Dirty);
+                    dax.index.clear_tag(first, Tag::Towrite);
+                    for m in live(dax) {
+                        m.protect(first, pages);
+                    }
+                }
+            }
+            at = first + pages;
+        }
+        self.core.dev.drain();
+        Ok(())
+    }
+}
+
+fn live(dax: &FileDax) -> Vec<Arc<Inner>> {
+    let mut list = dax.mappings.lock().unwrap_or_else(|e| e.into_inner());
+    list.retain(|m| m.strong_count() > 0);
+    list.iter().filter_map(Weak::upgrade).collect()
+}
+
+/// Where the blocks of `[page, page + n)` of a file are: one device page
+/// frame run, a hole, or something else (partly allocated, not contiguous).
+enum Blocks {
+    Run(u64),
+    Hole,
+    Mixed,
+}
+
+impl Inner {
+    /// The fault routine: make page `page` of the mapping accessible for a
+    /// load, or a store if `write`.
+    fn fault(&self, page: u64, write: bool) -> Result<()> {
+        let fs = &self.fs;
+        let counters = &fs.core.dax_counters;
+        let fpage = self.first_page + page;
+        let size = fs.getattr(self.ino)?.size;
+        if fpage * PAGE >= size {
+            Counters::count(&counters.beyond);
+            return self.map_beyond(page);
+        }
+        if write && !self.opts.write {
+            return Err(Error::Invalid("store to a read-only mapping"));
+        }
+        let chunk = fpage / PMD_PAGES * PMD_PAGES;
+        let fallback =
+            if chunk < self.first_page || chunk + PMD_PAGES > self.first_page + self.pages {
+                Some(0)
+            } else if (chunk + PMD_PAGES) * PAGE > size {
+                Some(1)
+            } else if write && !self.opts.shared {
+                Some(4)
+            } else {
+                self.pmd_fault(chunk, write)?
+            };
+        match fallback {
+            None => {
+                Counters::count(&counters.pmd);
+                Ok(())
+            }
+            Some(reason) => {
+                Counters::count(&counters.fallback[reason]);
+                Counters::count(&counters.pte);
+                self.pte_fault(fpage, write)
+            }
+        }
+    }
+
+    /// Try a PMD fault for the 2 MiB at file page `chunk`; `Some(reason)`
+    /// when it must fall back.
+    fn pmd_fault(&self, chunk: u64, write: bool) -> Result<Option<usize>> {
+        let fs = &self.fs;
+        let mut guard = match self.dax.index.lock_entry(chunk, Order::Pmd) {
+            Ok(guard) => guard,
+            Err(_) => return Ok(Some(3)),
+        };
+        let entry = guard.entry();
+        if entry.order() != Order::Pmd {
+            return Ok(Some(3));
+        }
+        let page = chunk - self.first_page;
+        if entry.is_mapped() {
+            self.map_data(page, PMD_PAGES, entry.pfn(), write)?;
+            if write {
+                let _ = self.dax.index.mark_dirty(chunk);
+            }
+            return Ok(None);
+        }
+        let mut blocks = fs.blocks(self.ino, chunk, PMD_PAGES)?;
+        if matches!(blocks, Blocks::Hole) && !write {
+            if entry.is_empty() {
+                guard.set(Entry::zero(Order::Pmd)).ok();
+            }
+            Counters::count(&fs.core.dax_counters.zero);
+            self.map_zero(page, PMD_PAGES)?;
+            return Ok(None);
+        }
+        if matches!(blocks, Blocks::Hole) {
+            fs.fallocate(self.ino, chunk * PAGE, HUGE, true)?;
+            blocks = fs.blocks(self.ino, chunk, PMD_PAGES)?;
+        }
+        match blocks {
+            Blocks::Run(pfn) if pfn.is_multiple_of(PMD_PAGES) => {
+                guard
+                    .set(Entry::new(Order::Pmd, pfn))
+                    .map_err(|_| Error::Invalid("entry changed order"))?;
+                // Other mappings may show the zero page here: no more.
+                self.unmap_everywhere(chunk, PMD_PAGES);
+                self.map_data(page, PMD_PAGES, pfn, write)?;
+                if write {
+                    drop(guard);
+                    let _ = self.dax.index.mark_dirty(chunk);
+                }
+                Ok(None)
+            }
+            _ => {
+                if entry.is_empty() {
+                    guard.erase();
+                }
+                Ok(Some(2))
+            }
+        }
+    }
+
+    fn pte_fault(&self, fpage: u64, write: bool) -> Result<()> {
+        let fs = &self.fs;
+        let page = fpage - self.first_page;
+        let private_write = write && !self.opts.shared;
+        let mut guard = match self.dax.index.lock_entry(fpage, Order::Pte) {
+            Ok(guard) => guard,
+            Err(_) => return Err(Error::Invalid("entry index conflict on a PTE fault")),
+        };
+        let mut entry = guard.entry();
+        if entry.order() == Order::Pmd {
+            if entry.is_mapped() {
+                // A real PMD that this mapping cannot map whole.
+                let pfn = entry.pfn() + (fpage - guard.base());
+                self.map_data(page, 1, pfn, write)?;
+                drop(guard);
+                if write && self.opts.shared {
+                    let _ = self.dax.index.mark_dirty(fpage);
+                }
+                return Ok(());
+            }
+            if !write {
+                Counters::count(&fs.core.dax_counters.zero);
+                return self.map_zero(page, 1);
+            }
+            // A store into a zero (or empty) PMD: downgrade to a PTE.
+            guard = guard
+                .downgrade(fpage)
+                .map_err(|_| Error::Invalid("cannot downgrade a PMD entry"))?;
+            entry = guard.entry();
+        }
+        if entry.is_mapped() {
+            self.map_data(page, 1, entry.pfn(), write)?;
+            drop(guard);
+            if write && self.opts.shared {
+                let _ = self.dax.index.mark_dirty(fpage);
+            }
+            return Ok(());
+        }
+        if private_write {
+            // A private store to a hole copies nothing: anonymous memory.
+            drop(guard);
+            return self.map_anon(page);
+        }
+        let mut blocks = fs.blocks(self.ino, fpage, 1)?;
+        if matches!(blocks, Blocks::Hole) {
+            if !write {
+                if entry.is_empty() {
+                    guard.set(Entry::zero(Order::Pte)).ok();
+                }
+                Counters::count(&fs.core.dax_counters.zero);
+                return self.map_zero(page, 1);
+            }
+            fs.fallocate(self.ino, fpage * PAGE, PAGE, true)?;
+            blocks = fs.blocks(self.ino, fpage, 1)?;
+        }
+        let Blocks::Run(pfn) = blocks else {
+            return Err(Error::Invalid("a block vanished under a fault"));
+        };
+        guard
+            .set(Entry::new(Order::Pte, pfn))
+            .map_err(|_| Error::Invalid("entry changed order"))?;
+        self.unmap_everywhere(fpage, 1);
+        self.map_data(page, 1, pfn, write)?;
+        drop(guard);
+        if write && self.opts.shared {
+            let _ = self.dax.index.mark_dirty(fpage);
+        }
+        Ok(())
+    }
+
+    fn addr(&self, page: u64) -> *mut libc::c_void {
+        (self.base + (page * PAGE) as usize) as *mut libc::c_void
+    }
+
+    fn set_state(&self, page: u64, pages: u64, state: u8) {
+        for p in page..(page + pages).min(self.pages) {
+            self.state[p as usize].store(state, Ordering::Release);
+        }
+    }
+
+    /// Map device pages `pfn..` at mapping page `page`. Shared writable
+    /// mappings get data read-only until a store faults (dirty tracking).
+    fn map_data(&self, page: u64, pages: u64, pfn: u64, write: bool) -> Result<()> {
+        let prot = if self.opts.write && (write || !self.opts.shared) {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        let share = if self.opts.shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+        let fd = self.fs.core.dev.as_fd().as_raw_fd();
+        self.map(page, pages, prot, share, fd, pfn * PAGE)?;
+        self.set_state(
+            page,
+            pages,
+            if prot & libc::PROT_WRITE != 0 {
+                WRITE
+            } else {
+                READ
+            },
+        );
+        Ok(())
+    }
+
+    fn map_zero(&self, page: u64, pages: u64) -> Result<()> {
+        self.map(
+            page,
+            pages,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )?;
+        self.set_state(page, pages, ZERO);
+        Ok(())
+    }
+
+    fn map_anon(&self, page: u64) -> Result<()> {
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        self.map(
+            page,
+            1,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )?;
+        self.set_state(page, 1, WRITE);
+        Ok(())
+    }
+
+    fn map_beyond(&self, page: u64) -> Result<()> {
+        let fd = sigbus_fd().ok_or(Error::NoSpace)?;
+        self.map(page, 1, libc::PROT_READ, libc::MAP_SHARED, fd, 0)?;
+        self.set_state(page, 1, BEYOND);
+        Ok(())
+    }
+
+    fn map(
+        &self,
+        page: u64,
+        pages: u64,
+        prot: i32,
+        flags: i32,
+        fd: i32,
+        offset: u64,
+    ) -> Result<()> {
+        let pages = pages.min(self.pages - page);
+        // SAFETY: the range lies inside our reservation (`page + pages` is at
+        // most the mapping's page count), which MAP_FIXED replaces.
+        let got = unsafe {
+            libc::mmap(
+                self.addr(page),
+                (pages * PAGE) as usize,
+                prot,
+                flags | libc::MAP_FIXED,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if got == libc::MAP_FAILED {
+            return Err(Error::Device(pmem::Error::Io {
+                path: self.fs.core.dev.path().to_path_buf(),
+                op: "map a DAX piece of",
+                source: std::io::Error::last_os_error(),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Make file pages `[fpage, fpage + n)` of this mapping inaccessible, so
+    /// the next access faults again.
+    fn unmap(&self, fpage: u64, n: u64) {
+        let start = fpage.max(self.first_page);
+        let end = (fpage + n).min(self.first_page + self.pages);
+        if start >= end {
+            return;
+        }
+        let page = start - self.first_page;
+        let _ = self.map(
+            page,
+            end - start,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        self.set_state(page, end - start, NONE);
+    }
+
+    /// Unmap file pages from every other mapping of the file that shows
+    /// them (it would show a stale zero page).
+    fn unmap_everywhere(&self, fpage: u64, n: u64) {
+        for m in live(&self.dax) {
+            if !std::ptr::eq(Arc::as_ptr(&m), self) {
+                m.unmap(fpage, n);
+            }
+        }
+    }
+
+    /// Write-protect file pages that writeback cleaned.
+    fn protect(&self, fpage: u64, n: u64) {
+        if !self.opts.shared || !self.opts.write {
+            return;
+        }
+        let start = fpage.max(self.first_page);
+        let end = (fpage + n).min(self.first_page + self.pages);
+        for f in start..end {
+            let page = f - self.first_page;
+            if self.state[page as usize].load(Ordering::Acquire) == WRITE {
+                // SAFETY: a page of our reservation, mapped by us.
+                unsafe { libc::mprotect(self.addr(page), PAGE as usize, libc::PROT_READ) };
+                self.state[page as usize].store(READ, Ordering::Release);
+            }
+        }
+    }
+}
+
+impl Fs {
+    /// A second handle on the same mounted filesystem (no worker of its own).
+    fn view(&self) -> Fs {
+        Fs {
+            core: Arc::clone(&self.core),
+            worker: Mutex::new(None),
+        }
+    }
+
+    /// Where file pages `[page, page + n)` of `ino` live.
+    fn blocks(&self, ino: Ino, page: u64, n: u64) -> Result<Blocks> {
+        let (start, end) = (page * BLOCK, (page + n) * BLOCK);
+        let extents = self.file_extents(ino)?;
+        let mut covering = extents
+            .iter()
+            .filter(|e| e.file_offset < end && e.file_offset + e.len > start);
+        match covering.next() {
+            None => Ok(Blocks::Hole),
+            Some(e) if e.file_offset <= start && e.file_offset + e.len >= end => Ok(Blocks::Run(
+                (e.device_offset + (start - e.file_offset)) / PAGE,
+            )),
+            Some(_) => Ok(Blocks::Mixed),
+        }
+    }
+}
+
+// ---- the fault handler -------------------------------------------------
+
+/// Live mappings, for the handler.
+static MAPPINGS: RwLock<Vec<Arc<Inner>>> = RwLock::new(Vec::new());
+
+fn register(inner: &Arc<Inner>) {
+    MAPPINGS
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Arc::clone(inner));
+}
+
+fn unregister(inner: &Arc<Inner>) {
+    MAPPINGS
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|m| !Arc::ptr_eq(m, inner));
+}
+
+/// The empty memory file whose pages raise SIGBUS.
+fn sigbus_fd() -> Option<i32> {
+    static FD: OnceLock<Option<OwnedFd>> = OnceLock::new();
+    FD.get_or_init(|| {
+        // SAFETY: memfd_create takes a NUL-terminated name and flags.
+        let fd = unsafe { libc::memfd_create(c"daxfs-beyond-eof".as_ptr(), libc::MFD_CLOEXEC) };
+        // SAFETY: a new descriptor that nothing else owns.
+        (fd >= 0).then(|| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+    })
+    .as_ref()
+    .map(|fd| fd.as_raw_fd())
+}
+
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+
+fn install_handler() {
+    PREVIOUS.get_or_init(|| {
+        // SAFETY: a zeroed sigaction is a valid "default" value; sigaction
+        // fills `old` and installs ours, whose handler is async-signal
+        // careful as the module docs explain.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_fault as *const () as usize;
+            // Not SA_ONSTACK: a fault runs the filesystem, far too deep for
+            // the small alternate stacks threads keep for stack overflows
+            // (a stack overflow then ends in a plain SIGSEGV, without Rust's
+            // "stack overflow" message).
+            action.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut action.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGSEGV, &action, &mut old);
+            old
+        }
+    });
+}
+
+extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let write = is_write(context);
+    let found = {
+        let list = MAPPINGS.read().unwrap_or_else(|e| e.into_inner());
+        list.iter()
+            .find(|m| addr >= m.base && addr < m.base + (m.pages * PAGE) as usize)
+            .cloned()
+    };
+    if let Some(m) = found {
+        let page = ((addr - m.base) as u64) / PAGE;
+        let state = m.state[page as usize].load(Ordering::Acquire);
+        // A fault on a readable page was a store.
+        let write = write || state == READ || state == ZERO;
+        if write && !m.opts.write {
+            // A store to a read-only mapping: SIGSEGV, below.
+            return deliver(signal, info, context);
+        }
+        match m.fault(page, write) {
+            Ok(()) => return,
+            // A fault that cannot be served (no space, a media error): the
+            // access raises SIGBUS, as Linux's VM_FAULT_SIGBUS does.
+            Err(_) => {
+                if m.map_beyond(page).is_ok() {
+                    return;
+                }
+            }
+        }
+    }
+    deliver(signal, info, context);
+}
+
+/// Not ours: whoever was there before, or the default (the access is
+/// retried and kills the process).
+fn deliver(signal: i32, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    if let Some(previous) = PREVIOUS.get() {
+        let handler = previous.sa_sigaction;
+        if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+            // SAFETY: restoring the default disposition; the retried access
+            // then takes it.
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(libc::SIGSEGV, &action, std::ptr::null_mut());
+            }
+        } else if previous.sa_flags & libc::SA_SIGINFO != 0 {
+            // SAFETY: the previous handler was installed for these arguments.
+            let f: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) =
+                unsafe { std::mem::transmute(handler) };
+            f(signal, info, context);
+        } else {
+            // SAFETY: as above, a plain handler.
+            let f: extern "C" fn(i32) = unsafe { std::mem::transmute(handler) };
+            f(signal);
+        }
+    }
+}
+
+/// Whether the faulting access was a store (x86-64: bit 1 of the page-fault
+/// error code). Elsewhere, unknown: treated as a load, and a store then
+/// faults again on the read-only piece.
+fn is_write(context: *mut libc::c_void) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the kernel passes a valid ucontext for SA_SIGINFO handlers.
+        let ctx = unsafe { &*(context as *const libc::ucontext_t) };
+        ctx.uc_mcontext.gregs[libc::REG_ERR as usize] & 2 != 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = context;
+        false
+    }
+}

@@ -1,0 +1,313 @@
+//! DAX mappings through the library: PMD and PTE faults, the zero page,
+//! fallbacks, SIGBUS past the end, private and shared mappings.
+
+use daxfs::pmem::{Device, DeviceOptions};
+use daxfs::{Fs, MapOptions, ROOT};
+
+const MIB: u64 = 1 << 20;
+
+struct Image {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+fn image() -> (Image, Fs) {
+    let dir = tempfile::Builder::new()
+        .prefix("daxfs-dax")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let path = dir.path().join("fs.img");
+    let dev = Device::create(&path, 64 * MIB, &DeviceOptions::new()).unwrap();
+    (Image { _dir: dir, path }, Fs::format(dev).unwrap())
+}
+
+/// A file of `len` bytes of a known pattern, written in one go (so 2 MiB
+/// chunks get 2 MiB extents).
+fn file(fs: &Fs, name: &str, len: u64) -> u64 {
+    let ino = fs
+        .create(ROOT, name.as_bytes(), 0o644, 0, 0, true)
+        .unwrap()
+        .0
+        .ino;
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    fs.write(ino, 0, &data).unwrap();
+    ino
+}
+
+fn pattern(at: u64) -> u8 {
+    (at % 251) as u8
+}
+
+/// Run `f` in a forked child; the signal that ended it (0: none).
+fn in_child(f: impl FnOnce()) -> i32 {
+    // SAFETY: the child only runs `f` (loads and stores to mappings that
+    // are already faulted in or fault through no lock another thread can
+    // hold at fork) and exits.
+    match unsafe { libc::fork() } {
+        0 => {
+            f();
+            // SAFETY: leave the child without running the parent's atexit.
+            unsafe { libc::_exit(0) }
+        }
+        pid => {
+            let mut status = 0;
+            // SAFETY: waiting for our child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            if libc::WIFSIGNALED(status) {
+                libc::WTERMSIG(status)
+            } else {
+                0
+            }
+        }
+    }
+}
+
+#[test]
+fn an_aligned_file_in_2mib_extents_takes_pmd_faults_only() {
+    let (_img, fs) = image();
+    let ino = file(&fs, "big", 4 * MIB);
+    let before = fs.dax_stats();
+    // SAFETY: nothing else changes the file while the mapping is read.
+    let map = unsafe { fs.mmap(ino, 0, 4 * MIB, MapOptions::default()) }.unwrap();
+    for at in (0..4 * MIB).step_by(4096) {
+        assert_eq!(map[at as usize], pattern(at), "byte {at}");
+    }
+    let after = fs.dax_stats();
+    assert_eq!(after.pmd_faults - before.pmd_faults, 2, "{after:?}");
+    assert_eq!(after.pte_faults, before.pte_faults, "{after:?}");
+    // Where the backing can map 2 MiB pages, the kernel really does.
+    let info = fs.device().info();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let base = map.as_ptr() as usize;
+    let huge_kb = smaps_field(&smaps, base, &["FilePmdMapped:", "ShmemPmdMapped:"]);
+    if info.huge_pages.capable {
+        assert!(huge_kb >= 2048, "PMD-mapped: {huge_kb} kB");
+    } else {
+        eprintln!(
+            "skipping the smaps check: the backing cannot map 2 MiB pages ({})",
+            info.huge_pages.reason
+        );
+    }
+    drop(map);
+    fs.unmount().unwrap();
+}
+
+/// The sum of `fields` (kB) over the smaps entries from `base` on.
+fn smaps_field(smaps: &str, base: usize, fields: &[&str]) -> u64 {
+    let mut total = 0;
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((start, _)) = range.split_once('-') {
+                if let Ok(start) = usize::from_str_radix(start, 16) {
+                    inside = start >= base && start < base + (4 * MIB) as usize;
+                    continue;
+                }
+            }
+        }
+        if inside {
+            for f in fields {
+                if let Some(rest) = line.strip_prefix(f) {
+                    total += rest
+                        .trim()
+                        .trim_end_matches(" kB")
+                        .trim()
+                        .parse::<u64>()
+                        .unwrap_or(0);
+                }
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn each_fallback_takes_the_pte_path_and_is_counted() {
+    let (_img, fs) = image();
+    let ino = file(&fs, "big", 4 * MIB);
+    let opts = MapOptions::default();
+
+    // Misaligned: the mapping starts 4 KiB into the first 2 MiB.
+    let s = fs.dax_stats();
+    // SAFETY (all mappings here): nothing else changes the bytes read.
+    let map = unsafe { fs.mmap(ino, 4096, 4 * MIB - 4096, opts) }.unwrap();
+    assert_eq!(map[0], pattern(4096));
+    let d = fs.dax_stats();
+    assert_eq!(
+        (
+            d.fallback_misaligned - s.fallback_misaligned,
+            d.pte_faults - s.pte_faults
+        ),
+        (1, 1)
+    );
+    drop(map);
+
+    // A PTE entry at page 1023, then a PMD fault at 512: the seed regression.
+    let one = unsafe { fs.mmap(ino, 1023 * 4096, 4096, opts) }.unwrap();
+    assert_eq!(one[0], pattern(1023 * 4096));
+    let s = fs.dax_stats();
+    let whole = unsafe { fs.mmap(ino, 0, 4 * MIB, opts) }.unwrap();
+    assert_eq!(whole[(512 * 4096) as usize], pattern(512 * 4096));
+    let d = fs.dax_stats();
+    assert_eq!(
+        d.fallback_pte_in_range - s.fallback_pte_in_range,
+        1,
+        "{d:?}"
+    );
+    assert_eq!(one[0], pattern(1023 * 4096), "the PTE mapping is intact");
+    assert_eq!(whole[(1023 * 4096) as usize], pattern(1023 * 4096));
+    drop((one, whole));
+
+    // Past the end of file: the last 2 MiB reaches beyond it.
+    let short = file(&fs, "short", 3 * MIB);
+    let s = fs.dax_stats();
+    let map = unsafe { fs.mmap(short, 0, 4 * MIB, opts) }.unwrap();
+    assert_eq!(map[(2 * MIB + 5) as usize], pattern(2 * MIB + 5));
+    let d = fs.dax_stats();
+    assert_eq!(d.fallback_past_eof - s.fallback_past_eof, 1);
+    drop(map);
+
+    // Not one 2 MiB extent: small writes made 4 KiB blocks.
+    let small = fs.create(ROOT, b"small", 0o644, 0, 0, true).unwrap().0.ino;
+    for at in (0..2 * MIB).step_by(4096) {
+        fs.write(small, at, &[pattern(at); 4096]).unwrap();
+    }
+    fs.truncate(small, 4 * MIB).unwrap();
+    let s = fs.dax_stats();
+    let map = unsafe { fs.mmap(small, 0, 4 * MIB, opts) }.unwrap();
+    assert_eq!(map[8192], pattern(8192));
+    let d = fs.dax_stats();
+    assert_eq!(
+        d.fallback_not_huge_extent - s.fallback_not_huge_extent,
+        1,
+        "{d:?}"
+    );
+    drop(map);
+
+    // A store into a private mapping copies the page; the file is unchanged.
+    let s = fs.dax_stats();
+    let private = MapOptions {
+        shared: false,
+        ..opts
+    };
+    let mut map = unsafe { fs.mmap(ino, 0, 4 * MIB, private) }.unwrap();
+    map[100] = 0xAA;
+    assert_eq!(map[100], 0xAA);
+    let d = fs.dax_stats();
+    assert_eq!(
+        d.fallback_private_write - s.fallback_private_write,
+        1,
+        "{d:?}"
+    );
+    let mut byte = [0u8; 1];
+    fs.read(ino, 100, &mut byte).unwrap();
+    assert_eq!(
+        byte[0],
+        pattern(100),
+        "a private store never reaches the file"
+    );
+    drop(map);
+    fs.unmount().unwrap();
+}
+
+#[test]
+fn holes_map_the_zero_page_until_a_store_allocates() {
+    let (img, fs) = image();
+    let ino = fs.create(ROOT, b"holey", 0o644, 0, 0, true).unwrap().0.ino;
+    fs.truncate(ino, 4 * MIB).unwrap();
+    let free = fs.statfs().free_blocks;
+    let s = fs.dax_stats();
+    // SAFETY: only this test touches the file.
+    let mut map = unsafe { fs.mmap(ino, 0, 4 * MIB, MapOptions::default()) }.unwrap();
+    assert!(
+        map.iter().step_by(4096).all(|&b| b == 0),
+        "holes read as zeros"
+    );
+    let d = fs.dax_stats();
+    assert_eq!(d.zero_maps - s.zero_maps, 2, "two zero PMDs: {d:?}");
+    assert_eq!(
+        fs.statfs().free_blocks,
+        free,
+        "a read fault allocates nothing"
+    );
+    // A store allocates (a whole 2 MiB here) and replaces the zero entry.
+    map[3 * MIB as usize + 7] = 42;
+    assert!(fs.statfs().free_blocks < free);
+    let mut byte = [0u8; 1];
+    fs.read(ino, 3 * MIB + 7, &mut byte).unwrap();
+    assert_eq!(
+        byte[0], 42,
+        "a store through the mapping is visible to read() at once"
+    );
+    assert_eq!(map[3 * MIB as usize + 7], 42);
+    map.sync().unwrap();
+    drop(map);
+    fs.unmount().unwrap();
+    drop(fs);
+    let fs = Fs::mount(Device::open(&img.path, &DeviceOptions::new()).unwrap()).unwrap();
+    fs.read(ino, 3 * MIB + 7, &mut byte).unwrap();
+    assert_eq!(byte[0], 42, "and after remount");
+    fs.unmount().unwrap();
+}
+
+#[test]
+fn past_the_end_is_sigbus_and_fork_shares_a_shared_mapping() {
+    let (_img, fs) = image();
+    let ino = file(&fs, "f", 10_000);
+    let opts = MapOptions {
+        populate: true,
+        ..MapOptions::default()
+    };
+    // SAFETY: only this test (and its children) touch the file.
+    let map = unsafe { fs.mmap(ino, 0, 8 * 4096, opts) }.unwrap();
+    let ptr = map.as_ptr();
+    assert_eq!(map[9_999], pattern(9_999));
+    // SAFETY: loads in a child of bytes inside the mapping.
+    let sig = in_child(|| unsafe {
+        std::ptr::read_volatile(ptr.add(5 * 4096));
+    });
+    assert_eq!(sig, libc::SIGBUS, "a load past the end of the file");
+    // A shared mapping is shared with a child: its store is ours to see.
+    // SAFETY: a store in a child to a byte of the (populated) mapping.
+    let sig = in_child(|| unsafe {
+        std::ptr::write_volatile(ptr.add(100), 0x5A);
+    });
+    assert_eq!(sig, 0);
+    assert_eq!(map[100], 0x5A);
+    let mut byte = [0u8; 1];
+    fs.read(ino, 100, &mut byte).unwrap();
+    assert_eq!(byte[0], 0x5A);
+    drop(map);
+    fs.unmount().unwrap();
+}
+
+#[test]
+fn a_read_only_mapping_refuses_stores_and_write_goes_through_an_unfaulted_mapping() {
+    let (_img, fs) = image();
+    let src = file(&fs, "src", 64 * 1024);
+    let dst = fs.create(ROOT, b"dst", 0o644, 0, 0, true).unwrap().0.ino;
+    // SAFETY: nothing changes `src` while it is mapped.
+    let map = unsafe {
+        fs.mmap(
+            src,
+            0,
+            64 * 1024,
+            MapOptions {
+                write: false,
+                ..MapOptions::default()
+            },
+        )
+    }
+    .unwrap();
+    // The write path faults its (unfaulted) source in before its locks.
+    fs.write(dst, 0, &map).unwrap();
+    let mut back = vec![0u8; 64 * 1024];
+    fs.read(dst, 0, &mut back).unwrap();
+    assert!(back[..] == map[..]);
+    let ptr = map.as_ptr();
+    // SAFETY: a store in a child to a read-only mapping, which must fail.
+    let sig = in_child(|| unsafe { std::ptr::write_volatile(ptr.add(10), 1) });
+    assert_eq!(sig, libc::SIGSEGV);
+    drop(map);
+    fs.unmount().unwrap();
+}
