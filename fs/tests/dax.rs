@@ -311,3 +311,81 @@ fn a_read_only_mapping_refuses_stores_and_write_goes_through_an_unfaulted_mappin
     drop(map);
     fs.unmount().unwrap();
 }
+
+#[test]
+fn truncate_and_punch_unmap_first_sigbus_past_the_new_end_zeros_in_the_hole() {
+    let (_img, fs) = image();
+    let ino = file(&fs, "f", 4 * MIB);
+    let opts = MapOptions {
+        write: false,
+        ..MapOptions::default()
+    };
+    // SAFETY: the test reads only bytes that the calls below define.
+    let map = unsafe { fs.mmap(ino, 0, 4 * MIB, opts) }.unwrap();
+    assert_eq!(map[(3 * MIB) as usize], pattern(3 * MIB));
+    assert_eq!(map[5000], pattern(5000));
+    fs.truncate(ino, MIB).unwrap();
+    let ptr = map.as_ptr();
+    // SAFETY: a load in a child, past the new end of the file.
+    let sig = in_child(|| unsafe {
+        std::ptr::read_volatile(ptr.add((3 * MIB) as usize));
+    });
+    assert_eq!(sig, libc::SIGBUS, "past the new end of file");
+    assert_eq!(map[5000], pattern(5000), "below it the data is still there");
+    fs.punch_hole(ino, 4096, 8192).unwrap();
+    assert_eq!(map[5000], 0, "a punched hole reads as zeros");
+    assert_eq!(map[13000], pattern(13000));
+    drop(map);
+    fs.unmount().unwrap();
+}
+
+/// Punches and rewrites race readers of a mapping while another file
+/// reuses the freed blocks with a marker: a reader that ever sees the
+/// marker saw a freed block through a stale mapping. (Checked to fail when
+/// truncate and punch do not unmap first.)
+#[test]
+fn punches_racing_faults_never_expose_a_freed_block() {
+    let (_img, fs) = image();
+    let f = fs.create(ROOT, b"f", 0o644, 0, 0, true).unwrap().0.ino;
+    let g = fs.create(ROOT, b"g", 0o644, 0, 0, true).unwrap().0.ino;
+    let body = vec![0x11u8; (2 * MIB) as usize];
+    fs.write(f, 0, &body).unwrap();
+    let opts = MapOptions {
+        write: false,
+        ..MapOptions::default()
+    };
+    // SAFETY: readers only load; the bytes may change under them, which the
+    // test tolerates (0x11 or 0).
+    let map = unsafe { fs.mmap(f, 0, 2 * MIB, opts) }.unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let base = map.as_ptr() as usize;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // The other file takes the freed blocks at once (the allocator
+            // hands out the lowest free region first).
+            let marker = vec![0xEEu8; (2 * MIB) as usize];
+            while std::time::Instant::now() < deadline {
+                fs.punch_hole(f, 0, 2 * MIB).unwrap();
+                fs.write(g, 0, &marker).unwrap();
+                fs.truncate(g, 0).unwrap();
+                fs.write(f, 0, &body).unwrap();
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        for t in 0..2u64 {
+            let stop = &stop;
+            s.spawn(move || {
+                let mut at = t * 4096 + 17;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // SAFETY: a load inside the mapping (2 MiB, never shrunk).
+                    let b = unsafe { std::ptr::read_volatile((base + at as usize) as *const u8) };
+                    assert!(b == 0x11 || b == 0, "byte {at} read {b:#x}: a freed block");
+                    at = (at + 4096 * 7 + 1) % (2 * MIB);
+                }
+            });
+        }
+    });
+    drop(map);
+    fs.unmount().unwrap();
+}

@@ -128,7 +128,41 @@ impl Counters {
 pub(super) struct FileDax {
     index: EntryIndex,
     mappings: Mutex<Vec<Weak<Inner>>>,
+    /// Faults hold it shared; a call that changes which blocks back the
+    /// file (truncate, punch, allocating writes) holds it exclusive while
+    /// it unmaps the range, drops its entries and changes the blocks, so no
+    /// fault can map a block that is about to be freed (Linux's
+    /// `invalidate_lock`). Lock order: this, then entry locks, then the
+    /// filesystem's state lock.
+    invalidate: RwLock<()>,
+    /// Whether the invalidate lock is held exclusive now (by a `Breaking`).
+    breaking: std::sync::atomic::AtomicBool,
 }
+
+/// The error a call that frees a mapped file's blocks without holding its
+/// invalidate lock gets (the file was mapped after the call looked); the
+/// public calls catch it and run again, this time breaking the mappings.
+pub(super) const MAPPED_MEANWHILE: &str = "the file was mapped meanwhile";
+
+/// Whether `e` is [`MAPPED_MEANWHILE`].
+pub(super) fn mapped_meanwhile(e: &Error) -> bool {
+    matches!(e, Error::Busy(m) if m == MAPPED_MEANWHILE)
+}
+
+/// The invalidate lock held exclusive, while the blocks of a mapped file
+/// change (see `FileDax`).
+pub(super) struct Breaking<'a> {
+    dax: &'a FileDax,
+    _guard: std::sync::RwLockWriteGuard<'a, ()>,
+}
+
+impl Drop for Breaking<'_> {
+    fn drop(&mut self) {
+        self.dax.breaking.store(false, Ordering::Release);
+    }
+}
+
+pub(super) type Invalidation<'a> = Option<Breaking<'a>>;
 
 /// What a page of a mapping shows now.
 const NONE: u8 = 0;
@@ -230,6 +264,8 @@ impl Fs {
             Arc::new(FileDax {
                 index: EntryIndex::new(),
                 mappings: Mutex::new(Vec::new()),
+                invalidate: RwLock::new(()),
+                breaking: Default::default(),
             })
         }))
     }
@@ -282,12 +318,14 @@ impl Fs {
         let huge = HUGE as usize;
         let base = (raw + huge - want).next_multiple_of(huge) - huge + want;
         let base = if base < raw { base + huge } else { base };
-        {
+        // The DAX state is made under the state lock, so that a call that
+        // frees blocks (and checks for it under that lock) cannot miss it.
+        let dax = {
             let mut st = self.lock()?;
             st.refs.entry(ino).or_default().holds += 1;
-        }
+            self.file_dax(ino)
+        };
         install_handler();
-        let dax = self.file_dax(ino);
         let inner = Arc::new(Inner {
             fs: self.view(),
             ino,
@@ -313,6 +351,96 @@ impl Fs {
             }
         }
         Ok(mapping)
+    }
+
+    /// Before the blocks of file pages `[first, end)` of `ino` change: if
+    /// the file has DAX state, take its invalidate lock, unmap the range
+    /// from every mapping (the next access faults again) and drop its
+    /// entries. Hold the returned guard until the change is done.
+    pub(super) fn dax_invalidate<'a>(
+        &self,
+        dax: &'a Option<Arc<FileDax>>,
+        first: u64,
+        end: u64,
+    ) -> Invalidation<'a> {
+        self.dax_break(dax, first, end, false)
+    }
+
+    /// Before a write or fallocate fills holes in `[first, end)`: as
+    /// [`dax_invalidate`](Self::dax_invalidate), but only the zero-page
+    /// entries go (data entries stay mapped: their blocks do not change).
+    pub(super) fn dax_fill_holes<'a>(
+        &self,
+        dax: &'a Option<Arc<FileDax>>,
+        first: u64,
+        end: u64,
+    ) -> Invalidation<'a> {
+        self.dax_break(dax, first, end, true)
+    }
+
+    fn dax_break<'a>(
+        &self,
+        dax: &'a Option<Arc<FileDax>>,
+        first: u64,
+        end: u64,
+        holes_only: bool,
+    ) -> Invalidation<'a> {
+        let dax = dax.as_ref()?;
+        let guard = dax.invalidate.write().unwrap_or_else(|e| e.into_inner());
+        dax.breaking.store(true, Ordering::Release);
+        // Whole PMDs: an entry that overlaps the range goes entirely.
+        let first = first / PMD_PAGES * PMD_PAGES;
+        let end = end.saturating_add(PMD_PAGES - 1) / PMD_PAGES * PMD_PAGES;
+        let doomed: Vec<(u64, Order)> = dax
+            .index
+            .range(first..end)
+            .filter(|(_, e)| !holes_only || !e.is_mapped())
+            .map(|(at, e)| (at, e.order()))
+            .collect();
+        let mappings = live(dax);
+        if !holes_only {
+            for m in &mappings {
+                m.unmap(first, end - first);
+            }
+        }
+        for (at, order) in doomed {
+            if holes_only {
+                for m in &mappings {
+                    m.unmap(at, order.pages());
+                }
+            }
+            // Faults are shut out, so nobody holds these for long.
+            if let Ok(guard) = dax.index.lock_entry(at, order) {
+                guard.erase();
+            }
+        }
+        Some(Breaking { dax, _guard: guard })
+    }
+
+    /// Under the state lock, before freeing blocks of `ino`: refuse (with
+    /// [`MAPPED_MEANWHILE`]) if the file has DAX state whose mappings the
+    /// caller did not break. (Mappings are made under the state lock, so
+    /// none can appear between this check and the commit.)
+    pub(super) fn check_broken(&self, ino: Ino) -> Result<()> {
+        match self.dax_of(ino) {
+            Some(dax) if !dax.breaking.load(Ordering::Acquire) => {
+                Err(Error::Busy(MAPPED_MEANWHILE.into()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The DAX state of `ino` if it was ever mapped.
+    pub(super) fn dax_of(&self, ino: Ino) -> Option<Arc<FileDax>> {
+        let files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+        files.get(&ino).cloned()
+    }
+
+    /// Forget the DAX state of a freed inode (no mapping can hold it: a
+    /// mapping holds its inode).
+    pub(super) fn dax_forget(&self, ino: Ino) {
+        let mut files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+        files.remove(&ino);
     }
 
     /// The fault counters of every mapping so far.
@@ -375,6 +503,11 @@ impl Inner {
     /// The fault routine: make page `page` of the mapping accessible for a
     /// load, or a store if `write`.
     fn fault(&self, page: u64, write: bool) -> Result<()> {
+        let _shared = self
+            .dax
+            .invalidate
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         let fs = &self.fs;
         let counters = &fs.core.dax_counters;
         let fpage = self.first_page + page;
@@ -440,7 +573,7 @@ impl Inner {
             return Ok(None);
         }
         if matches!(blocks, Blocks::Hole) {
-            fs.fallocate(self.ino, chunk * PAGE, HUGE, true)?;
+            fs.fallocate_blocks(self.ino, chunk * PAGE, HUGE, true)?;
             blocks = fs.blocks(self.ino, chunk, PMD_PAGES)?;
         }
         match blocks {
@@ -518,7 +651,7 @@ impl Inner {
                 Counters::count(&fs.core.dax_counters.zero);
                 return self.map_zero(page, 1);
             }
-            fs.fallocate(self.ino, fpage * PAGE, PAGE, true)?;
+            fs.fallocate_blocks(self.ino, fpage * PAGE, PAGE, true)?;
             blocks = fs.blocks(self.ino, fpage, 1)?;
         }
         let Blocks::Run(pfn) = blocks else {
@@ -780,9 +913,11 @@ extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, context: *mut li
     };
     if let Some(m) = found {
         let page = ((addr - m.base) as u64) / PAGE;
-        let state = m.state[page as usize].load(Ordering::Acquire);
-        // A fault on a readable page was a store.
-        let write = write || state == READ || state == ZERO;
+        // Where the error code does not tell, a fault on a page shown
+        // readable was a store.
+        let write = write
+            || (!cfg!(target_arch = "x86_64")
+                && matches!(m.state[page as usize].load(Ordering::Acquire), READ | ZERO));
         if write && !m.opts.write {
             // A store to a read-only mapping: SIGSEGV, below.
             return deliver(signal, info, context);

@@ -167,6 +167,8 @@ impl Fs {
         for page in data.chunks(4096) {
             std::hint::black_box(page[0]);
         }
+        let dax = self.dax_of(ino);
+        let _filling = self.dax_fill_holes(&dax, offset / BLOCK, end.div_ceil(BLOCK));
         self.change(|fs, st, stage| {
             stage.touched.insert(ino);
             let mut inode = fs.inode(st, ino)?;
@@ -217,7 +219,29 @@ impl Fs {
     /// Set the size: shrinking frees the blocks past the end, growing leaves
     /// a hole.
     pub fn truncate(&self, ino: Ino, size: u64) -> Result<()> {
-        self.change(|fs, st, stage| fs.truncate_staged(st, stage, ino, size))
+        self.breaking_mappings(ino, size / BLOCK, u64::MAX, || {
+            self.change(|fs, st, stage| fs.truncate_staged(st, stage, ino, size))
+        })
+    }
+
+    /// Run `f`, which frees blocks of `ino` in file pages `[first, end)`,
+    /// with the file's DAX mappings of them broken first; again if the
+    /// file was mapped meanwhile.
+    pub(super) fn breaking_mappings<T>(
+        &self,
+        ino: Ino,
+        first: u64,
+        end: u64,
+        f: impl Fn() -> Result<T>,
+    ) -> Result<T> {
+        loop {
+            let dax = self.dax_of(ino);
+            let _broken = self.dax_invalidate(&dax, first, end);
+            match f() {
+                Err(e) if super::dax::mapped_meanwhile(&e) => continue,
+                result => return result,
+            }
+        }
     }
 
     pub(super) fn truncate_staged(
@@ -253,6 +277,21 @@ impl Fs {
     /// Allocate (zeroed) blocks for `[offset, offset + len)`; unless
     /// `keep_size`, extend the size to cover it.
     pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, keep_size: bool) -> Result<()> {
+        let dax = self.dax_of(ino);
+        let end = offset.saturating_add(len).div_ceil(BLOCK);
+        let _filling = self.dax_fill_holes(&dax, offset / BLOCK, end);
+        self.fallocate_blocks(ino, offset, len, keep_size)
+    }
+
+    /// `fallocate` for a caller that holds the file's invalidate lock (a
+    /// DAX write fault).
+    pub(super) fn fallocate_blocks(
+        &self,
+        ino: Ino,
+        offset: u64,
+        len: u64,
+        keep_size: bool,
+    ) -> Result<()> {
         let end = offset
             .checked_add(len)
             .filter(|&e| len > 0 && e <= MAX_FILE_SIZE)
@@ -287,6 +326,12 @@ impl Fs {
         let end = offset
             .checked_add(len)
             .ok_or(Error::Invalid("bad punch range"))?;
+        self.breaking_mappings(ino, offset / BLOCK, end.div_ceil(BLOCK), || {
+            self.punch_hole_once(ino, offset, end)
+        })
+    }
+
+    fn punch_hole_once(&self, ino: Ino, offset: u64, end: u64) -> Result<()> {
         self.change(|fs, st, stage| {
             stage.touched.insert(ino);
             let mut inode = fs.inode(st, ino)?;
@@ -334,6 +379,7 @@ impl Fs {
         first: u64,
         end: u64,
     ) -> Result<Option<crate::format::Inode>> {
+        self.check_broken(ino)?;
         let freed = remove_range(self.extents(st, ino)?, first, end);
         if freed.is_empty() {
             return Ok(None);

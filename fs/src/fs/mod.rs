@@ -789,8 +789,10 @@ impl Fs {
                 st.alloc.committed();
                 self.core.names.apply(&stage.names);
                 for ino in stage.freed_inodes {
-                    // Its names go before its number can be reused.
+                    // Its names and DAX entries go before its number can be
+                    // reused.
                     self.core.names.purge_dir(ino);
+                    self.dax_forget(ino);
                     st.free_inodes.insert(ino);
                     if let Some(cached) = st.inodes.remove(&ino) {
                         st.cache_cost = st.cache_cost.saturating_sub(cached.cost());
@@ -921,6 +923,11 @@ impl Fs {
 
     /// Change attributes; a size change truncates or extends.
     pub fn setattr(&self, ino: Ino, set: &SetAttr) -> Result<Attr> {
+        let first = set.size.map_or(u64::MAX, |size| size / BLOCK);
+        self.breaking_mappings(ino, first, u64::MAX, || self.setattr_once(ino, set))
+    }
+
+    fn setattr_once(&self, ino: Ino, set: &SetAttr) -> Result<Attr> {
         self.change(|fs, st, stage| {
             if let Some(size) = set.size {
                 fs.truncate_staged(st, stage, ino, size)?;

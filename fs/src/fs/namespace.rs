@@ -88,6 +88,30 @@ impl Fs {
         name: &[u8],
         opts: &CreateOptions,
     ) -> Result<(Attr, Handle, bool)> {
+        // O_TRUNC of a file that was DAX-mapped must first break its
+        // mappings (outside the state lock: see `dax`); the name is looked up
+        // for that, and if a racing rename put another mapped file there
+        // meanwhile, the whole call runs again.
+        loop {
+            let target = match opts.truncate {
+                true => self.lookup(parent, name).ok().map(|a| a.ino),
+                false => None,
+            };
+            let dax = target.and_then(|ino| self.dax_of(ino));
+            let _broken = self.dax_invalidate(&dax, 0, u64::MAX);
+            match self.open_create_once(parent, name, opts) {
+                Err(e) if super::dax::mapped_meanwhile(&e) => continue,
+                result => return result,
+            }
+        }
+    }
+
+    fn open_create_once(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        opts: &CreateOptions,
+    ) -> Result<(Attr, Handle, bool)> {
         self.change(|fs, st, stage| {
             check_name(name)?;
             let (ino, created) = match fs.dir(st, parent)?.get(name).map(|s| s.ino) {
