@@ -389,3 +389,79 @@ fn punches_racing_faults_never_expose_a_freed_block() {
     drop(map);
     fs.unmount().unwrap();
 }
+
+/// MAP_SYNC's promise: once a write fault returns, the block mapping is
+/// durable, so flushing the data is enough. Every crash image the
+/// crash-tracking device can leave right after the store and its flush
+/// holds the data.
+#[test]
+fn after_a_write_fault_and_a_flush_every_crash_image_keeps_the_data() {
+    let dir = tempfile::Builder::new()
+        .prefix("daxfs-dax")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let path = dir.path().join("fs.img");
+    let opts = DeviceOptions::new().crash_tracking(true);
+    let fs = Fs::format(Device::create(&path, 64 * MIB, &opts).unwrap()).unwrap();
+    let ino = fs.create(ROOT, b"f", 0o644, 0, 0, true).unwrap().0.ino;
+    fs.truncate(ino, 4 * MIB).unwrap();
+    // SAFETY: only this test touches the file.
+    let mut map = unsafe { fs.mmap(ino, 0, 4 * MIB, MapOptions::default()) }.unwrap();
+    let at = (MIB + 12_345) as usize;
+    map[at..at + 16].copy_from_slice(b"durable by flush");
+    map.persist(at, 16).unwrap();
+    let images = fs
+        .device()
+        .with_crash_point(|point| {
+            let mut sets: Vec<Vec<u64>> = vec![Vec::new()];
+            sets.extend(point.pending().iter().map(|p| vec![p.offset]));
+            sets.into_iter()
+                .take(64)
+                .enumerate()
+                .map(|(i, set)| {
+                    let image = dir.path().join(format!("crash-{i}.img"));
+                    point.write_image(&set, &image).unwrap();
+                    image
+                })
+                .collect::<Vec<_>>()
+        })
+        .expect("a crash-tracking device");
+    for image in images {
+        let fs = Fs::mount(Device::open(&image, &DeviceOptions::new()).unwrap()).unwrap();
+        let mut buf = [0u8; 16];
+        fs.read(ino, at as u64, &mut buf).unwrap();
+        assert_eq!(&buf, b"durable by flush", "{}", image.display());
+        fs.unmount().unwrap();
+    }
+    drop(map);
+}
+
+#[test]
+fn writeback_flushes_dirty_entries_and_write_protects_them_again() {
+    let (_img, fs) = image();
+    let ino = file(&fs, "f", 64 * 1024);
+    // SAFETY: only this test touches the file.
+    let mut map = unsafe { fs.mmap(ino, 0, 64 * 1024, MapOptions::default()) }.unwrap();
+    assert_eq!(map[0], pattern(0)); // a read fault maps read-only
+    let faults = |fs: &Fs| {
+        let s = fs.dax_stats();
+        s.pmd_faults + s.pte_faults
+    };
+    let before = faults(&fs);
+    map[1] = 7; // a store faults again: dirty
+    assert_eq!(faults(&fs), before + 1, "the first store write-faults");
+    map[2] = 8; // already writable
+    assert_eq!(faults(&fs), before + 1);
+    map.sync().unwrap();
+    map[3] = 9; // cleaned pages are write-protected again
+    assert_eq!(
+        faults(&fs),
+        before + 2,
+        "a store after writeback faults again"
+    );
+    let mut back = [0u8; 4];
+    fs.read(ino, 0, &mut back).unwrap();
+    assert_eq!(back, [pattern(0), 7, 8, 9]);
+    drop(map);
+    fs.unmount().unwrap();
+}

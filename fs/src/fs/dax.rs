@@ -221,6 +221,28 @@ impl Mapping {
         self.inner.pages == 0
     }
 
+    /// Make the stores to `[offset, offset + len)` of the mapping durable
+    /// by CPU cache flushes alone (what a `MAP_SYNC` application does with
+    /// `pmem_persist`): the block mapping is durable already, since the write
+    /// fault committed it.
+    pub fn persist(&self, offset: usize, len: usize) -> Result<()> {
+        let end = (offset + len).min(self.len());
+        let dev = &self.inner.fs.core.dev;
+        let mut at = offset;
+        while at < end {
+            let page = (at as u64) / PAGE;
+            let upto = (((page + 1) * PAGE) as usize).min(end);
+            let fpage = self.inner.first_page + page;
+            if let Some(e) = self.inner.dax.index.load(fpage).filter(|e| e.is_mapped()) {
+                let pfn = e.pfn() + (fpage - e.order().align(fpage));
+                dev.flush(pfn * PAGE + at as u64 % PAGE, (upto - at) as u64)?;
+            }
+            at = upto;
+        }
+        dev.drain();
+        Ok(())
+    }
+
     /// Make the stores so far durable: flush the pages of dirty entries,
     /// clear their tags and write-protect them again (`msync`).
     pub fn sync(&self) -> Result<()> {
