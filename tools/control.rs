@@ -286,6 +286,23 @@ fn handle(daemon: &Daemon, request: &Value) -> Result<String, String> {
                     e.offset, e.len, e.owner
                 );
             }
+            // Library DAX mappings in this process (mmap through the mount
+            // itself goes through the kernel's page cache, not these).
+            let d = daemon.fs.dax_stats();
+            out += &format!(
+                "DAX faults:      {} PMD, {} PTE, {} zero-page maps, {} past EOF\n\
+                 PMD fallbacks:   {} misaligned, {} past EOF, {} extent not 2 MiB, \
+                 {} PTE in range, {} private write\n",
+                d.pmd_faults,
+                d.pte_faults,
+                d.zero_maps,
+                d.beyond_eof,
+                d.fallback_misaligned,
+                d.fallback_past_eof,
+                d.fallback_not_huge_extent,
+                d.fallback_pte_in_range,
+                d.fallback_private_write
+            );
             Ok(out)
         }
         op => Err(format!("bad request: unknown op {op:?}")),

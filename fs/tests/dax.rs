@@ -465,3 +465,101 @@ fn writeback_flushes_dirty_entries_and_write_protects_them_again() {
     drop(map);
     fs.unmount().unwrap();
 }
+
+/// On memory that can back 2 MiB pages (a tmpfs mounted huge=always, made
+/// here when running as root), a PMD piece is a real PMD mapping.
+#[test]
+fn on_huge_page_memory_the_kernel_maps_pmd_pieces_huge() {
+    let dir = tempfile::Builder::new()
+        .prefix("daxfs-huge")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let target = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid C strings; mounting over our own empty temporary dir.
+    let mounted = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            c"huge=always,size=128m".as_ptr().cast(),
+        )
+    } == 0;
+    if !mounted {
+        eprintln!(
+            "skipping: cannot mount a huge=always tmpfs here ({})",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    struct Unmount(std::ffi::CString);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            // SAFETY: unmounting the tmpfs this test mounted (lazily if busy).
+            unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let _unmount = Unmount(target.clone());
+    let path = dir.path().join("fs.img");
+    let fs = Fs::format(Device::create(&path, 64 * MIB, &DeviceOptions::new()).unwrap()).unwrap();
+    if !fs.device().info().huge_pages.capable {
+        eprintln!("skipping: {}", fs.device().info().huge_pages.reason);
+        return;
+    }
+    let ino = file(&fs, "big", 4 * MIB);
+    // SAFETY: loads only.
+    let map = unsafe { fs.mmap(ino, 0, 4 * MIB, MapOptions::default()) }.unwrap();
+    for at in (0..4 * MIB).step_by(4096) {
+        assert_eq!(map[at as usize], pattern(at));
+    }
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let huge = smaps_field(
+        &smaps,
+        map.as_ptr() as usize,
+        &["FilePmdMapped:", "ShmemPmdMapped:"],
+    );
+    assert!(huge >= 2048, "PMD-mapped: {huge} kB");
+    drop(map);
+    fs.unmount().unwrap();
+}
+
+#[test]
+fn threads_faulting_the_same_pages_see_one_mapping() {
+    let (_img, fs) = image();
+    let ino = fs.create(ROOT, b"f", 0o644, 0, 0, true).unwrap().0.ino;
+    fs.truncate(ino, 4 * MIB).unwrap();
+    // SAFETY: the threads store distinct bytes; all read after joining.
+    let map = unsafe { fs.mmap(ino, 0, 4 * MIB, MapOptions::default()) }.unwrap();
+    let base = map.as_ptr() as usize;
+    let free = fs.statfs().free_blocks;
+    std::thread::scope(|s| {
+        for t in 0..4usize {
+            s.spawn(move || {
+                // Every thread stores into every page: the first store of a
+                // page allocates; the others must find that block.
+                for page in 0..1024usize {
+                    // SAFETY: a store inside the mapping, byte t of the page.
+                    unsafe {
+                        std::ptr::write_volatile((base + page * 4096 + t) as *mut u8, t as u8 + 1)
+                    };
+                }
+            });
+        }
+    });
+    for page in 0..1024usize {
+        for t in 0..4usize {
+            assert_eq!(map[page * 4096 + t], t as u8 + 1, "page {page}, thread {t}");
+        }
+    }
+    // One allocation per 2 MiB, not one per thread.
+    assert_eq!(
+        free - fs.statfs().free_blocks,
+        1024,
+        "blocks allocated once"
+    );
+    let mut back = [0u8; 4];
+    fs.read(ino, 4096 * 700, &mut back).unwrap();
+    assert_eq!(back, [1, 2, 3, 4]);
+    drop(map);
+    fs.unmount().unwrap();
+}
