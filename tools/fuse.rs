@@ -81,6 +81,14 @@ impl DaxFuse {
             .remove(&fh.0)
     }
 
+    /// Close the library handle behind `fh` (release, releasedir).
+    fn close(&self, fh: FileHandle, reply: ReplyEmpty) {
+        match self.take_handle(fh) {
+            Some(handle) => self.empty(self.fs.close(handle), reply),
+            None => reply.error(Errno::EBADF),
+        }
+    }
+
     /// Answer a call that returns nothing.
     fn empty(&self, result: daxfs::Result<()>, reply: ReplyEmpty) {
         match result {
@@ -514,11 +522,7 @@ impl fuser::Filesystem for DaxFuse {
         reply: ReplyEmpty,
     ) {
         self.count();
-        match self.take_handle(fh).map(|h| self.fs.close(h)) {
-            Some(Ok(())) => reply.ok(),
-            Some(Err(e)) => reply.error(self.errno(e)),
-            None => reply.error(Errno::EBADF),
-        }
+        self.close(fh, reply);
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _d: bool, reply: ReplyEmpty) {
@@ -613,11 +617,7 @@ impl fuser::Filesystem for DaxFuse {
         reply: ReplyEmpty,
     ) {
         self.count();
-        match self.take_handle(fh).map(|h| self.fs.close(h)) {
-            Some(Ok(())) => reply.ok(),
-            Some(Err(e)) => reply.error(self.errno(e)),
-            None => reply.error(Errno::EBADF),
-        }
+        self.close(fh, reply);
     }
 
     fn fsyncdir(
