@@ -462,6 +462,10 @@ fn writeback_flushes_dirty_entries_and_write_protects_them_again() {
     let mut back = [0u8; 4];
     fs.read(ino, 0, &mut back).unwrap();
     assert_eq!(back, [pattern(0), 7, 8, 9]);
+    // fsync of the file writes back too.
+    fs.fsync(ino).unwrap();
+    map[4] = 10;
+    assert_eq!(faults(&fs), before + 3, "a store after fsync faults again");
     drop(map);
     fs.unmount().unwrap();
 }

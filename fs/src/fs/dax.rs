@@ -484,7 +484,7 @@ impl Fs {
 
     /// Writeback of a file's dirty entries: flush their pages, clear the
     /// tags, and write-protect them in every mapping.
-    fn dax_writeback(&self, _ino: Ino, dax: &FileDax) -> Result<()> {
+    pub(super) fn dax_writeback(&self, _ino: Ino, dax: &FileDax) -> Result<()> {
         let mut at = 0;
         while let Some((first, entry)) = dax.index.find_next_tagged(at, Tag::Dirty) {
             let pages = entry.order().pages();

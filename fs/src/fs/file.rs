@@ -209,11 +209,19 @@ impl Fs {
     }
 
     /// Make the file's data and metadata durable. Every call is durable when
-    /// it returns already, so this is a fence.
+    /// it returns already, so for them this is a fence; stores through DAX
+    /// mappings are flushed here (their dirty entries written back).
     pub fn fsync(&self, ino: Ino) -> Result<()> {
         self.getattr(ino)?;
-        self.core.dev.drain();
-        Ok(())
+        // Stores through DAX mappings are not: write back their dirty
+        // entries (as `Mapping::sync` does).
+        match self.dax_of(ino) {
+            Some(dax) => self.dax_writeback(ino, &dax),
+            None => {
+                self.core.dev.drain();
+                Ok(())
+            }
+        }
     }
 
     /// Set the size: shrinking frees the blocks past the end, growing leaves
