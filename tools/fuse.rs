@@ -113,10 +113,10 @@ impl DaxFuse {
         }
     }
 
-    /// Reply with the entry `name` in `parent`, counting the kernel's
-    /// lookup (after a call that made the name).
-    fn entry(&self, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup_ref(parent.0, name.as_bytes()) {
+    /// Answer a call that made `name` in `parent` (mknod, mkdir, symlink,
+    /// link) with its entry, counting the kernel's lookup.
+    fn made<T>(&self, result: daxfs::Result<T>, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match result.and_then(|_| self.fs.lookup_ref(parent.0, name.as_bytes())) {
             Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
             Err(e) => reply.error(self.errno(e)),
         }
@@ -163,11 +163,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         mtime: time(a.mtime),
         ctime: time(a.ctime),
         crtime: time(a.ctime),
-        kind: match a.kind {
-            FileKind::File => FileType::RegularFile,
-            FileKind::Dir => FileType::Directory,
-            FileKind::Symlink => FileType::Symlink,
-        },
+        kind: file_type(a.kind),
         perm: (a.mode & 0o7777) as u16,
         nlink: a.nlink,
         uid: a.uid,
@@ -221,20 +217,23 @@ impl fuser::Filesystem for DaxFuse {
             // A negative entry (inode 0) the kernel may cache: every change
             // comes through it, so it learns when the name appears.
             Err(daxfs::Error::NotFound) => {
-                let mut none = file_attr(&Attr {
-                    ino: 0,
-                    kind: FileKind::File,
-                    mode: 0,
+                let none = FileAttr {
+                    ino: INodeNo(0),
+                    size: 0,
+                    blocks: 0,
+                    atime: UNIX_EPOCH,
+                    mtime: UNIX_EPOCH,
+                    ctime: UNIX_EPOCH,
+                    crtime: UNIX_EPOCH,
+                    kind: FileType::RegularFile,
+                    perm: 0,
                     nlink: 0,
                     uid: 0,
                     gid: 0,
-                    size: 0,
-                    blocks: 0,
-                    atime: Timestamp::default(),
-                    mtime: Timestamp::default(),
-                    ctime: Timestamp::default(),
-                });
-                none.ino = INodeNo(0);
+                    rdev: 0,
+                    blksize: 4096,
+                    flags: 0,
+                };
                 reply.entry(&TTL, &none, Generation(0));
             }
             Err(e) => reply.error(self.errno(e)),
@@ -307,13 +306,13 @@ impl fuser::Filesystem for DaxFuse {
             return;
         }
         let mode = mode & !umask & 0o7777;
-        match self
-            .fs
-            .create(parent.0, name.as_bytes(), mode, req.uid(), req.gid(), true)
-        {
-            Ok(_) => self.entry(parent, name, reply),
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.made(
+            self.fs
+                .create(parent.0, name.as_bytes(), mode, req.uid(), req.gid(), true),
+            parent,
+            name,
+            reply,
+        )
     }
 
     fn mkdir(
@@ -327,13 +326,13 @@ impl fuser::Filesystem for DaxFuse {
     ) {
         self.count();
         let mode = mode & !umask & 0o7777;
-        match self
-            .fs
-            .mkdir(parent.0, name.as_bytes(), mode, req.uid(), req.gid())
-        {
-            Ok(_) => self.entry(parent, name, reply),
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.made(
+            self.fs
+                .mkdir(parent.0, name.as_bytes(), mode, req.uid(), req.gid()),
+            parent,
+            name,
+            reply,
+        )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -356,13 +355,13 @@ impl fuser::Filesystem for DaxFuse {
     ) {
         self.count();
         let target = target.as_os_str().as_bytes();
-        match self
-            .fs
-            .symlink(parent.0, link_name.as_bytes(), target, req.uid(), req.gid())
-        {
-            Ok(_) => self.entry(parent, link_name, reply),
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.made(
+            self.fs
+                .symlink(parent.0, link_name.as_bytes(), target, req.uid(), req.gid()),
+            parent,
+            link_name,
+            reply,
+        )
     }
 
     fn rename(
@@ -405,10 +404,12 @@ impl fuser::Filesystem for DaxFuse {
         reply: ReplyEntry,
     ) {
         self.count();
-        match self.fs.link(ino.0, newparent.0, newname.as_bytes()) {
-            Ok(_) => self.entry(newparent, newname, reply),
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.made(
+            self.fs.link(ino.0, newparent.0, newname.as_bytes()),
+            newparent,
+            newname,
+            reply,
+        )
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -143,9 +143,11 @@ fn each_fallback_takes_the_pte_path_and_is_counted() {
     drop(map);
 
     // A PTE entry at page 1023, then a PMD fault at 512: the seed regression.
+    // SAFETY: as above: nothing else changes the bytes this test reads.
     let one = unsafe { fs.mmap(ino, 1023 * 4096, 4096, opts) }.unwrap();
     assert_eq!(one[0], pattern(1023 * 4096));
     let s = fs.dax_stats();
+    // SAFETY: as above: nothing else changes the bytes this test reads.
     let whole = unsafe { fs.mmap(ino, 0, 4 * MIB, opts) }.unwrap();
     assert_eq!(whole[(512 * 4096) as usize], pattern(512 * 4096));
     let d = fs.dax_stats();
@@ -161,6 +163,7 @@ fn each_fallback_takes_the_pte_path_and_is_counted() {
     // Past the end of file: the last 2 MiB reaches beyond it.
     let short = file(&fs, "short", 3 * MIB);
     let s = fs.dax_stats();
+    // SAFETY: as above: nothing else changes the bytes this test reads.
     let map = unsafe { fs.mmap(short, 0, 4 * MIB, opts) }.unwrap();
     assert_eq!(map[(2 * MIB + 5) as usize], pattern(2 * MIB + 5));
     let d = fs.dax_stats();
@@ -174,6 +177,7 @@ fn each_fallback_takes_the_pte_path_and_is_counted() {
     }
     fs.truncate(small, 4 * MIB).unwrap();
     let s = fs.dax_stats();
+    // SAFETY: as above: nothing else changes the bytes this test reads.
     let map = unsafe { fs.mmap(small, 0, 4 * MIB, opts) }.unwrap();
     assert_eq!(map[8192], pattern(8192));
     let d = fs.dax_stats();
@@ -190,6 +194,7 @@ fn each_fallback_takes_the_pte_path_and_is_counted() {
         shared: false,
         ..opts
     };
+    // SAFETY: as above: nothing else changes the bytes this test reads.
     let mut map = unsafe { fs.mmap(ino, 0, 4 * MIB, private) }.unwrap();
     map[100] = 0xAA;
     assert_eq!(map[100], 0xAA);

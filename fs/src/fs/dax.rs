@@ -47,7 +47,6 @@
 
 use super::{Fs, Ino, Refs};
 use crate::error::{Error, Result};
-use crate::format::BLOCK;
 use crate::index::{Entry, EntryIndex, Order, Tag, PMD_PAGES};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -78,7 +77,8 @@ impl Default for MapOptions {
     }
 }
 
-/// Why a fault that could have been a PMD fault was not.
+/// Why a fault that could have been a PMD fault was not (the order is the
+/// order of the counters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fallback {
     /// The 2 MiB around the page is not wholly inside the mapping.
@@ -246,7 +246,7 @@ impl Mapping {
     /// Make the stores so far durable: flush the pages of dirty entries,
     /// clear their tags and write-protect them again (`msync`).
     pub fn sync(&self) -> Result<()> {
-        self.inner.fs.dax_writeback(self.inner.ino, &self.inner.dax)
+        self.inner.fs.dax_writeback(&self.inner.dax)
     }
 }
 
@@ -281,6 +281,7 @@ impl Drop for Mapping {
 impl Fs {
     /// The DAX state of `ino`, made on first use.
     fn file_dax(&self, ino: Ino) -> Arc<FileDax> {
+        self.core.dax_used.store(true, Ordering::Release);
         let mut files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(files.entry(ino).or_insert_with(|| {
             Arc::new(FileDax {
@@ -454,6 +455,10 @@ impl Fs {
 
     /// The DAX state of `ino` if it was ever mapped.
     pub(super) fn dax_of(&self, ino: Ino) -> Option<Arc<FileDax>> {
+        // The write path asks on every call: no lock until a file is mapped.
+        if !self.core.dax_used.load(Ordering::Acquire) {
+            return None;
+        }
         let files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
         files.get(&ino).cloned()
     }
@@ -473,18 +478,18 @@ impl Fs {
             pmd_faults: get(&c.pmd),
             pte_faults: get(&c.pte),
             zero_maps: get(&c.zero),
-            fallback_misaligned: get(&c.fallback[0]),
-            fallback_past_eof: get(&c.fallback[1]),
-            fallback_not_huge_extent: get(&c.fallback[2]),
-            fallback_pte_in_range: get(&c.fallback[3]),
-            fallback_private_write: get(&c.fallback[4]),
+            fallback_misaligned: get(&c.fallback[Fallback::Misaligned as usize]),
+            fallback_past_eof: get(&c.fallback[Fallback::PastEof as usize]),
+            fallback_not_huge_extent: get(&c.fallback[Fallback::NotHugeExtent as usize]),
+            fallback_pte_in_range: get(&c.fallback[Fallback::PteInRange as usize]),
+            fallback_private_write: get(&c.fallback[Fallback::PrivateWrite as usize]),
             beyond_eof: get(&c.beyond),
         }
     }
 
     /// Writeback of a file's dirty entries: flush their pages, clear the
     /// tags, and write-protect them in every mapping.
-    pub(super) fn dax_writeback(&self, _ino: Ino, dax: &FileDax) -> Result<()> {
+    pub(super) fn dax_writeback(&self, dax: &FileDax) -> Result<()> {
         let mut at = 0;
         while let Some((first, entry)) = dax.index.find_next_tagged(at, Tag::Dirty) {
             let pages = entry.order().pages();
@@ -544,11 +549,11 @@ impl Inner {
         let chunk = fpage / PMD_PAGES * PMD_PAGES;
         let fallback =
             if chunk < self.first_page || chunk + PMD_PAGES > self.first_page + self.pages {
-                Some(0)
+                Some(Fallback::Misaligned)
             } else if (chunk + PMD_PAGES) * PAGE > size {
-                Some(1)
+                Some(Fallback::PastEof)
             } else if write && !self.opts.shared {
-                Some(4)
+                Some(Fallback::PrivateWrite)
             } else {
                 self.pmd_fault(chunk, write)?
             };
@@ -558,7 +563,7 @@ impl Inner {
                 Ok(())
             }
             Some(reason) => {
-                Counters::count(&counters.fallback[reason]);
+                Counters::count(&counters.fallback[reason as usize]);
                 Counters::count(&counters.pte);
                 self.pte_fault(fpage, write)
             }
@@ -567,15 +572,15 @@ impl Inner {
 
     /// Try a PMD fault for the 2 MiB at file page `chunk`; `Some(reason)`
     /// when it must fall back.
-    fn pmd_fault(&self, chunk: u64, write: bool) -> Result<Option<usize>> {
+    fn pmd_fault(&self, chunk: u64, write: bool) -> Result<Option<Fallback>> {
         let fs = &self.fs;
         let mut guard = match self.dax.index.lock_entry(chunk, Order::Pmd) {
             Ok(guard) => guard,
-            Err(_) => return Ok(Some(3)),
+            Err(_) => return Ok(Some(Fallback::PteInRange)),
         };
         let entry = guard.entry();
         if entry.order() != Order::Pmd {
-            return Ok(Some(3));
+            return Ok(Some(Fallback::PteInRange));
         }
         let page = chunk - self.first_page;
         if entry.is_mapped() {
@@ -616,7 +621,7 @@ impl Inner {
                 if entry.is_empty() {
                     guard.erase();
                 }
-                Ok(Some(2))
+                Ok(Some(Fallback::NotHugeExtent))
             }
         }
     }
@@ -844,27 +849,26 @@ impl Inner {
 
 impl Fs {
     /// A second handle on the same mounted filesystem (no worker of its own).
-    fn view(&self) -> Fs {
+    pub(super) fn view(&self) -> Fs {
         Fs {
             core: Arc::clone(&self.core),
             worker: Mutex::new(None),
         }
     }
 
-    /// Where file pages `[page, page + n)` of `ino` live.
+    /// Where file pages `[page, page + n)` of `ino` live (pages and blocks
+    /// are both 4 KiB).
     fn blocks(&self, ino: Ino, page: u64, n: u64) -> Result<Blocks> {
-        let (start, end) = (page * BLOCK, (page + n) * BLOCK);
-        let extents = self.file_extents(ino)?;
-        let mut covering = extents
-            .iter()
-            .filter(|e| e.file_offset < end && e.file_offset + e.len > start);
-        match covering.next() {
-            None => Ok(Blocks::Hole),
-            Some(e) if e.file_offset <= start && e.file_offset + e.len >= end => Ok(Blocks::Run(
-                (e.device_offset + (start - e.file_offset)) / PAGE,
-            )),
-            Some(_) => Ok(Blocks::Mixed),
-        }
+        let mut st = self.lock()?;
+        let extents = self.extents(&mut st, ino)?;
+        Ok(match super::file::map(extents, page) {
+            Some((physical, run)) if run >= n => Blocks::Run(physical),
+            Some(_) => Blocks::Mixed,
+            None if super::file::next_mapped(extents, page).is_some_and(|b| b < page + n) => {
+                Blocks::Mixed
+            }
+            None => Blocks::Hole,
+        })
     }
 }
 
@@ -872,19 +876,25 @@ impl Fs {
 
 /// Live mappings, for the handler.
 static MAPPINGS: RwLock<Vec<Arc<Inner>>> = RwLock::new(Vec::new());
+/// How many there are, read without the lock.
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn register(inner: &Arc<Inner>) {
-    MAPPINGS
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(Arc::clone(inner));
+    let mut list = MAPPINGS.write().unwrap_or_else(|e| e.into_inner());
+    list.push(Arc::clone(inner));
+    LIVE.store(list.len(), Ordering::Release);
 }
 
 fn unregister(inner: &Arc<Inner>) {
-    MAPPINGS
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|m| !Arc::ptr_eq(m, inner));
+    let mut list = MAPPINGS.write().unwrap_or_else(|e| e.into_inner());
+    list.retain(|m| !Arc::ptr_eq(m, inner));
+    LIVE.store(list.len(), Ordering::Release);
+}
+
+/// Whether any DAX mapping exists in this process: if none, no buffer a
+/// caller passes can be one, and the data path need not fault it in.
+pub(super) fn any_mapping() -> bool {
+    LIVE.load(Ordering::Acquire) > 0
 }
 
 /// The empty memory file whose pages raise SIGBUS.

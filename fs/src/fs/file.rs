@@ -27,7 +27,7 @@ pub(super) fn map(extents: &[Extent], lblock: u64) -> Option<(u64, u64)> {
 }
 
 /// The first logical block at or after `lblock` that is mapped.
-fn next_mapped(extents: &[Extent], lblock: u64) -> Option<u64> {
+pub(super) fn next_mapped(extents: &[Extent], lblock: u64) -> Option<u64> {
     let i = extents.partition_point(|e| e.end() <= lblock);
     extents.get(i).map(|e| (e.logical as u64).max(lblock))
 }
@@ -107,8 +107,10 @@ impl Fs {
     pub fn read(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
         // The destination may be an unfaulted DAX mapping: fault it in for
         // writing before taking the lock its fault needs.
-        for page in buf.chunks_mut(4096) {
-            page[0] = std::hint::black_box(page[0]);
+        if super::dax::any_mapping() {
+            for page in buf.chunks_mut(4096) {
+                page[0] = std::hint::black_box(page[0]);
+            }
         }
         let mut st = self.lock()?;
         let inode = self.inode(&mut st, ino)?;
@@ -164,8 +166,10 @@ impl Fs {
             .ok_or(Error::Invalid("file too large"))?;
         // The source may be an unfaulted DAX mapping, whose fault takes the
         // locks taken below: fault it in first (`fault_in_readable`).
-        for page in data.chunks(4096) {
-            std::hint::black_box(page[0]);
+        if super::dax::any_mapping() {
+            for page in data.chunks(4096) {
+                std::hint::black_box(page[0]);
+            }
         }
         let dax = self.dax_of(ino);
         let _filling = self.dax_fill_holes(&dax, offset / BLOCK, end.div_ceil(BLOCK));
@@ -216,7 +220,7 @@ impl Fs {
         // Stores through DAX mappings are not: write back their dirty
         // entries (as `Mapping::sync` does).
         match self.dax_of(ino) {
-            Some(dax) => self.dax_writeback(ino, &dax),
+            Some(dax) => self.dax_writeback(&dax),
             None => {
                 self.core.dev.drain();
                 Ok(())

@@ -340,6 +340,9 @@ struct Core {
     names: Dcache,
     /// DAX state (entry index, live mappings) of files mapped so far.
     dax: Mutex<HashMap<Ino, Arc<dax::FileDax>>>,
+    /// Set (under the state lock) when the first file is mapped; until
+    /// then the data path skips `dax`.
+    dax_used: AtomicBool,
     dax_counters: dax::Counters,
     /// Set with `State::unmounted`, for the calls that take no lock.
     unmounted: AtomicBool,
@@ -568,6 +571,7 @@ impl Fs {
                 }),
                 names: Dcache::new(),
                 dax: Mutex::new(HashMap::default()),
+                dax_used: AtomicBool::new(false),
                 dax_counters: dax::Counters::default(),
                 unmounted: AtomicBool::new(false),
                 closed: Condvar::new(),
@@ -599,10 +603,7 @@ impl Fs {
     /// Start the background worker: the shrinker, woken when the caches
     /// grow past their budget.
     fn start_worker(&self) -> Result<()> {
-        let view = Fs {
-            core: Arc::clone(&self.core),
-            worker: Mutex::new(None),
-        };
+        let view = self.view();
         let handle = std::thread::Builder::new()
             .name("daxfs-shrinker".into())
             .spawn(move || view.run_background())

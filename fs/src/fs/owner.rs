@@ -73,11 +73,10 @@ impl Fs {
     /// The device offset that holds byte `offset` of file `ino`, or `None`
     /// in a hole.
     pub fn device_offset(&self, ino: Ino, offset: u64) -> Result<Option<u64>> {
-        Ok(self
-            .file_extents(ino)?
-            .iter()
-            .find(|e| (e.file_offset..e.file_offset + e.len).contains(&offset))
-            .map(|e| e.device_offset + (offset - e.file_offset)))
+        let mut st = self.lock()?;
+        let extents = self.extents(&mut st, ino)?;
+        Ok(super::file::map(extents, offset / BLOCK)
+            .map(|(physical, _)| physical * BLOCK + offset % BLOCK))
     }
 
     /// Who owns the block at device offset `offset`. Metadata areas are
