@@ -10,6 +10,9 @@
 //! crash image must match one of those snapshots, and never one older than
 //! an operation that had already returned.
 
+mod common;
+
+use common::crash_units;
 use daxfs::pmem::{Device, DeviceOptions};
 use daxfs::{Fs, Handle, Ino, RenameFlags, SetAttr, ROOT};
 use std::collections::BTreeMap;
@@ -287,31 +290,6 @@ fn check_workload(name: &str, steps: &[Step], max_subset: usize) -> usize {
         failures.join("\n")
     );
     checked.load(Ordering::Relaxed) as usize
-}
-
-/// Group pending cache lines into the units a crash persists independently:
-/// each line of a short run (metadata: journal transactions, inodes,
-/// directory entries, bitmap words) on its own, and each long run (file data
-/// and zeroing, more than 4 KiB) as a whole, as Chipmunk enumerates whole
-/// writes. Without that, a 3 MiB fallocate alone would leave 49,152 pending
-/// lines and a billion pairs.
-fn crash_units(lines: &[u64]) -> Vec<Vec<u64>> {
-    let mut runs: Vec<Vec<u64>> = Vec::new();
-    for &line in lines {
-        match runs.last_mut() {
-            Some(run) if run.last() == Some(&(line - 64)) => run.push(line),
-            _ => runs.push(vec![line]),
-        }
-    }
-    runs.into_iter()
-        .flat_map(|run| {
-            if run.len() > 64 {
-                vec![run]
-            } else {
-                run.into_iter().map(|l| vec![l]).collect()
-            }
-        })
-        .collect()
 }
 
 /// Mount the image a crash would leave, check it, and match it against the

@@ -1,8 +1,12 @@
 //! DAX mappings through the library: PMD and PTE faults, the zero page,
 //! fallbacks, SIGBUS past the end, private and shared mappings.
 
+mod common;
+
 use daxfs::pmem::{Device, DeviceOptions};
 use daxfs::{Fs, MapOptions, ROOT};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 const MIB: u64 = 1 << 20;
 
@@ -439,6 +443,290 @@ fn after_a_write_fault_and_a_flush_every_crash_image_keeps_the_data() {
         fs.unmount().unwrap();
     }
     drop(map);
+}
+
+/// The write fault's commit, fence by fence: it allocates, zeroes and
+/// commits before it maps. A crash at any fence of it, with any single
+/// pending unit persisted (or none, or all), leaves an image that mounts and
+/// checks clean and shows the 2 MiB as a hole or as zeros, never what the
+/// freed blocks held before. The fences after the fault (the store's own
+/// persist) may add the stored bytes, and nothing else.
+#[test]
+fn a_write_fault_into_a_hole_is_atomic_at_every_fence() {
+    let dir = tempfile::Builder::new()
+        .prefix("daxfs-dax")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let path = dir.path().join("fs.img");
+    let opts = DeviceOptions::new().crash_tracking(true);
+    let fs = Fs::format(Device::create(&path, 16 * MIB, &opts).unwrap()).unwrap();
+    // Fill the free space with a marker, then free it: the fault's blocks
+    // held the marker before.
+    let old = fs.create(ROOT, b"old", 0o644, 0, 0, true).unwrap().0.ino;
+    let fill = (fs.statfs().free_blocks * 4096).saturating_sub(MIB);
+    fs.write(old, 0, &vec![0xEE; fill as usize]).unwrap();
+    fs.unlink(ROOT, b"old").unwrap();
+    let ino = fs.create(ROOT, b"f", 0o644, 0, 0, true).unwrap().0.ino;
+    fs.truncate(ino, 4 * MIB).unwrap();
+    fs.fsync(ino).unwrap();
+    let data = b"durable by flush";
+    let at = (MIB + 12_345) as usize;
+
+    let scratch = dir.path().join("crash.img");
+    let failures = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = std::sync::Arc::new(Mutex::new((0usize, 0usize, 0usize))); // holes, zeros, data
+    {
+        let (failures, seen) = (failures.clone(), seen.clone());
+        fs.device().on_fence(Some(Box::new(move |point| {
+            let lines: Vec<u64> = point.pending().iter().map(|l| l.offset).collect();
+            let units = common::crash_units(&lines);
+            let mut subsets: Vec<Vec<u64>> = vec![Vec::new(), lines.clone()];
+            subsets.extend(units);
+            for subset in subsets {
+                let check = || -> Result<&'static str, String> {
+                    let _ = std::fs::remove_file(&scratch);
+                    point
+                        .write_image(&subset, &scratch)
+                        .map_err(|e| e.to_string())?;
+                    let dev =
+                        Device::open(&scratch, &DeviceOptions::new()).map_err(|e| e.to_string())?;
+                    let (report, dev) = daxfs::fsck(dev, false).map_err(|e| e.to_string())?;
+                    if !report.is_clean() {
+                        return Err(format!("fsck: {:?}", report.problems));
+                    }
+                    let fs = Fs::mount(dev).map_err(|e| e.to_string())?;
+                    let allocated = !fs.file_extents(ino).map_err(|e| e.to_string())?.is_empty();
+                    let mut chunk = vec![0u8; (2 * MIB) as usize];
+                    fs.read(ino, 0, &mut chunk).map_err(|e| e.to_string())?;
+                    fs.unmount().map_err(|e| e.to_string())?;
+                    let stored = chunk[at..at + data.len()].to_vec();
+                    chunk[at..at + data.len()].fill(0);
+                    if let Some(bad) = chunk.iter().position(|&b| b != 0) {
+                        return Err(format!("byte {bad} reads {:#x}", chunk[bad]));
+                    }
+                    match (allocated, stored == *data, stored.iter().all(|&b| b == 0)) {
+                        (false, _, true) => Ok("hole"),
+                        (true, false, true) => Ok("zeros"),
+                        (true, true, _) => Ok("data"),
+                        _ => Err(format!("the stored bytes read {stored:?}")),
+                    }
+                };
+                match check() {
+                    Ok(kind) => {
+                        let mut s = seen.lock().unwrap();
+                        match kind {
+                            "hole" => s.0 += 1,
+                            "zeros" => s.1 += 1,
+                            _ => s.2 += 1,
+                        }
+                    }
+                    Err(e) => failures.lock().unwrap().push(format!(
+                        "fence {} with {} lines persisted: {e}",
+                        point.fences(),
+                        subset.len()
+                    )),
+                }
+            }
+        })));
+    }
+    // SAFETY: only this test touches the file.
+    let mut map = unsafe { fs.mmap(ino, 0, 4 * MIB, MapOptions::default()) }.unwrap();
+    map[at..at + data.len()].copy_from_slice(data);
+    map.persist(at, data.len()).unwrap();
+    fs.device().on_fence(None);
+    let failures = failures.lock().unwrap();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let (holes, zeros, stored) = *seen.lock().unwrap();
+    assert!(
+        holes > 0 && zeros > 0 && stored > 0,
+        "crash images seen: {holes} with the hole, {zeros} with zeroed blocks, {stored} with the data"
+    );
+    drop(map);
+}
+
+/// Truncates down and writes that grow the file back race loads through a
+/// mapping, while another file takes the freed blocks with a marker. A
+/// load may raise SIGBUS only while the file may be short, never reads the
+/// marker, and once the file is whole again every page reads its data.
+#[test]
+fn truncates_racing_faults_sigbus_only_past_the_end() {
+    static BASE: AtomicUsize = AtomicUsize::new(0);
+    static LEN: AtomicUsize = AtomicUsize::new(0);
+    /// Per reader (page parity): the address of its last SIGBUS.
+    static HIT: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+    extern "C" fn on_sigbus(_: i32, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo to SA_SIGINFO handlers.
+        let addr = unsafe { (*info).si_addr() } as usize;
+        let base = BASE.load(Ordering::Acquire);
+        let page = addr.wrapping_sub(base) / 4096;
+        if addr < base || addr >= base + LEN.load(Ordering::Acquire) {
+            // Not the race's (a child of another test expecting SIGBUS):
+            // the default, which the retried access then takes.
+            // SAFETY: restoring the default disposition.
+            unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+            return;
+        }
+        HIT[page % 2].store(addr, Ordering::Release);
+        // Let the retried load read zeros (the next size change unmaps it).
+        // SAFETY: one page of the test's own mapping.
+        unsafe {
+            libc::mmap(
+                (addr & !4095) as *mut libc::c_void,
+                4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+    }
+
+    let (_img, fs) = image();
+    let f = fs.create(ROOT, b"f", 0o644, 0, 0, true).unwrap().0.ino;
+    let g = fs.create(ROOT, b"g", 0o644, 0, 0, true).unwrap().0.ino;
+    let body = vec![0x11u8; (4 * MIB) as usize];
+    fs.write(f, 0, &body).unwrap();
+    let opts = MapOptions {
+        write: false,
+        ..MapOptions::default()
+    };
+    // SAFETY: readers only load; the bytes may change under them, which the
+    // test tolerates.
+    let map = unsafe { fs.mmap(f, 0, 4 * MIB, opts) }.unwrap();
+    BASE.store(map.as_ptr() as usize, Ordering::Release);
+    LEN.store(map.len(), Ordering::Release);
+    // SAFETY: a handler for SIGBUS with SA_SIGINFO; restored below.
+    let previous = unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigbus as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGBUS, &action, &mut old);
+        old
+    };
+    // Odd while the file may be shorter than 4 MiB.
+    let generation = AtomicU64::new(0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let base = map.as_ptr() as usize;
+    let (sigbus, loads) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let marker = vec![0xEEu8; (3 * MIB) as usize];
+            let mut round = 0u64;
+            while std::time::Instant::now() < deadline {
+                generation.fetch_add(1, Ordering::SeqCst);
+                fs.truncate(f, MIB + round % 3 * 4096).unwrap();
+                fs.write(g, 0, &marker).unwrap();
+                fs.truncate(g, 0).unwrap();
+                // Grow back by a write (half the time with a hole first).
+                if round % 2 == 0 {
+                    fs.write(f, MIB, &body[..(3 * MIB) as usize]).unwrap();
+                } else {
+                    fs.write(f, 3 * MIB, &body[..MIB as usize]).unwrap();
+                    fs.write(f, MIB, &body[..(2 * MIB) as usize]).unwrap();
+                }
+                generation.fetch_add(1, Ordering::SeqCst);
+                round += 1;
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        for t in 0..2usize {
+            let (stop, generation, sigbus, loads) = (&stop, &generation, &sigbus, &loads);
+            s.spawn(move || {
+                let mut page = 256 + t; // from 1 MiB on, pages of our parity
+                while !stop.load(Ordering::Relaxed) {
+                    let addr = base + page * 4096 + 100;
+                    let before = generation.load(Ordering::SeqCst);
+                    HIT[t].store(0, Ordering::Release);
+                    // SAFETY: a load inside the mapping; past the end of the
+                    // file it raises SIGBUS, which the handler turns into zeros.
+                    let b = unsafe { std::ptr::read_volatile(addr as *const u8) };
+                    let after = generation.load(Ordering::SeqCst);
+                    assert_ne!(
+                        b, 0xEE,
+                        "page {page}: a freed block, reused by another file"
+                    );
+                    if HIT[t].load(Ordering::Acquire) == addr {
+                        sigbus.fetch_add(1, Ordering::Relaxed);
+                        assert!(
+                            before % 2 == 1 || before != after,
+                            "page {page}: SIGBUS while the file was 4 MiB long"
+                        );
+                    } else {
+                        loads.fetch_add(1, Ordering::Relaxed);
+                        assert!(b == 0x11 || b == 0, "page {page} read {b:#x}");
+                    }
+                    page = 256 + (page - 256 + 2 * 37) % 768;
+                }
+            });
+        }
+    });
+    // SAFETY: putting back the disposition saved above.
+    unsafe { libc::sigaction(libc::SIGBUS, &previous, std::ptr::null_mut()) };
+    LEN.store(0, Ordering::Release);
+    let (sigbus, loads) = (sigbus.into_inner(), loads.into_inner());
+    assert!(
+        sigbus > 0 && loads > 0,
+        "{sigbus} SIGBUS, {loads} loads: the race did not happen"
+    );
+    // The file is 4 MiB again: no page may still raise SIGBUS or read stale.
+    for at in (0..4 * MIB as usize).step_by(4096) {
+        assert_eq!(map[at + 100], 0x11, "byte {}", at + 100);
+    }
+    drop(map);
+    fs.unmount().unwrap();
+}
+
+/// What a file costs in DAX state lasts while it is mapped: the last unmap
+/// writes back its dirty pages and forgets its entries.
+#[test]
+fn the_last_unmap_writes_back_and_forgets_the_files_dax_state() {
+    let dir = tempfile::Builder::new()
+        .prefix("daxfs-dax")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let path = dir.path().join("fs.img");
+    let opts = DeviceOptions::new().crash_tracking(true);
+    let fs = Fs::format(Device::create(&path, 64 * MIB, &opts).unwrap()).unwrap();
+    let f = file(&fs, "f", 4 * MIB);
+    let g = file(&fs, "g", 64 * 1024);
+    fs.fsync(f).unwrap();
+    assert_eq!(fs.dax_files(), 0);
+    // SAFETY: only this test touches the files.
+    let mut a = unsafe { fs.mmap(f, 0, 4 * MIB, MapOptions::default()) }.unwrap();
+    // SAFETY: as above.
+    let b = unsafe { fs.mmap(f, 0, 2 * MIB, MapOptions::default()) }.unwrap();
+    // SAFETY: as above.
+    let c = unsafe { fs.mmap(g, 0, 64 * 1024, MapOptions::default()) }.unwrap();
+    assert_eq!(fs.dax_files(), 2);
+    a[5000] = 0xAB; // dirty, not synced
+    assert_eq!(b[5000], 0xAB);
+    drop(b);
+    assert_eq!(fs.dax_files(), 2, "f is still mapped by a");
+    drop(c);
+    assert_eq!(fs.dax_files(), 1, "g's state went with its only mapping");
+    drop(a);
+    assert_eq!(fs.dax_files(), 0, "f's state went with its last mapping");
+    // The store was written back: a crash now, losing every line not
+    // flushed, keeps it.
+    let image = dir.path().join("crash.img");
+    fs.device()
+        .with_crash_point(|point| point.write_image(&[], &image).unwrap())
+        .unwrap();
+    let crashed = Fs::mount(Device::open(&image, &DeviceOptions::new()).unwrap()).unwrap();
+    let mut byte = [0u8; 1];
+    crashed.read(f, 5000, &mut byte).unwrap();
+    assert_eq!(byte[0], 0xAB);
+    crashed.unmount().unwrap();
+    // A new mapping starts afresh and sees the data.
+    // SAFETY: as above.
+    let again = unsafe { fs.mmap(f, 0, 4 * MIB, MapOptions::default()) }.unwrap();
+    assert_eq!(again[5000], 0xAB);
+    assert_eq!(again[(3 * MIB) as usize], pattern(3 * MIB));
+    drop(again);
+    assert_eq!(fs.dax_files(), 0);
+    fs.unmount().unwrap();
 }
 
 #[test]

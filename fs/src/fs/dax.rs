@@ -49,7 +49,7 @@ use super::{Fs, Ino, Refs};
 use crate::error::{Error, Result};
 use crate::index::{Entry, EntryIndex, Order, Tag, PMD_PAGES};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 const PAGE: u64 = 4096;
@@ -136,7 +136,10 @@ pub(super) struct FileDax {
     /// filesystem's state lock.
     invalidate: RwLock<()>,
     /// Whether the invalidate lock is held exclusive now (by a `Breaking`).
-    breaking: std::sync::atomic::AtomicBool,
+    breaking: AtomicBool,
+    /// Whether some mapping shows a page past the end of the file (which
+    /// raises `SIGBUS`); a call that may grow the file unmaps them.
+    beyond: AtomicBool,
 }
 
 /// The error a call that frees a mapped file's blocks without holding its
@@ -274,6 +277,7 @@ impl Drop for Mapping {
         // refers to it now that it is out of the registry.
         unsafe { libc::munmap(start as *mut libc::c_void, len) };
         let ino = self.inner.ino;
+        self.inner.fs.dax_release(&self.inner);
         let _ = self.inner.fs.put_ref(ino, |r: &mut Refs| r.holds -= 1);
     }
 }
@@ -288,7 +292,8 @@ impl Fs {
                 index: EntryIndex::new(),
                 mappings: Mutex::new(Vec::new()),
                 invalidate: RwLock::new(()),
-                breaking: Default::default(),
+                breaking: AtomicBool::new(false),
+                beyond: AtomicBool::new(false),
             })
         }))
     }
@@ -426,6 +431,12 @@ impl Fs {
                 m.unmap(first, end - first);
             }
         }
+        // The file may grow: pages shown past its end must fault again.
+        if dax.beyond.swap(false, Ordering::AcqRel) {
+            for m in &mappings {
+                m.unmap_beyond();
+            }
+        }
         for (at, order) in doomed {
             if holes_only {
                 for m in &mappings {
@@ -461,6 +472,43 @@ impl Fs {
         }
         let files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
         files.get(&ino).cloned()
+    }
+
+    /// After `gone`, a mapping of its file, was unmapped: if it was the
+    /// file's last, write back the dirty entries and forget the file's DAX
+    /// state, so that what a file costs in memory lasts only while it is
+    /// mapped. (A new mapping starts a new state; a call that was breaking
+    /// the old one finds the new one when it checks under the state lock,
+    /// and runs again.)
+    fn dax_release(&self, gone: &Inner) {
+        let others = |dax: &FileDax| {
+            live(dax)
+                .iter()
+                .any(|m| !std::ptr::eq(Arc::as_ptr(m), gone))
+        };
+        if others(&gone.dax) {
+            return;
+        }
+        let _ = self.dax_writeback(&gone.dax);
+        // Mappings are made under the state lock: none can appear meanwhile.
+        let Ok(_st) = self.lock() else { return };
+        let mut files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+        let current = files
+            .get(&gone.ino)
+            .is_some_and(|d| Arc::ptr_eq(d, &gone.dax));
+        if current && !others(&gone.dax) && gone.dax.index.find_next_tagged(0, Tag::Dirty).is_none()
+        {
+            files.remove(&gone.ino);
+        }
+    }
+
+    /// How many files have DAX state now (mapped, or being unmapped).
+    pub fn dax_files(&self) -> usize {
+        self.core
+            .dax
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Forget the DAX state of a freed inode (no mapping can hold it: a
@@ -764,7 +812,17 @@ impl Inner {
         let fd = sigbus_fd().ok_or(Error::NoSpace)?;
         self.map(page, 1, libc::PROT_READ, libc::MAP_SHARED, fd, 0)?;
         self.set_state(page, 1, BEYOND);
+        self.dax.beyond.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Make the pages shown past the end of the file fault again.
+    fn unmap_beyond(&self) {
+        for page in 0..self.pages {
+            if self.state[page as usize].load(Ordering::Acquire) == BEYOND {
+                self.unmap(self.first_page + page, 1);
+            }
+        }
     }
 
     fn map(
