@@ -3,13 +3,26 @@
 //! memory and through the device's own `memcpy_persist`, in the same run.
 //!
 //! ```text
-//! cargo bench --bench dax
+//! cargo bench --bench dax                   # daxfs only
+//! cargo bench --bench dax --features pmdk   # and PMDK's pmem_memcpy_persist
 //! ```
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use daxfs::pmem::{Device, DeviceOptions, Writer};
 use daxfs::{Fs, MapOptions, ROOT};
 use std::time::{Duration, Instant};
+
+#[cfg(feature = "pmdk")]
+mod pmdk {
+    #[link(name = "pmem")]
+    extern "C" {
+        pub fn pmem_memcpy_persist(
+            dst: *mut std::ffi::c_void,
+            src: *const std::ffi::c_void,
+            len: usize,
+        ) -> *mut std::ffi::c_void;
+    }
+}
 
 const MIB: u64 = 1 << 20;
 const BIG: u64 = 1 << 30;
@@ -105,6 +118,21 @@ fn benches(c: &mut Criterion) {
                 unsafe { writer.copy_flushed(map.as_ptr().add(off), buf, chunk) };
             }
             fs.device().drain();
+        })
+    });
+    // PMDK's copy into the same mapping: pmem_memcpy_persist assumes pmem
+    // (non-temporal stores or flushes, then a fence), as a MAP_SYNC
+    // application uses it.
+    #[cfg(feature = "pmdk")]
+    group.bench_function(BenchmarkId::new("store_persist_1g", "pmdk"), |b| {
+        b.iter(|| {
+            for off in (0..BIG as usize).step_by(chunk) {
+                // SAFETY: the mapping is writable and `chunk` long at `off`;
+                // `buf` is a separate mapping of `chunk` bytes.
+                unsafe {
+                    pmdk::pmem_memcpy_persist(map.as_ptr().add(off).cast(), buf.cast(), chunk)
+                };
+            }
         })
     });
     let extents = fs.file_extents(ino).unwrap();

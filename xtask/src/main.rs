@@ -145,10 +145,16 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
     let mut samples: Vec<Medians> = Vec::new();
     for round in 1..=rounds {
-        for bench in ["memcpy_persist", "entry_index", "fs_ops", "namespace"] {
+        for bench in [
+            "memcpy_persist",
+            "entry_index",
+            "fs_ops",
+            "namespace",
+            "dax",
+        ] {
             let mut cmd = cargo();
             cmd.args(["bench", "--bench", bench]);
-            if pmdk && bench == "memcpy_persist" {
+            if pmdk && matches!(bench, "memcpy_persist" | "dax") {
                 cmd.args(["--features", "pmdk"]);
             }
             cmd.stdout(Stdio::null());
@@ -289,6 +295,50 @@ fn bench(args: &[String]) -> Result<(), String> {
         "shrinker pass, 100,000 inodes",
         time(median(&|m: &Medians| m.get(&pass).copied()))
     );
+
+    println!("\nDAX mappings of a 1 GiB file ({rounds} rounds)");
+    let dax = |f: &str| format!("dax/{f}");
+    let per_4k = |name: &str| {
+        let key = dax(&format!("map_touch_1g/{name}"));
+        median(&move |m: &Medians| Some(m.get(&key)? / 262_144.0))
+    };
+    println!(
+        "{:<46} {:>10} {:>10} {:>8}",
+        "map and touch, per 4 KiB", "PMD", "PTE", "PTE/PMD"
+    );
+    println!(
+        "{:<46} {:>10} {:>10} {:>8}",
+        "",
+        time(per_4k("pmd")),
+        time(per_4k("pte")),
+        show(median(&ratio(
+            dax("map_touch_1g/pte"),
+            dax("map_touch_1g/pmd")
+        ))),
+    );
+    println!("{:<46} {:>10}", "ratio of throughputs (target >= 0.9)", "");
+    for (label, ours, theirs) in [
+        (
+            "loads: mapping / anonymous memcpy",
+            "load_1g/mapping",
+            "load_1g/anonymous",
+        ),
+        (
+            "stores+persist: mapping / device memcpy_persist",
+            "store_persist_1g/mapping",
+            "store_persist_1g/device",
+        ),
+        (
+            "stores+persist: mapping / PMDK pmem_memcpy_persist",
+            "store_persist_1g/mapping",
+            "store_persist_1g/pmdk",
+        ),
+    ] {
+        println!(
+            "{label:<46} {:>10}",
+            show(median(&ratio(dax(theirs), dax(ours))))
+        );
+    }
     compare()
 }
 
