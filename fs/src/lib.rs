@@ -20,7 +20,7 @@ pub mod journal;
 pub use error::{Error, Result};
 pub use fs::{
     fsck, Attr, CacheUsage, CreateOptions, DaxStats, DirEntry, Fallback, FileExtent, FileKind, Fs,
-    FsckReport, Handle, Hold, Ino, MapOptions, Mapping, Owner, Problem, RenameFlags, SetAttr,
-    Shrunk, StatFs, Timestamp, DEFAULT_CACHE_BUDGET, ROOT,
+    FsckReport, Handle, Hold, Ino, MapOptions, Mapping, Owner, Pin, Problem, RenameFlags, SetAttr,
+    Shrunk, StatFs, Timestamp, DEFAULT_CACHE_BUDGET, DEFAULT_LAYOUT_TIMEOUT, ROOT,
 };
 pub use pmem;

@@ -50,7 +50,7 @@ use crate::error::{Error, Result};
 use crate::index::{Entry, EntryIndex, Order, Tag, PMD_PAGES};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, Weak};
 
 const PAGE: u64 = 4096;
 const HUGE: u64 = PAGE * PMD_PAGES;
@@ -128,13 +128,17 @@ impl Counters {
 pub(super) struct FileDax {
     index: EntryIndex,
     mappings: Mutex<Vec<Weak<Inner>>>,
+    /// File page ranges pinned for direct I/O (see `layout`), one per pin.
+    pub(super) pins: Mutex<Vec<(u64, u64)>>,
+    /// Signalled when a pin goes.
+    pub(super) unpinned: Condvar,
     /// Faults hold it shared; a call that changes which blocks back the
     /// file (truncate, punch, allocating writes) holds it exclusive while
     /// it unmaps the range, drops its entries and changes the blocks, so no
     /// fault can map a block that is about to be freed (Linux's
     /// `invalidate_lock`). Lock order: this, then entry locks, then the
     /// filesystem's state lock.
-    invalidate: RwLock<()>,
+    pub(super) invalidate: RwLock<()>,
     /// Whether the invalidate lock is held exclusive now (by a `Breaking`).
     breaking: AtomicBool,
     /// Whether some mapping shows a page past the end of the file (which
@@ -179,7 +183,7 @@ pub struct Mapping {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(super) struct Inner {
     fs: Fs,
     ino: Ino,
     dax: Arc<FileDax>,
@@ -277,20 +281,25 @@ impl Drop for Mapping {
         // refers to it now that it is out of the registry.
         unsafe { libc::munmap(start as *mut libc::c_void, len) };
         let ino = self.inner.ino;
-        self.inner.fs.dax_release(&self.inner);
+        self.inner
+            .fs
+            .dax_release(&self.inner.dax, ino, Some(&self.inner));
         let _ = self.inner.fs.put_ref(ino, |r: &mut Refs| r.holds -= 1);
     }
 }
 
 impl Fs {
-    /// The DAX state of `ino`, made on first use.
-    fn file_dax(&self, ino: Ino) -> Arc<FileDax> {
+    /// The DAX state of `ino`, made on first use (call it under the state
+    /// lock: see `check_broken`).
+    pub(super) fn file_dax(&self, ino: Ino) -> Arc<FileDax> {
         self.core.dax_used.store(true, Ordering::Release);
         let mut files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(files.entry(ino).or_insert_with(|| {
             Arc::new(FileDax {
                 index: EntryIndex::new(),
                 mappings: Mutex::new(Vec::new()),
+                pins: Mutex::new(Vec::new()),
+                unpinned: Condvar::new(),
                 invalidate: RwLock::new(()),
                 breaking: AtomicBool::new(false),
                 beyond: AtomicBool::new(false),
@@ -390,7 +399,7 @@ impl Fs {
         dax: &'a Option<Arc<FileDax>>,
         first: u64,
         end: u64,
-    ) -> Invalidation<'a> {
+    ) -> Result<Invalidation<'a>> {
         self.dax_break(dax, first, end, false)
     }
 
@@ -402,7 +411,7 @@ impl Fs {
         dax: &'a Option<Arc<FileDax>>,
         first: u64,
         end: u64,
-    ) -> Invalidation<'a> {
+    ) -> Result<Invalidation<'a>> {
         self.dax_break(dax, first, end, true)
     }
 
@@ -412,10 +421,14 @@ impl Fs {
         first: u64,
         end: u64,
         holes_only: bool,
-    ) -> Invalidation<'a> {
-        let dax = dax.as_ref()?;
+    ) -> Result<Invalidation<'a>> {
+        let Some(dax) = dax.as_ref() else {
+            return Ok(None);
+        };
         let guard = dax.invalidate.write().unwrap_or_else(|e| e.into_inner());
         dax.breaking.store(true, Ordering::Release);
+        let breaking = Breaking { dax, _guard: guard };
+        let pinned = (first, end);
         // Whole PMDs: an entry that overlaps the range goes entirely.
         let first = first / PMD_PAGES * PMD_PAGES;
         let end = end.saturating_add(PMD_PAGES - 1) / PMD_PAGES * PMD_PAGES;
@@ -448,7 +461,11 @@ impl Fs {
                 guard.erase();
             }
         }
-        Some(Breaking { dax, _guard: guard })
+        if !holes_only {
+            // The blocks may go: wait until no direct I/O uses them.
+            self.wait_for_pins(dax, pinned.0, pinned.1)?;
+        }
+        Ok(Some(breaking))
     }
 
     /// Under the state lock, before freeing blocks of `ino`: refuse (with
@@ -474,31 +491,35 @@ impl Fs {
         files.get(&ino).cloned()
     }
 
-    /// After `gone`, a mapping of its file, was unmapped: if it was the
-    /// file's last, write back the dirty entries and forget the file's DAX
-    /// state, so that what a file costs in memory lasts only while it is
-    /// mapped. (A new mapping starts a new state; a call that was breaking
-    /// the old one finds the new one when it checks under the state lock,
-    /// and runs again.)
-    fn dax_release(&self, gone: &Inner) {
-        let others = |dax: &FileDax| {
-            live(dax)
+    /// After a mapping (`gone`) or a pin of file `ino` went: if nothing
+    /// else maps or pins the file, write back the dirty entries and forget
+    /// its DAX state, so that what a file costs in memory lasts only while
+    /// it is mapped or pinned. (A new mapping starts a new state; a call
+    /// that was breaking the old one finds the new one when it checks under
+    /// the state lock, and runs again.)
+    pub(super) fn dax_release(&self, dax: &Arc<FileDax>, ino: Ino, gone: Option<&Inner>) {
+        let in_use = |dax: &FileDax| {
+            let mapped = live(dax)
                 .iter()
-                .any(|m| !std::ptr::eq(Arc::as_ptr(m), gone))
+                .any(|m| gone.is_none_or(|g| !std::ptr::eq(Arc::as_ptr(m), g)));
+            mapped
+                || !dax
+                    .pins
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_empty()
         };
-        if others(&gone.dax) {
+        if in_use(dax) {
             return;
         }
-        let _ = self.dax_writeback(&gone.dax);
-        // Mappings are made under the state lock: none can appear meanwhile.
+        let _ = self.dax_writeback(dax);
+        // Mappings and pins are made under the state lock: none can appear
+        // meanwhile.
         let Ok(_st) = self.lock() else { return };
         let mut files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
-        let current = files
-            .get(&gone.ino)
-            .is_some_and(|d| Arc::ptr_eq(d, &gone.dax));
-        if current && !others(&gone.dax) && gone.dax.index.find_next_tagged(0, Tag::Dirty).is_none()
-        {
-            files.remove(&gone.ino);
+        let current = files.get(&ino).is_some_and(|d| Arc::ptr_eq(d, dax));
+        if current && !in_use(dax) && dax.index.find_next_tagged(0, Tag::Dirty).is_none() {
+            files.remove(&ino);
         }
     }
 

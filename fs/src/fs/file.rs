@@ -172,7 +172,7 @@ impl Fs {
             }
         }
         let dax = self.dax_of(ino);
-        let _filling = self.dax_fill_holes(&dax, offset / BLOCK, end.div_ceil(BLOCK));
+        let _filling = self.dax_fill_holes(&dax, offset / BLOCK, end.div_ceil(BLOCK))?;
         self.change(|fs, st, stage| {
             stage.touched.insert(ino);
             let mut inode = fs.inode(st, ino)?;
@@ -248,7 +248,7 @@ impl Fs {
     ) -> Result<T> {
         loop {
             let dax = self.dax_of(ino);
-            let _broken = self.dax_invalidate(&dax, first, end);
+            let _broken = self.dax_invalidate(&dax, first, end)?;
             match f() {
                 Err(e) if super::dax::mapped_meanwhile(&e) => continue,
                 result => return result,
@@ -291,7 +291,7 @@ impl Fs {
     pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, keep_size: bool) -> Result<()> {
         let dax = self.dax_of(ino);
         let end = offset.saturating_add(len).div_ceil(BLOCK);
-        let _filling = self.dax_fill_holes(&dax, offset / BLOCK, end);
+        let _filling = self.dax_fill_holes(&dax, offset / BLOCK, end)?;
         self.fallocate_blocks(ino, offset, len, keep_size)
     }
 

@@ -48,12 +48,14 @@ mod dax;
 mod dcache;
 mod dir;
 mod file;
+mod layout;
 mod namespace;
 mod owner;
 mod shrink;
 
 pub use check::{fsck, FsckReport, Problem};
 pub use dax::{DaxStats, Fallback, MapOptions, Mapping};
+pub use layout::{Pin, DEFAULT_LAYOUT_TIMEOUT};
 pub use owner::{FileExtent, Owner};
 
 use crate::alloc::Allocator;
@@ -68,7 +70,7 @@ use dir::DirIndex;
 use pmem::Device;
 use std::collections::BTreeSet;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// A hasher for inode and block numbers: one multiply, not SipHash (which
@@ -344,6 +346,10 @@ struct Core {
     /// then the data path skips `dax`.
     dax_used: AtomicBool,
     dax_counters: dax::Counters,
+    /// How long a call that frees pinned blocks waits (see `layout`).
+    layout_timeout_ms: AtomicU64,
+    /// Bumped by `cancel_layout_breaks`.
+    layout_cancel: AtomicU64,
     /// Set with `State::unmounted`, for the calls that take no lock.
     unmounted: AtomicBool,
     /// Signalled when an inode's last reference goes (for `unmount_wait`).
@@ -573,6 +579,8 @@ impl Fs {
                 dax: Mutex::new(HashMap::default()),
                 dax_used: AtomicBool::new(false),
                 dax_counters: dax::Counters::default(),
+                layout_timeout_ms: AtomicU64::new(layout::DEFAULT_LAYOUT_TIMEOUT.as_millis() as u64),
+                layout_cancel: AtomicU64::new(0),
                 unmounted: AtomicBool::new(false),
                 closed: Condvar::new(),
                 background: Mutex::new(Background::default()),

@@ -98,7 +98,7 @@ impl Fs {
                 false => None,
             };
             let dax = target.and_then(|ino| self.dax_of(ino));
-            let _broken = self.dax_invalidate(&dax, 0, u64::MAX);
+            let _broken = self.dax_invalidate(&dax, 0, u64::MAX)?;
             match self.open_create_once(parent, name, opts) {
                 Err(e) if super::dax::mapped_meanwhile(&e) => continue,
                 result => return result,

@@ -1,0 +1,213 @@
+//! Break layouts: pins of device pages against calls that free blocks.
+//!
+//! A direct-I/O consumer (a program doing DMA or O_DIRECT-style transfers
+//! out of a file's device pages) pins the pages it uses with [`Fs::pin`], as
+//! `get_user_pages` does, and works on the device ranges the [`Pin`] lists
+//! until it drops it. A call that frees or moves blocks (truncate, hole
+//! punch, `O_TRUNC`) first unmaps the range from every DAX mapping, then
+//! waits until no page of the range is pinned, and only then frees
+//! (Linux's `dax_layout_busy_page_range` and `ext4_break_layouts`). The wait
+//! ends with an error that frees nothing after the layout timeout
+//! ([`Fs::set_layout_timeout`]) or when [`Fs::cancel_layout_breaks`] is
+//! called. A new pin on a file whose layout is being broken waits until the
+//! break is done: pins take the file's invalidate lock shared, as faults
+//! do, and a break holds it exclusive from the unmap to the commit.
+//!
+//! So a pinned block is never freed or reused while pinned: no file can
+//! read another file's data through a pin, and nobody reads freed blocks.
+//! The library's own `read` and `write` copy under the state lock, which
+//! no call that frees blocks can take meanwhile, so they need no pin.
+
+use super::dax::FileDax;
+use super::{FileExtent, Fs, Ino, Refs};
+use crate::error::{Error, Result};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a call that frees pinned blocks waits by default.
+pub const DEFAULT_LAYOUT_TIMEOUT: Duration = Duration::from_secs(30);
+
+const PAGE: u64 = 4096;
+
+/// Device pages of a file pinned for direct I/O (see the module docs).
+/// Unpinned on drop.
+pub struct Pin {
+    fs: Fs,
+    ino: Ino,
+    dax: Arc<FileDax>,
+    /// The pinned file pages.
+    pages: (u64, u64),
+    extents: Vec<FileExtent>,
+}
+
+impl std::fmt::Debug for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pin")
+            .field("ino", &self.ino)
+            .field("pages", &self.pages)
+            .field("extents", &self.extents)
+            .finish()
+    }
+}
+
+impl Pin {
+    /// The pinned blocks: the parts of the range that have blocks, clipped
+    /// to it, in file order (holes are not listed).
+    pub fn extents(&self) -> &[FileExtent] {
+        &self.extents
+    }
+
+    /// Read pinned data at file offset `offset` straight from the device,
+    /// as a DMA engine would (poison-aware: a media error is `EIO`). The
+    /// range must lie in the pinned blocks.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let e = self
+                .extents
+                .iter()
+                .find(|e| (e.file_offset..e.file_offset + e.len).contains(&at))
+                .ok_or(Error::Invalid("read outside the pinned blocks"))?;
+            let n = ((e.file_offset + e.len - at) as usize).min(buf.len() - done);
+            let got = self.fs.core.dev.read_mcsafe(
+                e.device_offset + (at - e.file_offset),
+                &mut buf[done..done + n],
+            )?;
+            if let Some(offset) = got.poison {
+                return Err(Error::MediaError { offset });
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        {
+            let mut pins = self.dax.pins.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = pins.iter().position(|&p| p == self.pages) {
+                pins.swap_remove(i);
+            }
+        }
+        self.dax.unpinned.notify_all();
+        self.fs.dax_release(&self.dax, self.ino, None);
+        let _ = self.fs.put_ref(self.ino, |r: &mut Refs| r.holds -= 1);
+    }
+}
+
+impl Fs {
+    /// Pin the device pages behind `[offset, offset + len)` of regular file
+    /// `ino` for direct I/O: until the pin is dropped, no call frees or
+    /// moves them (it waits), and unmount is refused.
+    pub fn pin(&self, ino: Ino, offset: u64, len: u64) -> Result<Pin> {
+        let end = offset
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(Error::Invalid("bad pin range"))?;
+        let pages = (offset / PAGE, end.div_ceil(PAGE));
+        // The DAX state is made under the state lock, as for a mapping, so
+        // that a call freeing blocks sees it when it checks.
+        let dax = {
+            let mut st = self.lock()?;
+            let inode = self.inode(&mut st, ino)?;
+            if inode.kind() != libc::S_IFREG {
+                return Err(Error::Invalid("only regular files can be pinned"));
+            }
+            st.refs.entry(ino).or_default().holds += 1;
+            self.file_dax(ino)
+        };
+        let pin = Pin {
+            fs: self.view(),
+            ino,
+            dax: Arc::clone(&dax),
+            pages,
+            extents: Vec::new(),
+        };
+        // Shared, as a fault: waits while a break of this file is running.
+        let _shared = dax.invalidate.read().unwrap_or_else(|e| e.into_inner());
+        dax.pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(pages);
+        let extents = self.file_extents(ino)?;
+        let mut pin = pin;
+        pin.extents = extents
+            .into_iter()
+            .filter_map(|e| {
+                let a = e.file_offset.max(offset);
+                let b = (e.file_offset + e.len).min(end);
+                (a < b).then(|| FileExtent {
+                    file_offset: a,
+                    device_offset: e.device_offset + (a - e.file_offset),
+                    len: b - a,
+                })
+            })
+            .collect();
+        Ok(pin)
+    }
+
+    /// How long a call that must free pinned blocks waits for the pins to
+    /// go before it gives up with `EBUSY` (and frees nothing).
+    pub fn set_layout_timeout(&self, timeout: Duration) {
+        let ms = timeout.as_millis().min(u64::MAX as u128) as u64;
+        self.core.layout_timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Make every call waiting for pins give up now with `EBUSY` (freeing
+    /// nothing), as a signal interrupts Linux's wait.
+    pub fn cancel_layout_breaks(&self) {
+        self.core.layout_cancel.fetch_add(1, Ordering::AcqRel);
+        let files: Vec<Arc<FileDax>> = {
+            let files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+            files.values().cloned().collect()
+        };
+        for dax in files {
+            // Taken so that a waiter between its check and its sleep
+            // cannot miss the wake-up.
+            drop(dax.pins.lock().unwrap_or_else(|e| e.into_inner()));
+            dax.unpinned.notify_all();
+        }
+    }
+
+    /// With the file's invalidate lock held exclusive and its range
+    /// unmapped: wait until no page of `[first, end)` is pinned.
+    pub(super) fn wait_for_pins(&self, dax: &FileDax, first: u64, end: u64) -> Result<()> {
+        let overlaps = |pins: &[(u64, u64)]| pins.iter().any(|&(a, b)| a < end && first < b);
+        let mut pins = dax.pins.lock().unwrap_or_else(|e| e.into_inner());
+        if !overlaps(&pins) {
+            return Ok(());
+        }
+        let timeout = Duration::from_millis(self.core.layout_timeout_ms.load(Ordering::Relaxed));
+        let deadline = Instant::now() + timeout;
+        let cancel = self.core.layout_cancel.load(Ordering::Acquire);
+        while overlaps(&pins) {
+            let now = Instant::now();
+            let cancelled = self.core.layout_cancel.load(Ordering::Acquire) != cancel;
+            if cancelled || now >= deadline {
+                let held: Vec<String> = pins
+                    .iter()
+                    .filter(|&&(a, b)| a < end && first < b)
+                    .map(|&(a, b)| format!("{}..{}", a * PAGE, b * PAGE))
+                    .collect();
+                return Err(Error::Busy(format!(
+                    "blocks of the file are pinned for direct I/O (bytes {}); {}",
+                    held.join(", "),
+                    if cancelled {
+                        "the wait was cancelled".to_string()
+                    } else {
+                        format!("gave up after {} ms", timeout.as_millis())
+                    }
+                )));
+            }
+            pins = dax
+                .unpinned
+                .wait_timeout(pins, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+}

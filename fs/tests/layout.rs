@@ -1,0 +1,203 @@
+//! Break layouts: pins of device pages for direct I/O against truncate and
+//! hole punch (Linux's `dax_layout_busy_page_range`).
+
+use daxfs::pmem::{Device, DeviceOptions};
+use daxfs::{Error, Fs, ROOT};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+fn image() -> (tempfile::TempDir, Fs) {
+    let dir = tempfile::Builder::new()
+        .prefix("daxfs-layout")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let dev = Device::create(dir.path().join("fs.img"), 64 * MIB, &DeviceOptions::new()).unwrap();
+    (dir, Fs::format(dev).unwrap())
+}
+
+fn file(fs: &Fs, name: &str, byte: u8, len: u64) -> u64 {
+    let ino = fs
+        .create(ROOT, name.as_bytes(), 0o644, 0, 0, true)
+        .unwrap()
+        .0
+        .ino;
+    fs.write(ino, 0, &vec![byte; len as usize]).unwrap();
+    ino
+}
+
+#[test]
+fn truncate_and_punch_wait_for_a_pin_and_the_pinned_data_never_changes() {
+    let (_dir, fs) = image();
+    let f = file(&fs, "f", 0x5A, 4 * MIB);
+    let free = fs.statfs().free_blocks;
+    let pin = fs.pin(f, MIB, 8192).unwrap();
+    assert_eq!(pin.extents().len(), 1);
+    assert_eq!(pin.extents()[0].file_offset, MIB);
+    assert_eq!(pin.extents()[0].len, 8192);
+    assert!(fs.unmount().is_err(), "a pin holds the inode");
+    let truncated = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            fs.truncate(f, 0).unwrap();
+            truncated.store(true, Ordering::SeqCst);
+        });
+        // Meanwhile the pinned blocks keep their data and stay allocated.
+        let until = Instant::now() + Duration::from_millis(300);
+        let mut buf = vec![0u8; 8192];
+        while Instant::now() < until {
+            pin.read(MIB, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == 0x5A), "pinned data changed");
+            assert!(!truncated.load(Ordering::SeqCst), "truncate did not wait");
+        }
+        assert!(
+            fs.statfs().free_blocks < free + 8 * 2,
+            "freed under the pin"
+        );
+        drop(pin);
+    });
+    assert!(truncated.load(Ordering::SeqCst));
+    assert_eq!(fs.getattr(f).unwrap().size, 0);
+    assert_eq!(fs.statfs().free_blocks, free + 1024, "freed after the pin");
+
+    // Hole punch: only a pin in the punched range holds it up.
+    fs.write(f, 0, &vec![0x77; (4 * MIB) as usize]).unwrap();
+    let outside = fs.pin(f, 3 * MIB, 4096).unwrap();
+    fs.punch_hole(f, 0, MIB).unwrap(); // does not wait
+    let inside = fs.pin(f, MIB + 4096, 4096).unwrap();
+    let punched = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            fs.punch_hole(f, MIB, MIB).unwrap();
+            punched.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!punched.load(Ordering::SeqCst), "punch did not wait");
+        drop(inside);
+    });
+    assert!(punched.load(Ordering::SeqCst));
+    let mut buf = [1u8; 4];
+    fs.read(f, MIB + 4096, &mut buf).unwrap();
+    assert_eq!(buf, [0; 4]);
+    drop(outside);
+    fs.unmount().unwrap();
+}
+
+#[test]
+fn a_break_that_times_out_or_is_cancelled_frees_nothing() {
+    let (_dir, fs) = image();
+    let f = file(&fs, "f", 0x42, 2 * MIB);
+    let free = fs.statfs().free_blocks;
+    let pin = fs.pin(f, 0, 4096).unwrap();
+    fs.set_layout_timeout(Duration::from_millis(100));
+    let e = fs.truncate(f, 0).unwrap_err();
+    assert!(
+        matches!(&e, Error::Busy(m) if m.contains("pinned") && m.contains("gave up")),
+        "{e}"
+    );
+    assert_eq!(e.errno(), libc::EBUSY);
+    assert_eq!(fs.getattr(f).unwrap().size, 2 * MIB);
+    assert_eq!(fs.statfs().free_blocks, free);
+    let mut buf = vec![0u8; 4096];
+    fs.read(f, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x42));
+
+    fs.set_layout_timeout(Duration::from_secs(60));
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| fs.punch_hole(f, 0, 2 * MIB));
+        std::thread::sleep(Duration::from_millis(100));
+        fs.cancel_layout_breaks();
+        let e = waiter.join().unwrap().unwrap_err();
+        assert!(
+            matches!(&e, Error::Busy(m) if m.contains("cancelled")),
+            "{e}"
+        );
+    });
+    assert_eq!(fs.statfs().free_blocks, free);
+    drop(pin);
+    fs.truncate(f, 0).unwrap();
+    assert_eq!(fs.statfs().free_blocks, free + 512);
+    fs.unmount().unwrap();
+}
+
+/// A new pin on a file whose layout is being broken waits until the break
+/// is done, and then sees the new layout.
+#[test]
+fn a_new_pin_waits_for_a_break_in_progress() {
+    let (_dir, fs) = image();
+    let f = file(&fs, "f", 0x33, 2 * MIB);
+    let first = fs.pin(f, MIB, 4096).unwrap();
+    let truncated = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            fs.truncate(f, 4096).unwrap();
+            truncated.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let second = s.spawn(|| {
+            let pin = fs.pin(f, 0, 2 * MIB).unwrap();
+            assert!(truncated.load(Ordering::SeqCst), "pinned during the break");
+            pin.extents().iter().map(|e| e.len).sum::<u64>()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!second.is_finished(), "the new pin did not wait");
+        drop(first);
+        assert_eq!(
+            second.join().unwrap(),
+            4096,
+            "the new pin sees the truncated file"
+        );
+    });
+    fs.unmount().unwrap();
+}
+
+/// Punches race readers that pin, read through the pin and unpin, while
+/// another file takes every freed block with a marker: no pinned read ever
+/// sees the marker.
+#[test]
+fn pinned_blocks_are_never_reused_while_pinned() {
+    let (_dir, fs) = image();
+    let f = file(&fs, "f", 0x11, 2 * MIB);
+    let g = fs.create(ROOT, b"g", 0o644, 0, 0, true).unwrap().0.ino;
+    let stop = AtomicBool::new(false);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let (mut reads, mut holes) = (0u64, 0u64);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let marker = vec![0xEEu8; (2 * MIB) as usize];
+            let body = vec![0x11u8; (2 * MIB) as usize];
+            while Instant::now() < deadline {
+                fs.punch_hole(f, 0, 2 * MIB).unwrap();
+                fs.write(g, 0, &marker).unwrap();
+                fs.truncate(g, 0).unwrap();
+                fs.write(f, 0, &body).unwrap();
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+        let mut at = 0u64;
+        let mut buf = vec![0u8; 4096];
+        while !stop.load(Ordering::SeqCst) {
+            let pin = fs.pin(f, at, 4096).unwrap();
+            if pin.extents().is_empty() {
+                holes += 1;
+            } else {
+                // Read, give the punching thread time to try to free and
+                // reuse the block, and read again.
+                for _ in 0..2 {
+                    pin.read(at, &mut buf).unwrap();
+                    assert!(
+                        buf.iter().all(|&b| b == 0x11),
+                        "offset {at}: a pinned block changed"
+                    );
+                    std::thread::sleep(Duration::from_micros(300));
+                }
+                reads += 1;
+            }
+            drop(pin);
+            at = (at + 4096 * 37) % (2 * MIB);
+        }
+    });
+    assert!(reads > 0, "no pinned read ({holes} holes)");
+    fs.unmount().unwrap();
+}
