@@ -309,12 +309,12 @@ fn run_case(seed: u64, steps: usize) -> Result<(), String> {
                 }
             }
             60..=69 if !held.is_empty() => {
-                // Release a guard: plain unlock, fill, erase or downgrade.
+                // Release a guard: plain unlock, fill, erase, downgrade or split.
                 let k = rng.below(held.len() as u64) as usize;
                 let mut guard = held.swap_remove(k);
                 let base = guard.base();
                 let order = guard.entry().order();
-                match rng.below(4) {
+                match rng.below(5) {
                     0 => {
                         let entry = pick_entry(&mut rng, order);
                         guard
@@ -360,6 +360,45 @@ fn run_case(seed: u64, steps: usize) -> Result<(), String> {
                             Err((back, _)) => {
                                 if !mapped {
                                     return fail(format!("downgrade of a hole at {base} refused"));
+                                }
+                                held.push(back);
+                            }
+                        }
+                    }
+                    3 if order == Order::Pmd => {
+                        let at = base + rng.below(PMD_PAGES);
+                        let pmd = guard.entry();
+                        match guard.split(at) {
+                            Ok(pte) => {
+                                if !pmd.is_mapped() {
+                                    return fail(format!("split of a hole at {base} succeeded"));
+                                }
+                                model.entries.remove(&base);
+                                for p in 0..PMD_PAGES {
+                                    let mut entry = Entry::new(Order::Pte, pmd.pfn() + p);
+                                    if pmd.is_poisoned() {
+                                        entry = entry.poisoned();
+                                    }
+                                    model.entries.insert(
+                                        base + p,
+                                        ModelEntry {
+                                            entry,
+                                            locked: base + p == at,
+                                            tags: [false; 2],
+                                        },
+                                    );
+                                }
+                                let want = model.entries[&at].entry;
+                                if pte.base() != at || pte.entry() != want {
+                                    return fail(format!("split gave {pte:?}, want {want:?}"));
+                                }
+                                held.push(pte);
+                            }
+                            Err((back, _)) => {
+                                if pmd.is_mapped() {
+                                    return fail(format!(
+                                        "split of a mapped PMD at {base} refused"
+                                    ));
                                 }
                                 held.push(back);
                             }

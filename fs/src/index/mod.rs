@@ -971,6 +971,62 @@ impl<'a> EntryGuard<'a> {
     }
 }
 
+impl<'a> EntryGuard<'a> {
+    /// Split a mapped PMD entry into 512 PTE entries of the same pages
+    /// (flags such as poisoned carried over; tags dropped: write back first),
+    /// atomically, keeping only the PTE entry at `index` locked (returned),
+    /// and wake the PMD's waiters. Memory failure does this so that only the
+    /// poisoned 4 KiB page of a huge mapping becomes inaccessible (and, as
+    /// Linux's "dax: Fix unlock mismatch with updated API" requires, the lock
+    /// handed back is the one of the entry now covering `index`).
+    pub fn split(self, index: u64) -> Result<EntryGuard<'a>, (EntryGuard<'a>, IndexError)> {
+        let wrong = self.entry.order() != Order::Pmd
+            || !self.entry.is_mapped()
+            || Order::Pmd.align(index) != self.base;
+        if wrong {
+            let entry = self.entry;
+            return Err((self, IndexError::WrongState(entry)));
+        }
+        let this = std::mem::ManuallyDrop::new(self);
+        let index_ref = this.index;
+        let poisoned = this.entry.is_poisoned();
+        let pte_at = |i: u64| {
+            let e = Entry::new(Order::Pte, this.entry.pfn() + i);
+            if poisoned {
+                e.poisoned()
+            } else {
+                e
+            }
+        };
+        let held = pte_at(index - this.base);
+        let slot = {
+            let _writer = index_ref.lock_writer();
+            for tag in Tag::ALL {
+                index_ref.tag_locked(this.base, Order::Pmd, tag, false);
+            }
+            let leaf = Leaf::new();
+            for i in 0..PMD_PAGES {
+                let e = pte_at(i);
+                let raw = if this.base + i == index {
+                    e.locked()
+                } else {
+                    e
+                };
+                leaf.slots[i as usize].store(raw.raw(), Relaxed);
+            }
+            leaf.used.store(PMD_PAGES as u32, Relaxed);
+            let leaf = Box::into_raw(leaf);
+            // One store swaps the PMD for the leaf: readers see either.
+            this.slot.store(leaf as u64, SeqCst);
+            // SAFETY: just linked under the writer lock; the PTE entry in it
+            // is locked, so the leaf stays linked while the new guard lives.
+            unsafe { &(*leaf).slots[leaf_slot(index)] }
+        };
+        wait::table().wake(index_ref.key(this.base, Order::Pmd));
+        Ok(index_ref.guard(slot, held, index))
+    }
+}
+
 impl Drop for EntryGuard<'_> {
     fn drop(&mut self) {
         self.slot.store(self.entry.raw(), Release);
