@@ -37,6 +37,9 @@ pub struct Allocator {
     staged_allocs: Vec<(u64, u64)>,
     staged_frees: Vec<(u64, u64)>,
     dirty_words: HashSet<usize>,
+    /// Free blocks on poisoned media, kept out of allocation until the
+    /// poison is cleared: marked used in memory, never on media.
+    quarantined: BTreeSet<u64>,
 }
 
 impl Allocator {
@@ -54,6 +57,7 @@ impl Allocator {
             staged_allocs: Vec::new(),
             staged_frees: Vec::new(),
             dirty_words: HashSet::default(),
+            quarantined: BTreeSet::new(),
         };
         for block in sb.data_start..sb.total_blocks {
             if !a.is_used(block) {
@@ -142,6 +146,44 @@ impl Allocator {
         for region in start / HUGE_BLOCKS..=(end - 1) / HUGE_BLOCKS {
             self.classify(region);
         }
+    }
+
+    /// Keep free block `block` out of allocation (its media is poisoned).
+    /// Returns whether it was free (and is now quarantined).
+    pub fn quarantine(&mut self, block: u64) -> bool {
+        let in_stage = self
+            .staged_frees
+            .iter()
+            .any(|&(start, len)| (start..start + len).contains(&block));
+        if !self.is_free(block) || in_stage || self.quarantined.contains(&block) {
+            return false;
+        }
+        let dirty = self.dirty_words.contains(&((block / 64) as usize));
+        self.mark(block, 1, true);
+        if !dirty {
+            // Nothing to write: the quarantine lives in memory only.
+            self.dirty_words.remove(&((block / 64) as usize));
+        }
+        self.quarantined.insert(block)
+    }
+
+    /// Give quarantined blocks in `[start, start + len)` back (their poison
+    /// was cleared). Returns how many.
+    pub fn release(&mut self, start: u64, len: u64) -> u64 {
+        let blocks: Vec<u64> = self
+            .quarantined
+            .range(start..start + len)
+            .copied()
+            .collect();
+        for &block in &blocks {
+            self.quarantined.remove(&block);
+            let dirty = self.dirty_words.contains(&((block / 64) as usize));
+            self.mark(block, 1, false);
+            if !dirty {
+                self.dirty_words.remove(&((block / 64) as usize));
+            }
+        }
+        blocks.len() as u64
     }
 
     /// A whole free, aligned 2 MiB region: its first block.
@@ -251,7 +293,11 @@ impl Allocator {
         let mut words: Vec<usize> = self.dirty_words.iter().copied().collect();
         words.sort_unstable();
         for word in words {
-            let value = self.bitmap[word] & !freed.get(&word).copied().unwrap_or(0);
+            let quarantined = self
+                .quarantined
+                .range(word as u64 * 64..(word as u64 + 1) * 64)
+                .fold(0u64, |bits, b| bits | 1 << (b % 64));
+            let value = self.bitmap[word] & !freed.get(&word).copied().unwrap_or(0) & !quarantined;
             tx.write(self.bitmap_offset + word as u64 * 8, &value.to_le_bytes());
         }
     }
@@ -328,5 +374,52 @@ mod tests {
             before,
             "abort gives back the stage's allocations"
         );
+    }
+
+    #[test]
+    fn quarantined_blocks_are_never_handed_out_nor_written_used() {
+        let mut a = allocator(64 * 256);
+        let (start, _) = a.alloc(8).unwrap();
+        a.committed();
+        let bad = start + 8; // the next free block of that broken region
+        assert!(a.quarantine(bad));
+        assert!(!a.quarantine(bad), "once");
+        assert!(!a.quarantine(start), "a used block is not free space");
+        let free = a.free_blocks();
+        for _ in 0..100 {
+            let (s, l) = a.alloc(1).unwrap();
+            assert!(!(s..s + l).contains(&bad), "handed out a quarantined block");
+        }
+        a.committed();
+        assert_eq!(a.free_blocks(), free - 100);
+        assert!(a.is_used(bad), "in memory, in use");
+        assert_eq!(a.release(bad, 1), 1);
+        assert!(a.is_free(bad));
+        assert_eq!(a.free_blocks(), free - 100 + 1);
+    }
+
+    #[test]
+    fn a_staged_bitmap_word_never_carries_a_quarantined_bit() {
+        let mut a = allocator(64 * 256);
+        let (start, _) = a.alloc(4).unwrap();
+        a.committed();
+        let word = (start / 64) as usize;
+        let bad = start + 5;
+        assert_eq!(bad / 64, start / 64, "same bitmap word");
+        a.quarantine(bad);
+        a.alloc(1).unwrap(); // dirties the word
+        let mut tx = crate::journal::Tx::new();
+        a.stage(&mut tx);
+        let written = tx
+            .value_at(a.bitmap_offset + word as u64 * 8)
+            .expect("the word is staged");
+        let value = u64::from_le_bytes(written.try_into().unwrap());
+        assert_eq!(
+            value & 1 << (bad % 64),
+            0,
+            "the quarantined bit went to media"
+        );
+        assert_ne!(value & 1 << (start % 64), 0);
+        a.committed();
     }
 }

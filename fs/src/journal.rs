@@ -58,6 +58,16 @@ impl Tx {
         self.records.is_empty()
     }
 
+    /// The bytes last recorded for `offset` (for tests).
+    #[cfg(test)]
+    pub(crate) fn value_at(&self, offset: u64) -> Option<&[u8]> {
+        self.records
+            .iter()
+            .rev()
+            .find(|(at, _)| *at == offset)
+            .map(|(_, bytes)| bytes.as_slice())
+    }
+
     fn encode(&self, seq: u64, uuid: &[u8; 16]) -> Vec<u8> {
         let mut b = vec![0u8; TX_HEADER];
         for (offset, data) in &self.records {

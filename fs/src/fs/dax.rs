@@ -91,6 +91,8 @@ pub enum Fallback {
     PteInRange,
     /// A store into a private mapping (copied page by page).
     PrivateWrite,
+    /// A page of the 2 MiB is poisoned (only it must become inaccessible).
+    Poisoned,
 }
 
 /// Fault counters (see [`Fs::dax_stats`]).
@@ -105,6 +107,10 @@ pub struct DaxStats {
     pub fallback_not_huge_extent: u64,
     pub fallback_pte_in_range: u64,
     pub fallback_private_write: u64,
+    pub fallback_poisoned: u64,
+    /// Pages mapped inaccessible because they are poisoned (an access
+    /// raises `SIGBUS` with `BUS_MCEERR_AR`).
+    pub poisoned_maps: u64,
     /// Accesses past the end of the file (which raise `SIGBUS`).
     pub beyond_eof: u64,
 }
@@ -114,8 +120,9 @@ pub(super) struct Counters {
     pmd: AtomicU64,
     pte: AtomicU64,
     zero: AtomicU64,
-    fallback: [AtomicU64; 5],
+    fallback: [AtomicU64; 6],
     beyond: AtomicU64,
+    poisoned: AtomicU64,
 }
 
 impl Counters {
@@ -177,6 +184,7 @@ const ZERO: u8 = 1;
 const READ: u8 = 2;
 const WRITE: u8 = 3;
 const BEYOND: u8 = 4;
+const POISON: u8 = 5;
 
 /// A DAX mapping of a file. Dereferences to its bytes; unmapped on drop.
 pub struct Mapping {
@@ -435,7 +443,7 @@ impl Fs {
         let doomed: Vec<(u64, Order)> = dax
             .index
             .range(first..end)
-            .filter(|(_, e)| !holes_only || !e.is_mapped())
+            .filter(|(_, e)| !holes_only || !e.is_mapped() || e.is_poisoned())
             .map(|(at, e)| (at, e.order()))
             .collect();
         let mappings = live(dax);
@@ -552,6 +560,8 @@ impl Fs {
             fallback_not_huge_extent: get(&c.fallback[Fallback::NotHugeExtent as usize]),
             fallback_pte_in_range: get(&c.fallback[Fallback::PteInRange as usize]),
             fallback_private_write: get(&c.fallback[Fallback::PrivateWrite as usize]),
+            fallback_poisoned: get(&c.fallback[Fallback::Poisoned as usize]),
+            poisoned_maps: get(&c.poisoned),
             beyond_eof: get(&c.beyond),
         }
     }
@@ -578,6 +588,124 @@ impl Fs {
         }
         self.core.dev.drain();
         Ok(())
+    }
+}
+
+impl Fs {
+    /// Whether device pages `[pfn, pfn + n)` hold poison.
+    fn is_poisoned(&self, pfn: u64, n: u64) -> bool {
+        self.core.dev.first_poison(pfn * PAGE, n * PAGE).is_some()
+    }
+
+    /// Memory failure of file page `fpage` (see `failure`): lock the entry
+    /// that covers it (a PMD is split first, so that only this page goes),
+    /// make the page inaccessible in every mapping, mark the entry poisoned,
+    /// unlock. Returns the addresses where a mapping showed the page, and
+    /// whether a PMD entry was split.
+    pub(super) fn dax_poison(&self, dax: &FileDax, fpage: u64) -> (Vec<usize>, bool) {
+        // Shared, as a fault: no break runs meanwhile.
+        let _shared = dax.invalidate.read().unwrap_or_else(|e| e.into_inner());
+        let Ok(mut guard) = dax.index.lock_entry(fpage, Order::Pte) else {
+            return (Vec::new(), false);
+        };
+        let mut split = false;
+        let entry = guard.entry();
+        if entry.order() == Order::Pmd && entry.is_mapped() {
+            // The split drops the PMD's tags: write its stores back first.
+            if dax.index.get_tag(guard.base(), Tag::Dirty) {
+                let _ = self.core.dev.flush(entry.pfn() * PAGE, HUGE);
+                self.core.dev.drain();
+            }
+            guard = match guard.split(fpage) {
+                Ok(pte) => {
+                    split = true;
+                    pte
+                }
+                Err((pmd, _)) => pmd,
+            };
+        }
+        let mappings = live(dax);
+        let shown: Vec<usize> = mappings.iter().filter_map(|m| m.shows(fpage)).collect();
+        let entry = guard.entry();
+        if entry.order() == Order::Pte && entry.is_mapped() {
+            guard.set(entry.poisoned()).ok();
+            for m in &mappings {
+                if m.shows(fpage).is_some() {
+                    // MAP_FIXED over one page of a huge mapping: the kernel
+                    // splits its PMD and the other 511 pages stay mapped.
+                    let _ = m.map_poison(fpage - m.first_page);
+                }
+            }
+        } else {
+            // Not mapped as data anywhere (or a stale hole entry): the next
+            // fault finds the poison on the device.
+            for m in &mappings {
+                m.unmap(fpage, 1);
+            }
+            if entry.is_empty() {
+                guard.erase();
+            }
+        }
+        (shown, split)
+    }
+}
+
+/// Which `SIGBUS` a memory failure raises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum McErr {
+    /// `BUS_MCEERR_AR`: the thread consumed poison (at a load or store).
+    ActionRequired,
+    /// `BUS_MCEERR_AO`: early notice to a thread that has the page mapped.
+    ActionOptional,
+}
+
+/// Raise `SIGBUS` to the calling thread as Linux's memory-failure code
+/// does: `si_code` `BUS_MCEERR_AR` (poison consumed) or `BUS_MCEERR_AO`
+/// (early notice), with `si_addr` and `si_addr_lsb` 12 (a 4 KiB page). As
+/// `force_sig` does, an action-required signal that is blocked or ignored
+/// kills by default.
+pub(super) fn raise_mce(addr: usize, kind: McErr) {
+    const BUS_MCEERR_AR: i32 = 4;
+    const BUS_MCEERR_AO: i32 = 5;
+    // SAFETY: a zeroed siginfo is valid; the fields written are those of
+    // the SIGBUS layout (x86-64 and aarch64: si_addr at byte 16, then the
+    // 16-bit si_addr_lsb), inside the 128-byte structure.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let raw = &mut info as *mut libc::siginfo_t as *mut u8;
+        info.si_signo = libc::SIGBUS;
+        info.si_code = match kind {
+            McErr::ActionRequired => BUS_MCEERR_AR,
+            McErr::ActionOptional => BUS_MCEERR_AO,
+        };
+        (raw.add(16) as *mut usize).write_unaligned(addr);
+        (raw.add(24) as *mut i16).write_unaligned(12);
+        if kind == McErr::ActionRequired {
+            let mut blocked: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), &mut blocked);
+            let mut current: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut current);
+            if libc::sigismember(&blocked, libc::SIGBUS) == 1
+                || current.sa_sigaction == libc::SIG_IGN
+            {
+                let mut default: libc::sigaction = std::mem::zeroed();
+                default.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(libc::SIGBUS, &default, std::ptr::null_mut());
+                let mut only: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut only);
+                libc::sigaddset(&mut only, libc::SIGBUS);
+                libc::pthread_sigmask(libc::SIG_UNBLOCK, &only, std::ptr::null_mut());
+            }
+        }
+        // The kernel lets a process give a signal a kernel si_code only when
+        // it sends it to the calling thread itself.
+        libc::syscall(
+            libc::SYS_rt_tgsigqueueinfo,
+            libc::getpid(),
+            libc::gettid(),
+            libc::SIGBUS,
+            &info as *const libc::siginfo_t,
+        );
     }
 }
 
@@ -652,6 +780,9 @@ impl Inner {
             return Ok(Some(Fallback::PteInRange));
         }
         let page = chunk - self.first_page;
+        if entry.is_mapped() && fs.is_poisoned(entry.pfn(), PMD_PAGES) {
+            return Ok(Some(Fallback::Poisoned));
+        }
         if entry.is_mapped() {
             self.map_data(page, PMD_PAGES, entry.pfn(), write)?;
             if write {
@@ -673,6 +804,12 @@ impl Inner {
             blocks = fs.blocks(self.ino, chunk, PMD_PAGES)?;
         }
         match blocks {
+            Blocks::Run(pfn) if pfn.is_multiple_of(PMD_PAGES) && fs.is_poisoned(pfn, PMD_PAGES) => {
+                if entry.is_empty() {
+                    guard.erase();
+                }
+                Ok(Some(Fallback::Poisoned))
+            }
             Blocks::Run(pfn) if pfn.is_multiple_of(PMD_PAGES) => {
                 guard
                     .set(Entry::new(Order::Pmd, pfn))
@@ -704,6 +841,16 @@ impl Inner {
             Err(_) => return Err(Error::Invalid("entry index conflict on a PTE fault")),
         };
         let mut entry = guard.entry();
+        if entry.order() == Order::Pmd
+            && entry.is_mapped()
+            && fs.is_poisoned(entry.pfn() + (fpage - guard.base()), 1)
+        {
+            // Only the poisoned page may become inaccessible: split.
+            guard = guard
+                .split(fpage)
+                .map_err(|_| Error::Invalid("cannot split a PMD entry"))?;
+            entry = guard.entry();
+        }
         if entry.order() == Order::Pmd {
             if entry.is_mapped() {
                 // A real PMD that this mapping cannot map whole.
@@ -724,6 +871,10 @@ impl Inner {
                 .downgrade(fpage)
                 .map_err(|_| Error::Invalid("cannot downgrade a PMD entry"))?;
             entry = guard.entry();
+        }
+        if entry.is_mapped() && (entry.is_poisoned() || fs.is_poisoned(entry.pfn(), 1)) {
+            guard.set(entry.poisoned()).ok();
+            return self.map_poison(page);
         }
         if entry.is_mapped() {
             self.map_data(page, 1, entry.pfn(), write)?;
@@ -753,6 +904,13 @@ impl Inner {
         let Blocks::Run(pfn) = blocks else {
             return Err(Error::Invalid("a block vanished under a fault"));
         };
+        if fs.is_poisoned(pfn, 1) {
+            guard
+                .set(Entry::new(Order::Pte, pfn).poisoned())
+                .map_err(|_| Error::Invalid("entry changed order"))?;
+            self.unmap_everywhere(fpage, 1);
+            return self.map_poison(page);
+        }
         guard
             .set(Entry::new(Order::Pte, pfn))
             .map_err(|_| Error::Invalid("entry changed order"))?;
@@ -835,6 +993,35 @@ impl Inner {
         self.set_state(page, 1, BEYOND);
         self.dax.beyond.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Make page `page` inaccessible because it is poisoned: an access
+    /// faults, and the handler raises `SIGBUS` with `BUS_MCEERR_AR`.
+    fn map_poison(&self, page: u64) -> Result<()> {
+        self.map(
+            page,
+            1,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )?;
+        self.set_state(page, 1, POISON);
+        Counters::count(&self.fs.core.dax_counters.poisoned);
+        Ok(())
+    }
+
+    /// Whether this mapping shows file page `fpage` (mapped from the
+    /// device: data read or written), and at which address.
+    fn shows(&self, fpage: u64) -> Option<usize> {
+        let page = fpage
+            .checked_sub(self.first_page)
+            .filter(|&p| p < self.pages)?;
+        matches!(
+            self.state[page as usize].load(Ordering::Acquire),
+            READ | WRITE
+        )
+        .then(|| self.base + (page * PAGE) as usize)
     }
 
     /// Make the pages shown past the end of the file fault again.
@@ -1024,6 +1211,12 @@ extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, context: *mut li
     };
     if let Some(m) = found {
         let page = ((addr - m.base) as u64) / PAGE;
+        if m.state[page as usize].load(Ordering::Acquire) == POISON {
+            // A load or store of a poisoned page: what the machine check
+            // handler sends the thread that consumed poison.
+            raise_mce(addr, McErr::ActionRequired);
+            return;
+        }
         // Where the error code does not tell, a fault on a page shown
         // readable was a store.
         let write = write

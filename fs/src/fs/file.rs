@@ -105,6 +105,22 @@ impl Fs {
     /// the end). Holes read as zeros. A read that reaches poison returns the
     /// bytes before it, or `EIO` if there are none.
     pub fn read(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut poison = None;
+        let got = self.read_data(ino, offset, buf, &mut poison);
+        // Poison found on the way: memory failure, once the lock is free.
+        if let Some(at) = poison {
+            self.poison_found(at);
+        }
+        got
+    }
+
+    fn read_data(
+        &self,
+        ino: Ino,
+        offset: u64,
+        buf: &mut [u8],
+        found: &mut Option<u64>,
+    ) -> Result<usize> {
         // The destination may be an unfaulted DAX mapping: fault it in for
         // writing before taking the lock its fault needs.
         if super::dax::any_mapping() {
@@ -133,6 +149,7 @@ impl Fs {
                         .dev
                         .read_mcsafe(physical * BLOCK + within, &mut buf[at..at + n])?;
                     if let Some(poison) = got.poison {
+                        *found = Some(poison);
                         let total = at + got.copied;
                         return if total == 0 {
                             Err(Error::MediaError { offset: poison })

@@ -47,6 +47,7 @@ mod check;
 mod dax;
 mod dcache;
 mod dir;
+mod failure;
 mod file;
 mod layout;
 mod namespace;
@@ -55,6 +56,7 @@ mod shrink;
 
 pub use check::{fsck, FsckReport, Problem};
 pub use dax::{DaxStats, Fallback, MapOptions, Mapping};
+pub use failure::{FailureHandler, MemoryFailure};
 pub use layout::{Pin, DEFAULT_LAYOUT_TIMEOUT};
 pub use owner::{FileExtent, Owner};
 
@@ -350,6 +352,9 @@ struct Core {
     layout_timeout_ms: AtomicU64,
     /// Bumped by `cancel_layout_breaks`.
     layout_cancel: AtomicU64,
+    /// Memory failures handled and not cleared (see `failure`).
+    failures: Mutex<Vec<failure::MemoryFailure>>,
+    failure_handlers: Mutex<Vec<failure::FailureHandler>>,
     /// Set with `State::unmounted`, for the calls that take no lock.
     unmounted: AtomicBool,
     /// Signalled when an inode's last reference goes (for `unmount_wait`).
@@ -581,6 +586,8 @@ impl Fs {
                 dax_counters: dax::Counters::default(),
                 layout_timeout_ms: AtomicU64::new(layout::DEFAULT_LAYOUT_TIMEOUT.as_millis() as u64),
                 layout_cancel: AtomicU64::new(0),
+                failures: Mutex::new(Vec::new()),
+                failure_handlers: Mutex::new(Vec::new()),
                 unmounted: AtomicBool::new(false),
                 closed: Condvar::new(),
                 background: Mutex::new(Background::default()),
@@ -603,6 +610,25 @@ impl Fs {
                 .expect("no other view before the worker starts")
                 .notes
                 .push(format!("reclaimed {reclaimed} orphaned inodes"));
+        }
+        // Free blocks on poisoned media stay out of allocation.
+        let quarantined = {
+            let mut st = fs.lock()?;
+            let mut n = 0;
+            for range in fs.core.dev.badblocks() {
+                let first = range.offset() / crate::format::BLOCK;
+                let end = (range.offset() + range.len()).div_ceil(crate::format::BLOCK);
+                n += (first..end).filter(|&b| st.alloc.quarantine(b)).count();
+            }
+            n
+        };
+        if quarantined > 0 {
+            Arc::get_mut(&mut fs.core)
+                .expect("no other view before the worker starts")
+                .notes
+                .push(format!(
+                    "{quarantined} free blocks on poisoned media kept out of allocation"
+                ));
         }
         fs.start_worker()?;
         Ok(fs)
