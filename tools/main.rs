@@ -595,7 +595,7 @@ fn filesystem_usage(dev: Device) -> Result<Usage, String> {
     })
 }
 
-fn sectors_text(count: u64) -> String {
+pub(crate) fn sectors_text(count: u64) -> String {
     format!("{count} sector{}", if count == 1 { "" } else { "s" })
 }
 

@@ -293,16 +293,15 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
         }
         Err(e) => return Err(format!("{}: cannot mount: {e}", mnt.display())),
     };
-    crate::control::serve(
-        &mnt,
-        Arc::new(crate::control::Daemon {
-            fs: Arc::clone(&fs),
-            image: image.clone(),
-            notifier: Some(session.notifier()),
-            counters,
-            events: Default::default(),
-        }),
-    )?;
+    let daemon = Arc::new(crate::control::Daemon {
+        fs: Arc::clone(&fs),
+        image: image.clone(),
+        notifier: Some(session.notifier()),
+        counters,
+        events: Default::default(),
+    });
+    daemon.watch_failures()?;
+    crate::control::serve(&mnt, daemon)?;
     std::thread::Builder::new()
         .name("daxfs-signals".into())
         .spawn(move || {

@@ -205,9 +205,9 @@ impl Fs {
         Ok(found)
     }
 
-    /// Poison found at `offset` by a read or a scrub: run memory failure
-    /// unless the page was handled already.
-    pub(super) fn poison_found(&self, offset: u64) -> Option<MemoryFailure> {
+    /// Poison found at `offset` (by a read, a scrub, or outside the
+    /// library): run memory failure unless the page was handled already.
+    pub fn poison_found(&self, offset: u64) -> Option<MemoryFailure> {
         let page = offset / PAGE * PAGE;
         let known = self.memory_failures().iter().any(|f| f.offset == page);
         if known {
