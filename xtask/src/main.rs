@@ -151,6 +151,7 @@ fn bench(args: &[String]) -> Result<(), String> {
             "fs_ops",
             "namespace",
             "dax",
+            "failure",
         ] {
             let mut cmd = cargo();
             cmd.args(["bench", "--bench", bench]);
@@ -339,6 +340,39 @@ fn bench(args: &[String]) -> Result<(), String> {
             show(median(&ratio(dax(theirs), dax(ours))))
         );
     }
+
+    println!("\nbreak layouts and memory failure ({rounds} rounds)");
+    let failure = |f: &str| {
+        let key = format!("failure/{f}");
+        median(&move |m: &Medians| m.get(&key).copied())
+    };
+    for (label, f) in [
+        ("pin + unpin, 4 KiB", "pin_unpin/4KiB"),
+        (
+            "pin + unpin, 4 KiB of a mapped file",
+            "pin_unpin/4KiB_mapped_file",
+        ),
+        ("memory failure, 1 mapping", "memory_failure/1_mappings"),
+        (
+            "memory failure, 100 mappings",
+            "memory_failure/100_mappings",
+        ),
+    ] {
+        println!("{label:<46} {:>10}", time(failure(f)));
+    }
+    println!(
+        "{:<46} {:>10}",
+        "memory failure, 100 / 1 mappings",
+        show(median(&ratio(
+            "failure/memory_failure/100_mappings".into(),
+            "failure/memory_failure/1_mappings".into()
+        )))
+    );
+
+    println!("\naging (WineFS-style; layout, not time: one run)");
+    let mut cmd = cargo();
+    cmd.args(["bench", "--bench", "aging"]);
+    run(cmd, "aging benchmark")?;
     compare()
 }
 
