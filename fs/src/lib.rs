@@ -6,7 +6,10 @@
 //! * [`format`]: the on-media format, described next to the code that writes it;
 //! * [`journal`]: the redo journal that makes every metadata change atomic;
 //! * `alloc`: the 2 MiB-aware block allocator;
-//! * [`Fs`]: the filesystem and its library API (inode- and path-based calls);
+//! * [`Fs`]: the filesystem and its library API (inode- and path-based calls),
+//!   with DAX mappings ([`Fs::mmap`]), pins for direct I/O against calls that
+//!   free blocks ([`Fs::pin`]) and memory-failure handling
+//!   ([`Fs::memory_failure`]);
 //! * [`index`]: the per-file multi-order entry index with entry locks that the
 //!   DAX fault, writeback and memory-failure paths use.
 
