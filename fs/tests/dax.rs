@@ -620,7 +620,7 @@ fn truncates_racing_faults_sigbus_only_past_the_end() {
                 fs.write(g, 0, &marker).unwrap();
                 fs.truncate(g, 0).unwrap();
                 // Grow back by a write (half the time with a hole first).
-                if round % 2 == 0 {
+                if round.is_multiple_of(2) {
                     fs.write(f, MIB, &body[..(3 * MIB) as usize]).unwrap();
                 } else {
                     fs.write(f, 3 * MIB, &body[..MIB as usize]).unwrap();
@@ -631,14 +631,14 @@ fn truncates_racing_faults_sigbus_only_past_the_end() {
             }
             stop.store(true, Ordering::Relaxed);
         });
-        for t in 0..2usize {
+        for (t, hit) in HIT.iter().enumerate() {
             let (stop, generation, sigbus, loads) = (&stop, &generation, &sigbus, &loads);
             s.spawn(move || {
                 let mut page = 256 + t; // from 1 MiB on, pages of our parity
                 while !stop.load(Ordering::Relaxed) {
                     let addr = base + page * 4096 + 100;
                     let before = generation.load(Ordering::SeqCst);
-                    HIT[t].store(0, Ordering::Release);
+                    hit.store(0, Ordering::Release);
                     // SAFETY: a load inside the mapping; past the end of the
                     // file it raises SIGBUS, which the handler turns into zeros.
                     let b = unsafe { std::ptr::read_volatile(addr as *const u8) };
@@ -647,7 +647,7 @@ fn truncates_racing_faults_sigbus_only_past_the_end() {
                         b, 0xEE,
                         "page {page}: a freed block, reused by another file"
                     );
-                    if HIT[t].load(Ordering::Acquire) == addr {
+                    if hit.load(Ordering::Acquire) == addr {
                         sigbus.fetch_add(1, Ordering::Relaxed);
                         assert!(
                             before % 2 == 1 || before != after,
