@@ -13,16 +13,8 @@ use daxfs::{Fs, MapOptions, ROOT};
 use std::time::{Duration, Instant};
 
 #[cfg(feature = "pmdk")]
-mod pmdk {
-    #[link(name = "pmem")]
-    extern "C" {
-        pub fn pmem_memcpy_persist(
-            dst: *mut std::ffi::c_void,
-            src: *const std::ffi::c_void,
-            len: usize,
-        ) -> *mut std::ffi::c_void;
-    }
-}
+#[path = "common/pmdk.rs"]
+mod pmdk;
 
 const MIB: u64 = 1 << 20;
 const BIG: u64 = 1 << 30;

@@ -15,16 +15,8 @@ use pmem::{Device, DeviceOptions};
 use std::time::Duration;
 
 #[cfg(feature = "pmdk")]
-mod pmdk {
-    #[link(name = "pmem")]
-    extern "C" {
-        pub fn pmem_memcpy_persist(
-            dst: *mut std::ffi::c_void,
-            src: *const std::ffi::c_void,
-            len: usize,
-        ) -> *mut std::ffi::c_void;
-    }
-}
+#[path = "common/pmdk.rs"]
+mod pmdk;
 
 const SIZES: [(usize, &str); 3] = [(4 << 10, "4KiB"), (64 << 10, "64KiB"), (2 << 20, "2MiB")];
 /// Where the copies land: a 2 MiB-aligned device offset, as file data would be.

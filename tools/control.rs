@@ -262,16 +262,10 @@ fn handle(daemon: &Daemon, request: &Value) -> Result<String, String> {
         "clear_all" => clear(daemon, None),
         "scrub" => {
             let mut out = crate::scrub_on(dev, label, false)?;
-            // Memory failure for poison not handled yet (none is lost: the
-            // scrub above read the whole device, this one the list).
-            for run in dev.badblocks() {
-                for page in (run.offset() / 4096..(run.offset() + run.len()).div_ceil(4096))
-                    .map(|p| p * 4096)
-                {
-                    if let Some(f) = daemon.fs.poison_found(page) {
-                        out += &format!("  new: device offset {:#x}: {}\n", f.offset, f.owner);
-                    }
-                }
+            // Memory failure for the poison the scrub found and nobody had
+            // handled yet.
+            for f in daemon.fs.poison_found_in(&dev.badblocks()) {
+                out += &format!("  new: device offset {:#x}: {}\n", f.offset, f.owner);
             }
             Ok(out)
         }

@@ -117,9 +117,15 @@ impl Allocator {
         }
     }
 
-    /// Mark blocks used or free. A block already in that state (possible
+    /// Mark blocks used or free, in memory and (their words dirtied) on
+    /// media at the next stage. A block already in that state (possible
     /// only on a damaged bitmap, which fsck reports) is left alone.
     fn mark(&mut self, start: u64, len: u64, used: bool) {
+        self.flip(start, len, used, true);
+    }
+
+    /// `mark`, in memory only when `journal` is false.
+    fn flip(&mut self, start: u64, len: u64, used: bool, journal: bool) {
         let limit =
             (self.bitmap.len() as u64 * 64).min(self.region_free.len() as u64 * HUGE_BLOCKS);
         let end = (start + len).min(limit);
@@ -141,7 +147,9 @@ impl Allocator {
                 self.region_free[(block / HUGE_BLOCKS) as usize] += 1;
                 self.free += 1;
             }
-            self.dirty_words.insert(word);
+            if journal {
+                self.dirty_words.insert(word);
+            }
         }
         for region in start / HUGE_BLOCKS..=(end - 1) / HUGE_BLOCKS {
             self.classify(region);
@@ -158,12 +166,8 @@ impl Allocator {
         if !self.is_free(block) || in_stage || self.quarantined.contains(&block) {
             return false;
         }
-        let dirty = self.dirty_words.contains(&((block / 64) as usize));
-        self.mark(block, 1, true);
-        if !dirty {
-            // Nothing to write: the quarantine lives in memory only.
-            self.dirty_words.remove(&((block / 64) as usize));
-        }
+        // In memory only; `stage` masks it out of any word it writes.
+        self.flip(block, 1, true, false);
         self.quarantined.insert(block)
     }
 
@@ -177,11 +181,7 @@ impl Allocator {
             .collect();
         for &block in &blocks {
             self.quarantined.remove(&block);
-            let dirty = self.dirty_words.contains(&((block / 64) as usize));
-            self.mark(block, 1, false);
-            if !dirty {
-                self.dirty_words.remove(&((block / 64) as usize));
-            }
+            self.flip(block, 1, false, false);
         }
         blocks.len() as u64
     }

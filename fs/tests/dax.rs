@@ -3,44 +3,12 @@
 
 mod common;
 
+use common::{pattern, MIB};
+
 use daxfs::pmem::{Device, DeviceOptions};
 use daxfs::{Fs, MapOptions, ROOT};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
-
-const MIB: u64 = 1 << 20;
-
-struct Image {
-    _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
-}
-
-fn image() -> (Image, Fs) {
-    let dir = tempfile::Builder::new()
-        .prefix("daxfs-dax")
-        .tempdir_in("/dev/shm")
-        .unwrap();
-    let path = dir.path().join("fs.img");
-    let dev = Device::create(&path, 64 * MIB, &DeviceOptions::new()).unwrap();
-    (Image { _dir: dir, path }, Fs::format(dev).unwrap())
-}
-
-/// A file of `len` bytes of a known pattern, written in one go (so 2 MiB
-/// chunks get 2 MiB extents).
-fn file(fs: &Fs, name: &str, len: u64) -> u64 {
-    let ino = fs
-        .create(ROOT, name.as_bytes(), 0o644, 0, 0, true)
-        .unwrap()
-        .0
-        .ino;
-    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    fs.write(ino, 0, &data).unwrap();
-    ino
-}
-
-fn pattern(at: u64) -> u8 {
-    (at % 251) as u8
-}
 
 /// Run `f` in a forked child; the signal that ended it (0: none).
 fn in_child(f: impl FnOnce()) -> i32 {
@@ -68,8 +36,8 @@ fn in_child(f: impl FnOnce()) -> i32 {
 
 #[test]
 fn an_aligned_file_in_2mib_extents_takes_pmd_faults_only() {
-    let (_img, fs) = image();
-    let ino = file(&fs, "big", 4 * MIB);
+    let (_img, fs) = common::image("daxfs-dax");
+    let ino = common::pattern_file(&fs, "big", 4 * MIB);
     let before = fs.dax_stats();
     // SAFETY: nothing else changes the file while the mapping is read.
     let map = unsafe { fs.mmap(ino, 0, 4 * MIB, MapOptions::default()) }.unwrap();
@@ -127,8 +95,8 @@ fn smaps_field(smaps: &str, base: usize, fields: &[&str]) -> u64 {
 
 #[test]
 fn each_fallback_takes_the_pte_path_and_is_counted() {
-    let (_img, fs) = image();
-    let ino = file(&fs, "big", 4 * MIB);
+    let (_img, fs) = common::image("daxfs-dax");
+    let ino = common::pattern_file(&fs, "big", 4 * MIB);
     let opts = MapOptions::default();
 
     // Misaligned: the mapping starts 4 KiB into the first 2 MiB.
@@ -165,7 +133,7 @@ fn each_fallback_takes_the_pte_path_and_is_counted() {
     drop((one, whole));
 
     // Past the end of file: the last 2 MiB reaches beyond it.
-    let short = file(&fs, "short", 3 * MIB);
+    let short = common::pattern_file(&fs, "short", 3 * MIB);
     let s = fs.dax_stats();
     // SAFETY: as above: nothing else changes the bytes this test reads.
     let map = unsafe { fs.mmap(short, 0, 4 * MIB, opts) }.unwrap();
@@ -221,7 +189,7 @@ fn each_fallback_takes_the_pte_path_and_is_counted() {
 
 #[test]
 fn holes_map_the_zero_page_until_a_store_allocates() {
-    let (img, fs) = image();
+    let (img, fs) = common::image("daxfs-dax");
     let ino = fs.create(ROOT, b"holey", 0o644, 0, 0, true).unwrap().0.ino;
     fs.truncate(ino, 4 * MIB).unwrap();
     let free = fs.statfs().free_blocks;
@@ -261,8 +229,8 @@ fn holes_map_the_zero_page_until_a_store_allocates() {
 
 #[test]
 fn past_the_end_is_sigbus_and_fork_shares_a_shared_mapping() {
-    let (_img, fs) = image();
-    let ino = file(&fs, "f", 10_000);
+    let (_img, fs) = common::image("daxfs-dax");
+    let ino = common::pattern_file(&fs, "f", 10_000);
     let opts = MapOptions {
         populate: true,
         ..MapOptions::default()
@@ -292,8 +260,8 @@ fn past_the_end_is_sigbus_and_fork_shares_a_shared_mapping() {
 
 #[test]
 fn a_read_only_mapping_refuses_stores_and_write_goes_through_an_unfaulted_mapping() {
-    let (_img, fs) = image();
-    let src = file(&fs, "src", 64 * 1024);
+    let (_img, fs) = common::image("daxfs-dax");
+    let src = common::pattern_file(&fs, "src", 64 * 1024);
     let dst = fs.create(ROOT, b"dst", 0o644, 0, 0, true).unwrap().0.ino;
     // SAFETY: nothing changes `src` while it is mapped.
     let map = unsafe {
@@ -323,8 +291,8 @@ fn a_read_only_mapping_refuses_stores_and_write_goes_through_an_unfaulted_mappin
 
 #[test]
 fn truncate_and_punch_unmap_first_sigbus_past_the_new_end_zeros_in_the_hole() {
-    let (_img, fs) = image();
-    let ino = file(&fs, "f", 4 * MIB);
+    let (_img, fs) = common::image("daxfs-dax");
+    let ino = common::pattern_file(&fs, "f", 4 * MIB);
     let opts = MapOptions {
         write: false,
         ..MapOptions::default()
@@ -354,7 +322,7 @@ fn truncate_and_punch_unmap_first_sigbus_past_the_new_end_zeros_in_the_hole() {
 /// truncate and punch do not unmap first.)
 #[test]
 fn punches_racing_faults_never_expose_a_freed_block() {
-    let (_img, fs) = image();
+    let (_img, fs) = common::image("daxfs-dax");
     let f = fs.create(ROOT, b"f", 0o644, 0, 0, true).unwrap().0.ino;
     let g = fs.create(ROOT, b"g", 0o644, 0, 0, true).unwrap().0.ino;
     let body = vec![0x11u8; (2 * MIB) as usize];
@@ -405,13 +373,9 @@ fn punches_racing_faults_never_expose_a_freed_block() {
 /// holds the data.
 #[test]
 fn after_a_write_fault_and_a_flush_every_crash_image_keeps_the_data() {
-    let dir = tempfile::Builder::new()
-        .prefix("daxfs-dax")
-        .tempdir_in("/dev/shm")
-        .unwrap();
-    let path = dir.path().join("fs.img");
-    let opts = DeviceOptions::new().crash_tracking(true);
-    let fs = Fs::format(Device::create(&path, 64 * MIB, &opts).unwrap()).unwrap();
+    let tracked = DeviceOptions::new().crash_tracking(true);
+    let (img, fs) = common::image_with("daxfs-dax", 64 * MIB, &tracked);
+    let dir = &img.dir;
     let ino = fs.create(ROOT, b"f", 0o644, 0, 0, true).unwrap().0.ino;
     fs.truncate(ino, 4 * MIB).unwrap();
     // SAFETY: only this test touches the file.
@@ -453,13 +417,9 @@ fn after_a_write_fault_and_a_flush_every_crash_image_keeps_the_data() {
 /// persist) may add the stored bytes, and nothing else.
 #[test]
 fn a_write_fault_into_a_hole_is_atomic_at_every_fence() {
-    let dir = tempfile::Builder::new()
-        .prefix("daxfs-dax")
-        .tempdir_in("/dev/shm")
-        .unwrap();
-    let path = dir.path().join("fs.img");
-    let opts = DeviceOptions::new().crash_tracking(true);
-    let fs = Fs::format(Device::create(&path, 16 * MIB, &opts).unwrap()).unwrap();
+    let tracked = DeviceOptions::new().crash_tracking(true);
+    let (img, fs) = common::image_with("daxfs-dax", 16 * MIB, &tracked);
+    let dir = &img.dir;
     // Fill the free space with a marker, then free it: the fault's blocks
     // held the marker before.
     let old = fs.create(ROOT, b"old", 0o644, 0, 0, true).unwrap().0.ino;
@@ -581,7 +541,7 @@ fn truncates_racing_faults_sigbus_only_past_the_end() {
         };
     }
 
-    let (_img, fs) = image();
+    let (_img, fs) = common::image("daxfs-dax");
     let f = fs.create(ROOT, b"f", 0o644, 0, 0, true).unwrap().0.ino;
     let g = fs.create(ROOT, b"g", 0o644, 0, 0, true).unwrap().0.ino;
     let body = vec![0x11u8; (4 * MIB) as usize];
@@ -682,15 +642,11 @@ fn truncates_racing_faults_sigbus_only_past_the_end() {
 /// writes back its dirty pages and forgets its entries.
 #[test]
 fn the_last_unmap_writes_back_and_forgets_the_files_dax_state() {
-    let dir = tempfile::Builder::new()
-        .prefix("daxfs-dax")
-        .tempdir_in("/dev/shm")
-        .unwrap();
-    let path = dir.path().join("fs.img");
-    let opts = DeviceOptions::new().crash_tracking(true);
-    let fs = Fs::format(Device::create(&path, 64 * MIB, &opts).unwrap()).unwrap();
-    let f = file(&fs, "f", 4 * MIB);
-    let g = file(&fs, "g", 64 * 1024);
+    let tracked = DeviceOptions::new().crash_tracking(true);
+    let (img, fs) = common::image_with("daxfs-dax", 64 * MIB, &tracked);
+    let dir = &img.dir;
+    let f = common::pattern_file(&fs, "f", 4 * MIB);
+    let g = common::pattern_file(&fs, "g", 64 * 1024);
     fs.fsync(f).unwrap();
     assert_eq!(fs.dax_files(), 0);
     // SAFETY: only this test touches the files.
@@ -731,8 +687,8 @@ fn the_last_unmap_writes_back_and_forgets_the_files_dax_state() {
 
 #[test]
 fn writeback_flushes_dirty_entries_and_write_protects_them_again() {
-    let (_img, fs) = image();
-    let ino = file(&fs, "f", 64 * 1024);
+    let (_img, fs) = common::image("daxfs-dax");
+    let ino = common::pattern_file(&fs, "f", 64 * 1024);
     // SAFETY: only this test touches the file.
     let mut map = unsafe { fs.mmap(ino, 0, 64 * 1024, MapOptions::default()) }.unwrap();
     assert_eq!(map[0], pattern(0)); // a read fault maps read-only
@@ -803,7 +759,7 @@ fn on_huge_page_memory_the_kernel_maps_pmd_pieces_huge() {
         eprintln!("skipping: {}", fs.device().info().huge_pages.reason);
         return;
     }
-    let ino = file(&fs, "big", 4 * MIB);
+    let ino = common::pattern_file(&fs, "big", 4 * MIB);
     // SAFETY: loads only.
     let map = unsafe { fs.mmap(ino, 0, 4 * MIB, MapOptions::default()) }.unwrap();
     for at in (0..4 * MIB).step_by(4096) {
@@ -822,7 +778,7 @@ fn on_huge_page_memory_the_kernel_maps_pmd_pieces_huge() {
 
 #[test]
 fn threads_faulting_the_same_pages_see_one_mapping() {
-    let (_img, fs) = image();
+    let (_img, fs) = common::image("daxfs-dax");
     let ino = fs.create(ROOT, b"f", 0o644, 0, 0, true).unwrap().0.ino;
     fs.truncate(ino, 4 * MIB).unwrap();
     // SAFETY: the threads store distinct bytes; all read after joining.

@@ -5,39 +5,15 @@
 //! The tests of this file share one process-wide SIGBUS handler, so they
 //! run one at a time (`SERIAL`).
 
+mod common;
+
+use common::MIB;
 use daxfs::pmem::{Device, DeviceOptions};
 use daxfs::{Error, Fs, MapOptions, MemoryFailure, Owner, ROOT};
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-const MIB: u64 = 1 << 20;
 static SERIAL: Mutex<()> = Mutex::new(());
-
-struct Image {
-    dir: tempfile::TempDir,
-    path: std::path::PathBuf,
-}
-
-fn image() -> (Image, Fs) {
-    let dir = tempfile::Builder::new()
-        .prefix("daxfs-failure")
-        .tempdir_in("/dev/shm")
-        .unwrap();
-    let path = dir.path().join("fs.img");
-    let dev = Device::create(&path, 64 * MIB, &DeviceOptions::new()).unwrap();
-    (Image { dir, path }, Fs::format(dev).unwrap())
-}
-
-fn file(fs: &Fs, name: &str, len: u64) -> u64 {
-    let ino = fs
-        .create(ROOT, name.as_bytes(), 0o644, 0, 0, true)
-        .unwrap()
-        .0
-        .ino;
-    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-    fs.write(ino, 0, &data).unwrap();
-    ino
-}
 
 // ---- a SIGBUS catcher --------------------------------------------------
 
@@ -119,8 +95,8 @@ fn faults(fs: &Fs) -> u64 {
 #[test]
 fn poison_in_a_pmd_splits_it_and_only_the_page_goes() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (_img, fs) = image();
-    let ino = file(&fs, "f", 4 * MIB);
+    let (_img, fs) = common::image("daxfs-failure");
+    let ino = common::pattern_file(&fs, "f", 4 * MIB);
     let told: Arc<Mutex<Vec<MemoryFailure>>> = Arc::default();
     {
         let told = told.clone();
@@ -195,8 +171,8 @@ fn poison_in_a_pmd_splits_it_and_only_the_page_goes() {
 #[test]
 fn poison_in_a_populated_writable_mapping_then_punch_and_write() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (_img, fs) = image();
-    let ino = file(&fs, "f", 64 * 1024);
+    let (_img, fs) = common::image("daxfs-failure");
+    let ino = common::pattern_file(&fs, "f", 64 * 1024);
     let opts = MapOptions {
         populate: true,
         ..MapOptions::default()
@@ -210,8 +186,7 @@ fn poison_in_a_populated_writable_mapping_then_punch_and_write() {
     {
         let _catcher = Catcher::install();
         let p = map.as_ptr() as usize + 8192 + 3;
-        // SAFETY: a store to the poisoned page; the catcher maps zeros
-        // read-only, so the retried store... is a load here instead.
+        // SAFETY: a load of the poisoned page; the catcher maps zeros.
         let b = unsafe { std::ptr::read_volatile(p as *const u8) };
         assert_eq!(b, 0);
         assert_eq!(CODE.load(Ordering::SeqCst), 4);
@@ -240,8 +215,8 @@ fn poison_in_a_populated_writable_mapping_then_punch_and_write() {
 #[test]
 fn poisoned_free_blocks_are_never_allocated_until_cleared() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (img, fs) = image();
-    let probe = file(&fs, "probe", 4096);
+    let (img, fs) = common::image("daxfs-failure");
+    let probe = common::pattern_file(&fs, "probe", 4096);
     let block = fs.device_offset(probe, 0).unwrap().unwrap();
     fs.unlink(ROOT, b"probe").unwrap();
     let free = fs.statfs().free_blocks;
@@ -280,7 +255,6 @@ fn poisoned_free_blocks_are_never_allocated_until_cleared() {
     assert_eq!(fs.statfs().free_blocks, 1, "given back once cleared");
     fs.write(big, at, &[3; 4096]).unwrap();
     fs.unmount().unwrap();
-    let _ = img.dir;
 }
 
 /// Poison in a file's inode slot: that inode is never changed again, the
@@ -288,12 +262,12 @@ fn poisoned_free_blocks_are_never_allocated_until_cleared() {
 #[test]
 fn poisoned_metadata_is_refused_and_fsck_reports_it() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (img, fs) = image();
+    let (img, fs) = common::image("daxfs-failure");
     for name in ["a", "b", "c", "d"] {
-        file(&fs, name, 10);
+        common::pattern_file(&fs, name, 10);
     }
-    let ino = file(&fs, "victim", 4096); // in another sector than the root's
-    let other = file(&fs, "other", 4096);
+    let ino = common::pattern_file(&fs, "victim", 4096); // in another sector than the root's
+    let other = common::pattern_file(&fs, "other", 4096);
     let slot = {
         // The inode table follows the superblock's layout; find the slot
         // through the owner of each block of the table.
@@ -335,8 +309,8 @@ fn poisoned_metadata_is_refused_and_fsck_reports_it() {
 #[test]
 fn poison_found_by_a_read_or_a_scrub_runs_memory_failure() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (_img, fs) = image();
-    let ino = file(&fs, "f", 64 * 1024);
+    let (_img, fs) = common::image("daxfs-failure");
+    let ino = common::pattern_file(&fs, "f", 64 * 1024);
     let told = Arc::new(AtomicU64::new(0));
     {
         let told = told.clone();
@@ -381,8 +355,8 @@ fn memory_failure_races_faults_truncates_and_writeback() {
             }
         });
     }
-    let (_img, fs) = image();
-    let ino = file(&fs, "f", 4 * MIB);
+    let (_img, fs) = common::image("daxfs-failure");
+    let ino = common::pattern_file(&fs, "f", 4 * MIB);
     let opts = MapOptions::default();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     let stop = std::sync::atomic::AtomicBool::new(false);

@@ -1,21 +1,12 @@
 //! Break layouts: pins of device pages for direct I/O against truncate and
 //! hole punch (Linux's `dax_layout_busy_page_range`).
 
-use daxfs::pmem::{Device, DeviceOptions};
+mod common;
+
+use common::MIB;
 use daxfs::{Error, Fs, ROOT};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-const MIB: u64 = 1 << 20;
-
-fn image() -> (tempfile::TempDir, Fs) {
-    let dir = tempfile::Builder::new()
-        .prefix("daxfs-layout")
-        .tempdir_in("/dev/shm")
-        .unwrap();
-    let dev = Device::create(dir.path().join("fs.img"), 64 * MIB, &DeviceOptions::new()).unwrap();
-    (dir, Fs::format(dev).unwrap())
-}
 
 fn file(fs: &Fs, name: &str, byte: u8, len: u64) -> u64 {
     let ino = fs
@@ -29,7 +20,7 @@ fn file(fs: &Fs, name: &str, byte: u8, len: u64) -> u64 {
 
 #[test]
 fn truncate_and_punch_wait_for_a_pin_and_the_pinned_data_never_changes() {
-    let (_dir, fs) = image();
+    let (_img, fs) = common::image("daxfs-layout");
     let f = file(&fs, "f", 0x5A, 4 * MIB);
     let free = fs.statfs().free_blocks;
     let pin = fs.pin(f, MIB, 8192).unwrap();
@@ -86,7 +77,7 @@ fn truncate_and_punch_wait_for_a_pin_and_the_pinned_data_never_changes() {
 
 #[test]
 fn a_break_that_times_out_or_is_cancelled_frees_nothing() {
-    let (_dir, fs) = image();
+    let (_img, fs) = common::image("daxfs-layout");
     let f = file(&fs, "f", 0x42, 2 * MIB);
     let free = fs.statfs().free_blocks;
     let pin = fs.pin(f, 0, 4096).unwrap();
@@ -129,7 +120,7 @@ fn a_break_that_times_out_or_is_cancelled_frees_nothing() {
 /// is done, and then sees the new layout.
 #[test]
 fn a_new_pin_waits_for_a_break_in_progress() {
-    let (_dir, fs) = image();
+    let (_img, fs) = common::image("daxfs-layout");
     let f = file(&fs, "f", 0x33, 2 * MIB);
     let first = fs.pin(f, MIB, 4096).unwrap();
     let truncated = AtomicBool::new(false);
@@ -163,7 +154,7 @@ fn a_new_pin_waits_for_a_break_in_progress() {
 /// sees the marker.
 #[test]
 fn pinned_blocks_are_never_reused_while_pinned() {
-    let (_dir, fs) = image();
+    let (_img, fs) = common::image("daxfs-layout");
     let f = file(&fs, "f", 0x11, 2 * MIB);
     let g = fs.create(ROOT, b"g", 0o644, 0, 0, true).unwrap().0.ino;
     let stop = AtomicBool::new(false);

@@ -625,12 +625,13 @@ impl Fs {
             };
         }
         let mappings = live(dax);
-        let shown: Vec<usize> = mappings.iter().filter_map(|m| m.shows(fpage)).collect();
+        let mut shown = Vec::new();
         let entry = guard.entry();
         if entry.order() == Order::Pte && entry.is_mapped() {
             guard.set(entry.poisoned()).ok();
             for m in &mappings {
-                if m.shows(fpage).is_some() {
+                if let Some(addr) = m.shows(fpage) {
+                    shown.push(addr);
                     // MAP_FIXED over one page of a huge mapping: the kernel
                     // splits its PMD and the other 511 pages stay mapped.
                     let _ = m.map_poison(fpage - m.first_page);
@@ -640,6 +641,7 @@ impl Fs {
             // Not mapped as data anywhere (or a stale hole entry): the next
             // fault finds the poison on the device.
             for m in &mappings {
+                shown.extend(m.shows(fpage));
                 m.unmap(fpage, 1);
             }
             if entry.is_empty() {

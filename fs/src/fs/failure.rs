@@ -192,17 +192,17 @@ impl Fs {
     /// failure for every poisoned page not handled yet. Returns the pages.
     pub fn scrub(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<Vec<MemoryFailure>> {
         let report = self.core.dev.scrub(progress)?;
-        let mut found = Vec::new();
-        for range in report.poisoned {
-            let first = range.offset() / PAGE;
-            let end = (range.offset() + range.len()).div_ceil(PAGE);
-            for page in first..end {
-                if let Some(f) = self.poison_found(page * PAGE) {
-                    found.push(f);
-                }
-            }
-        }
-        Ok(found)
+        Ok(self.poison_found_in(&report.poisoned))
+    }
+
+    /// Run memory failure for every page of `ranges` not handled yet (for
+    /// a caller that read the device's poison list itself).
+    pub fn poison_found_in(&self, ranges: &[pmem::BadRange]) -> Vec<MemoryFailure> {
+        ranges
+            .iter()
+            .flat_map(|r| r.offset() / PAGE..(r.offset() + r.len()).div_ceil(PAGE))
+            .filter_map(|page| self.poison_found(page * PAGE))
+            .collect()
     }
 
     /// Poison found at `offset` (by a read, a scrub, or outside the

@@ -119,7 +119,8 @@ impl Fs {
             st.refs.entry(ino).or_default().holds += 1;
             self.file_dax(ino)
         };
-        let pin = Pin {
+        // Made first, so that an error below unpins and drops the hold.
+        let mut pin = Pin {
             fs: self.view(),
             ino,
             dax: Arc::clone(&dax),
@@ -132,9 +133,8 @@ impl Fs {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(pages);
-        let extents = self.file_extents(ino)?;
-        let mut pin = pin;
-        pin.extents = extents
+        pin.extents = self
+            .file_extents(ino)?
             .into_iter()
             .filter_map(|e| {
                 let a = e.file_offset.max(offset);

@@ -941,37 +941,13 @@ impl<'a> EntryGuard<'a> {
     /// wake the PMD's waiters so that they look again. This is how a PTE
     /// fault takes the place of a PMD hole (`grab_mapping_entry`).
     pub fn downgrade(self, index: u64) -> Result<EntryGuard<'a>, (EntryGuard<'a>, IndexError)> {
-        let wrong = self.entry.order() != Order::Pmd
-            || self.entry.is_mapped()
-            || Order::Pmd.align(index) != self.base;
-        if wrong {
+        if self.entry.is_mapped() {
             let entry = self.entry;
             return Err((self, IndexError::WrongState(entry)));
         }
-        let this = std::mem::ManuallyDrop::new(self);
-        let index_ref = this.index;
-        let slot = {
-            let _writer = index_ref.lock_writer();
-            for tag in Tag::ALL {
-                index_ref.tag_locked(this.base, Order::Pmd, tag, false);
-            }
-            let leaf = Leaf::new();
-            let pte = Entry::empty(Order::Pte);
-            leaf.slots[leaf_slot(index)].store(pte.locked().raw(), Relaxed);
-            leaf.used.store(1, Relaxed);
-            let leaf = Box::into_raw(leaf);
-            // One store swaps the PMD for the leaf: readers see either.
-            this.slot.store(leaf as u64, SeqCst);
-            // SAFETY: just linked under the writer lock; the PTE entry in it is
-            // locked, so the leaf stays linked while the new guard lives.
-            unsafe { &(*leaf).slots[leaf_slot(index)] }
-        };
-        wait::table().wake(index_ref.key(this.base, Order::Pmd));
-        Ok(index_ref.guard(slot, Entry::empty(Order::Pte), index))
+        self.into_ptes(index, |i| (i == index).then(|| Entry::empty(Order::Pte)))
     }
-}
 
-impl<'a> EntryGuard<'a> {
     /// Split a mapped PMD entry into 512 PTE entries of the same pages
     /// (flags such as poisoned carried over; tags dropped: write back first),
     /// atomically, keeping only the PTE entry at `index` locked (returned),
@@ -980,46 +956,64 @@ impl<'a> EntryGuard<'a> {
     /// Linux's "dax: Fix unlock mismatch with updated API" requires, the lock
     /// handed back is the one of the entry now covering `index`).
     pub fn split(self, index: u64) -> Result<EntryGuard<'a>, (EntryGuard<'a>, IndexError)> {
-        let wrong = self.entry.order() != Order::Pmd
-            || !self.entry.is_mapped()
-            || Order::Pmd.align(index) != self.base;
-        if wrong {
-            let entry = self.entry;
-            return Err((self, IndexError::WrongState(entry)));
+        let pmd = self.entry;
+        if !pmd.is_mapped() {
+            return Err((self, IndexError::WrongState(pmd)));
         }
-        let this = std::mem::ManuallyDrop::new(self);
-        let index_ref = this.index;
-        let poisoned = this.entry.is_poisoned();
-        let pte_at = |i: u64| {
-            let e = Entry::new(Order::Pte, this.entry.pfn() + i);
-            if poisoned {
-                e.poisoned()
+        let base = self.base;
+        self.into_ptes(index, |i| {
+            let pte = Entry::new(Order::Pte, pmd.pfn() + (i - base));
+            Some(if pmd.is_poisoned() {
+                pte.poisoned()
             } else {
-                e
+                pte
+            })
+        })
+    }
+
+    /// Replace this locked PMD entry by a leaf holding `pte(i)` for each
+    /// page `i` of it that has one (the one at `index`, which must have one,
+    /// locked), in one store, with the PMD's tags cleared; wake the PMD's
+    /// waiters and return the guard of the PTE entry at `index`.
+    fn into_ptes(
+        self,
+        index: u64,
+        pte: impl Fn(u64) -> Option<Entry>,
+    ) -> Result<EntryGuard<'a>, (EntryGuard<'a>, IndexError)> {
+        let held = match pte(index) {
+            Some(held)
+                if self.entry.order() == Order::Pmd && Order::Pmd.align(index) == self.base =>
+            {
+                held
+            }
+            _ => {
+                let entry = self.entry;
+                return Err((self, IndexError::WrongState(entry)));
             }
         };
-        let held = pte_at(index - this.base);
+        let this = std::mem::ManuallyDrop::new(self);
+        let index_ref = this.index;
         let slot = {
             let _writer = index_ref.lock_writer();
             for tag in Tag::ALL {
                 index_ref.tag_locked(this.base, Order::Pmd, tag, false);
             }
             let leaf = Leaf::new();
-            for i in 0..PMD_PAGES {
-                let e = pte_at(i);
-                let raw = if this.base + i == index {
-                    e.locked()
-                } else {
-                    e
-                };
-                leaf.slots[i as usize].store(raw.raw(), Relaxed);
+            let mut used = 0;
+            for i in (0..PMD_PAGES).map(|off| this.base + off) {
+                if let Some(e) = pte(i) {
+                    let e = if i == index { e.locked() } else { e };
+                    leaf.slots[leaf_slot(i)].store(e.raw(), Relaxed);
+                    used += 1;
+                }
             }
-            leaf.used.store(PMD_PAGES as u32, Relaxed);
+            leaf.used.store(used, Relaxed);
             let leaf = Box::into_raw(leaf);
             // One store swaps the PMD for the leaf: readers see either.
             this.slot.store(leaf as u64, SeqCst);
-            // SAFETY: just linked under the writer lock; the PTE entry in it
-            // is locked, so the leaf stays linked while the new guard lives.
+            // SAFETY: just linked under the writer lock; the PTE entry at
+            // `index` is locked, so the leaf stays linked while the new guard
+            // lives.
             unsafe { &(*leaf).slots[leaf_slot(index)] }
         };
         wait::table().wake(index_ref.key(this.base, Order::Pmd));

@@ -1,4 +1,51 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests. (Each test binary uses some of
+//! them, so the others are dead code there.)
+#![allow(dead_code)]
+
+use daxfs::pmem::{Device, DeviceOptions};
+use daxfs::{Fs, Ino, ROOT};
+
+pub const MIB: u64 = 1 << 20;
+
+/// A device image in a temporary directory on /dev/shm, removed on drop.
+pub struct Image {
+    pub dir: tempfile::TempDir,
+    pub path: std::path::PathBuf,
+}
+
+/// A filesystem on a new image of `size` bytes made with `opts`.
+pub fn image_with(prefix: &str, size: u64, opts: &DeviceOptions) -> (Image, Fs) {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let path = dir.path().join("fs.img");
+    let fs = Fs::format(Device::create(&path, size, opts).unwrap()).unwrap();
+    (Image { dir, path }, fs)
+}
+
+/// A filesystem on a new, untracked 64 MiB image.
+pub fn image(prefix: &str) -> (Image, Fs) {
+    image_with(prefix, 64 * MIB, &DeviceOptions::new())
+}
+
+/// A file of `len` bytes of [`pattern`], written in one go (so 2 MiB
+/// chunks get 2 MiB extents).
+pub fn pattern_file(fs: &Fs, name: &str, len: u64) -> Ino {
+    let ino = fs
+        .create(ROOT, name.as_bytes(), 0o644, 0, 0, true)
+        .unwrap()
+        .0
+        .ino;
+    let data: Vec<u8> = (0..len).map(pattern).collect();
+    fs.write(ino, 0, &data).unwrap();
+    ino
+}
+
+/// The byte [`pattern_file`] puts at `at`.
+pub fn pattern(at: u64) -> u8 {
+    (at % 251) as u8
+}
 
 /// Group pending cache lines into the units a crash persists independently:
 /// each line of a short run (metadata: journal transactions, inodes,
