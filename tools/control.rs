@@ -77,12 +77,15 @@ pub fn inside(mountpoint: &Path, file: &Path) -> Result<String, String> {
 
 /// Send `request` to the daemon of `mountpoint` and print its answer.
 pub fn print(mountpoint: &Path, request: Value) -> Result<(), String> {
-    let answer = ask(mountpoint, &request)?;
+    print!("{}", output(mountpoint, &request)?);
+    Ok(())
+}
+
+/// Send `request` to the daemon of `mountpoint`; its output text.
+pub fn output(mountpoint: &Path, request: &Value) -> Result<String, String> {
+    let answer = ask(mountpoint, request)?;
     match (&answer["output"], &answer["error"]) {
-        (Value::String(output), _) => {
-            print!("{output}");
-            Ok(())
-        }
+        (Value::String(output), _) => Ok(output.clone()),
         (_, Value::String(error)) => Err(error.clone()),
         _ => Err(format!(
             "{}: the daemon's answer makes no sense: {answer}",
@@ -290,6 +293,23 @@ fn handle(daemon: &Daemon, request: &Value) -> Result<String, String> {
                 .fs
                 .file_extents(ino)
                 .map_err(|e| format!("{path}: {e}"))?;
+            if request["json"].as_bool().unwrap_or(false) {
+                let list: Vec<Value> = extents
+                    .iter()
+                    .map(|e| {
+                        json!({
+                            "file_offset": e.file_offset,
+                            "device_offset": e.device_offset,
+                            "length": e.len,
+                            "aligned_2mib": e.is_huge_aligned(),
+                        })
+                    })
+                    .collect();
+                return Ok(format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&list).expect("JSON")
+                ));
+            }
             let mut out = format!(
                 "{path}: {} extent{}\n{:>14} {:>14} {:>12}  aligned 2 MiB\n",
                 extents.len(),

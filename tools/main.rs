@@ -1,6 +1,7 @@
 //! The `daxfs` command: create, describe, poison and scrub pmem devices.
 
 mod control;
+mod dax_tests;
 mod fuse;
 mod huge;
 mod mount;
@@ -48,7 +49,7 @@ enum Command {
     /// Show a file's extents: file offset, device offset, length, and
     /// whether each is an aligned 2 MiB region (FUSE has no FIEMAP, so
     /// `filefrag` cannot tell).
-    Extents(PathArg),
+    Extents(ExtentsArgs),
     /// Show a running mount's counters: requests, errors, poison events and
     /// their owners, inodes left referenced.
     Stat(PathArg),
@@ -63,6 +64,14 @@ enum Command {
     /// Unmount a daxfs mount and wait until the daemon has written
     /// everything back and released the image.
     Umount(mount::UmountArgs),
+    /// Run the ndctl-style DAX test suite (dax-pmd, dax-errors, dax-poison,
+    /// the 18 mmap flag sets, break layouts) through the library and
+    /// through a FUSE mount, and print a pass/fail table.
+    ///
+    /// Each test runs in a process of its own, on an emulated device of its
+    /// own (the library) or in a directory of the mount. Exit status 0 when
+    /// no test failed.
+    DaxTests(dax_tests::DaxTestsArgs),
     /// Check a filesystem; with --repair, fix what can be fixed.
     ///
     /// Exit codes as fsck(8): 0 clean, 1 errors corrected, 4 errors left
@@ -101,6 +110,16 @@ struct TargetArg {
 struct PathArg {
     /// A file in a daxfs mount (for `stat`, the mount point).
     path: PathBuf,
+}
+
+#[derive(Args)]
+struct ExtentsArgs {
+    /// A file in a daxfs mount.
+    path: PathBuf,
+    /// Print JSON (`file_offset`, `device_offset`, `length`, `aligned_2mib`
+    /// per extent) instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -244,7 +263,10 @@ fn run(command: Command) -> Outcome {
         Command::Scrub(args) => scrub(&args.image),
         Command::Extents(args) => {
             let (mountpoint, inside) = control::locate(&args.path)?;
-            control::print(&mountpoint, json!({ "op": "extents", "path": inside }))
+            control::print(
+                &mountpoint,
+                json!({ "op": "extents", "path": inside, "json": args.json }),
+            )
         }
         Command::Stat(args) => {
             let (mountpoint, _) = control::locate(&args.path)?;
@@ -253,6 +275,7 @@ fn run(command: Command) -> Outcome {
         Command::Mkfs(args) => mkfs(args),
         Command::Mount(args) => mount::mount(args),
         Command::Umount(args) => mount::umount(args),
+        Command::DaxTests(args) => dax_tests::run(args),
         Command::Fsck(_) => unreachable!("fsck exits with its own codes, above"),
     }
 }

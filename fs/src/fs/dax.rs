@@ -204,6 +204,8 @@ pub(super) struct Inner {
     reservation: (usize, usize),
     opts: MapOptions,
     state: Box<[AtomicU8]>,
+    /// Locked in memory ([`Mapping::lock`]): pieces mapped later are too.
+    locked: AtomicBool,
 }
 
 impl std::fmt::Debug for Mapping {
@@ -262,6 +264,35 @@ impl Mapping {
     /// clear their tags and write-protect them again (`msync`).
     pub fn sync(&self) -> Result<()> {
         self.inner.fs.dax_writeback(&self.inner.dax)
+    }
+
+    /// Lock the mapping's pages in memory, as `mlock(2)` does for a DAX
+    /// mapping in Linux: every page is faulted in, then locked; pages
+    /// mapped again later (after a truncate, a punch or poison) are locked
+    /// as they are mapped. Call this rather than `mlock(2)` itself, which
+    /// refuses (`ENOMEM`) an unfaulted page: until its first access a page
+    /// of a library mapping is an inaccessible reservation.
+    pub fn lock(&self) -> Result<()> {
+        self.inner.locked.store(true, Ordering::Release);
+        self.inner.populate()?;
+        // SAFETY: the mapping's own pages; mlock changes no contents.
+        let rc = unsafe { libc::mlock(self.as_ptr().cast(), self.len()) };
+        if rc != 0 {
+            self.inner.locked.store(false, Ordering::Release);
+            return Err(self.inner.os_error("lock in memory a DAX mapping of"));
+        }
+        Ok(())
+    }
+
+    /// Undo [`lock`](Self::lock) (`munlock(2)`).
+    pub fn unlock(&self) -> Result<()> {
+        self.inner.locked.store(false, Ordering::Release);
+        // SAFETY: the mapping's own pages; munlock changes no contents.
+        let rc = unsafe { libc::munlock(self.as_ptr().cast(), self.len()) };
+        if rc != 0 {
+            return Err(self.inner.os_error("unlock a DAX mapping of"));
+        }
+        Ok(())
     }
 }
 
@@ -381,6 +412,7 @@ impl Fs {
             reservation: (raw, reserve),
             opts,
             state: (0..pages).map(|_| AtomicU8::new(NONE)).collect(),
+            locked: AtomicBool::new(false),
         });
         dax.mappings
             .lock()
@@ -389,11 +421,7 @@ impl Fs {
         register(&inner);
         let mapping = Mapping { inner };
         if opts.populate {
-            for page in 0..pages {
-                if mapping.inner.state[page as usize].load(Ordering::Acquire) == NONE {
-                    mapping.inner.fault(page, false)?;
-                }
-            }
+            mapping.inner.populate()?;
         }
         Ok(mapping)
     }
@@ -726,6 +754,24 @@ enum Blocks {
 }
 
 impl Inner {
+    /// Fault in every page not mapped yet (`MAP_POPULATE`).
+    fn populate(&self) -> Result<()> {
+        for page in 0..self.pages {
+            if self.state[page as usize].load(Ordering::Acquire) == NONE {
+                self.fault(page, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn os_error(&self, op: &'static str) -> Error {
+        Error::Device(pmem::Error::Io {
+            path: self.fs.core.dev.path().to_path_buf(),
+            op,
+            source: std::io::Error::last_os_error(),
+        })
+    }
+
     /// The fault routine: make page `page` of the mapping accessible for a
     /// load, or a store if `write`.
     fn fault(&self, page: u64, write: bool) -> Result<()> {
@@ -1058,11 +1104,13 @@ impl Inner {
             )
         };
         if got == libc::MAP_FAILED {
-            return Err(Error::Device(pmem::Error::Io {
-                path: self.fs.core.dev.path().to_path_buf(),
-                op: "map a DAX piece of",
-                source: std::io::Error::last_os_error(),
-            }));
+            return Err(self.os_error("map a DAX piece of"));
+        }
+        if prot != libc::PROT_NONE && self.locked.load(Ordering::Acquire) {
+            // Best effort, as for mlock's own population: a page past the
+            // end of the file cannot be locked (it raises SIGBUS).
+            // SAFETY: the piece just mapped; mlock changes no contents.
+            unsafe { libc::mlock(got, (pages * PAGE) as usize) };
         }
         Ok(())
     }
