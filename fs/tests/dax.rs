@@ -816,3 +816,53 @@ fn threads_faulting_the_same_pages_see_one_mapping() {
     drop(map);
     fs.unmount().unwrap();
 }
+
+/// `Mapping::lock` faults every page in and locks it (mlock(2) itself
+/// refuses an unfaulted library mapping); pages mapped again after a punch
+/// are locked as they are mapped; `unlock` undoes it.
+#[test]
+fn lock_faults_in_and_locks_and_pages_mapped_later_stay_locked() {
+    let (_img, fs) = common::image("daxfs-dax");
+    let ino = common::pattern_file(&fs, "locked", 4 * MIB);
+    // SAFETY: the test touches the mapping with volatile loads only.
+    let map = unsafe { fs.mmap(ino, 0, 4 * MIB, MapOptions::default()) }.unwrap();
+    let base = map.as_ptr() as usize;
+    // Locked memory of the process, kB (no other test of this binary locks).
+    let locked = || {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmLck:")).unwrap();
+        line[6..]
+            .trim()
+            .trim_end_matches(" kB")
+            .parse::<u64>()
+            .unwrap()
+    };
+    // SAFETY: the mapping's own, unfaulted range; mlock changes nothing.
+    let raw = unsafe { libc::mlock(base as *const libc::c_void, (4 * MIB) as usize) };
+    assert_eq!(raw, -1, "mlock(2) of an unfaulted reservation is refused");
+    // (It still marks the range locked, as Linux does on a failed mlock.)
+    // SAFETY: as above.
+    unsafe { libc::munlock(base as *const libc::c_void, (4 * MIB) as usize) };
+    assert_eq!(locked(), 0);
+
+    map.lock().unwrap();
+    assert_eq!(locked(), 4 * 1024, "every page locked (kB)");
+    let faults = fs.dax_stats().pmd_faults;
+    assert_eq!(faults, 2, "populated by two PMD faults");
+
+    // A punch unmaps the 2 MiB around it; pages mapped again (now PTEs,
+    // and the zero page for the hole) are locked as they are mapped.
+    fs.punch_hole(ino, MIB, 4096).unwrap();
+    assert_eq!(locked(), 2 * 1024, "the punch unmapped 2 MiB");
+    for at in (0..2 * MIB).step_by(4096) {
+        // SAFETY: a load inside the mapping.
+        let b = unsafe { std::ptr::read_volatile((base + at as usize) as *const u8) };
+        assert_eq!(b, if at == MIB { 0 } else { pattern(at) });
+    }
+    assert_eq!(locked(), 4 * 1024, "the pages mapped again are locked");
+
+    map.unlock().unwrap();
+    assert_eq!(locked(), 0);
+    drop(map);
+    fs.unmount().unwrap();
+}

@@ -65,29 +65,30 @@ fn read_exact(t: &dyn Target, name: &str, offset: u64, len: usize) -> Res<Vec<u8
 
 /// Copy `len` bytes out of a mapping with volatile loads.
 fn load(map: &dyn Map, offset: usize, len: usize) -> Vec<u8> {
-    // SAFETY: inside the mapping (callers pass ranges within it).
+    assert!(offset + len <= map.len(), "a load past the mapping");
+    // SAFETY: inside the mapping (checked above).
     (0..len)
         .map(|i| unsafe { map.ptr().add(offset + i).read_volatile() })
         .collect()
 }
 
 fn store(map: &dyn Map, offset: usize, data: &[u8]) {
+    assert!(offset + data.len() <= map.len(), "a store past the mapping");
     for (i, &b) in data.iter().enumerate() {
-        // SAFETY: inside a writable mapping (callers pass ranges within it).
+        // SAFETY: inside the mapping (checked above), which is writable.
         unsafe { map.ptr().add(offset + i).write_volatile(b) };
     }
 }
 
-/// The mapping's bytes `[offset, offset + len)` as a slice, for a system
-/// call to read from or write into (as ndctl passes its mapping to write(2)
-/// and read(2)).
+/// `len` bytes of a mapping from `at`, as a slice for a system call to read
+/// from or write into (as ndctl passes its mapping to write(2) and read(2)).
 ///
 /// # Safety
-/// Nothing else may access those bytes while the slice lives.
-unsafe fn bytes<'m>(map: &'m dyn Map, offset: usize, len: usize) -> &'m mut [u8] {
-    assert!(offset + len <= map.len());
-    // SAFETY: inside the mapping; exclusivity is the caller's promise.
-    unsafe { std::slice::from_raw_parts_mut(map.ptr().add(offset), len) }
+/// `[at, at + len)` lies in a live mapping, and nothing else accesses
+/// those bytes while the slice lives.
+unsafe fn bytes<'a>(at: *mut u8, len: usize) -> &'a mut [u8] {
+    // SAFETY: the caller's promise.
+    unsafe { std::slice::from_raw_parts_mut(at, len) }
 }
 
 // ---- dax-pmd ---------------------------------------------------------------
@@ -166,7 +167,7 @@ fn directio(t: &dyn Target, file: &str, pmd_off: u64, case: u32) -> Res {
         0 => {
             // write(2) from an unfaulted mapping, then read(2) into it.
             // SAFETY: only the system call touches these bytes meanwhile.
-            let wrote = t.write(other, 0, unsafe { bytes(map, 0, page) });
+            let wrote = t.write(other, 0, unsafe { bytes(map.ptr(), page) });
             check!(
                 matches!(wrote, Ok(n) if n == page),
                 "write from an unfaulted mapping: {wrote:?}"
@@ -176,7 +177,7 @@ fn directio(t: &dyn Target, file: &str, pmd_off: u64, case: u32) -> Res {
                 "write from an unfaulted mapping wrote other bytes than the file's"
             );
             // SAFETY: as above.
-            let got = t.read(other, 0, unsafe { bytes(map, 0, page) });
+            let got = t.read(other, 0, unsafe { bytes(map.ptr(), page) });
             check!(
                 matches!(got, Ok(n) if n == page),
                 "read into the mapping: {got:?}"
@@ -190,7 +191,7 @@ fn directio(t: &dyn Target, file: &str, pmd_off: u64, case: u32) -> Res {
             // A write fault, then write(2) from the mapping and read back.
             store(map, 0, b"odirect data\0");
             // SAFETY: as above.
-            let wrote = t.write(other, 0, unsafe { bytes(map, 0, page) });
+            let wrote = t.write(other, 0, unsafe { bytes(map.ptr(), page) });
             check!(
                 matches!(wrote, Ok(n) if n == page),
                 "write from a faulted mapping: {wrote:?}"
@@ -247,7 +248,7 @@ fn directio(t: &dyn Target, file: &str, pmd_off: u64, case: u32) -> Res {
             let wrote = t.write(other, 0, &buf);
             check!(matches!(wrote, Ok(n) if n == page), "write: {wrote:?}");
             // SAFETY: as above.
-            let got = t.read(other, 0, unsafe { bytes(map, 0, page) });
+            let got = t.read(other, 0, unsafe { bytes(map.ptr(), page) });
             check!(
                 matches!(got, Ok(n) if n == page),
                 "read into an unfaulted mapping: {got:?}"

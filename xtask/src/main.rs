@@ -9,6 +9,10 @@
 //!   lookups, creates and the shrinker with one and two threads), run ROUNDS
 //!   times (default 3), reported as ratios of medians so that a noisy machine
 //!   still gives a fair comparison; then `compare`.
+//! * `cargo xtask dax-tests [--mount DIR] [ARGS]` — the ndctl-style DAX
+//!   suite (`daxfs dax-tests`, release build): dax-pmd, dax-errors,
+//!   dax-poison, the 18 mmap flag sets and break layouts, through the
+//!   library and through a FUSE mount; a pass/fail table.
 //! * `cargo xtask compare` — fio and a metadata test on a daxfs FUSE mount,
 //!   tmpfs and fuse2fs in one run (needs `apt-get install fio fuse2fs`): a
 //!   table of throughputs and ratios and a bar chart in `target/bench/`.
@@ -26,9 +30,10 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("compare") => compare(),
+        Some("dax-tests") => dax_tests(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask test [-- CARGO TEST ARGS]\n       cargo xtask bench [ROUNDS]\n       cargo xtask compare"
+                "usage: cargo xtask test [-- CARGO TEST ARGS]\n       cargo xtask bench [ROUNDS]\n       cargo xtask compare\n       cargo xtask dax-tests [--mount DIR] [ARGS] (see daxfs dax-tests --help)"
             );
             return ExitCode::from(2);
         }
@@ -48,6 +53,16 @@ fn compare() -> Result<(), String> {
     build.args(["build", "--release", "--bin", "daxfs"]);
     run(build, "cargo build --release --bin daxfs")?;
     compare::compare(&root(), &root().join("target/release/daxfs"))
+}
+
+/// The ndctl-style DAX suite of the release `daxfs` command.
+fn dax_tests(args: &[String]) -> Result<(), String> {
+    let mut build = cargo();
+    build.args(["build", "--release", "--bin", "daxfs"]);
+    run(build, "cargo build --release --bin daxfs")?;
+    let mut suite = Command::new(root().join("target/release/daxfs"));
+    suite.arg("dax-tests").args(args);
+    run(suite, "daxfs dax-tests")
 }
 
 fn root() -> PathBuf {
