@@ -33,6 +33,10 @@
 //! (they never touch mappings). Addresses that are not ours go to the
 //! handler that was there before.
 //!
+//! An unfaulted page is an inaccessible reservation, which `mlock(2)`
+//! refuses (`ENOMEM`); [`Mapping::lock`] faults every page in first and
+//! locks the pieces mapped later as they are mapped.
+//!
 //! ## Writes, sync and writeback
 //!
 //! A write fault on a hole allocates (a whole aligned 2 MiB extent where the
