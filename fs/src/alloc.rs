@@ -40,11 +40,27 @@ pub struct Allocator {
     /// Free blocks on poisoned media, kept out of allocation until the
     /// poison is cleared: marked used in memory, never on media.
     quarantined: BTreeSet<u64>,
+    /// Bitmap words that read with metadata blocks marked free: corrected
+    /// in memory, and on media by the next commit (fsck reports them).
+    metadata_marked_free: BTreeSet<usize>,
 }
 
 impl Allocator {
     /// The allocator of a filesystem whose bitmap reads `bitmap`.
-    pub fn new(sb: &Superblock, bitmap: Vec<u64>) -> Allocator {
+    pub fn new(sb: &Superblock, mut bitmap: Vec<u64>) -> Allocator {
+        // The metadata blocks are in use whatever the bitmap says (a sector
+        // of it cleared of poison reads as zeros; fsck reports that): never
+        // hand them out.
+        let mut metadata_marked_free = BTreeSet::new();
+        for block in (0..sb.data_start).chain([sb.backup_block]) {
+            let at = (block / 64) as usize;
+            if let Some(word) = bitmap.get_mut(at) {
+                if *word & 1 << (block % 64) == 0 {
+                    *word |= 1 << (block % 64);
+                    metadata_marked_free.insert(at);
+                }
+            }
+        }
         let regions = sb.total_blocks.div_ceil(HUGE_BLOCKS);
         let mut a = Allocator {
             bitmap,
@@ -58,6 +74,7 @@ impl Allocator {
             staged_frees: Vec::new(),
             dirty_words: HashSet::default(),
             quarantined: BTreeSet::new(),
+            metadata_marked_free,
         };
         for block in sb.data_start..sb.total_blocks {
             if !a.is_used(block) {
@@ -80,6 +97,11 @@ impl Allocator {
         (0..sb.data_start).for_each(&mut set);
         set(sb.backup_block);
         bitmap
+    }
+
+    /// Bitmap words that marked metadata blocks free when read.
+    pub fn metadata_marked_free(&self) -> &BTreeSet<usize> {
+        &self.metadata_marked_free
     }
 
     pub fn is_used(&self, block: u64) -> bool {
@@ -291,7 +313,9 @@ impl Allocator {
             }
         }
         let mut words: Vec<usize> = self.dirty_words.iter().copied().collect();
+        words.extend(&self.metadata_marked_free);
         words.sort_unstable();
+        words.dedup();
         for word in words {
             let quarantined = self
                 .quarantined
@@ -309,6 +333,7 @@ impl Allocator {
         }
         self.staged_allocs.clear();
         self.dirty_words.clear();
+        self.metadata_marked_free.clear();
     }
 
     /// The operation failed before committing: undo its allocations.

@@ -49,6 +49,13 @@ impl Tx {
         Tx::default()
     }
 
+    /// Whether a record writes into device bytes `[start, end)`.
+    pub fn touches(&self, start: u64, end: u64) -> bool {
+        self.records
+            .iter()
+            .any(|(at, data)| *at < end && start < at + data.len() as u64)
+    }
+
     /// Record that `bytes` go to device `offset`. Later records win.
     pub fn write(&mut self, offset: u64, bytes: &[u8]) {
         self.records.push((offset, bytes.to_vec()));

@@ -304,6 +304,101 @@ fn poisoned_metadata_is_refused_and_fsck_reports_it() {
     );
 }
 
+/// Poison in a filesystem-wide structure: changes that would write it are
+/// refused with an error naming it (a poisoned journal refuses every
+/// change), reads go on, nothing half-done; clearing the poison lifts it.
+#[test]
+fn poisoned_bitmap_or_journal_refuses_changes_naming_it_until_cleared() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (_img, fs) = common::image("daxfs-failure");
+    let ino = common::pattern_file(&fs, "f", 8192);
+    let sb = fs.superblock().clone();
+    for (name, block) in [
+        ("the allocation bitmap", sb.bitmap_start),
+        ("the journal", sb.journal_start),
+    ] {
+        let at = block * 4096;
+        let f = fs.inject_poison(at, 512).unwrap();
+        assert_eq!(f[0].owner, Owner::Metadata(name.into()));
+        // Allocating writes the bitmap and the journal: refused, by name.
+        let e = fs.write(ino, 1 << 20, &[7; 4096]).unwrap_err();
+        assert!(
+            matches!(&e, Error::Corrupt { structure, .. } if structure == name),
+            "{name}: {e}"
+        );
+        assert_eq!(e.errno(), libc::EIO);
+        assert!(e.to_string().contains("poisoned"), "{e}");
+        assert_eq!(fs.getattr(ino).unwrap().size, 8192, "nothing half-done");
+        let mut buf = [0u8; 8192];
+        assert_eq!(fs.read(ino, 0, &mut buf).unwrap(), 8192, "reads go on");
+        assert_eq!(buf[100], common::pattern(100));
+        if name == "the journal" {
+            // Every change writes the journal.
+            let e = fs.create_path("/g", 0o644, true).unwrap_err();
+            assert!(matches!(&e, Error::Corrupt { structure, .. } if structure == name));
+        }
+        fs.clear_poison(at, 512).unwrap();
+        fs.write(ino, 1 << 20, &[7; 4096]).unwrap();
+        fs.truncate(ino, 8192).unwrap();
+    }
+    fs.unmount().unwrap();
+}
+
+/// A bitmap sector cleared of poison reads as zeros, marking the metadata
+/// blocks free: fsck reports it, a mount never hands those blocks out and
+/// writes the words right at its next change.
+#[test]
+fn a_bitmap_sector_cleared_of_poison_never_frees_metadata_blocks() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (img, fs) = common::image_with("daxfs-failure", 64 * MIB, &DeviceOptions::new());
+    let sb = fs.superblock().clone();
+    let bitmap = sb.bitmap_start * 4096;
+    fs.inject_poison(bitmap, 512).unwrap();
+    fs.clear_poison(bitmap, 512).unwrap();
+    fs.unmount().unwrap();
+    drop(fs);
+    let dev = Device::open(&img.path, &DeviceOptions::new()).unwrap();
+    let mut word = [0xffu8; 8];
+    dev.read(bitmap, &mut word).unwrap();
+    assert_eq!(word, [0; 8], "the cleared sector reads zeros");
+    let (report, dev) = daxfs::fsck(dev, false).unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.what.contains("marks metadata blocks free")),
+        "{:?}",
+        report.problems
+    );
+    let fs = Fs::mount(dev).unwrap();
+    assert!(
+        fs.mount_notes()
+            .iter()
+            .any(|n| n.contains("metadata blocks free")),
+        "{:?}",
+        fs.mount_notes()
+    );
+    // Fill the device: no file gets a block of the metadata area.
+    let mut n = 0;
+    while let Ok(a) = fs.create_path(format!("/fill{n}"), 0o644, true) {
+        if fs.write(a.ino, 0, &[1; 1 << 20]).is_err() {
+            break;
+        }
+        for e in fs.file_extents(a.ino).unwrap() {
+            assert!(
+                e.device_offset >= sb.data_start * 4096,
+                "a metadata block was handed out: {e:?}"
+            );
+        }
+        n += 1;
+    }
+    assert!(n > 10, "filled {n} MiB");
+    fs.unmount().unwrap();
+    let dev = fs.into_device().unwrap();
+    let (report, _) = daxfs::fsck(dev, false).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
 /// Poison that a read finds runs memory failure too (handlers are told);
 /// so does a scrub, once per page.
 #[test]

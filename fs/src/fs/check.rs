@@ -356,7 +356,14 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
                 word as u64 * 64 + bit < sb.total_blocks && st.alloc.is_used(word as u64 * 64 + bit)
             })
             .fold(0u64, |w, bit| w | 1 << bit);
-        if want != have {
+        let metadata_free = st.alloc.metadata_marked_free().contains(&word);
+        if metadata_free {
+            let what = format!(
+                "bitmap word {word} marks metadata blocks free (a sector cleared of poison reads as zeros)"
+            );
+            bitmap_problems.push(report.problem(what, false));
+        }
+        if want != have || metadata_free {
             words.push((word, want));
         }
     }

@@ -24,8 +24,14 @@
 //! * free space: the block is kept out of allocation until the poison is
 //!   cleared ([`Fs::clear_poison`]; also at mount for poison found then);
 //! * metadata: an inode whose inode-table slot, extent list or xattr block
-//!   is hit is never changed again (calls get `EIO` naming it); the journal
-//!   refuses records that would cover poison elsewhere; fsck reports both.
+//!   is hit is never changed again (calls get `EIO` naming it); a change
+//!   that would write a poisoned page of a filesystem-wide structure (the
+//!   bitmap, the superblocks, the state block) is refused with `EIO` naming
+//!   it, and a poisoned journal refuses every change (XFS shuts down
+//!   instead), until the poison is cleared; reads go on; fsck reports them.
+//!   (A cleared sector reads as zeros: a bitmap sector that marks metadata
+//!   blocks free is corrected in memory, written back by the next change,
+//!   and reported by fsck.)
 //!
 //! Handlers registered with [`Fs::on_memory_failure`] learn of every
 //! failure (which file and offset were lost): the FUSE daemon drops the
@@ -36,7 +42,7 @@
 //! does not clear it; a later allocation of the block writes it whole
 //! first (it zeroes every block it hands out).
 
-use super::{Fs, Ino, Owner};
+use super::{Fs, Ino, Owner, State};
 use crate::error::{Error, Result};
 use crate::format::{BLOCK, INODE_SIZE};
 use std::sync::Arc;
@@ -91,6 +97,7 @@ impl Fs {
                 self.lock()?.damaged.insert(ino);
             }
             Owner::Metadata(_) => {
+                self.damage_area(&mut *self.lock()?, page);
                 let sb = &self.core.sb;
                 let table = sb.inode_table_start * BLOCK;
                 let table_end = table + sb.inode_table_blocks * BLOCK;
@@ -152,6 +159,9 @@ impl Fs {
             let mut st = self.lock()?;
             st.alloc
                 .release(first * PAGE / BLOCK, (end - first) * PAGE / BLOCK);
+            let dev = &self.core.dev;
+            st.damaged_areas
+                .retain(|a| dev.first_poison(a.start, a.end - a.start).is_some());
         }
         for page in first..end {
             if self.core.dev.first_poison(page * PAGE, PAGE).is_some() {
@@ -169,6 +179,22 @@ impl Fs {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|f| f.offset / PAGE < first || f.offset / PAGE >= end);
         Ok(())
+    }
+
+    /// If the page at device offset `page` belongs to a filesystem-wide
+    /// structure, refuse changes that write it (see `State::damaged_areas`).
+    pub(super) fn damage_area(&self, st: &mut State, page: u64) {
+        let page = page / PAGE * PAGE;
+        if let Some(area) = super::owner::metadata_area(&self.core.sb, page) {
+            let damaged = super::owner::Area {
+                start: area.start.max(page),
+                end: area.end.min(page + PAGE),
+                ..area
+            };
+            if !st.damaged_areas.contains(&damaged) {
+                st.damaged_areas.push(damaged);
+            }
+        }
     }
 
     /// Tell `handler` of every memory failure from now on.

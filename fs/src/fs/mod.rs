@@ -291,6 +291,11 @@ struct State {
     orphan_head: Ino,
     /// Inodes whose metadata is damaged or poisoned: never changed again.
     damaged: HashSet<Ino>,
+    /// Poisoned pages of filesystem-wide structures (the journal, the
+    /// bitmap, the superblocks, the state block): a change that would write
+    /// into one is refused, naming it; a poisoned journal refuses every
+    /// change. Until the poison is cleared.
+    damaged_areas: Vec<owner::Area>,
     /// Set by a successful unmount: every later call fails.
     unmounted: bool,
     /// What the inode cache costs, roughly (exact after a shrinker pass).
@@ -576,6 +581,7 @@ impl Fs {
                     next_handle: 1,
                     orphan_head,
                     damaged,
+                    damaged_areas: Vec::new(),
                     unmounted: false,
                     cache_cost: 0,
                     cache_budget: DEFAULT_CACHE_BUDGET,
@@ -611,7 +617,8 @@ impl Fs {
                 .notes
                 .push(format!("reclaimed {reclaimed} orphaned inodes"));
         }
-        // Free blocks on poisoned media stay out of allocation.
+        // Free blocks on poisoned media stay out of allocation; poisoned
+        // filesystem-wide structures are not written.
         let quarantined = {
             let mut st = fs.lock()?;
             let mut n = 0;
@@ -619,9 +626,21 @@ impl Fs {
                 let first = range.offset() / crate::format::BLOCK;
                 let end = (range.offset() + range.len()).div_ceil(crate::format::BLOCK);
                 n += (first..end).filter(|&b| st.alloc.quarantine(b)).count();
+                for block in first..end {
+                    fs.damage_area(&mut st, block * crate::format::BLOCK);
+                }
             }
             n
         };
+        let marked_free = fs.lock()?.alloc.metadata_marked_free().len();
+        if marked_free > 0 {
+            Arc::get_mut(&mut fs.core)
+                .expect("no other view before the worker starts")
+                .notes
+                .push(format!(
+                    "{marked_free} bitmap words marked metadata blocks free (corrected; written at the next change)"
+                ));
+        }
         if quarantined > 0 {
             Arc::get_mut(&mut fs.core)
                 .expect("no other view before the worker starts")
@@ -815,6 +834,18 @@ impl Fs {
         let result = f(self, &mut st, &mut stage).and_then(|value| {
             st.alloc.stage(&mut stage.tx);
             let tx = std::mem::take(&mut stage.tx);
+            if let Some(area) = st.damaged_areas.iter().find(|a| {
+                a.start >= self.core.sb.journal_start * BLOCK
+                    && a.end <= (self.core.sb.journal_start + self.core.sb.journal_blocks) * BLOCK
+                    || tx.touches(a.start, a.end)
+            }) {
+                return Err(Error::corrupt(
+                    area.name,
+                    area.start,
+                    "poisoned: changes that write it are refused until the poison is cleared \
+                     (then run fsck)",
+                ));
+            }
             let State { journal, .. } = &mut *st;
             journal.commit(&self.core.dev, tx)?;
             Ok(value)

@@ -4,7 +4,7 @@
 
 use super::{Fs, Ino};
 use crate::error::{Error, Result};
-use crate::format::{BLOCK, INODE_SIZE};
+use crate::format::{Superblock, BLOCK, INODE_SIZE};
 
 /// One extent of a file, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +51,34 @@ impl std::fmt::Display for Owner {
     }
 }
 
+/// A filesystem-wide metadata structure and where it lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Area {
+    pub name: &'static str,
+    /// Device byte range.
+    pub start: u64,
+    pub end: u64,
+}
+
+/// The filesystem-wide structure holding device offset `offset`, if any
+/// (the inode table is per inode, and not one of them).
+pub(super) fn metadata_area(sb: &Superblock, offset: u64) -> Option<Area> {
+    let blocks = |name, start: u64, len: u64| Area {
+        name,
+        start: start * BLOCK,
+        end: (start + len) * BLOCK,
+    };
+    [
+        blocks("the superblock", 0, 1),
+        blocks("the backup superblock", sb.backup_block, 1),
+        blocks("the state block (orphan list)", sb.state_block, 1),
+        blocks("the journal", sb.journal_start, sb.journal_blocks),
+        blocks("the allocation bitmap", sb.bitmap_start, sb.bitmap_blocks),
+    ]
+    .into_iter()
+    .find(|a| (a.start..a.end).contains(&offset))
+}
+
 impl Fs {
     /// The extents of regular file or directory `ino`, in file order.
     pub fn file_extents(&self, ino: Ino) -> Result<Vec<FileExtent>> {
@@ -86,20 +114,8 @@ impl Fs {
         let sb = self.core.sb.clone();
         let block = offset / BLOCK;
         let area = |start: u64, len: u64| (start..start + len).contains(&block);
-        if block == 0 {
-            return Ok(Owner::Metadata("the superblock".into()));
-        }
-        if block == sb.backup_block {
-            return Ok(Owner::Metadata("the backup superblock".into()));
-        }
-        if block == sb.state_block {
-            return Ok(Owner::Metadata("the state block (orphan list)".into()));
-        }
-        if area(sb.journal_start, sb.journal_blocks) {
-            return Ok(Owner::Metadata("the journal".into()));
-        }
-        if area(sb.bitmap_start, sb.bitmap_blocks) {
-            return Ok(Owner::Metadata("the allocation bitmap".into()));
+        if let Some(area) = metadata_area(&sb, offset) {
+            return Ok(Owner::Metadata(area.name.into()));
         }
         if area(sb.inode_table_start, sb.inode_table_blocks) {
             let ino = (offset - sb.inode_table_start * BLOCK) / INODE_SIZE + 1;
