@@ -834,11 +834,11 @@ impl Fs {
         let result = f(self, &mut st, &mut stage).and_then(|value| {
             st.alloc.stage(&mut stage.tx);
             let tx = std::mem::take(&mut stage.tx);
-            if let Some(area) = st.damaged_areas.iter().find(|a| {
-                a.start >= self.core.sb.journal_start * BLOCK
-                    && a.end <= (self.core.sb.journal_start + self.core.sb.journal_blocks) * BLOCK
-                    || tx.touches(a.start, a.end)
-            }) {
+            if let Some(area) = st
+                .damaged_areas
+                .iter()
+                .find(|a| a.every_change || tx.touches(a.start, a.end))
+            {
                 return Err(Error::corrupt(
                     area.name,
                     area.start,

@@ -58,6 +58,8 @@ pub(super) struct Area {
     /// Device byte range.
     pub start: u64,
     pub end: u64,
+    /// Whether every change writes it (the journal).
+    pub every_change: bool,
 }
 
 /// The filesystem-wide structure holding device offset `offset`, if any
@@ -67,6 +69,7 @@ pub(super) fn metadata_area(sb: &Superblock, offset: u64) -> Option<Area> {
         name,
         start: start * BLOCK,
         end: (start + len) * BLOCK,
+        every_change: start == sb.journal_start,
     };
     [
         blocks("the superblock", 0, 1),
