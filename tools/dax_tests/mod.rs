@@ -15,6 +15,8 @@ mod target;
 use crate::size::parse_size;
 use cases::{CaseFn, Ctx};
 use clap::Args;
+use daxfs::pmem::{Device, DeviceOptions};
+use daxfs::Fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -111,7 +113,7 @@ pub fn run(args: DaxTestsArgs) -> Result<(), String> {
     } else {
         match &args.mount {
             Some(at) => MountDir::inside(at),
-            None => MountDir::temporary(&dir),
+            None => MountDir::temporary(&dir, image_size(args.mmap_size)),
         }
     };
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
@@ -278,6 +280,12 @@ fn spawn_case(exe: &Path, args: &DaxTestsArgs, dir: &Path, name: &str, via: &str
     }
 }
 
+/// The size of a device for the tests: room for the mmap tests' file
+/// twice over, and for the others.
+fn image_size(mmap_size: u64) -> u64 {
+    (2 * mmap_size + (64 << 20)).next_multiple_of(2 << 20)
+}
+
 /// The child: run test `name` through `via` and exit.
 fn run_case(args: &DaxTestsArgs, name: &str, via: &str) -> Result<(), String> {
     let case = cases()
@@ -293,7 +301,7 @@ fn run_case(args: &DaxTestsArgs, name: &str, via: &str) -> Result<(), String> {
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
-        library = target::Library::new(&dir, &label, 2 * args.mmap_size + (64 << 20))?;
+        library = target::Library::new(&dir, &label, image_size(args.mmap_size))?;
         &library
     } else {
         mount = target::Mount::new(Path::new(via))?;
@@ -336,7 +344,7 @@ impl MountDir {
         Ok(dir)
     }
 
-    fn temporary(base: &Path) -> Result<MountDir, String> {
+    fn temporary(base: &Path, size: u64) -> Result<MountDir, String> {
         let top = base.join(format!("daxfs-dax-tests.{}", std::process::id()));
         std::fs::create_dir(&top).map_err(|e| format!("{}: {e}", top.display()))?;
         let mut temporary = TemporaryMount {
@@ -345,6 +353,11 @@ impl MountDir {
             daemon: None,
         };
         let image = top.join("pmem0.img");
+        let dev = Device::create(&image, size, &DeviceOptions::new())
+            .map_err(|e| format!("{}: {e}", image.display()))?;
+        Fs::format(dev)
+            .and_then(Fs::into_device)
+            .map_err(|e| format!("{}: cannot format: {e}", image.display()))?;
         let out = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
             .arg("mount")
             .arg(&image)

@@ -105,7 +105,6 @@ impl Library {
             "daxfs-dax-tests.{}.{label}.img",
             std::process::id()
         ));
-        let size = size.next_multiple_of(2 << 20);
         let dev = Device::create(&image, size, &DeviceOptions::new())
             .map_err(|e| format!("{}: {e}", image.display()))?;
         let fs = Fs::format(dev).map_err(|e| format!("{}: {e}", image.display()))?;
