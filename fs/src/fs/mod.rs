@@ -610,12 +610,17 @@ impl Fs {
                 "not a directory",
             ));
         }
+        let mut notes = Vec::new();
+        // (Read before any commit, which writes those words back.)
+        let marked_free = fs.lock()?.alloc.metadata_marked_free().len();
+        if marked_free > 0 {
+            notes.push(format!(
+                "{marked_free} bitmap words marked metadata blocks free (corrected; written at the next change)"
+            ));
+        }
         let reclaimed = fs.reclaim_orphans()?;
         if reclaimed > 0 {
-            Arc::get_mut(&mut fs.core)
-                .expect("no other view before the worker starts")
-                .notes
-                .push(format!("reclaimed {reclaimed} orphaned inodes"));
+            notes.push(format!("reclaimed {reclaimed} orphaned inodes"));
         }
         // Free blocks on poisoned media stay out of allocation; poisoned
         // filesystem-wide structures are not written.
@@ -632,23 +637,15 @@ impl Fs {
             }
             n
         };
-        let marked_free = fs.lock()?.alloc.metadata_marked_free().len();
-        if marked_free > 0 {
-            Arc::get_mut(&mut fs.core)
-                .expect("no other view before the worker starts")
-                .notes
-                .push(format!(
-                    "{marked_free} bitmap words marked metadata blocks free (corrected; written at the next change)"
-                ));
-        }
         if quarantined > 0 {
-            Arc::get_mut(&mut fs.core)
-                .expect("no other view before the worker starts")
-                .notes
-                .push(format!(
-                    "{quarantined} free blocks on poisoned media kept out of allocation"
-                ));
+            notes.push(format!(
+                "{quarantined} free blocks on poisoned media kept out of allocation"
+            ));
         }
+        Arc::get_mut(&mut fs.core)
+            .expect("no other view before the worker starts")
+            .notes
+            .extend(notes);
         fs.start_worker()?;
         Ok(fs)
     }
