@@ -9,7 +9,7 @@ mod common;
 
 use common::MIB;
 use daxfs::pmem::{Device, DeviceOptions};
-use daxfs::{Error, Fs, MapOptions, MemoryFailure, Owner, ROOT};
+use daxfs::{BusSignal, Error, Fs, MapOptions, MemoryFailure, Owner, ROOT};
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -24,19 +24,15 @@ static LSB: AtomicI32 = AtomicI32::new(0);
 static COUNT: AtomicU64 = AtomicU64::new(0);
 
 extern "C" fn on_sigbus(_: i32, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo to SA_SIGINFO handlers; the
-    // SIGBUS layout has si_addr at byte 16 and si_addr_lsb at byte 24.
-    let (code, addr, lsb) = unsafe {
-        let raw = info as *const u8;
-        (
-            (*info).si_code,
-            (raw.add(16) as *const usize).read_unaligned(),
-            (raw.add(24) as *const i16).read_unaligned(),
-        )
-    };
+    // SAFETY: the kernel passes a SIGBUS's siginfo to this SA_SIGINFO handler.
+    let BusSignal {
+        code,
+        addr,
+        addr_lsb,
+    } = unsafe { BusSignal::read(info) };
     CODE.store(code, Ordering::SeqCst);
     ADDR.store(addr, Ordering::SeqCst);
-    LSB.store(lsb as i32, Ordering::SeqCst);
+    LSB.store(addr_lsb as i32, Ordering::SeqCst);
     COUNT.fetch_add(1, Ordering::SeqCst);
     if code == 4 {
         // BUS_MCEERR_AR: let the retried access read zeros from a page of

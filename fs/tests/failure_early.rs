@@ -4,7 +4,7 @@
 //! before it touches it. (A file of its own: the setting is per process.)
 
 use daxfs::pmem::{Device, DeviceOptions};
-use daxfs::{Fs, MapOptions, ROOT};
+use daxfs::{BusSignal, Fs, MapOptions, ROOT};
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 static CODE: AtomicI32 = AtomicI32::new(0);
@@ -13,19 +13,11 @@ static LSB: AtomicI32 = AtomicI32::new(0);
 static COUNT: AtomicU64 = AtomicU64::new(0);
 
 extern "C" fn on_sigbus(_: i32, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // SAFETY: a valid siginfo; SIGBUS layout (si_addr at 16, lsb at 24).
-    unsafe {
-        let raw = info as *const u8;
-        CODE.store((*info).si_code, Ordering::SeqCst);
-        ADDR.store(
-            (raw.add(16) as *const usize).read_unaligned(),
-            Ordering::SeqCst,
-        );
-        LSB.store(
-            (raw.add(24) as *const i16).read_unaligned() as i32,
-            Ordering::SeqCst,
-        );
-    }
+    // SAFETY: the kernel passes a SIGBUS's siginfo to this SA_SIGINFO handler.
+    let sig = unsafe { BusSignal::read(info) };
+    CODE.store(sig.code, Ordering::SeqCst);
+    ADDR.store(sig.addr, Ordering::SeqCst);
+    LSB.store(sig.addr_lsb as i32, Ordering::SeqCst);
     COUNT.fetch_add(1, Ordering::SeqCst);
 }
 

@@ -6,6 +6,7 @@
 //! retried and completes: a program that copies a poisoned page gets
 //! exactly one signal, and the test sees how many it got.
 
+use daxfs::BusSignal;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 pub const BUS_ADRERR: i32 = 2;
@@ -16,28 +17,16 @@ static CODE: AtomicI32 = AtomicI32::new(0);
 static ADDR: AtomicUsize = AtomicUsize::new(0);
 static LSB: AtomicI32 = AtomicI32::new(0);
 
-/// What the last SIGBUS said.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Signal {
-    pub code: i32,
-    pub addr: usize,
-    pub addr_lsb: i32,
-}
-
 extern "C" fn on_sigbus(_: i32, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler;
-    // for SIGBUS, si_addr is at byte 16 and si_addr_lsb at byte 24.
-    let (code, addr, lsb) = unsafe {
-        let raw = info as *const u8;
-        (
-            (*info).si_code,
-            (raw.add(16) as *const usize).read_unaligned(),
-            (raw.add(24) as *const i16).read_unaligned(),
-        )
-    };
+    // SAFETY: the kernel passes a SIGBUS's siginfo to this SA_SIGINFO handler.
+    let BusSignal {
+        code,
+        addr,
+        addr_lsb,
+    } = unsafe { BusSignal::read(info) };
     CODE.store(code, Ordering::SeqCst);
     ADDR.store(addr, Ordering::SeqCst);
-    LSB.store(lsb as i32, Ordering::SeqCst);
+    LSB.store(addr_lsb as i32, Ordering::SeqCst);
     COUNT.fetch_add(1, Ordering::SeqCst);
     if addr != 0 {
         // SAFETY: replaces the one page the test's access faulted on (a
@@ -72,10 +61,11 @@ pub fn count() -> u64 {
     COUNT.load(Ordering::SeqCst)
 }
 
-pub fn last() -> Signal {
-    Signal {
+/// What the last SIGBUS said.
+pub fn last() -> BusSignal {
+    BusSignal {
         code: CODE.load(Ordering::SeqCst),
         addr: ADDR.load(Ordering::SeqCst),
-        addr_lsb: LSB.load(Ordering::SeqCst),
+        addr_lsb: LSB.load(Ordering::SeqCst) as i16,
     }
 }

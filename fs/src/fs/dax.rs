@@ -693,6 +693,45 @@ pub(super) enum McErr {
     ActionOptional,
 }
 
+/// Where the SIGBUS fields of a `siginfo_t` lie (x86-64 and aarch64:
+/// `si_addr` at byte 16, then the 16-bit `si_addr_lsb`), which the `libc`
+/// crate does not expose.
+const SI_ADDR: usize = 16;
+const SI_ADDR_LSB: usize = 24;
+
+/// What a `SIGBUS` says, read from the `siginfo_t` an `SA_SIGINFO` handler
+/// gets: the memory-failure fields the `libc` crate has no accessor for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BusSignal {
+    /// `si_code`: `BUS_MCEERR_AR` (4) for poison consumed, `BUS_MCEERR_AO`
+    /// (5) for early notice, `BUS_ADRERR` (2) for a failed page read.
+    pub code: i32,
+    /// `si_addr`: the address accessed.
+    pub addr: usize,
+    /// `si_addr_lsb`: log2 of the size lost (12 for a 4 KiB page).
+    pub addr_lsb: i16,
+}
+
+impl BusSignal {
+    /// Read the fields (async-signal-safe: loads only).
+    ///
+    /// # Safety
+    /// `info` points to the `siginfo_t` of a `SIGBUS`, as the kernel passes
+    /// it to an `SA_SIGINFO` handler.
+    pub unsafe fn read(info: *const libc::siginfo_t) -> BusSignal {
+        // SAFETY: the caller's promise; the fields lie inside the 128-byte
+        // structure at the offsets above.
+        unsafe {
+            let raw = info as *const u8;
+            BusSignal {
+                code: (*info).si_code,
+                addr: (raw.add(SI_ADDR) as *const usize).read_unaligned(),
+                addr_lsb: (raw.add(SI_ADDR_LSB) as *const i16).read_unaligned(),
+            }
+        }
+    }
+}
+
 /// Raise `SIGBUS` to the calling thread as Linux's memory-failure code
 /// does: `si_code` `BUS_MCEERR_AR` (poison consumed) or `BUS_MCEERR_AO`
 /// (early notice), with `si_addr` and `si_addr_lsb` 12 (a 4 KiB page). As
@@ -702,8 +741,8 @@ pub(super) fn raise_mce(addr: usize, kind: McErr) {
     const BUS_MCEERR_AR: i32 = 4;
     const BUS_MCEERR_AO: i32 = 5;
     // SAFETY: a zeroed siginfo is valid; the fields written are those of
-    // the SIGBUS layout (x86-64 and aarch64: si_addr at byte 16, then the
-    // 16-bit si_addr_lsb), inside the 128-byte structure.
+    // the SIGBUS layout (`SI_ADDR`, `SI_ADDR_LSB`), inside the 128-byte
+    // structure.
     unsafe {
         let mut info: libc::siginfo_t = std::mem::zeroed();
         let raw = &mut info as *mut libc::siginfo_t as *mut u8;
@@ -712,8 +751,8 @@ pub(super) fn raise_mce(addr: usize, kind: McErr) {
             McErr::ActionRequired => BUS_MCEERR_AR,
             McErr::ActionOptional => BUS_MCEERR_AO,
         };
-        (raw.add(16) as *mut usize).write_unaligned(addr);
-        (raw.add(24) as *mut i16).write_unaligned(12);
+        (raw.add(SI_ADDR) as *mut usize).write_unaligned(addr);
+        (raw.add(SI_ADDR_LSB) as *mut i16).write_unaligned(12);
         if kind == McErr::ActionRequired {
             let mut blocked: libc::sigset_t = std::mem::zeroed();
             libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), &mut blocked);

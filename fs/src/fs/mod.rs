@@ -55,7 +55,7 @@ mod owner;
 mod shrink;
 
 pub use check::{fsck, FsckReport, Problem};
-pub use dax::{DaxStats, Fallback, MapOptions, Mapping};
+pub use dax::{BusSignal, DaxStats, Fallback, MapOptions, Mapping};
 pub use failure::{FailureHandler, MemoryFailure};
 pub use layout::{Pin, DEFAULT_LAYOUT_TIMEOUT};
 pub use owner::{FileExtent, Owner};
