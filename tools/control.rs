@@ -130,6 +130,17 @@ pub struct Daemon {
     pub notifier: Option<fuser::Notifier>,
     pub counters: Arc<Counters>,
     pub events: Arc<Mutex<Vec<PoisonEvent>>>,
+    /// The queue of the thread that drops the kernel's cached pages (set
+    /// by `watch_failures`).
+    pub invalidations: Mutex<Option<std::sync::mpsc::Sender<Invalidation>>>,
+}
+
+/// Work for the thread that drops the kernel's cached pages.
+pub enum Invalidation {
+    /// Drop the kernel's cached page of this inode at this byte offset.
+    Page { ino: u64, offset: u64 },
+    /// Answer once every invalidation queued before this one is done.
+    Barrier(std::sync::mpsc::SyncSender<()>),
 }
 
 impl Daemon {
@@ -139,23 +150,34 @@ impl Daemon {
     /// FUSE request, and the kernel may hold the very pages an
     /// invalidation waits for until that request is answered.
     pub fn watch_failures(&self) -> Result<(), String> {
-        let (tx, rx) = std::sync::mpsc::channel::<(u64, u64)>();
+        let (tx, rx) = std::sync::mpsc::channel::<Invalidation>();
         if let Some(notifier) = self.notifier.clone() {
             std::thread::Builder::new()
                 .name("daxfs-failures".into())
                 .spawn(move || {
-                    for (ino, page) in rx {
-                        // ENOENT: the kernel holds nothing of this inode.
-                        let _ = notifier.inval_inode(fuser::INodeNo(ino), page as i64, 4096);
+                    for work in rx {
+                        match work {
+                            Invalidation::Page { ino, offset } => {
+                                // ENOENT: the kernel holds nothing of this inode.
+                                let _ =
+                                    notifier.inval_inode(fuser::INodeNo(ino), offset as i64, 4096);
+                            }
+                            Invalidation::Barrier(done) => {
+                                let _ = done.send(());
+                            }
+                        }
                     }
                 })
                 .map_err(|e| format!("cannot start the failure thread: {e}"))?;
         }
         let events = Arc::clone(&self.events);
+        let queue = tx.clone();
+        *self.invalidations.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
         self.fs
             .on_memory_failure(Arc::new(move |failure: &MemoryFailure| {
                 if let Owner::File { ino, offset } = failure.owner {
-                    let _ = tx.send((ino, offset / 4096 * 4096));
+                    let offset = offset / 4096 * 4096;
+                    let _ = queue.send(Invalidation::Page { ino, offset });
                 }
                 events
                     .lock()
@@ -167,6 +189,28 @@ impl Daemon {
                     });
             }));
         Ok(())
+    }
+
+    /// Wait until the kernel's cached pages of every memory failure handled
+    /// so far are dropped, so that a control request that poisoned pages
+    /// answers only once no cached copy of them is left: the next access
+    /// faults, as Linux's `madvise(MADV_HWPOISON)` has finished with every
+    /// mapping when it returns. Called from control threads only (never
+    /// from a FUSE request, which the invalidation may wait for).
+    fn wait_invalidated(&self) {
+        let queue = self
+            .invalidations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(queue) = queue {
+            let (done, wait) = std::sync::mpsc::sync_channel(1);
+            if queue.send(Invalidation::Barrier(done)).is_ok() {
+                // A closed channel means the thread is gone (no notifier):
+                // nothing is cached by anyone then.
+                let _ = wait.recv();
+            }
+        }
     }
 }
 
@@ -270,6 +314,7 @@ fn handle(daemon: &Daemon, request: &Value) -> Result<String, String> {
             for f in daemon.fs.poison_found_in(&dev.badblocks()) {
                 out += &format!("  new: device offset {:#x}: {}\n", f.offset, f.owner);
             }
+            daemon.wait_invalidated();
             Ok(out)
         }
         "list" => {
@@ -385,6 +430,7 @@ fn inject(daemon: &Daemon, offset: u64, len: u64) -> Result<String, String> {
         .fs
         .inject_poison(offset, len)
         .map_err(|e| format!("{label}: {e}"))?;
+    daemon.wait_invalidated();
     let mut out = format!(
         "{label}: poisoned {} starting at sector {} (device offset {offset:#x})\n",
         crate::sectors_text(len / pmem::SECTOR),

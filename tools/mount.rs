@@ -299,6 +299,7 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
         notifier: Some(session.notifier()),
         counters,
         events: Default::default(),
+        invalidations: Default::default(),
     });
     daemon.watch_failures()?;
     crate::control::serve(&mnt, daemon)?;
