@@ -302,8 +302,14 @@ impl Allocator {
         }
     }
 
-    /// Add the changed bitmap words to `tx` (with this stage's frees applied).
+    /// Add the changed bitmap words to `tx` (with this stage's frees
+    /// applied), and a revoke record for each freed extent, so that no
+    /// journal record written to those blocks before is ever replayed over
+    /// what they hold next.
     pub fn stage(&mut self, tx: &mut Tx) {
+        for &(start, len) in &self.staged_frees {
+            tx.revoke(start, len);
+        }
         // The bits this stage frees, per word (frees stay marked in use in
         // memory until the commit).
         let mut freed: crate::fs::HashMap<usize, u64> = Default::default();

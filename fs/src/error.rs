@@ -62,6 +62,11 @@ pub enum Error {
     /// The filesystem is busy (`EBUSY`): what is still in use.
     #[error("filesystem is busy: {0}")]
     Busy(String),
+    /// The filesystem is marked as needing a check (`EUCLEAN`): damage was
+    /// found (a damaged journal); mount refuses until `fsck --repair` has
+    /// run.
+    #[error("the filesystem needs a check: {0}")]
+    NeedsCheck(String),
     /// The filesystem was unmounted: no call can be served any more.
     #[error("the filesystem is unmounted")]
     Unmounted,
@@ -88,6 +93,7 @@ impl Error {
             Error::Unsupported(_) => libc::EOPNOTSUPP,
             Error::MediaError { .. } | Error::Corrupt { .. } => libc::EIO,
             Error::Busy(_) => libc::EBUSY,
+            Error::NeedsCheck(_) => libc::EUCLEAN,
             Error::Unmounted => libc::EIO,
             Error::Device(pmem::Error::Poisoned { .. })
             | Error::Device(pmem::Error::PartialPoisonWrite { .. }) => libc::EIO,

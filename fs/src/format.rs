@@ -24,8 +24,15 @@
 //!  40 journal blocks u64    48 inode table start   56 inode table blocks
 //!  64 bitmap start          72 bitmap blocks       80 data start
 //!  88 root inode u64        96 uuid [16]          112 state block u64
-//! 120 backup block u64     128 format time (s)    508 crc32c of bytes 0..508
+//! 120 backup block u64     128 format time (s)    136 flags u64
+//! 144 damaged journal transaction u64 (with FLAG_NEEDS_CHECK from the journal)
+//! 508 crc32c of bytes 0..508
 //! ```
+//!
+//! Flags: [`SB_NEEDS_CHECK`] (bit 0): damage was found (a journal
+//! transaction that fails its checks, followed by intact later ones);
+//! mount refuses until `fsck --repair` has checked the filesystem and
+//! cleared it. Both copies carry it.
 //!
 //! ## Inode (256 bytes; inode `n` is at `inode_table_start * 4096 + (n - 1) * 256`)
 //!
@@ -82,6 +89,9 @@ pub const NAME_MAX: usize = 255;
 /// Blocks in a 2 MiB region.
 pub const HUGE_BLOCKS: u64 = 512;
 
+/// Superblock flag: the filesystem needs a check before it is mounted.
+pub const SB_NEEDS_CHECK: u64 = 1;
+
 /// Inode flag: the symlink target is stored inline.
 pub const FLAG_INLINE_LINK: u32 = 1;
 
@@ -115,6 +125,11 @@ pub struct Superblock {
     pub state_block: u64,
     pub backup_block: u64,
     pub format_time: u64,
+    /// [`SB_NEEDS_CHECK`] and future flags.
+    pub flags: u64,
+    /// With [`SB_NEEDS_CHECK`] set for a damaged journal: the sequence
+    /// number of the damaged transaction (0 otherwise).
+    pub damaged_tx: u64,
 }
 
 impl Superblock {
@@ -147,6 +162,8 @@ impl Superblock {
             state_block: 1,
             backup_block: total_blocks - 1,
             format_time: now,
+            flags: 0,
+            damaged_tx: 0,
         })
     }
 
@@ -169,6 +186,8 @@ impl Superblock {
             (112, self.state_block),
             (120, self.backup_block),
             (128, self.format_time),
+            (136, self.flags),
+            (144, self.damaged_tx),
         ] {
             put_u64(&mut b, at, v);
         }
@@ -227,6 +246,8 @@ impl Superblock {
             state_block: u64_at(b, 112),
             backup_block: u64_at(b, 120),
             format_time: u64_at(b, 128),
+            flags: u64_at(b, 136),
+            damaged_tx: u64_at(b, 144),
         };
         let device_blocks = device_size / BLOCK;
         if sb.total_blocks != device_blocks {
@@ -261,6 +282,11 @@ impl Superblock {
             return Err(bad("inconsistent geometry".into()));
         }
         Ok(sb)
+    }
+
+    /// Whether mount must refuse until fsck has run.
+    pub fn needs_check(&self) -> bool {
+        self.flags & SB_NEEDS_CHECK != 0
     }
 
     pub fn inode_offset(&self, ino: u64) -> u64 {

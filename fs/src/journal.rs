@@ -1,47 +1,151 @@
-//! The metadata journal: a redo log of byte-range writes.
+//! The metadata journal: a redo log of byte-range writes, with revoke
+//! records, checkpointed as it goes.
 //!
-//! Every metadata change is a [`Tx`]: a list of (device offset, new bytes)
-//! records. Committing one:
+//! ## Committing
+//!
+//! Every metadata change is a [`Tx`]: writes (device offset, new bytes) and
+//! revokes (blocks the change frees). Committing one:
 //!
 //! 1. drains, so that file data written before (into new blocks the
-//!    transaction will reference) is durable first;
-//! 2. writes the transaction into the ring: a 64-byte header (magic, sequence
-//!    number, the filesystem's uuid, length, crc32c of header and records)
-//!    followed by the records, then drains: the transaction is committed;
-//! 3. applies the records in place (flushed, not yet fenced).
+//!    transaction will reference) is durable, and so is every earlier
+//!    transaction's in-place writes;
+//! 2. every so often (below), moves the tail: the checkpoint header is
+//!    rewritten to say "replay from this transaction on" (flushed, not
+//!    fenced);
+//! 3. writes the transaction into the ring and drains: the transaction is
+//!    committed, and the new tail is durable with it;
+//! 4. applies the writes in place (flushed, not fenced: the next commit's
+//!    first drain makes them durable).
 //!
-//! Recovery at mount replays, in sequence order from the last checkpoint,
-//! every transaction whose header and checksum are intact; records are
-//! absolute writes, so replay is idempotent. A torn transaction fails its
-//! checksum and is ignored, and its records never reached their places.
+//! ## Checkpointing as it goes
+//!
+//! After step 1 of a commit, every earlier transaction is durable in place,
+//! so the tail may move to the transaction being committed, and the header
+//! that says so becomes durable with the commit's own fence: moving the
+//! tail costs a 64-byte flush and no fence. It moves when the last
+//! checkpoint is [`CHECKPOINT_EVERY`] transactions or an eighth of the ring
+//! behind, so **a crash replays at most the last [`CHECKPOINT_EVERY`]
+//! transactions, and at most an eighth of the ring** (plus the one in
+//! flight, which is torn and ignored). Not every commit: on a disk-backed
+//! image every flush is an `msync`. A transaction that writes into a file's
+//! data blocks (the zeroed edges of a punched hole) is checkpointed as soon
+//! as it is applied ([`Tx::checkpoint_at_once`]): file data is then
+//! written in place without the journal, and a replay must never write the
+//! old record over it. Unmount leaves an empty ring.
+//!
+//! ## Revoke records: replay never writes over a reused block
+//!
+//! Replay rewrites old records. If a block held metadata that transaction
+//! 10 wrote, was freed by transaction 12, and was then reused (as file data,
+//! written in place without the journal, or as metadata of another file),
+//! replaying transaction 10 after a crash would put the stale record over
+//! it. jbd2 prevents that with revoke records (fs/jbd2/revoke.c); XFS log
+//! recovery with buffer cancellation (a first pass collects cancelled
+//! buffers, the second skips them). Both are the same idea: a scan pass
+//! learns which blocks were freed, and by which transaction, and the apply
+//! pass skips what they cancel. daxfs takes jbd2's form because its
+//! allocator knows every freed extent when a transaction commits: the
+//! transaction carries one revoke per freed extent (`first block, count`,
+//! 16 bytes however large the extent); recovery's scan collects them, and
+//! the apply pass skips every record, or the part of one, that falls in a
+//! block revoked by the same or a later transaction. A block freed by a
+//! transaction cannot be reused by it (frees take effect once it commits),
+//! so the transaction's own writes into blocks it frees are dropped before
+//! it is written. XFS's form would need the log to name buffers, which a
+//! log of byte ranges does not.
+//!
+//! ## Recovery
+//!
+//! [`scan`] reads the log without writing: from the checkpoint's tail it
+//! follows the chain of intact transactions, in sequence, and says why the
+//! chain ended ([`LogEnd`]): nothing more was written; the next transaction
+//! was torn by a crash while it was written (silent: it never committed);
+//! or a transaction that fails its checks is followed by intact ones of
+//! later sequence numbers. A transaction is written only once the one
+//! before is durable, so that is damage, not a crash: recovery replays the
+//! chain before it and nothing after, and the filesystem is marked as
+//! needing a check (see `Fs::mount`). [`Journal::recover`] then applies the
+//! chain, skipping revoked records, and checkpoints.
 //!
 //! ## Journal region
-//! Block 0 holds two 64-byte checkpoint headers (written alternately so that
-//! a torn write leaves the other intact): `magic u32 "DXJH", pad u32,
-//! checkpoint sequence u64 (all transactions up to it are durable in place),
-//! ring offset u64 of the next transaction, count u64 (which copy is newer),
-//! crc32c u32 at byte 60`. The ring is the rest of the region. A transaction
-//! that does not fit before the ring's end starts at offset 0. When the ring
-//! is full, a checkpoint drains (making every applied record durable) and
-//! empties it.
 //!
-//! ## Transaction
-//! `magic u32 "DXTX", nrecords u32, sequence u64, uuid [16], total length
-//! u32 (a multiple of 64), crc32c u32, pad to 64`; each record is `offset
-//! u64, length u32, pad u32`, then the bytes, padded to 8.
+//! Block 0 holds two 64-byte checkpoint headers (written alternately so
+//! that a torn write leaves the other intact):
+//!
+//! ```text
+//!  0 magic "DXJH" u32     4 reserved u32      8 checkpoint sequence u64
+//!    (every transaction up to it is durable in place)
+//! 16 tail u64 (ring offset of the first transaction to replay)
+//! 24 count u64 (which copy is newer)        60 crc32c u32 of bytes 0..60
+//! ```
+//!
+//! The ring is the rest of the region. A transaction that does not fit
+//! before the ring's end starts at offset 0.
+//!
+//! ## Transaction (a multiple of 64 bytes)
+//!
+//! ```text
+//!  0 magic "DXT2" u32      4 write records u32     8 sequence u64
+//! 16 filesystem uuid [16] 32 total length u32     36 crc32c u32 (of all of
+//!    it, this field zero)  40 ring offset u64 it was written at
+//! 48 revoke records u32   52 reserved to 64
+//! then each write record: device offset u64, length u32, reserved u32,
+//!    the bytes, padded to 8
+//! then each revoke record: first block u64, block count u64
+//! ```
+//!
+//! The ring offset in the header keeps a copy of a transaction's bytes
+//! elsewhere (inside a record, say) from passing as a transaction there.
 
 use crate::error::{Error, Result};
 use crate::format::BLOCK;
 use pmem::Device;
+use std::collections::BTreeMap;
 
 const HEADER_MAGIC: u32 = u32::from_le_bytes(*b"DXJH");
-const TX_MAGIC: u32 = u32::from_le_bytes(*b"DXTX");
+const TX_MAGIC: u32 = u32::from_le_bytes(*b"DXT2");
 const TX_HEADER: usize = 64;
+const RECORD_HEADER: usize = 16;
+const REVOKE_RECORD: usize = 16;
+
+/// The tail moves at least every this many transactions.
+pub const CHECKPOINT_EVERY: u64 = 16;
+
+/// Field offsets of a transaction header.
+mod tx_field {
+    pub const MAGIC: usize = 0;
+    pub const RECORDS: usize = 4;
+    pub const SEQ: usize = 8;
+    pub const UUID: usize = 16;
+    pub const LEN: usize = 32;
+    pub const CRC: usize = 36;
+    pub const POS: usize = 40;
+    pub const REVOKES: usize = 48;
+}
+
+/// Field offsets of a checkpoint header.
+mod header_field {
+    pub const MAGIC: usize = 0;
+    pub const SEQ: usize = 8;
+    pub const TAIL: usize = 16;
+    pub const COUNT: usize = 24;
+    pub const CRC: usize = 60;
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
 
 /// A metadata transaction being built.
 #[derive(Default, Debug)]
 pub struct Tx {
     records: Vec<(u64, Vec<u8>)>,
+    /// Freed extents: (first block, count).
+    revokes: Vec<(u64, u64)>,
+    checkpoint_at_once: bool,
 }
 
 impl Tx {
@@ -61,8 +165,24 @@ impl Tx {
         self.records.push((offset, bytes.to_vec()));
     }
 
+    /// Record that `count` blocks from `first` are freed by this
+    /// transaction: no write of it or of an earlier transaction to them is
+    /// ever replayed.
+    pub fn revoke(&mut self, first: u64, count: u64) {
+        if count > 0 {
+            self.revokes.push((first, count));
+        }
+    }
+
+    /// Checkpoint as soon as this transaction is applied: it writes into
+    /// blocks that are then written in place without the journal (file
+    /// data), which a replay of it must never overwrite.
+    pub fn checkpoint_at_once(&mut self) {
+        self.checkpoint_at_once = true;
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.records.is_empty() && self.revokes.is_empty()
     }
 
     /// The bytes last recorded for `offset` (for tests).
@@ -75,26 +195,444 @@ impl Tx {
             .map(|(_, bytes)| bytes.as_slice())
     }
 
-    fn encode(&self, seq: u64, uuid: &[u8; 16]) -> Vec<u8> {
+    /// The writes that survive this transaction's own revokes, clipped.
+    fn live_records(&self) -> Vec<(u64, &[u8])> {
+        if self.revokes.is_empty() {
+            return self.records.iter().map(|(at, b)| (*at, &b[..])).collect();
+        }
+        let mut revoked = Revoked::default();
+        for &(first, count) in &self.revokes {
+            revoked.insert(first, count, 0);
+        }
+        let mut live = Vec::new();
+        for (at, bytes) in &self.records {
+            for (start, end) in revoked.live(*at, bytes.len() as u64, 0) {
+                live.push((start, &bytes[(start - at) as usize..(end - at) as usize]));
+            }
+        }
+        live
+    }
+
+    /// The transaction's bytes, without its ring offset and checksum
+    /// (`seal` adds them once the offset is known).
+    fn encode(
+        records: &[(u64, &[u8])],
+        revokes: &[(u64, u64)],
+        seq: u64,
+        uuid: &[u8; 16],
+    ) -> Vec<u8> {
         let mut b = vec![0u8; TX_HEADER];
-        for (offset, data) in &self.records {
+        for (offset, data) in records {
             b.extend_from_slice(&offset.to_le_bytes());
             b.extend_from_slice(&(data.len() as u32).to_le_bytes());
             b.extend_from_slice(&[0; 4]);
             b.extend_from_slice(data);
             b.resize(b.len().next_multiple_of(8), 0);
         }
+        for (first, count) in revokes {
+            b.extend_from_slice(&first.to_le_bytes());
+            b.extend_from_slice(&count.to_le_bytes());
+        }
         b.resize(b.len().next_multiple_of(64), 0);
         let len = b.len() as u32;
-        b[0..4].copy_from_slice(&TX_MAGIC.to_le_bytes());
-        b[4..8].copy_from_slice(&(self.records.len() as u32).to_le_bytes());
-        b[8..16].copy_from_slice(&seq.to_le_bytes());
-        b[16..32].copy_from_slice(uuid);
-        b[32..36].copy_from_slice(&len.to_le_bytes());
-        let crc = crc32c::crc32c(&b);
-        b[36..40].copy_from_slice(&crc.to_le_bytes());
+        let put32 =
+            |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        put32(&mut b, tx_field::MAGIC, TX_MAGIC);
+        put32(&mut b, tx_field::RECORDS, records.len() as u32);
+        b[tx_field::SEQ..tx_field::SEQ + 8].copy_from_slice(&seq.to_le_bytes());
+        b[tx_field::UUID..tx_field::UUID + 16].copy_from_slice(uuid);
+        put32(&mut b, tx_field::LEN, len);
+        put32(&mut b, tx_field::REVOKES, revokes.len() as u32);
         b
     }
+}
+
+/// Set the ring offset and the checksum of an encoded transaction.
+fn seal(b: &mut [u8], pos: u64) {
+    b[tx_field::POS..tx_field::POS + 8].copy_from_slice(&pos.to_le_bytes());
+    b[tx_field::CRC..tx_field::CRC + 4].fill(0);
+    let crc = crc32c::crc32c(b);
+    b[tx_field::CRC..tx_field::CRC + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Revoked byte ranges of the device, each with the newest transaction
+/// that revoked it. Ranges never overlap; they are inserted in sequence
+/// order, so a new revoke simply replaces what it covers.
+#[derive(Default, Debug)]
+struct Revoked {
+    /// Start byte -> (end byte, sequence number).
+    ranges: BTreeMap<u64, (u64, u64)>,
+}
+
+impl Revoked {
+    /// `count` blocks from `first` revoked by transaction `seq` (no older
+    /// than any inserted before).
+    fn insert(&mut self, first: u64, count: u64, seq: u64) {
+        let start = first.saturating_mul(BLOCK);
+        let end = first.saturating_add(count).saturating_mul(BLOCK);
+        let overlapping: Vec<(u64, (u64, u64))> = self
+            .ranges
+            .range(..end)
+            .rev()
+            .take_while(|(_, &(e, _))| e > start)
+            .map(|(&s, &v)| (s, v))
+            .collect();
+        for (s, (e, old)) in overlapping {
+            self.ranges.remove(&s);
+            if s < start {
+                self.ranges.insert(s, (start, old));
+            }
+            if e > end {
+                self.ranges.insert(end, (e, old));
+            }
+        }
+        self.ranges.insert(start, (end, seq));
+    }
+
+    /// The pieces of `[offset, offset + len)` that no transaction numbered
+    /// `seq` or later revoked.
+    fn live(&self, offset: u64, len: u64, seq: u64) -> Vec<(u64, u64)> {
+        let end = offset + len;
+        let mut cancelled: Vec<(u64, u64)> = self
+            .ranges
+            .range(..end)
+            .rev()
+            .take_while(|(_, &(e, _))| e > offset)
+            .filter(|(_, &(_, by))| by >= seq)
+            .map(|(&s, &(e, _))| (s.max(offset), e.min(end)))
+            .collect();
+        cancelled.reverse();
+        let mut live = Vec::new();
+        let mut at = offset;
+        for (s, e) in cancelled {
+            if s > at {
+                live.push((at, s));
+            }
+            at = at.max(e);
+        }
+        if at < end {
+            live.push((at, end));
+        }
+        live
+    }
+}
+
+/// A checkpoint header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Every transaction up to this one is durable in place.
+    pub seq: u64,
+    /// Ring offset of the first transaction to replay.
+    pub tail: u64,
+    /// Which copy is newer.
+    pub count: u64,
+}
+
+impl Checkpoint {
+    fn encode(&self) -> [u8; 64] {
+        let mut b = [0u8; 64];
+        b[0..4].copy_from_slice(&HEADER_MAGIC.to_le_bytes());
+        b[header_field::SEQ..header_field::SEQ + 8].copy_from_slice(&self.seq.to_le_bytes());
+        b[header_field::TAIL..header_field::TAIL + 8].copy_from_slice(&self.tail.to_le_bytes());
+        b[header_field::COUNT..header_field::COUNT + 8].copy_from_slice(&self.count.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..header_field::CRC]);
+        b[header_field::CRC..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Checkpoint> {
+        let intact = u32_at(b, header_field::MAGIC) == HEADER_MAGIC
+            && crc32c::crc32c(&b[..header_field::CRC]) == u32_at(b, header_field::CRC);
+        intact.then(|| Checkpoint {
+            seq: u64_at(b, header_field::SEQ),
+            tail: u64_at(b, header_field::TAIL),
+            count: u64_at(b, header_field::COUNT),
+        })
+    }
+}
+
+/// Why the chain of transactions ended where it did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogEnd {
+    /// Nothing more was written (stale or blank bytes follow).
+    Clean,
+    /// The next transaction was being written when a crash came: its header
+    /// is there but it fails its checksum, and nothing later is intact. It
+    /// never committed; harmless.
+    Torn {
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// A transaction that fails its checks, followed by intact transactions
+    /// of later sequence numbers: the log is damaged.
+    Damaged {
+        /// The sequence number the chain needed next.
+        seq: u64,
+        /// Where it should have been (ring offset).
+        at: u64,
+        /// What is wrong with what is there.
+        why: String,
+        /// How many intact later transactions the damage cuts off.
+        later: u64,
+        /// The newest sequence number among them.
+        newest: u64,
+    },
+}
+
+/// One intact transaction found by [`scan`].
+#[derive(Clone, Debug)]
+pub struct Scanned {
+    pub seq: u64,
+    /// Ring offset.
+    pub pos: u64,
+    /// Bytes in the ring.
+    pub len: u64,
+    records: Vec<(u64, Vec<u8>)>,
+    revokes: Vec<(u64, u64)>,
+}
+
+impl Scanned {
+    /// How many write records it holds.
+    pub fn writes(&self) -> usize {
+        self.records.len()
+    }
+
+    /// How many revoke records it holds.
+    pub fn revokes(&self) -> usize {
+        self.revokes.len()
+    }
+}
+
+/// What a read-only look at the journal found.
+#[derive(Clone, Debug)]
+pub struct Scan {
+    /// Device offset of the header block.
+    pub region: u64,
+    /// Device offset and length of the ring.
+    pub ring: u64,
+    pub ring_len: u64,
+    /// The newer intact checkpoint header.
+    pub checkpoint: Checkpoint,
+    /// The transactions a recovery would replay, in order.
+    pub pending: Vec<Scanned>,
+    /// Ring offset just past the last of them: where the next transaction
+    /// goes.
+    pub head: u64,
+    pub end: LogEnd,
+}
+
+/// Why the bytes at a ring offset are not the transaction wanted there.
+enum Unfit {
+    /// No transaction header of this filesystem.
+    NoHeader,
+    /// A header, but the transaction fails its checks.
+    Bad { seq: u64, why: String },
+}
+
+/// The ring, read once, with its unreadable (poisoned) blocks known.
+struct Ring {
+    bytes: Vec<u8>,
+    unreadable: Vec<bool>,
+}
+
+impl Ring {
+    fn read(dev: &Device, at: u64, len: u64) -> Ring {
+        let mut bytes = vec![0u8; len as usize];
+        let mut unreadable = vec![false; len.div_ceil(BLOCK) as usize];
+        for (i, chunk) in bytes.chunks_mut(BLOCK as usize).enumerate() {
+            if dev.read(at + i as u64 * BLOCK, chunk).is_err() {
+                chunk.fill(0);
+                unreadable[i] = true;
+            }
+        }
+        Ring { bytes, unreadable }
+    }
+
+    fn readable(&self, pos: u64, len: u64) -> bool {
+        (pos / BLOCK..(pos + len).div_ceil(BLOCK)).all(|b| !self.unreadable[b as usize])
+    }
+
+    /// The transaction at ring offset `pos`, if one of this filesystem was
+    /// written there and is intact.
+    fn tx_at(&self, pos: u64, uuid: &[u8; 16], dev_size: u64) -> Result<Scanned, Unfit> {
+        let ring_len = self.bytes.len() as u64;
+        if pos + TX_HEADER as u64 > ring_len {
+            return Err(Unfit::NoHeader);
+        }
+        if !self.readable(pos, TX_HEADER as u64) {
+            return Err(Unfit::Bad {
+                seq: 0,
+                why: "its header is on poisoned media".into(),
+            });
+        }
+        let h = &self.bytes[pos as usize..pos as usize + TX_HEADER];
+        if u32_at(h, tx_field::MAGIC) != TX_MAGIC
+            || h[tx_field::UUID..tx_field::UUID + 16] != uuid[..]
+            || u64_at(h, tx_field::POS) != pos
+        {
+            return Err(Unfit::NoHeader);
+        }
+        let seq = u64_at(h, tx_field::SEQ);
+        let bad = |why: &str| Unfit::Bad {
+            seq,
+            why: why.to_string(),
+        };
+        let len = u32_at(h, tx_field::LEN) as u64;
+        if len < TX_HEADER as u64 || !len.is_multiple_of(64) || pos + len > ring_len {
+            return Err(bad("its length is out of range"));
+        }
+        if !self.readable(pos, len) {
+            return Err(bad("it is on poisoned media"));
+        }
+        let mut body = self.bytes[pos as usize..(pos + len) as usize].to_vec();
+        let crc = u32_at(&body, tx_field::CRC);
+        body[tx_field::CRC..tx_field::CRC + 4].fill(0);
+        if crc32c::crc32c(&body) != crc {
+            return Err(bad("it fails its checksum"));
+        }
+        let nrec = u32_at(&body, tx_field::RECORDS) as usize;
+        let nrev = u32_at(&body, tx_field::REVOKES) as usize;
+        let mut records = Vec::with_capacity(nrec.min(body.len() / RECORD_HEADER));
+        let mut at = TX_HEADER;
+        for _ in 0..nrec {
+            if at + RECORD_HEADER > body.len() {
+                return Err(bad("a record runs past its end"));
+            }
+            let offset = u64_at(&body, at);
+            let n = u32_at(&body, at + 8) as usize;
+            at += RECORD_HEADER;
+            if at + n > body.len() || offset.checked_add(n as u64).is_none_or(|e| e > dev_size) {
+                return Err(bad("a record runs past its end or the device's"));
+            }
+            records.push((offset, body[at..at + n].to_vec()));
+            at = (at + n).next_multiple_of(8);
+        }
+        let mut revokes = Vec::with_capacity(nrev.min(body.len() / REVOKE_RECORD));
+        for _ in 0..nrev {
+            if at + REVOKE_RECORD > body.len() {
+                return Err(bad("a revoke record runs past its end"));
+            }
+            revokes.push((u64_at(&body, at), u64_at(&body, at + 8)));
+            at += REVOKE_RECORD;
+        }
+        Ok(Scanned {
+            seq,
+            pos,
+            len,
+            records,
+            revokes,
+        })
+    }
+}
+
+/// Read the journal of the filesystem `uuid` (region `start_block`, `blocks`
+/// long) without changing a byte: the checkpoint, the transactions a
+/// recovery would replay, and why the log ends.
+pub fn scan(dev: &Device, start_block: u64, blocks: u64, uuid: [u8; 16]) -> Result<Scan> {
+    let region = start_block * BLOCK;
+    let ring = region + BLOCK;
+    let ring_len = (blocks - 1) * BLOCK;
+    let mut header = [0u8; 128];
+    read_meta(dev, region, &mut header, "journal header")?;
+    let Some(checkpoint) = (0..2)
+        .filter_map(|i| Checkpoint::decode(&header[i * 64..i * 64 + 64]))
+        .max_by_key(|c| c.count)
+    else {
+        return Err(Error::corrupt(
+            "journal header",
+            region,
+            "both copies are damaged",
+        ));
+    };
+    // A tail at the very end of the ring means "wrap to the start".
+    let tail = if checkpoint.tail == ring_len {
+        0
+    } else {
+        checkpoint.tail
+    };
+    if tail >= ring_len || !tail.is_multiple_of(64) {
+        return Err(Error::corrupt(
+            "journal header",
+            region,
+            format!("ring offset {tail} is out of range"),
+        ));
+    }
+    let bytes = Ring::read(dev, ring, ring_len);
+    let mut pending = Vec::new();
+    let mut head = tail;
+    let mut want = checkpoint.seq + 1;
+    let first_unfit = loop {
+        let here = bytes.tx_at(head, &uuid, dev.size());
+        let found = match here {
+            Ok(tx) if tx.seq == want => Ok(tx),
+            // A transaction that did not fit before the ring's end went to
+            // its start.
+            other if head != 0 => match bytes.tx_at(0, &uuid, dev.size()) {
+                Ok(tx) if tx.seq == want => Ok(tx),
+                _ => Err(other),
+            },
+            other => Err(other),
+        };
+        match found {
+            Ok(tx) => {
+                head = (tx.pos + tx.len) % ring_len;
+                want += 1;
+                pending.push(tx);
+            }
+            Err(unfit) => break unfit,
+        }
+    };
+    // Anything intact and newer than the chain's end means damage.
+    let (mut later, mut newest) = (0, 0);
+    for pos in (0..ring_len).step_by(64) {
+        let h = &bytes.bytes[pos as usize..pos as usize + 8];
+        if u32_at(h, 0) != TX_MAGIC {
+            continue;
+        }
+        if let Ok(tx) = bytes.tx_at(pos, &uuid, dev.size()) {
+            if tx.seq >= want {
+                later += 1;
+                newest = newest.max(tx.seq);
+            }
+        }
+    }
+    let end = match first_unfit {
+        _ if later > 0 => LogEnd::Damaged {
+            seq: want,
+            at: head,
+            why: match first_unfit {
+                Ok(tx) => format!("ring offset {head} holds transaction {} instead", tx.seq),
+                Err(Unfit::NoHeader) => format!("ring offset {head} holds no transaction"),
+                Err(Unfit::Bad { why, .. }) => why,
+            },
+            later,
+            newest,
+        },
+        Err(Unfit::Bad { seq, .. }) if seq == want => LogEnd::Torn { seq },
+        _ => LogEnd::Clean,
+    };
+    Ok(Scan {
+        region,
+        ring,
+        ring_len,
+        checkpoint,
+        pending,
+        head,
+        end,
+    })
+}
+
+/// What recovery did.
+#[derive(Clone, Debug)]
+pub struct Recovery {
+    /// Transactions replayed.
+    pub replayed: u64,
+    /// Records (or parts) not replayed because a later free revoked them.
+    pub revoked: u64,
+    /// Records not replayed because their target is poisoned.
+    pub poisoned: u64,
+    /// Why the log ended.
+    pub end: LogEnd,
 }
 
 /// The journal of a mounted filesystem.
@@ -109,14 +647,15 @@ pub struct Journal {
     head: u64,
     /// Sequence number of the next transaction.
     next_seq: u64,
-    /// Ring bytes in use since the last checkpoint (including skipped ends).
+    /// Ring bytes in use from the durable tail to the head (including
+    /// skipped ends).
     used: u64,
+    /// Transactions committed since the tail last moved.
+    since_checkpoint: u64,
     /// Checkpoints written (chooses the header copy).
     checkpoints: u64,
     /// Transactions committed since mount, for statistics.
     pub committed: u64,
-    /// Records recovery could not replay because their target is poisoned.
-    pub skipped: u64,
 }
 
 impl Journal {
@@ -137,9 +676,9 @@ impl Journal {
             head: 0,
             next_seq: 1,
             used: 0,
+            since_checkpoint: 0,
             checkpoints: 0,
             committed: 0,
-            skipped: 0,
         }
     }
 
@@ -147,117 +686,71 @@ impl Journal {
         self.region + BLOCK
     }
 
-    /// Open the journal at mount, replaying committed transactions.
-    /// Returns the journal and how many transactions were replayed.
+    /// Open the journal at mount: replay the chain of committed
+    /// transactions (skipping revoked records), then checkpoint. A damaged
+    /// log is replayed up to the damage (the caller decides what follows:
+    /// see [`Journal::discard_damaged`]).
     pub fn recover(
         dev: &Device,
         start_block: u64,
         blocks: u64,
         uuid: [u8; 16],
-    ) -> Result<(Journal, u64)> {
-        let region = start_block * BLOCK;
-        let mut header = [0u8; 128];
-        read_meta(dev, region, &mut header, "journal header")?;
-        let copies: Vec<(u64, u64, u64)> = (0..2)
-            .filter_map(|i| decode_header(&header[i * 64..i * 64 + 64]))
-            .collect();
-        let Some(&(seq, tail, count)) = copies.iter().max_by_key(|c| c.2) else {
-            return Err(Error::corrupt(
-                "journal header",
-                region,
-                "both copies are damaged",
-            ));
-        };
-        let mut journal = Journal::empty(region, blocks, uuid);
-        // A tail at the very end of the ring means "wrap to the start".
-        let tail = if tail == journal.ring_len { 0 } else { tail };
-        if tail >= journal.ring_len || !tail.is_multiple_of(64) {
-            return Err(Error::corrupt(
-                "journal header",
-                region,
-                format!("ring offset {tail} is out of range"),
-            ));
+    ) -> Result<(Journal, Recovery)> {
+        let scan = scan(dev, start_block, blocks, uuid)?;
+        let mut journal = Journal::empty(scan.region, blocks, uuid);
+        journal.checkpoints = scan.checkpoint.count + 1;
+        let mut revoked = Revoked::default();
+        for tx in &scan.pending {
+            for &(first, count) in &tx.revokes {
+                revoked.insert(first, count, tx.seq);
+            }
         }
-        journal.checkpoints = count + 1;
-        journal.head = tail;
-        journal.next_seq = seq + 1;
-        let mut replayed = 0;
-        loop {
-            let at_head = journal.read_tx(dev, journal.head)?;
-            let found = match at_head {
-                Some(tx) => Some((journal.head, tx)),
-                None if journal.head != 0 => journal.read_tx(dev, 0)?.map(|tx| (0, tx)),
-                None => None,
-            };
-            let Some((pos, (len, records))) = found else {
-                break;
-            };
-            for (offset, data) in records {
-                match dev.memcpy_nodrain(offset, &data) {
-                    Ok(()) => {}
-                    // Poison arrived over the record's target after it
-                    // committed: that structure is lost and stays poisoned
-                    // (reads of it give EIO); everything else replays.
-                    Err(pmem::Error::PartialPoisonWrite { .. }) => journal.skipped += 1,
-                    Err(e) => return Err(e.into()),
+        let mut recovery = Recovery {
+            replayed: 0,
+            revoked: 0,
+            poisoned: 0,
+            end: scan.end.clone(),
+        };
+        for tx in &scan.pending {
+            for (offset, data) in &tx.records {
+                let live = revoked.live(*offset, data.len() as u64, tx.seq);
+                if live != [(*offset, offset + data.len() as u64)] {
+                    recovery.revoked += 1;
+                }
+                for (start, end) in live {
+                    let piece = &data[(start - offset) as usize..(end - offset) as usize];
+                    match dev.memcpy_nodrain(start, piece) {
+                        Ok(()) => {}
+                        // Poison arrived over the record's target after it
+                        // committed: that structure is lost and stays
+                        // poisoned (reads of it give EIO); the rest replays.
+                        Err(pmem::Error::PartialPoisonWrite { .. }) => recovery.poisoned += 1,
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             }
-            journal.head = (pos + len) % journal.ring_len;
-            journal.next_seq += 1;
-            replayed += 1;
+            recovery.replayed += 1;
         }
+        journal.head = scan.head;
+        journal.next_seq = scan.checkpoint.seq + 1 + recovery.replayed;
         dev.drain();
-        let last = journal.next_seq - 1;
-        journal.checkpoint(dev, last)?;
-        Ok((journal, replayed))
+        journal.checkpoint(dev, journal.next_seq - 1)?;
+        Ok((journal, recovery))
     }
 
-    /// Read the transaction at ring offset `pos` if it is the next one in
-    /// sequence and intact: its length and records.
-    #[allow(clippy::type_complexity)]
-    fn read_tx(&self, dev: &Device, pos: u64) -> Result<Option<(u64, Vec<(u64, Vec<u8>)>)>> {
-        if pos + TX_HEADER as u64 > self.ring_len {
-            return Ok(None);
-        }
-        let mut head = [0u8; TX_HEADER];
-        if dev.read(self.ring() + pos, &mut head).is_err() {
-            return Ok(None); // poison in the ring: this transaction never counts
-        }
-        let magic = u32::from_le_bytes(head[0..4].try_into().expect("4"));
-        let seq = u64::from_le_bytes(head[8..16].try_into().expect("8"));
-        let len = u32::from_le_bytes(head[32..36].try_into().expect("4")) as u64;
-        if magic != TX_MAGIC || seq != self.next_seq || head[16..32] != self.uuid {
-            return Ok(None);
-        }
-        if len < TX_HEADER as u64 || !len.is_multiple_of(64) || pos + len > self.ring_len {
-            return Ok(None);
-        }
-        let mut body = vec![0u8; len as usize];
-        if dev.read(self.ring() + pos, &mut body).is_err() {
-            return Ok(None);
-        }
-        let crc = u32::from_le_bytes(body[36..40].try_into().expect("4"));
-        body[36..40].fill(0);
-        if crc32c::crc32c(&body) != crc {
-            return Ok(None);
-        }
-        let nrec = u32::from_le_bytes(body[4..8].try_into().expect("4")) as usize;
-        let mut records = Vec::with_capacity(nrec);
-        let mut at = TX_HEADER;
-        for _ in 0..nrec {
-            if at + 16 > body.len() {
-                return Ok(None);
-            }
-            let offset = u64::from_le_bytes(body[at..at + 8].try_into().expect("8"));
-            let n = u32::from_le_bytes(body[at + 8..at + 12].try_into().expect("4")) as usize;
-            at += 16;
-            if at + n > body.len() || offset.checked_add(n as u64).is_none_or(|e| e > dev.size()) {
-                return Ok(None);
-            }
-            records.push((offset, body[at..at + n].to_vec()));
-            at = (at + n).next_multiple_of(8);
-        }
-        Ok(Some((len, records)))
+    /// After a damaged log was replayed up to the damage (and the damage
+    /// recorded elsewhere): number new transactions after the newest one
+    /// the damage cut off, so that none of those is ever taken for part of
+    /// the log again.
+    pub fn discard_damaged(&mut self, dev: &Device, newest: u64) -> Result<()> {
+        self.next_seq = self.next_seq.max(newest + 1);
+        dev.drain();
+        self.checkpoint(dev, self.next_seq - 1)
+    }
+
+    /// Sequence number of the next transaction.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
     }
 
     /// Commit `tx` durably and apply it in place.
@@ -265,9 +758,10 @@ impl Journal {
         if tx.is_empty() {
             return Ok(());
         }
+        let records = tx.live_records();
         // A record that would cover part of a poisoned sector could not be
         // applied: refuse before anything is durable, not after.
-        for (offset, data) in &tx.records {
+        for (offset, data) in &records {
             let end = offset + data.len() as u64;
             if let Some(bad) = dev.first_poison(*offset, data.len() as u64) {
                 let sector_end = bad + pmem::SECTOR;
@@ -280,74 +774,90 @@ impl Journal {
                 }
             }
         }
-        let bytes = tx.encode(self.next_seq, &self.uuid);
+        let mut bytes = Tx::encode(&records, &tx.revokes, self.next_seq, &self.uuid);
         let len = bytes.len() as u64;
         if len > self.ring_len / 2 {
             return Err(Error::Invalid(
                 "metadata transaction larger than the journal",
             ));
         }
-        let (pos, skipped) = if self.head + len > self.ring_len {
-            (0, self.ring_len - self.head)
-        } else {
-            (self.head, 0)
+        let ring_len = self.ring_len;
+        let fit = |head: u64| {
+            if head + len > ring_len {
+                (0, ring_len - head)
+            } else {
+                (head, 0)
+            }
         };
+        let (mut pos, mut skipped) = fit(self.head);
         if self.used + skipped + len > self.ring_len {
-            // Make every applied record durable, then reuse the whole ring.
+            // It would overwrite transactions a recovery still replays:
+            // make every applied record durable and empty the ring.
             dev.drain();
             self.checkpoint(dev, self.next_seq - 1)?;
-            return self.commit(dev, tx);
+            (pos, skipped) = fit(self.head);
         }
-        // File data the transaction will point at must be durable first.
+        seal(&mut bytes, pos);
+        // File data the transaction will point at, and every earlier
+        // transaction's in-place writes, durable first.
         dev.drain();
+        if self.since_checkpoint >= CHECKPOINT_EVERY || self.used > self.ring_len / 8 {
+            // Replay may start at this transaction: the header goes durable
+            // with the fence that commits it.
+            self.write_checkpoint(dev, self.next_seq - 1, pos)?;
+            self.used = 0;
+            self.since_checkpoint = 0;
+            skipped = 0;
+        }
         dev.memcpy_nodrain(self.ring() + pos, &bytes)?;
         dev.drain();
-        for (offset, data) in &tx.records {
+        for (offset, data) in &records {
             dev.memcpy_nodrain(*offset, data)?;
         }
         // A transaction that ends exactly at the ring's end wraps the head.
         self.head = (pos + len) % self.ring_len;
         self.used += skipped + len;
         self.next_seq += 1;
+        self.since_checkpoint += 1;
         self.committed += 1;
+        if tx.checkpoint_at_once {
+            dev.drain();
+            self.checkpoint(dev, self.next_seq - 1)?;
+        }
         Ok(())
     }
 
-    /// Record that every transaction up to `seq` is durable in place and the
-    /// ring is free from `self.head` on. The caller has drained.
-    fn checkpoint(&mut self, dev: &Device, seq: u64) -> Result<()> {
-        let mut b = [0u8; 64];
-        b[0..4].copy_from_slice(&HEADER_MAGIC.to_le_bytes());
-        b[8..16].copy_from_slice(&seq.to_le_bytes());
-        b[16..24].copy_from_slice(&self.head.to_le_bytes());
-        b[24..32].copy_from_slice(&self.checkpoints.to_le_bytes());
-        let crc = crc32c::crc32c(&b);
-        b[60..64].copy_from_slice(&crc.to_le_bytes());
+    /// Write the header copy that says every transaction up to `seq` is
+    /// durable in place and replay starts at ring offset `tail` (flushed,
+    /// not fenced).
+    fn write_checkpoint(&mut self, dev: &Device, seq: u64, tail: u64) -> Result<()> {
+        let header = Checkpoint {
+            seq,
+            tail,
+            count: self.checkpoints,
+        };
         let copy = (self.checkpoints % 2) * 64;
-        dev.memcpy_persist(self.region + copy, &b)?;
+        dev.memcpy_nodrain(self.region + copy, &header.encode())?;
         self.checkpoints += 1;
-        self.used = 0;
         Ok(())
     }
 
-    /// A clean checkpoint, at unmount.
+    /// Record, durably, that every transaction up to `seq` is durable in
+    /// place and the ring is empty from `self.head` on. The caller has
+    /// drained.
+    fn checkpoint(&mut self, dev: &Device, seq: u64) -> Result<()> {
+        self.write_checkpoint(dev, seq, self.head)?;
+        dev.drain();
+        self.used = 0;
+        self.since_checkpoint = 0;
+        Ok(())
+    }
+
+    /// A clean checkpoint, at unmount: the ring is left empty.
     pub fn close(&mut self, dev: &Device) -> Result<()> {
         dev.drain();
         self.checkpoint(dev, self.next_seq - 1)
     }
-}
-
-fn decode_header(b: &[u8]) -> Option<(u64, u64, u64)> {
-    let mut copy = [0u8; 64];
-    copy.copy_from_slice(b);
-    let crc = u32::from_le_bytes(copy[60..64].try_into().ok()?);
-    copy[60..64].fill(0);
-    let ok = u32::from_le_bytes(copy[0..4].try_into().ok()?) == HEADER_MAGIC
-        && crc32c::crc32c(&copy) == crc;
-    ok.then(|| {
-        let at = |i: usize| u64::from_le_bytes(copy[i..i + 8].try_into().expect("8"));
-        (at(8), at(16), at(24))
-    })
 }
 
 /// Read metadata, turning poison into an error that names the structure.
@@ -360,5 +870,61 @@ pub fn read_meta(dev: &Device, offset: u64, buf: &mut [u8], what: &str) -> Resul
             format!("media error (poison) at {at:#x}"),
         )),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revoke_cancels_older_and_same_writes_to_its_blocks_only() {
+        let mut r = Revoked::default();
+        r.insert(10, 2, 5); // bytes 40960..49152 by tx 5
+        let b = |n: u64| n * BLOCK;
+        // Older and same transaction: cancelled.
+        assert_eq!(r.live(b(10), 64, 4), vec![]);
+        assert_eq!(r.live(b(11) + 100, 64, 5), vec![]);
+        // Later: replays.
+        assert_eq!(r.live(b(10), 64, 6), vec![(b(10), b(10) + 64)]);
+        // Straddling: only the part outside the revoked blocks survives.
+        assert_eq!(
+            r.live(b(10) - 32, 64, 1),
+            vec![(b(10) - 32, b(10))],
+            "the part before"
+        );
+        assert_eq!(
+            r.live(b(9), 4 * BLOCK, 1),
+            vec![(b(9), b(10)), (b(12), b(13))]
+        );
+    }
+
+    #[test]
+    fn a_newer_revoke_replaces_what_it_covers_and_keeps_the_rest() {
+        let mut r = Revoked::default();
+        r.insert(0, 10, 3);
+        r.insert(4, 2, 8);
+        let b = |n: u64| n * BLOCK;
+        // Block 4 revoked by 8: a write of tx 7 there is cancelled...
+        assert_eq!(r.live(b(4), 8, 7), vec![]);
+        // ...while blocks 0..4 and 6..10 keep revoke 3: tx 7 replays there.
+        assert_eq!(r.live(b(3), 8, 7), vec![(b(3), b(3) + 8)]);
+        assert_eq!(r.live(b(6), 8, 7), vec![(b(6), b(6) + 8)]);
+        assert_eq!(r.live(b(6), 8, 3), vec![]);
+        assert_eq!(r.ranges.len(), 3);
+    }
+
+    #[test]
+    fn a_transactions_own_writes_into_blocks_it_frees_are_dropped() {
+        let mut tx = Tx::new();
+        tx.write(BLOCK * 7, &[1; 32]);
+        tx.write(BLOCK * 8 - 16, &[2; 32]); // straddles into block 8
+        tx.write(BLOCK * 20, &[3; 8]);
+        tx.revoke(7, 1);
+        let live = tx.live_records();
+        assert_eq!(
+            live,
+            vec![(BLOCK * 8, &[2u8; 16][..]), (BLOCK * 20, &[3u8; 8][..])]
+        );
     }
 }

@@ -1,7 +1,10 @@
 //! fsck: check every invariant of a filesystem image, and repair what can be
 //! repaired without guessing.
 //!
-//! Checked: both superblock copies; the journal (replayed, as mounting does);
+//! Checked: both superblock copies and their needs-check mark (set when a
+//! mount found the journal damaged: what the damage cut off is discarded,
+//! and the check looks at what is left); the journal (replayed, as mounting
+//! does);
 //! every allocated inode (checksum, type, extents inside the data area,
 //! sorted and disjoint, overflow chain and extent count); no block owned
 //! twice; the allocation bitmap against the blocks files and metadata own;
@@ -11,7 +14,8 @@
 //!
 //! Repaired with `repair`: a damaged superblock copy (rewritten from the good
 //! one), wrong link counts, and bitmap bits (leaked blocks freed, owned
-//! blocks marked). Everything else is reported and left alone.
+//! blocks marked); the needs-check mark is cleared once the check went
+//! through. Everything else is reported and left alone.
 
 use super::{Fs, Ino, State, ROOT};
 use crate::error::{Error, Result};
@@ -87,8 +91,24 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
         }
         (Err(_), Err(_)) => return Err(primary.expect_err("matched above")),
     }
-    let fs = Fs::mount(dev)?;
+    let fs = Fs::mount_for(dev, super::Purpose::Check)?;
     report.notes.extend(fs.mount_notes().iter().cloned());
+    // Damage found by an earlier mount, or by this one (the journal: what
+    // it cut off is discarded; the check below looks at what is left).
+    let marked = super::read_superblock(&fs.core.dev, 0)
+        .or_else(|_| super::read_superblock(&fs.core.dev, backup_at))?;
+    let needs_check = marked.needs_check().then(|| {
+        report.problem(
+            format!(
+                "the filesystem is marked as needing a check: {}",
+                super::needs_check_text(&marked)
+                    .split("; run")
+                    .next()
+                    .unwrap_or_default()
+            ),
+            false,
+        )
+    });
     let bitmap_fix = {
         let mut st = fs.lock()?;
         check_tree(&fs, &mut st, &mut report, repair)?
@@ -122,6 +142,14 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
         }
     }
     let dev = fs.into_device()?;
+    if let (Some(problem), true) = (needs_check, repair) {
+        // Checked (and repaired) through: the mark goes.
+        let mut sb = marked;
+        sb.flags &= !crate::format::SB_NEEDS_CHECK;
+        sb.damaged_tx = 0;
+        super::write_superblocks(&dev, &sb)?;
+        report.problems[problem].fixed = true;
+    }
     Ok((report, dev))
 }
 

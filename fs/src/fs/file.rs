@@ -376,12 +376,16 @@ impl Fs {
             if end_whole >= first_whole {
                 edges.push(((end_whole * BLOCK).max(offset), end));
             }
+            // File data is then written in place without the journal, so
+            // this transaction must never be replayed over it: it is
+            // checkpointed as soon as it is applied.
             for (a, b) in edges {
                 if a < b {
                     if let Some((physical, _)) = map(fs.extents(st, ino)?, a / BLOCK) {
                         stage
                             .tx
                             .write(physical * BLOCK + a % BLOCK, &vec![0u8; (b - a) as usize]);
+                        stage.tx.checkpoint_at_once();
                     }
                 }
             }

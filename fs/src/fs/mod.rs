@@ -64,9 +64,9 @@ use crate::alloc::Allocator;
 use crate::error::{Error, Result};
 use crate::format::{
     Dirent, Extent, ExtentBlock, Inode, Superblock, Time, BLOCK, INLINE_EXTENTS, INODE_SIZE,
-    OVERFLOW_EXTENTS, ROOT_INO, SLOTS_PER_BLOCK, SUPERBLOCK_LEN,
+    OVERFLOW_EXTENTS, ROOT_INO, SB_NEEDS_CHECK, SLOTS_PER_BLOCK, SUPERBLOCK_LEN,
 };
-use crate::journal::{read_meta, Journal, Tx};
+use crate::journal::{read_meta, Journal, LogEnd, Tx};
 use dcache::{Dcache, NameChange};
 use dir::DirIndex;
 use pmem::Device;
@@ -498,10 +498,16 @@ impl Fs {
 
     /// Mount the filesystem on `dev`: validate the superblock (falling back
     /// to the backup copy), replay the journal, rebuild the allocator, and
-    /// reclaim orphans left by a crash.
+    /// reclaim orphans left by a crash. A filesystem marked as needing a
+    /// check, or whose journal turns out damaged, is refused with
+    /// [`Error::NeedsCheck`] (run `fsck` with repair).
     pub fn mount(dev: Device) -> Result<Fs> {
+        Fs::mount_for(dev, Purpose::Use)
+    }
+
+    fn mount_for(dev: Device, purpose: Purpose) -> Result<Fs> {
         let mut notes = Vec::new();
-        let sb = match read_superblock(&dev, 0) {
+        let mut sb = match read_superblock(&dev, 0) {
             Ok(sb) => sb,
             Err(primary) => {
                 let backup_at = (dev.size() / BLOCK - 1) * BLOCK;
@@ -517,16 +523,47 @@ impl Fs {
                 }
             }
         };
-        let (journal, replayed) =
-            Journal::recover(&dev, sb.journal_start, sb.journal_blocks, sb.uuid)?;
-        if replayed > 0 {
-            notes.push(format!("replayed {replayed} journal transactions"));
+        if sb.needs_check() && purpose == Purpose::Use {
+            return Err(Error::NeedsCheck(needs_check_text(&sb)));
         }
-        if journal.skipped > 0 {
+        let (mut journal, recovery) =
+            Journal::recover(&dev, sb.journal_start, sb.journal_blocks, sb.uuid)?;
+        if recovery.replayed > 0 {
+            notes.push(format!(
+                "replayed {} journal transactions",
+                recovery.replayed
+            ));
+        }
+        if recovery.poisoned > 0 {
             notes.push(format!(
                 "{} journal records were not replayed: their metadata is poisoned and reads of it fail with EIO",
-                journal.skipped
+                recovery.poisoned
             ));
+        }
+        if let LogEnd::Damaged {
+            seq,
+            at,
+            why,
+            later,
+            newest,
+        } = &recovery.end
+        {
+            // Recorded in both superblocks before anything else, so that
+            // the damage is never forgotten.
+            sb.flags |= SB_NEEDS_CHECK;
+            sb.damaged_tx = *seq;
+            write_superblocks(&dev, &sb)?;
+            let what = format!(
+                "journal transaction {seq} (ring offset {at}) is damaged: {why}; {later} later \
+                 transactions are intact and were not replayed"
+            );
+            if purpose == Purpose::Use {
+                return Err(Error::NeedsCheck(format!(
+                    "{what}; run `daxfs fsck --repair` on the image"
+                )));
+            }
+            journal.discard_damaged(&dev, *newest)?;
+            notes.push(what);
         }
         let mut raw = vec![0u8; (sb.bitmap_blocks * BLOCK) as usize];
         read_meta(&dev, sb.bitmap_start * BLOCK, &mut raw, "allocation bitmap")?;
@@ -1448,6 +1485,35 @@ fn busy_inodes(st: &State) -> String {
         if refs.len() == 1 { "" } else { "s" },
         list.join(", ")
     )
+}
+
+/// Why a filesystem is refused: mounted to be used, or to be checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    Use,
+    Check,
+}
+
+/// What a superblock's needs-check flag means, in words.
+fn needs_check_text(sb: &Superblock) -> String {
+    let why = if sb.damaged_tx > 0 {
+        format!(
+            "journal transaction {} was found damaged and replay stopped before it",
+            sb.damaged_tx
+        )
+    } else {
+        "damage was found".to_string()
+    };
+    format!("{why}; run `daxfs fsck --repair` on the image")
+}
+
+/// Write both superblock copies (the backup first: a crash in between
+/// leaves one of them whole).
+fn write_superblocks(dev: &Device, sb: &Superblock) -> Result<()> {
+    let encoded = sb.encode();
+    dev.memcpy_persist(sb.backup_block * BLOCK, &encoded)?;
+    dev.memcpy_persist(0, &encoded)?;
+    Ok(())
 }
 
 fn read_superblock(dev: &Device, offset: u64) -> Result<Superblock> {
