@@ -450,6 +450,16 @@ impl Foreground {
             .tempdir_in("/dev/shm")
             .unwrap();
         let (img, mnt) = (dir.path().join("img"), dir.path().join("mnt"));
+        Foreground::run(dir, img, mnt)
+    }
+
+    /// A foreground daemon of the image `img` at `mnt` (both kept).
+    fn start_on(img: &Path, mnt: &Path) -> Foreground {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        Foreground::run(dir, img.to_path_buf(), mnt.to_path_buf())
+    }
+
+    fn run(dir: tempfile::TempDir, img: PathBuf, mnt: PathBuf) -> Foreground {
         let child = Command::new(env!("CARGO_BIN_EXE_daxfs"))
             .args([
                 "mount".as_ref(),
@@ -666,6 +676,399 @@ fn sigkill_of_the_daemon_loses_nothing_that_was_fsynced() {
     let out = m.umount();
     assert!(out.status.success(), "{}", text(&out));
     fsck_clean(&m.img);
+}
+
+// ---- the daemon killed under load -----------------------------------------
+
+/// FNV-1a, to compare contents through a log.
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// xorshift: the churn's choices.
+struct Xs(u64);
+
+impl Xs {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// What a churn worker's log says its directory holds: files (length, hash,
+/// xattrs) and directories, by path inside it.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Churned {
+    files: std::collections::BTreeMap<String, (u64, u64, std::collections::BTreeMap<String, u64>)>,
+    dirs: std::collections::BTreeSet<String>,
+}
+
+/// Read a worker's log: every operation that finished, applied; and the
+/// paths the operation in flight at the kill (begun, never ended) may have
+/// left either way.
+fn read_churn_log(log: &Path) -> (Churned, Vec<String>) {
+    let mut state = Churned::default();
+    let mut in_flight: Vec<String> = Vec::new();
+    for line in fs::read_to_string(log).unwrap_or_default().lines() {
+        let w: Vec<&str> = line.split(' ').collect();
+        match w[0] {
+            "B" => in_flight = w[2..].iter().map(|s| s.to_string()).collect(),
+            "E" => {
+                in_flight.clear();
+                match w[1] {
+                    "W" => {
+                        let xattrs = state.files.remove(w[2]).map(|f| f.2).unwrap_or_default();
+                        state.files.insert(
+                            w[2].into(),
+                            (w[3].parse().unwrap(), w[4].parse().unwrap(), xattrs),
+                        );
+                    }
+                    "X" => {
+                        let f = state.files.get_mut(w[2]).unwrap();
+                        f.2.insert(w[3].into(), w[4].parse().unwrap());
+                    }
+                    "R" => {
+                        let f = state.files.remove(w[2]).unwrap();
+                        state.files.insert(w[3].into(), f);
+                    }
+                    "U" => {
+                        state.files.remove(w[2]);
+                    }
+                    "M" => {
+                        state.dirs.insert(w[2].into());
+                    }
+                    "D" => {
+                        state.dirs.remove(w[2]);
+                    }
+                    op => panic!("bad log line {line:?} ({op})"),
+                }
+            }
+            _ => panic!("bad log line {line:?}"),
+        }
+    }
+    (state, in_flight)
+}
+
+/// The value hash of every `user.*` xattr of `path`.
+fn xattr_hashes(path: &Path) -> std::collections::BTreeMap<String, u64> {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut names = vec![0u8; 65536];
+    // SAFETY: a valid C string and a buffer of the size given.
+    let n = unsafe { libc::listxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(n >= 0, "listxattr {}", path.display());
+    names.truncate(n as usize);
+    let mut out = std::collections::BTreeMap::new();
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let cname = CString::new(name).unwrap();
+        let mut value = vec![0u8; 65536];
+        // SAFETY: valid C strings and a buffer of the size given.
+        let n = unsafe {
+            libc::getxattr(
+                c.as_ptr(),
+                cname.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        assert!(n >= 0, "getxattr {}", path.display());
+        value.truncate(n as usize);
+        let key = String::from_utf8_lossy(name)
+            .trim_start_matches("user.")
+            .to_string();
+        out.insert(key, fnv(&value));
+    }
+    out
+}
+
+/// What a worker's directory holds on the mount, in the log's terms.
+fn churned_on_mount(dir: &Path) -> Churned {
+    let mut seen = Churned::default();
+    let mut stack = vec![String::new()];
+    while let Some(sub) = stack.pop() {
+        for e in fs::read_dir(dir.join(&sub)).unwrap() {
+            let e = e.unwrap();
+            let rel = if sub.is_empty() {
+                e.file_name().to_string_lossy().into_owned()
+            } else {
+                format!("{sub}/{}", e.file_name().to_string_lossy())
+            };
+            if e.file_type().unwrap().is_dir() {
+                seen.dirs.insert(rel.clone());
+                stack.push(rel);
+            } else {
+                let data = fs::read(e.path()).unwrap();
+                let xattrs = xattr_hashes(&e.path());
+                seen.files
+                    .insert(rel, (data.len() as u64, fnv(&data), xattrs));
+            }
+        }
+    }
+    seen
+}
+
+/// Check a worker's directory against its log: every finished operation
+/// is there exactly, nothing else is, except what the operation in flight
+/// at the kill touched.
+fn check_churned(dir: &Path, log: &Path) {
+    let (want, in_flight) = read_churn_log(log);
+    let seen = churned_on_mount(dir);
+    let loose = |p: &str| {
+        in_flight
+            .iter()
+            .any(|f| f == p || p.starts_with(&format!("{f}/")))
+    };
+    for (p, f) in &want.files {
+        if !loose(p) {
+            assert_eq!(
+                seen.files.get(p),
+                Some(f),
+                "{}: {p} (log {})",
+                dir.display(),
+                log.display()
+            );
+        }
+    }
+    for p in seen.files.keys() {
+        assert!(
+            want.files.contains_key(p) || loose(p),
+            "{}: {p} is there but the log never finished making it",
+            dir.display()
+        );
+    }
+    for d in want.dirs.symmetric_difference(&seen.dirs) {
+        assert!(
+            loose(d),
+            "{}: directory {d} differs from the log",
+            dir.display()
+        );
+    }
+}
+
+/// Several processes churn a mount (create, write and fsync with a log of
+/// what each finished, xattrs, renames, unlinks, mkdir and rmdir); the
+/// daemon is killed with SIGKILL at a random moment; the next mount
+/// recovers: fsck clean, every logged file and name exactly as logged.
+/// Twenty rounds on one image, so later rounds reuse blocks freed earlier
+/// (whole earlier rounds are removed as it goes). `DAXFS_KILL_ROUNDS`
+/// sets the number of rounds.
+#[test]
+fn sigkill_of_the_daemon_under_churn_recovers_everything_finished() {
+    let rounds: u64 = std::env::var("DAXFS_KILL_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let dir = tempfile::Builder::new()
+        .prefix("daxfs-kill")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let (img, mnt, logs) = (
+        dir.path().join("img"),
+        dir.path().join("mnt"),
+        dir.path().join("logs"),
+    );
+    fs::create_dir(&logs).unwrap();
+    let out = daxfs(&[
+        "mkfs".as_ref(),
+        img.as_os_str(),
+        "--size".as_ref(),
+        "256M".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut kept: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut pace = Xs(0x9e37_79b9);
+    for round in 0..rounds {
+        let mut f = Foreground::start_on(&img, &mnt);
+        let workers: Vec<(std::process::Child, PathBuf, PathBuf)> = (0..4)
+            .map(|w| {
+                let (work, log) = (
+                    mnt.join(format!("r{round}w{w}")),
+                    logs.join(format!("r{round}w{w}")),
+                );
+                fs::create_dir(&work).unwrap();
+                let child = Command::new(std::env::current_exe().unwrap())
+                    .args(["--exact", "churn_worker", "--ignored", "--nocapture"])
+                    .env("DAXFS_CHURN_DIR", &work)
+                    .env("DAXFS_CHURN_LOG", &log)
+                    .env("DAXFS_CHURN_SEED", format!("{}", round * 131 + w + 1))
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+                (child, work, log)
+            })
+            .collect();
+        // Every worker under way, then a random while, then the kill.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !workers
+            .iter()
+            .all(|(_, _, log)| fs::read_to_string(log).is_ok_and(|l| l.contains("E ")))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the workers never got going"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(50 + pace.below(700)));
+        f.child.kill().unwrap();
+        f.child.wait().unwrap();
+        for (mut child, work, log) in workers {
+            let status = child.wait().unwrap();
+            assert!(status.success(), "round {round}: a worker failed: {status}");
+            kept.push((work, log));
+        }
+        fsck_clean(&img);
+        // Over the dead mount: everything every round finished is there.
+        let mut m = Mounted {
+            _dir: tempfile::tempdir_in("/dev/shm").unwrap(),
+            img: img.clone(),
+            mnt: mnt.clone(),
+            pid: None,
+        };
+        m.mount("");
+        for (work, log) in &kept {
+            check_churned(work, log);
+        }
+        // Free a whole earlier round, for the next rounds to reuse.
+        if kept.len() > 8 {
+            for (work, _) in kept.drain(..4) {
+                fs::remove_dir_all(&work).unwrap();
+            }
+        }
+        let out = m.umount();
+        assert!(out.status.success(), "round {round}: {}", text(&out));
+        fsck_clean(&img);
+    }
+}
+
+/// One churn process (run by the test above, through this test binary):
+/// works in DAXFS_CHURN_DIR, logs each operation before ("B") and after
+/// ("E") to DAXFS_CHURN_LOG, and stops at the first error (the daemon was
+/// killed).
+#[test]
+#[ignore = "a worker of the daemon-kill test, not a test by itself"]
+fn churn_worker() {
+    let Ok(dir) = std::env::var("DAXFS_CHURN_DIR") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(std::env::var("DAXFS_CHURN_LOG").unwrap())
+        .unwrap();
+    let mut rng = Xs(std::env::var("DAXFS_CHURN_SEED").unwrap().parse().unwrap());
+    let mut files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+    let mut dirs: Vec<String> = Vec::new();
+    let mut note = |line: String| log.write_all(format!("{line}\n").as_bytes()).unwrap();
+    for n in 0u64.. {
+        let names: Vec<String> = files.keys().cloned().collect();
+        let pick = |rng: &mut Xs| names[rng.below(names.len() as u64) as usize].clone();
+        let place = |rng: &mut Xs, dirs: &[String]| match rng.below(dirs.len() as u64 + 1) {
+            0 => format!("f{n}"),
+            i => format!("{}/f{n}", dirs[i as usize - 1]),
+        };
+        let choice = if names.is_empty() { 0 } else { rng.below(100) };
+        let r: std::io::Result<()> = match choice {
+            0..=39 => {
+                // A new file, or more bytes for an old one; fsync'd.
+                let name = if names.is_empty() || rng.below(2) == 0 {
+                    place(&mut rng, &dirs)
+                } else {
+                    pick(&mut rng)
+                };
+                let mut body = files.get(&name).cloned().unwrap_or_default();
+                let most = if rng.below(8) == 0 { 900_000 } else { 20_000 };
+                let more = 1 + rng.below(most);
+                body.extend((0..more).map(|i| (i * 7 + n) as u8));
+                note(format!("B W {name}"));
+                OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(false)
+                    .open(dir.join(&name))
+                    .and_then(|mut f| f.write_all(&body).and_then(|()| f.sync_all()))
+                    .map(|()| {
+                        note(format!("E W {name} {} {}", body.len(), fnv(&body)));
+                        files.insert(name, body);
+                    })
+            }
+            40..=54 => {
+                let name = pick(&mut rng);
+                let key = ["s", "m", "l"][rng.below(3) as usize];
+                let value: Vec<u8> = (0..rng.below(2000)).map(|i| (i + n) as u8).collect();
+                note(format!("B X {name}"));
+                let (c, k) = (
+                    CString::new(dir.join(&name).as_os_str().as_bytes()).unwrap(),
+                    CString::new(format!("user.{key}")).unwrap(),
+                );
+                // SAFETY: valid C strings and a value of the length given.
+                let rc = unsafe {
+                    libc::setxattr(
+                        c.as_ptr(),
+                        k.as_ptr(),
+                        value.as_ptr().cast(),
+                        value.len(),
+                        0,
+                    )
+                };
+                if rc == 0 {
+                    note(format!("E X {name} {key} {}", fnv(&value)));
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            }
+            55..=69 => {
+                let (from, to) = (pick(&mut rng), place(&mut rng, &dirs));
+                note(format!("B R {from} {to}"));
+                fs::rename(dir.join(&from), dir.join(&to)).map(|()| {
+                    note(format!("E R {from} {to}"));
+                    let body = files.remove(&from).unwrap();
+                    files.insert(to, body);
+                })
+            }
+            70..=84 => {
+                let name = pick(&mut rng);
+                note(format!("B U {name}"));
+                fs::remove_file(dir.join(&name)).map(|()| {
+                    note(format!("E U {name}"));
+                    files.remove(&name);
+                })
+            }
+            85..=92 if dirs.len() < 3 => {
+                let d = format!("d{n}");
+                note(format!("B M {d}"));
+                fs::create_dir(dir.join(&d)).map(|()| {
+                    note(format!("E M {d}"));
+                    dirs.push(d);
+                })
+            }
+            _ => {
+                let empty = dirs
+                    .iter()
+                    .position(|d| !files.keys().any(|f| f.starts_with(&format!("{d}/"))));
+                match empty {
+                    Some(i) => {
+                        let d = dirs[i].clone();
+                        note(format!("B D {d}"));
+                        fs::remove_dir(dir.join(&d)).map(|()| {
+                            note(format!("E D {d}"));
+                            dirs.remove(i);
+                        })
+                    }
+                    None => Ok(()),
+                }
+            }
+        };
+        if r.is_err() {
+            // The daemon is gone (ENOTCONN), or dying: stop.
+            return;
+        }
+    }
 }
 
 #[test]
