@@ -944,6 +944,89 @@ fn sigkill_of_the_daemon_under_churn_recovers_everything_finished() {
     }
 }
 
+/// `daxfs info --json` shows the journal a killed daemon left (the pending
+/// transactions and where they are); a bit flipped in one of them, with
+/// intact ones after it, makes `daxfs mount` refuse ("needs a check") and
+/// `daxfs fsck` report it (exit 4) until `daxfs fsck --repair` (exit 1).
+#[test]
+fn a_damaged_journal_is_refused_by_mount_until_fsck_repairs_it() {
+    let info = |img: &Path| -> serde_json::Value {
+        let out = daxfs(&["info".as_ref(), img.as_os_str(), "--json".as_ref()]);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let kill = |f: &mut Foreground| {
+        f.child.kill().unwrap();
+        f.child.wait().unwrap();
+        let c = CString::new(f.mnt.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid C string; detaching the dead mount.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    };
+    // Changes, then the kill, until at least three transactions are left
+    // to replay (the tail moves every few transactions).
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let (img, mnt) = (dir.path().join("img"), dir.path().join("mnt"));
+    for attempt in 0.. {
+        let mut f = Foreground::start_on(&img, &mnt);
+        for i in 0..(20 + attempt) {
+            fs::write(mnt.join(format!("a{attempt}f{i}")), b"x").unwrap();
+        }
+        kill(&mut f);
+        if info(&img)["layout"]["journal"]["pending_transactions"].as_u64() >= Some(3) {
+            break;
+        }
+        assert!(attempt < 30, "never three transactions to replay");
+    }
+    let layout = &info(&img)["layout"];
+    let journal = &layout["journal"];
+    let txs = journal["pending"].as_array().unwrap();
+    assert!(txs.len() >= 3, "{journal}");
+    assert_eq!(
+        journal["pending_transactions"].as_u64(),
+        Some(txs.len() as u64)
+    );
+    assert_eq!(journal["end"], "clean", "{journal}");
+    // Flip a bit in the middle of the second pending transaction.
+    let ring = journal["ring"]["offset"].as_u64().unwrap();
+    let at =
+        ring + txs[1]["ring_offset"].as_u64().unwrap() + txs[1]["length"].as_u64().unwrap() / 2;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut b = [0u8; 1];
+    file.read_exact_at(&mut b, at).unwrap();
+    file.write_all_at(&[b[0] ^ 4], at).unwrap();
+    drop(file);
+    let journal = &info(&img)["layout"]["journal"];
+    assert!(
+        journal["end"].as_str().unwrap().starts_with("damaged"),
+        "{journal}"
+    );
+    let out = daxfs(&["mount".as_ref(), img.as_os_str(), mnt.as_os_str()]);
+    assert!(!out.status.success(), "a damaged journal mounted");
+    assert!(text(&out).contains("needs a check"), "{}", text(&out));
+    assert!(!is_mounted(&mnt));
+    assert_eq!(info(&img)["layout"]["needs_check"], true);
+    let out = daxfs(&["fsck".as_ref(), img.as_os_str()]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let out = daxfs(&["fsck".as_ref(), img.as_os_str(), "--repair".as_ref()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    fsck_clean(&img);
+    assert_eq!(info(&img)["layout"]["needs_check"], false);
+    let mut m = Mounted {
+        _dir: tempfile::tempdir_in("/dev/shm").unwrap(),
+        img: img.clone(),
+        mnt: mnt.clone(),
+        pid: None,
+    };
+    m.mount("");
+    assert_eq!(fs::read(m.path("a0f0")).unwrap(), b"x");
+    let out = m.umount();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
 /// One churn process (run by the test above, through this test binary):
 /// works in DAXFS_CHURN_DIR, logs each operation before ("B") and after
 /// ("E") to DAXFS_CHURN_LOG, and stops at the first error (the daemon was

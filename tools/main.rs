@@ -4,6 +4,7 @@ mod control;
 mod dax_tests;
 mod fuse;
 mod huge;
+mod layout;
 mod mount;
 mod size;
 
@@ -220,9 +221,25 @@ fn run(command: Command) -> Outcome {
         Command::Info(args) => {
             let dev = open(&args.image)?;
             let info = dev.info();
-            let usage = filesystem_usage(dev);
+            // Read without a mount. The usage needs one, which would replay
+            // the journal: not while it holds transactions to replay (so that
+            // `info` shows a crashed image as it is) or needs a check.
+            let layout = layout::layout_json(&dev);
+            let usage = match &layout {
+                Ok(l) if l["needs_check"] == true => {
+                    Err("not shown: the filesystem needs a check (daxfs fsck --repair)".to_string())
+                }
+                Ok(l) if l["journal"]["pending_transactions"].as_u64() > Some(0) => Err(format!(
+                    "not shown: the journal holds {} transactions to replay (the next mount or fsck replays them)",
+                    l["journal"]["pending_transactions"]
+                )),
+                _ => filesystem_usage(dev),
+            };
             if args.json {
                 let mut value = device_json(&info, None);
+                if let Ok(layout) = &layout {
+                    value["layout"] = layout.clone();
+                }
                 value["filesystem_usage"] = match &usage {
                     Ok(u) => json!({
                         "blocks": u.blocks, "free_blocks": u.free_blocks,
@@ -243,7 +260,11 @@ fn run(command: Command) -> Outcome {
                         u.inodes,
                         u.huge_fraction * 100.0
                     ),
+                    Err(why) if layout.is_ok() => println!("  filesystem:   daxfs, usage {why}"),
                     Err(why) => println!("  filesystem:   none ({why})"),
+                }
+                if let Ok(layout) = &layout {
+                    print_layout(layout);
                 }
             }
             Ok(())
@@ -626,6 +647,36 @@ fn kind_text(kind: &DeviceKind) -> String {
     match kind {
         DeviceKind::Emulated => "emulated".to_string(),
         DeviceKind::DevDax { name } => format!("devdax ({name})"),
+    }
+}
+
+/// The layout part of `daxfs info`, in text.
+fn print_layout(l: &serde_json::Value) {
+    let area = |name: &str, v: &serde_json::Value| {
+        println!(
+            "  {name:<13} at {:#x}, {}",
+            v["offset"].as_u64().unwrap_or(0),
+            human(v["length"].as_u64().unwrap_or(0))
+        )
+    };
+    println!("  layout:");
+    area("  superblock", &l["superblock"]);
+    area("  state block", &l["state_block"]);
+    area("  journal", &l["journal"]);
+    area("  inode table", &l["inode_table"]);
+    area("  bitmap", &l["bitmap"]);
+    area("  data", &l["data"]);
+    area("  backup sb", &l["backup_superblock"]);
+    let j = &l["journal"];
+    println!(
+        "  journal:      {} transactions to replay (tail {}, head {}; {})",
+        j["pending_transactions"],
+        j["tail"],
+        j["head"],
+        j["end"].as_str().unwrap_or("")
+    );
+    if l["needs_check"].as_bool() == Some(true) {
+        println!("  needs check:  yes: run `daxfs fsck --repair` before mounting");
     }
 }
 

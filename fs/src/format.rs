@@ -284,6 +284,28 @@ impl Superblock {
         Ok(sb)
     }
 
+    /// Read and validate the superblock at device `offset`.
+    pub fn read(dev: &pmem::Device, offset: u64) -> Result<Superblock> {
+        let mut raw = [0u8; SUPERBLOCK_LEN];
+        crate::journal::read_meta(dev, offset, &mut raw, "superblock")?;
+        Superblock::decode(&raw, offset, dev.size())
+    }
+
+    /// The primary superblock, or the backup copy when the primary is bad
+    /// (then the primary's error too).
+    pub fn read_either(dev: &pmem::Device) -> Result<(Superblock, Option<Error>)> {
+        match Superblock::read(dev, 0) {
+            Ok(sb) => Ok((sb, None)),
+            Err(primary) => {
+                let backup_at = (dev.size() / BLOCK - 1) * BLOCK;
+                match Superblock::read(dev, backup_at) {
+                    Ok(sb) => Ok((sb, Some(primary))),
+                    Err(_) => Err(primary),
+                }
+            }
+        }
+    }
+
     /// Whether mount must refuse until fsck has run.
     pub fn needs_check(&self) -> bool {
         self.flags & SB_NEEDS_CHECK != 0

@@ -64,7 +64,7 @@ use crate::alloc::Allocator;
 use crate::error::{Error, Result};
 use crate::format::{
     Dirent, Extent, ExtentBlock, Inode, Superblock, Time, BLOCK, INLINE_EXTENTS, INODE_SIZE,
-    OVERFLOW_EXTENTS, ROOT_INO, SB_NEEDS_CHECK, SLOTS_PER_BLOCK, SUPERBLOCK_LEN,
+    OVERFLOW_EXTENTS, ROOT_INO, SB_NEEDS_CHECK, SLOTS_PER_BLOCK,
 };
 use crate::journal::{read_meta, Journal, LogEnd, Tx};
 use dcache::{Dcache, NameChange};
@@ -507,22 +507,14 @@ impl Fs {
 
     fn mount_for(dev: Device, purpose: Purpose) -> Result<Fs> {
         let mut notes = Vec::new();
-        let mut sb = match read_superblock(&dev, 0) {
-            Ok(sb) => sb,
-            Err(primary) => {
-                let backup_at = (dev.size() / BLOCK - 1) * BLOCK;
-                match read_superblock(&dev, backup_at) {
-                    Ok(sb) => {
-                        notes.push(format!(
-                            "primary superblock is bad ({primary}); mounted from the backup at \
-                             {backup_at:#x}; run `daxfs fsck --repair` to restore it"
-                        ));
-                        sb
-                    }
-                    Err(_) => return Err(primary),
-                }
-            }
-        };
+        let (mut sb, primary) = Superblock::read_either(&dev)?;
+        if let Some(primary) = primary {
+            notes.push(format!(
+                "primary superblock is bad ({primary}); mounted from the backup at {:#x}; run \
+                 `daxfs fsck --repair` to restore it",
+                sb.backup_block * BLOCK
+            ));
+        }
         if sb.needs_check() && purpose == Purpose::Use {
             return Err(Error::NeedsCheck(needs_check_text(&sb)));
         }
@@ -1517,7 +1509,5 @@ fn write_superblocks(dev: &Device, sb: &Superblock) -> Result<()> {
 }
 
 fn read_superblock(dev: &Device, offset: u64) -> Result<Superblock> {
-    let mut raw = [0u8; SUPERBLOCK_LEN];
-    read_meta(dev, offset, &mut raw, "superblock")?;
-    Superblock::decode(&raw, offset, dev.size())
+    Superblock::read(dev, offset)
 }
