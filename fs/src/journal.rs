@@ -195,10 +195,12 @@ impl Tx {
             .map(|(_, bytes)| bytes.as_slice())
     }
 
-    /// The writes that survive this transaction's own revokes, clipped.
-    fn live_records(&self) -> Vec<(u64, &[u8])> {
+    /// The writes that survive this transaction's own revokes (clipped),
+    /// and the revokes.
+    #[allow(clippy::type_complexity)]
+    fn into_live(self) -> (Vec<(u64, Vec<u8>)>, Vec<(u64, u64)>) {
         if self.revokes.is_empty() {
-            return self.records.iter().map(|(at, b)| (*at, &b[..])).collect();
+            return (self.records, self.revokes);
         }
         let mut revoked = Revoked::default();
         for &(first, count) in &self.revokes {
@@ -207,16 +209,19 @@ impl Tx {
         let mut live = Vec::new();
         for (at, bytes) in &self.records {
             for (start, end) in revoked.live(*at, bytes.len() as u64, 0) {
-                live.push((start, &bytes[(start - at) as usize..(end - at) as usize]));
+                live.push((
+                    start,
+                    bytes[(start - at) as usize..(end - at) as usize].to_vec(),
+                ));
             }
         }
-        live
+        (live, self.revokes)
     }
 
     /// The transaction's bytes, without its ring offset and checksum
     /// (`seal` adds them once the offset is known).
     fn encode(
-        records: &[(u64, &[u8])],
+        records: &[(u64, Vec<u8>)],
         revokes: &[(u64, u64)],
         seq: u64,
         uuid: &[u8; 16],
@@ -429,62 +434,48 @@ enum Unfit {
     Bad { seq: u64, why: String },
 }
 
-/// The ring, read once, with its unreadable (poisoned) blocks known.
-struct Ring {
-    bytes: Vec<u8>,
-    unreadable: Vec<bool>,
+/// The ring of one filesystem's journal, read in place.
+struct Ring<'a> {
+    dev: &'a Device,
+    /// Device offset and length of the ring.
+    at: u64,
+    len: u64,
+    uuid: [u8; 16],
 }
 
-impl Ring {
-    fn read(dev: &Device, at: u64, len: u64) -> Ring {
-        let mut bytes = vec![0u8; len as usize];
-        let mut unreadable = vec![false; len.div_ceil(BLOCK) as usize];
-        for (i, chunk) in bytes.chunks_mut(BLOCK as usize).enumerate() {
-            if dev.read(at + i as u64 * BLOCK, chunk).is_err() {
-                chunk.fill(0);
-                unreadable[i] = true;
-            }
-        }
-        Ring { bytes, unreadable }
-    }
-
-    fn readable(&self, pos: u64, len: u64) -> bool {
-        (pos / BLOCK..(pos + len).div_ceil(BLOCK)).all(|b| !self.unreadable[b as usize])
-    }
-
+impl Ring<'_> {
     /// The transaction at ring offset `pos`, if one of this filesystem was
     /// written there and is intact.
-    fn tx_at(&self, pos: u64, uuid: &[u8; 16], dev_size: u64) -> Result<Scanned, Unfit> {
-        let ring_len = self.bytes.len() as u64;
-        if pos + TX_HEADER as u64 > ring_len {
+    fn tx_at(&self, pos: u64) -> Result<Scanned, Unfit> {
+        if pos + TX_HEADER as u64 > self.len {
             return Err(Unfit::NoHeader);
         }
-        if !self.readable(pos, TX_HEADER as u64) {
+        let mut h = [0u8; TX_HEADER];
+        if self.dev.read(self.at + pos, &mut h).is_err() {
             return Err(Unfit::Bad {
                 seq: 0,
                 why: "its header is on poisoned media".into(),
             });
         }
-        let h = &self.bytes[pos as usize..pos as usize + TX_HEADER];
-        if u32_at(h, tx_field::MAGIC) != TX_MAGIC
-            || h[tx_field::UUID..tx_field::UUID + 16] != uuid[..]
-            || u64_at(h, tx_field::POS) != pos
+        if u32_at(&h, tx_field::MAGIC) != TX_MAGIC
+            || h[tx_field::UUID..tx_field::UUID + 16] != self.uuid[..]
+            || u64_at(&h, tx_field::POS) != pos
         {
             return Err(Unfit::NoHeader);
         }
-        let seq = u64_at(h, tx_field::SEQ);
+        let seq = u64_at(&h, tx_field::SEQ);
         let bad = |why: &str| Unfit::Bad {
             seq,
             why: why.to_string(),
         };
-        let len = u32_at(h, tx_field::LEN) as u64;
-        if len < TX_HEADER as u64 || !len.is_multiple_of(64) || pos + len > ring_len {
+        let len = u32_at(&h, tx_field::LEN) as u64;
+        if len < TX_HEADER as u64 || !len.is_multiple_of(64) || pos + len > self.len {
             return Err(bad("its length is out of range"));
         }
-        if !self.readable(pos, len) {
+        let mut body = vec![0u8; len as usize];
+        if self.dev.read(self.at + pos, &mut body).is_err() {
             return Err(bad("it is on poisoned media"));
         }
-        let mut body = self.bytes[pos as usize..(pos + len) as usize].to_vec();
         let crc = u32_at(&body, tx_field::CRC);
         body[tx_field::CRC..tx_field::CRC + 4].fill(0);
         if crc32c::crc32c(&body) != crc {
@@ -501,7 +492,10 @@ impl Ring {
             let offset = u64_at(&body, at);
             let n = u32_at(&body, at + 8) as usize;
             at += RECORD_HEADER;
-            if at + n > body.len() || offset.checked_add(n as u64).is_none_or(|e| e > dev_size) {
+            let past_device = offset
+                .checked_add(n as u64)
+                .is_none_or(|e| e > self.dev.size());
+            if at + n > body.len() || past_device {
                 return Err(bad("a record runs past its end or the device's"));
             }
             records.push((offset, body[at..at + n].to_vec()));
@@ -523,14 +517,45 @@ impl Ring {
             revokes,
         })
     }
+
+    /// Every intact transaction in ring offsets `[from, to)`, in ring
+    /// order, until `stop` says enough. Read a block at a time; a header
+    /// is looked at only where its magic is.
+    fn intact_in(&self, from: u64, to: u64, mut stop: impl FnMut(&Scanned) -> bool) {
+        let mut block = vec![0u8; BLOCK as usize];
+        let mut at = from / 64 * 64;
+        while at < to {
+            let chunk_end = ((at / BLOCK + 1) * BLOCK).min(to);
+            let n = (chunk_end - at) as usize;
+            if self.dev.read(self.at + at, &mut block[..n]).is_ok() {
+                for off in (0..n).step_by(64) {
+                    if u32_at(&block, off) == TX_MAGIC {
+                        if let Ok(tx) = self.tx_at(at + off as u64) {
+                            if stop(&tx) {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            at = chunk_end;
+        }
+    }
 }
 
 /// Read the journal of the filesystem `uuid` (region `start_block`, `blocks`
 /// long) without changing a byte: the checkpoint, the transactions a
 /// recovery would replay, and why the log ends.
+///
+/// Where the chain ends, a transaction is damaged (not torn) if an intact
+/// one of a later sequence number exists. Such a one can only be the next
+/// intact transaction after the chain's end in ring order (the damaged one
+/// overwrote everything between), or, had it wrapped, the first intact one
+/// from the ring's start: so those two places are looked at, which costs a
+/// transaction's read on a used ring. Only once damage is found is the
+/// whole ring read, to learn the newest transaction it holds.
 pub fn scan(dev: &Device, start_block: u64, blocks: u64, uuid: [u8; 16]) -> Result<Scan> {
     let region = start_block * BLOCK;
-    let ring = region + BLOCK;
     let ring_len = (blocks - 1) * BLOCK;
     let mut header = [0u8; 128];
     read_meta(dev, region, &mut header, "journal header")?;
@@ -557,17 +582,21 @@ pub fn scan(dev: &Device, start_block: u64, blocks: u64, uuid: [u8; 16]) -> Resu
             format!("ring offset {tail} is out of range"),
         ));
     }
-    let bytes = Ring::read(dev, ring, ring_len);
+    let ring = Ring {
+        dev,
+        at: region + BLOCK,
+        len: ring_len,
+        uuid,
+    };
     let mut pending = Vec::new();
     let mut head = tail;
     let mut want = checkpoint.seq + 1;
     let first_unfit = loop {
-        let here = bytes.tx_at(head, &uuid, dev.size());
-        let found = match here {
+        let found = match ring.tx_at(head) {
             Ok(tx) if tx.seq == want => Ok(tx),
             // A transaction that did not fit before the ring's end went to
             // its start.
-            other if head != 0 => match bytes.tx_at(0, &uuid, dev.size()) {
+            other if head != 0 => match ring.tx_at(0) {
                 Ok(tx) if tx.seq == want => Ok(tx),
                 _ => Err(other),
             },
@@ -582,22 +611,23 @@ pub fn scan(dev: &Device, start_block: u64, blocks: u64, uuid: [u8; 16]) -> Resu
             Err(unfit) => break unfit,
         }
     };
-    // Anything intact and newer than the chain's end means damage.
-    let (mut later, mut newest) = (0, 0);
-    for pos in (0..ring_len).step_by(64) {
-        let h = &bytes.bytes[pos as usize..pos as usize + 8];
-        if u32_at(h, 0) != TX_MAGIC {
-            continue;
-        }
-        if let Ok(tx) = bytes.tx_at(pos, &uuid, dev.size()) {
+    let mut later_found = false;
+    for (from, to) in [(head, ring_len), (0, head)] {
+        ring.intact_in(from, to, |tx| {
+            later_found |= tx.seq >= want;
+            true
+        });
+    }
+    let end = if later_found {
+        let (mut later, mut newest) = (0, 0);
+        ring.intact_in(0, ring_len, |tx| {
             if tx.seq >= want {
                 later += 1;
                 newest = newest.max(tx.seq);
             }
-        }
-    }
-    let end = match first_unfit {
-        _ if later > 0 => LogEnd::Damaged {
+            false
+        });
+        LogEnd::Damaged {
             seq: want,
             at: head,
             why: match first_unfit {
@@ -607,13 +637,16 @@ pub fn scan(dev: &Device, start_block: u64, blocks: u64, uuid: [u8; 16]) -> Resu
             },
             later,
             newest,
-        },
-        Err(Unfit::Bad { seq, .. }) if seq == want => LogEnd::Torn { seq },
-        _ => LogEnd::Clean,
+        }
+    } else {
+        match first_unfit {
+            Err(Unfit::Bad { seq, .. }) if seq == want => LogEnd::Torn { seq },
+            _ => LogEnd::Clean,
+        }
     };
     Ok(Scan {
         region,
-        ring,
+        ring: ring.at,
         ring_len,
         checkpoint,
         pending,
@@ -758,7 +791,8 @@ impl Journal {
         if tx.is_empty() {
             return Ok(());
         }
-        let records = tx.live_records();
+        let checkpoint_at_once = tx.checkpoint_at_once;
+        let (records, revokes) = tx.into_live();
         // A record that would cover part of a poisoned sector could not be
         // applied: refuse before anything is durable, not after.
         for (offset, data) in &records {
@@ -774,7 +808,7 @@ impl Journal {
                 }
             }
         }
-        let mut bytes = Tx::encode(&records, &tx.revokes, self.next_seq, &self.uuid);
+        let mut bytes = Tx::encode(&records, &revokes, self.next_seq, &self.uuid);
         let len = bytes.len() as u64;
         if len > self.ring_len / 2 {
             return Err(Error::Invalid(
@@ -820,7 +854,7 @@ impl Journal {
         self.next_seq += 1;
         self.since_checkpoint += 1;
         self.committed += 1;
-        if tx.checkpoint_at_once {
+        if checkpoint_at_once {
             dev.drain();
             self.checkpoint(dev, self.next_seq - 1)?;
         }
@@ -921,10 +955,10 @@ mod tests {
         tx.write(BLOCK * 8 - 16, &[2; 32]); // straddles into block 8
         tx.write(BLOCK * 20, &[3; 8]);
         tx.revoke(7, 1);
-        let live = tx.live_records();
+        let (live, _) = tx.into_live();
         assert_eq!(
             live,
-            vec![(BLOCK * 8, &[2u8; 16][..]), (BLOCK * 20, &[3u8; 8][..])]
+            vec![(BLOCK * 8, vec![2u8; 16]), (BLOCK * 20, vec![3u8; 8])]
         );
     }
 }
