@@ -4,7 +4,9 @@
 //! DESIGN.md):
 //!
 //! * [`format`]: the on-media format, described next to the code that writes it;
-//! * [`journal`]: the redo journal that makes every metadata change atomic;
+//! * [`journal`]: the redo journal (revoke records, checkpointed as it goes,
+//!   a read-only scan that says why the log ends) that makes every metadata
+//!   change atomic;
 //! * `alloc`: the 2 MiB-aware block allocator;
 //! * [`Fs`]: the filesystem and its library API (inode- and path-based calls),
 //!   with DAX mappings ([`Fs::mmap`]), pins for direct I/O against calls that

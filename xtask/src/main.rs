@@ -167,6 +167,7 @@ fn bench(args: &[String]) -> Result<(), String> {
             "namespace",
             "dax",
             "failure",
+            "journal",
         ] {
             let mut cmd = cargo();
             cmd.args(["bench", "--bench", bench]);
@@ -381,6 +382,30 @@ fn bench(args: &[String]) -> Result<(), String> {
         show(median(&ratio(
             "failure/memory_failure/100_mappings".into(),
             "failure/memory_failure/1_mappings".into()
+        )))
+    );
+
+    println!("\njournal: mount time ({rounds} rounds)");
+    let journal = |f: &str| {
+        let key = format!("journal/mount/{f}");
+        median(&move |m: &Medians| m.get(&key).copied())
+    };
+    println!(
+        "{:<46} {:>10}",
+        "after a clean unmount (empty ring)",
+        time(journal("clean"))
+    );
+    println!(
+        "{:<46} {:>10}",
+        "after a crash (32,800 changes since mount)",
+        time(journal("after_crash"))
+    );
+    println!(
+        "{:<46} {:>10}",
+        "after a crash / after a clean unmount",
+        show(median(&ratio(
+            "journal/mount/after_crash".into(),
+            "journal/mount/clean".into()
         )))
     );
 
