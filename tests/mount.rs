@@ -1023,8 +1023,15 @@ fn a_damaged_journal_is_refused_by_mount_until_fsck_repairs_it() {
     };
     m.mount("");
     assert_eq!(fs::read(m.path("a0f0")).unwrap(), b"x");
+    for i in 0..50 {
+        fs::write(m.path(&format!("after{i}")), b"y").unwrap();
+    }
     let out = m.umount();
     assert!(out.status.success(), "{}", text(&out));
+    // `daxfs umount` leaves an empty ring.
+    let journal = &info(&img)["layout"]["journal"];
+    assert_eq!(journal["pending_transactions"], 0, "{journal}");
+    assert_eq!(journal["end"], "clean", "{journal}");
 }
 
 /// One churn process (run by the test above, through this test binary):

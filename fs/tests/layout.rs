@@ -129,9 +129,16 @@ fn a_new_pin_waits_for_a_break_in_progress() {
             fs.truncate(f, 4096).unwrap();
             truncated.store(true, Ordering::SeqCst);
         });
-        std::thread::sleep(Duration::from_millis(100));
-        // (The truncating thread may not have stored its flag yet when the
-        // pin gets through: the layout the pin sees is what tells.)
+        // Once the truncate waits for the first pin (it holds the file's
+        // layout then), a new pin must wait for it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while fs.layout_breaks_waiting() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the truncate never waited"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let second = s.spawn(|| {
             let pin = fs.pin(f, 0, 2 * MIB).unwrap();
             pin.extents().iter().map(|e| e.len).sum::<u64>()

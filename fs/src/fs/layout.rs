@@ -156,6 +156,12 @@ impl Fs {
         self.core.layout_timeout_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// How many calls are waiting for pins to go right now (a truncate or
+    /// punch breaking the layout of a pinned range).
+    pub fn layout_breaks_waiting(&self) -> u64 {
+        self.core.layout_waiting.load(Ordering::Acquire)
+    }
+
     /// Make every call waiting for pins give up now with `EBUSY` (freeing
     /// nothing), as a signal interrupts Linux's wait.
     pub fn cancel_layout_breaks(&self) {
@@ -183,6 +189,8 @@ impl Fs {
         let timeout = Duration::from_millis(self.core.layout_timeout_ms.load(Ordering::Relaxed));
         let deadline = Instant::now() + timeout;
         let cancel = self.core.layout_cancel.load(Ordering::Acquire);
+        self.core.layout_waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.core.layout_waiting);
         while overlaps(&pins) {
             let now = Instant::now();
             let cancelled = self.core.layout_cancel.load(Ordering::Acquire) != cancel;
@@ -209,5 +217,14 @@ impl Fs {
                 .0;
         }
         Ok(())
+    }
+}
+
+/// Counts a call among those waiting for pins while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -357,6 +357,8 @@ struct Core {
     layout_timeout_ms: AtomicU64,
     /// Bumped by `cancel_layout_breaks`.
     layout_cancel: AtomicU64,
+    /// Calls waiting for pins to go (see `layout`).
+    layout_waiting: AtomicU64,
     /// Memory failures handled and not cleared (see `failure`).
     failures: Mutex<Vec<failure::MemoryFailure>>,
     failure_handlers: Mutex<Vec<failure::FailureHandler>>,
@@ -621,6 +623,7 @@ impl Fs {
                 dax_counters: dax::Counters::default(),
                 layout_timeout_ms: AtomicU64::new(layout::DEFAULT_LAYOUT_TIMEOUT.as_millis() as u64),
                 layout_cancel: AtomicU64::new(0),
+                layout_waiting: AtomicU64::new(0),
                 failures: Mutex::new(Vec::new()),
                 failure_handlers: Mutex::new(Vec::new()),
                 unmounted: AtomicBool::new(false),
