@@ -24,7 +24,7 @@
 
 mod common;
 
-use common::crash_units;
+use common::{crash_units, Rng};
 use daxfs::pmem::{Device, DeviceOptions};
 use daxfs::{FileKind, Fs, Ino, RenameFlags, ROOT};
 use std::collections::BTreeMap;
@@ -35,34 +35,6 @@ const DEVICE: u64 = 32 << 20;
 /// File data the sequence keeps under.
 const DATA_CAP: u64 = 12 << 20;
 const NOT_STARTED: usize = usize::MAX;
-
-// ---- randomness -----------------------------------------------------------
-
-/// SplitMix64: small, seedable, good enough for choosing operations.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
-        (!items.is_empty()).then(|| &items[self.below(items.len() as u64) as usize])
-    }
-}
 
 /// `len` bytes that depend on `fill` (never all zeros).
 fn bytes(fill: u64, len: u64) -> Vec<u8> {
