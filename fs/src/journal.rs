@@ -96,6 +96,9 @@
 //!
 //! The ring offset in the header keeps a copy of a transaction's bytes
 //! elsewhere (inside a record, say) from passing as a transaction there.
+//! Transactions of the format before (magic "DXTX": no ring offset, no
+//! revokes) that a crash left in the ring are still replayed, as that
+//! version did, then the ring is checkpointed past them.
 
 use crate::error::{Error, Result};
 use crate::format::BLOCK;
@@ -104,6 +107,10 @@ use std::collections::BTreeMap;
 
 const HEADER_MAGIC: u32 = u32::from_le_bytes(*b"DXJH");
 const TX_MAGIC: u32 = u32::from_le_bytes(*b"DXT2");
+/// The transactions of daxfs before revoke records: no ring offset, no
+/// revokes. Replayed (as that version did) when a crash left them, so that
+/// nothing they committed is lost; never written.
+const LEGACY_TX_MAGIC: u32 = u32::from_le_bytes(*b"DXTX");
 const TX_HEADER: usize = 64;
 const RECORD_HEADER: usize = 16;
 const REVOKE_RECORD: usize = 16;
@@ -457,9 +464,10 @@ impl Ring<'_> {
                 why: "its header is on poisoned media".into(),
             });
         }
-        if u32_at(&h, tx_field::MAGIC) != TX_MAGIC
+        let legacy = u32_at(&h, tx_field::MAGIC) == LEGACY_TX_MAGIC;
+        if !(legacy || u32_at(&h, tx_field::MAGIC) == TX_MAGIC)
             || h[tx_field::UUID..tx_field::UUID + 16] != self.uuid[..]
-            || u64_at(&h, tx_field::POS) != pos
+            || (!legacy && u64_at(&h, tx_field::POS) != pos)
         {
             return Err(Unfit::NoHeader);
         }
@@ -482,7 +490,11 @@ impl Ring<'_> {
             return Err(bad("it fails its checksum"));
         }
         let nrec = u32_at(&body, tx_field::RECORDS) as usize;
-        let nrev = u32_at(&body, tx_field::REVOKES) as usize;
+        let nrev = if legacy {
+            0
+        } else {
+            u32_at(&body, tx_field::REVOKES) as usize
+        };
         let mut records = Vec::with_capacity(nrec.min(body.len() / RECORD_HEADER));
         let mut at = TX_HEADER;
         for _ in 0..nrec {
@@ -946,6 +958,40 @@ mod tests {
         assert_eq!(r.live(b(6), 8, 7), vec![(b(6), b(6) + 8)]);
         assert_eq!(r.live(b(6), 8, 3), vec![]);
         assert_eq!(r.ranges.len(), 3);
+    }
+
+    /// A crash under the format before revoke records left a transaction
+    /// in the ring: it is replayed, not lost.
+    #[test]
+    fn a_legacy_transaction_left_by_a_crash_is_replayed() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let dev = Device::create(dir.path().join("j.img"), 16 << 20, &Default::default()).unwrap();
+        let uuid = [7u8; 16];
+        Journal::format(&dev, 2, 64, uuid).unwrap();
+        // The old encoding: DXTX, no ring offset, no revokes.
+        let target = 40 * BLOCK + 100;
+        let mut tx = vec![0u8; 64];
+        tx.extend_from_slice(&target.to_le_bytes());
+        tx.extend_from_slice(&5u32.to_le_bytes());
+        tx.extend_from_slice(&[0; 4]);
+        tx.extend_from_slice(b"hello");
+        tx.resize(128, 0);
+        tx[0..4].copy_from_slice(b"DXTX");
+        tx[4..8].copy_from_slice(&1u32.to_le_bytes());
+        tx[8..16].copy_from_slice(&1u64.to_le_bytes());
+        tx[16..32].copy_from_slice(&uuid);
+        tx[32..36].copy_from_slice(&128u32.to_le_bytes());
+        let crc = crc32c::crc32c(&tx);
+        tx[36..40].copy_from_slice(&crc.to_le_bytes());
+        dev.memcpy_persist(3 * BLOCK, &tx).unwrap();
+        let (journal, recovery) = Journal::recover(&dev, 2, 64, uuid).unwrap();
+        assert_eq!(recovery.replayed, 1);
+        let mut got = [0u8; 5];
+        dev.read(target, &mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        assert_eq!(journal.next_seq(), 2);
+        // Checkpointed past it: nothing to replay the next time.
+        assert!(scan(&dev, 2, 64, uuid).unwrap().pending.is_empty());
     }
 
     #[test]
