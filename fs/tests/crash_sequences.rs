@@ -603,7 +603,15 @@ fn check_image(
     after: &Tree,
     op: &Op,
 ) -> Result<(), String> {
-    write_sparse(image, path).map_err(|e| format!("cannot write the image: {e}"))?;
+    // The whole image over the checker's own file (its pages stay
+    // allocated from one check to the next).
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, image, 0))
+        .map_err(|e| format!("cannot write the image: {e}"))?;
     let dev = Device::open(path, &DeviceOptions::new()).map_err(|e| e.to_string())?;
     let (report, dev) = daxfs::fsck(dev, false).map_err(|e| format!("fsck cannot check: {e}"))?;
     if !report.is_clean() {
@@ -613,20 +621,6 @@ fn check_image(
     let seen = observe(&fs)?;
     fs.unmount().map_err(|e| e.to_string())?;
     matches(&seen, before, after, op)
-}
-
-/// Write `image` to a new file at `path`, leaving pages of zeros as holes.
-fn write_sparse(image: &[u8], path: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let _ = std::fs::remove_file(path);
-    let file = std::fs::File::create(path)?;
-    file.set_len(image.len() as u64)?;
-    for (i, page) in image.chunks(4096).enumerate() {
-        if page.iter().any(|&b| b != 0) {
-            file.write_all_at(page, i as u64 * 4096)?;
-        }
-    }
-    Ok(())
 }
 
 /// A crash image to check: the bytes, the operation in flight, and how
@@ -658,17 +652,23 @@ fn run_seed(seed: u64, plan: &Plan) -> u64 {
     let in_flight = Arc::new(AtomicUsize::new(NOT_STARTED));
     let checked = Arc::new(AtomicU64::new(0));
     let failure = Arc::new(Mutex::new(None::<String>));
-    // Two images in the queue at most: each is the whole device.
-    let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(2);
+    // Image buffers go round: the workload thread fills one, a checker
+    // checks it and gives it back. Four in all: each is the whole device.
+    let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(4);
     let jobs = Arc::new(Mutex::new(jobs));
+    let (give_back, buffers) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..4 {
+        give_back.send(Vec::new()).unwrap();
+    }
     let checkers: Vec<_> = (0..std::thread::available_parallelism().map_or(2, |n| n.get()))
         .map(|i| {
-            let (jobs, failure, checked, ops, trees) = (
+            let (jobs, failure, checked, ops, trees, give_back) = (
                 jobs.clone(),
                 failure.clone(),
                 checked.clone(),
                 ops.clone(),
                 trees.clone(),
+                give_back.clone(),
             );
             let scratch = dir.path().join(format!("crash{i}.img"));
             std::thread::spawn(move || loop {
@@ -683,9 +683,13 @@ fn run_seed(seed: u64, plan: &Plan) -> u64 {
                         ops[k], job.fence, job.kind
                     ));
                 }
+                let _ = give_back.send(job.image);
             })
         })
         .collect();
+    // Only the checkers give buffers back: if they all die, the workload
+    // thread's wait for a buffer ends.
+    drop(give_back);
     {
         let (in_flight, failure) = (in_flight.clone(), failure.clone());
         let mut rng = Rng(seed ^ 0x5eed_f00d);
@@ -713,7 +717,12 @@ fn run_seed(seed: u64, plan: &Plan) -> u64 {
                 }
             }
             for (persisted, kind) in images {
-                let image = point.image(&persisted).expect("pending lines only");
+                let Ok(mut image) = buffers.recv() else {
+                    return;
+                };
+                point
+                    .image_into(&persisted, &mut image)
+                    .expect("pending lines only");
                 let job = Job {
                     image,
                     op: k,
@@ -780,7 +789,7 @@ fn random_sequences_recover_to_a_state_they_passed_through_at_every_sampled_fenc
     } else {
         Plan {
             ops: 1000,
-            sample: 15,
+            sample: 30,
             mixes: 1,
         }
     };

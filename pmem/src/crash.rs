@@ -163,23 +163,33 @@ impl CrashPoint<'_> {
     /// the offsets in `persisted` reached the media and every other pending
     /// line was lost. `persisted` may only name pending lines.
     pub fn image(&self, persisted: &[u64]) -> Result<Vec<u8>> {
+        let mut image = Vec::new();
+        self.image_into(persisted, &mut image)?;
+        Ok(image)
+    }
+
+    /// [`image`](Self::image), into `image` (resized to the device's size):
+    /// a buffer used again costs no allocation and no page faults, which
+    /// is most of the cost of an image of a large device.
+    pub fn image_into(&self, persisted: &[u64], image: &mut Vec<u8>) -> Result<()> {
         for &offset in persisted {
             if !self.state.lines.contains_key(&offset) {
                 return Err(Error::NotPending { offset });
             }
         }
-        let mut image = vec![0u8; self.size as usize];
+        image.resize(self.size as usize, 0);
         const CHUNK: usize = 1 << 20;
         for (i, chunk) in image.chunks_mut(CHUNK).enumerate() {
             (self.current)((i * CHUNK) as u64, chunk);
         }
+        let persisted: std::collections::HashSet<u64> = persisted.iter().copied().collect();
         for (&offset, pending) in &self.state.lines {
             if !persisted.contains(&offset) {
                 let at = offset as usize;
                 image[at..at + CACHE_LINE].copy_from_slice(&pending.durable);
             }
         }
-        Ok(image)
+        Ok(())
     }
 
     /// Write [`image`](Self::image) to a new emulated device file at `path`,
