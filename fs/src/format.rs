@@ -95,6 +95,19 @@ pub const SB_NEEDS_CHECK: u64 = 1;
 /// Inode flag: the symlink target is stored inline.
 pub const FLAG_INLINE_LINK: u32 = 1;
 
+/// Read metadata, turning poison into an error that names the structure.
+pub fn read_meta(dev: &pmem::Device, offset: u64, buf: &mut [u8], what: &str) -> Result<()> {
+    match dev.read(offset, buf) {
+        Ok(()) => Ok(()),
+        Err(pmem::Error::Poisoned { offset: at }) => Err(Error::corrupt(
+            what,
+            offset,
+            format!("media error (poison) at {at:#x}"),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
@@ -287,7 +300,7 @@ impl Superblock {
     /// Read and validate the superblock at device `offset`.
     pub fn read(dev: &pmem::Device, offset: u64) -> Result<Superblock> {
         let mut raw = [0u8; SUPERBLOCK_LEN];
-        crate::journal::read_meta(dev, offset, &mut raw, "superblock")?;
+        read_meta(dev, offset, &mut raw, "superblock")?;
         Superblock::decode(&raw, offset, dev.size())
     }
 

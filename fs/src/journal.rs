@@ -101,7 +101,7 @@
 //! version did, then the ring is checkpointed past them.
 
 use crate::error::{Error, Result};
-use crate::format::BLOCK;
+use crate::format::{read_meta, BLOCK};
 use pmem::Device;
 use std::collections::BTreeMap;
 
@@ -903,19 +903,6 @@ impl Journal {
     pub fn close(&mut self, dev: &Device) -> Result<()> {
         dev.drain();
         self.checkpoint(dev, self.next_seq - 1)
-    }
-}
-
-/// Read metadata, turning poison into an error that names the structure.
-pub fn read_meta(dev: &Device, offset: u64, buf: &mut [u8], what: &str) -> Result<()> {
-    match dev.read(offset, buf) {
-        Ok(()) => Ok(()),
-        Err(pmem::Error::Poisoned { offset: at }) => Err(Error::corrupt(
-            what,
-            offset,
-            format!("media error (poison) at {at:#x}"),
-        )),
-        Err(e) => Err(e.into()),
     }
 }
 

@@ -69,8 +69,8 @@ impl FsckReport {
 pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
     let mut report = FsckReport::default();
     let backup_at = (dev.size() / BLOCK - 1) * BLOCK;
-    let primary = super::read_superblock(&dev, 0);
-    let backup = super::read_superblock(&dev, backup_at);
+    let primary = Superblock::read(&dev, 0);
+    let backup = Superblock::read(&dev, backup_at);
     match (&primary, &backup) {
         (Ok(p), Ok(b)) if p == b => {}
         (Ok(p), _) => {
@@ -95,16 +95,12 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
     report.notes.extend(fs.mount_notes().iter().cloned());
     // Damage found by an earlier mount, or by this one (the journal: what
     // it cut off is discarded; the check below looks at what is left).
-    let marked = super::read_superblock(&fs.core.dev, 0)
-        .or_else(|_| super::read_superblock(&fs.core.dev, backup_at))?;
+    let (marked, _) = Superblock::read_either(&fs.core.dev)?;
     let needs_check = marked.needs_check().then(|| {
         report.problem(
             format!(
                 "the filesystem is marked as needing a check: {}",
-                super::needs_check_text(&marked)
-                    .split("; run")
-                    .next()
-                    .unwrap_or_default()
+                super::needs_check_reason(&marked)
             ),
             false,
         )

@@ -62,11 +62,12 @@ pub use owner::{FileExtent, Owner};
 
 use crate::alloc::Allocator;
 use crate::error::{Error, Result};
+use crate::format::read_meta;
 use crate::format::{
     Dirent, Extent, ExtentBlock, Inode, Superblock, Time, BLOCK, INLINE_EXTENTS, INODE_SIZE,
     OVERFLOW_EXTENTS, ROOT_INO, SB_NEEDS_CHECK, SLOTS_PER_BLOCK,
 };
-use crate::journal::{read_meta, Journal, LogEnd, Tx};
+use crate::journal::{Journal, LogEnd, Tx};
 use dcache::{Dcache, NameChange};
 use dir::DirIndex;
 use pmem::Device;
@@ -1482,24 +1483,33 @@ fn busy_inodes(st: &State) -> String {
     )
 }
 
-/// Why a filesystem is refused: mounted to be used, or to be checked.
+/// What a mount is for. A filesystem that needs a check is mounted only to
+/// be checked: fsck discards what a damaged journal cut off and checks
+/// what is left.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Purpose {
     Use,
     Check,
 }
 
-/// What a superblock's needs-check flag means, in words.
-fn needs_check_text(sb: &Superblock) -> String {
-    let why = if sb.damaged_tx > 0 {
+/// Why a superblock says the filesystem needs a check, in words.
+fn needs_check_reason(sb: &Superblock) -> String {
+    if sb.damaged_tx > 0 {
         format!(
             "journal transaction {} was found damaged and replay stopped before it",
             sb.damaged_tx
         )
     } else {
         "damage was found".to_string()
-    };
-    format!("{why}; run `daxfs fsck --repair` on the image")
+    }
+}
+
+/// Why mount refuses, and what to do.
+fn needs_check_text(sb: &Superblock) -> String {
+    format!(
+        "{}; run `daxfs fsck --repair` on the image",
+        needs_check_reason(sb)
+    )
 }
 
 /// Write both superblock copies (the backup first: a crash in between
@@ -1509,8 +1519,4 @@ fn write_superblocks(dev: &Device, sb: &Superblock) -> Result<()> {
     dev.memcpy_persist(sb.backup_block * BLOCK, &encoded)?;
     dev.memcpy_persist(0, &encoded)?;
     Ok(())
-}
-
-fn read_superblock(dev: &Device, offset: u64) -> Result<Superblock> {
-    Superblock::read(dev, offset)
 }

@@ -245,7 +245,7 @@ impl Fs {
             })?
             .0;
         let mut target = vec![0u8; len.min(SYMLINK_MAX)];
-        crate::journal::read_meta(&self.core.dev, block * BLOCK, &mut target, "symlink target")?;
+        crate::format::read_meta(&self.core.dev, block * BLOCK, &mut target, "symlink target")?;
         Ok(target)
     }
 
@@ -484,7 +484,7 @@ impl Fs {
         }
         let offset = inode.xattr_block * BLOCK;
         let mut raw = vec![0u8; BLOCK as usize];
-        crate::journal::read_meta(&self.core.dev, offset, &mut raw, "xattr block")?;
+        crate::format::read_meta(&self.core.dev, offset, &mut raw, "xattr block")?;
         let bad = || Error::corrupt("xattr block", offset, "malformed");
         let word = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().expect("4"));
         if word(0) != XATTR_MAGIC {
