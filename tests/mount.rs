@@ -69,6 +69,19 @@ impl Mounted {
         m
     }
 
+    /// A mount of the existing image `img` at `mnt` (over a dead mount
+    /// there too); both are kept when it drops.
+    fn over(img: &Path, mnt: &Path, options: &str) -> Mounted {
+        let mut m = Mounted {
+            _dir: tempfile::tempdir_in("/dev/shm").unwrap(),
+            img: img.to_path_buf(),
+            mnt: mnt.to_path_buf(),
+            pid: None,
+        };
+        m.mount(options);
+        m
+    }
+
     fn mount(&mut self, options: &str) {
         let mut args = vec!["mount".as_ref(), self.img.as_os_str(), self.mnt.as_os_str()];
         if !options.is_empty() {
@@ -658,13 +671,7 @@ fn sigkill_of_the_daemon_loses_nothing_that_was_fsynced() {
     // The dead mount is left to the kernel; a new mount over it works.
     assert!(is_mounted(&f.mnt));
     fsck_clean(&f.img);
-    let mut m = Mounted {
-        _dir: tempfile::tempdir_in("/dev/shm").unwrap(),
-        img: f.img.clone(),
-        mnt: f.mnt.clone(),
-        pid: None,
-    };
-    m.mount("");
+    let mut m = Mounted::over(&f.img, &f.mnt, "");
     for i in synced {
         let body = fs::read(m.path(&format!("files/f{i}"))).unwrap();
         assert_eq!(
@@ -922,13 +929,7 @@ fn sigkill_of_the_daemon_under_churn_recovers_everything_finished() {
         }
         fsck_clean(&img);
         // Over the dead mount: everything every round finished is there.
-        let mut m = Mounted {
-            _dir: tempfile::tempdir_in("/dev/shm").unwrap(),
-            img: img.clone(),
-            mnt: mnt.clone(),
-            pid: None,
-        };
-        m.mount("");
+        let mut m = Mounted::over(&img, &mnt, "");
         for (work, log) in &kept {
             check_churned(work, log);
         }
@@ -1015,13 +1016,7 @@ fn a_damaged_journal_is_refused_by_mount_until_fsck_repairs_it() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     fsck_clean(&img);
     assert_eq!(info(&img)["layout"]["needs_check"], false);
-    let mut m = Mounted {
-        _dir: tempfile::tempdir_in("/dev/shm").unwrap(),
-        img: img.clone(),
-        mnt: mnt.clone(),
-        pid: None,
-    };
-    m.mount("");
+    let mut m = Mounted::over(&img, &mnt, "");
     assert_eq!(fs::read(m.path("a0f0")).unwrap(), b"x");
     for i in 0..50 {
         fs::write(m.path(&format!("after{i}")), b"y").unwrap();
