@@ -62,6 +62,18 @@
 //! eight zero bytes. `.` and `..` are not stored (the parent is in the inode).
 //! Entries never move, so a slot's position is a stable `readdir` offset.
 //!
+//! ## State block
+//!
+//! ```text
+//!  0 orphan list head u64 (an inode number, 0: empty)
+//!  8 magic "DXST" u32     12 crc32c u32 of bytes 0..12
+//! ```
+//!
+//! Written through the journal, 16 bytes at a time. A state block written
+//! before it had a checksum reads zeros at 8..16: its head is taken (and
+//! checked, as every orphan list is, before anything on it is freed) and
+//! the next change writes the checksum.
+//!
 //! ## Xattr block
 //! `magic u32 "DXXA", count u32, used bytes u32, crc32c u32`, then entries
 //! `name length u8, value length u16, name, value`.
@@ -326,6 +338,53 @@ impl Superblock {
 
     pub fn inode_offset(&self, ino: u64) -> u64 {
         self.inode_table_start * BLOCK + (ino - 1) * INODE_SIZE
+    }
+}
+
+/// The state block's contents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateBlock {
+    /// First inode of the orphan list (0: empty).
+    pub orphan_head: u64,
+}
+
+/// Bytes of the state block that carry anything.
+pub const STATE_LEN: usize = 16;
+const STATE_MAGIC: u32 = u32::from_le_bytes(*b"DXST");
+
+impl StateBlock {
+    pub fn encode(&self) -> [u8; STATE_LEN] {
+        let mut b = [0u8; STATE_LEN];
+        put_u64(&mut b, 0, self.orphan_head);
+        put_u32(&mut b, 8, STATE_MAGIC);
+        let crc = crc32c::crc32c(&b[..12]);
+        put_u32(&mut b, 12, crc);
+        b
+    }
+
+    /// Decode the state block read at device `offset`.
+    pub fn decode(b: &[u8; STATE_LEN], offset: u64) -> Result<StateBlock> {
+        let state = StateBlock {
+            orphan_head: u64_at(b, 0),
+        };
+        if b[8..16] == [0; 8] {
+            return Ok(state); // written before the checksum
+        }
+        if u32_at(b, 8) != STATE_MAGIC {
+            return Err(Error::corrupt("state block", offset, "bad magic"));
+        }
+        let crc = crc32c::crc32c(&b[..12]);
+        if crc != u32_at(b, 12) {
+            return Err(Error::corrupt(
+                "state block",
+                offset,
+                format!(
+                    "checksum {:#x} does not match its contents ({crc:#x})",
+                    u32_at(b, 12)
+                ),
+            ));
+        }
+        Ok(state)
     }
 }
 

@@ -10,7 +10,10 @@
 //! twice; the allocation bitmap against the blocks files and metadata own;
 //! the directory tree from the root (entries name allocated inodes of the
 //! type they say, each directory has one parent and its `..` points there);
-//! link counts; the orphan list; allocated inodes that nothing names.
+//! link counts; the orphan list (checked by the mount first: a damaged
+//! state block drops it, and the list is cut at the first entry that is not
+//! an allocated, unlinked inode other than the root, met once; each is a
+//! problem); allocated inodes that nothing names.
 //!
 //! Repaired with `repair`: a damaged superblock copy (rewritten from the good
 //! one), wrong link counts, and bitmap bits (leaked blocks freed, owned
@@ -93,6 +96,11 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
     }
     let fs = Fs::mount_for(dev, super::Purpose::Check)?;
     report.notes.extend(fs.mount_notes().iter().cloned());
+    // What the mount found damaged and contained (written as contained
+    // already: fixed, if repairing was asked for).
+    for damage in fs.damage_found() {
+        report.problem(damage.clone(), repair);
+    }
     // Damage found by an earlier mount, or by this one (the journal: what
     // it cut off is discarded; the check below looks at what is left).
     let (marked, _) = Superblock::read_either(&fs.core.dev)?;

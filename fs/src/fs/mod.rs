@@ -63,9 +63,10 @@ pub use owner::{FileExtent, Owner};
 use crate::alloc::Allocator;
 use crate::error::{Error, Result};
 use crate::format::read_meta;
+use crate::format::StateBlock;
 use crate::format::{
     Dirent, Extent, ExtentBlock, Inode, Superblock, Time, BLOCK, INLINE_EXTENTS, INODE_SIZE,
-    OVERFLOW_EXTENTS, ROOT_INO, SB_NEEDS_CHECK, SLOTS_PER_BLOCK,
+    OVERFLOW_EXTENTS, ROOT_INO, SB_NEEDS_CHECK, SLOTS_PER_BLOCK, STATE_LEN,
 };
 use crate::journal::{Journal, LogEnd, Tx};
 use dcache::{Dcache, NameChange};
@@ -371,6 +372,8 @@ struct Core {
     background: Mutex<Background>,
     background_cv: Condvar,
     notes: Vec<String>,
+    /// Damage mount found and contained (also in `notes`).
+    damage_found: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -471,6 +474,7 @@ impl Fs {
         let sb = Superblock::for_device(dev.size(), uuid(), now.secs as u64)?;
         // Metadata areas start zeroed: a free inode is all zeros.
         dev.memset_nodrain(BLOCK, 0, BLOCK)?;
+        dev.memcpy_nodrain(sb.state_block * BLOCK, &StateBlock::default().encode())?;
         dev.memset_nodrain(
             sb.inode_table_start * BLOCK,
             0,
@@ -591,14 +595,16 @@ impl Fs {
                 free_inodes.insert(ino);
             }
         }
-        let mut state_block = [0u8; 8];
-        read_meta(
-            &dev,
-            sb.state_block * BLOCK,
-            &mut state_block,
-            "state block",
-        )?;
-        let orphan_head = u64::from_le_bytes(state_block);
+        // A damaged state block is contained: its orphan list is dropped
+        // (fsck reports what it held as inodes nothing names), and the
+        // block is written anew below.
+        let mut raw_state = [0u8; STATE_LEN];
+        let state = read_meta(&dev, sb.state_block * BLOCK, &mut raw_state, "state block")
+            .and_then(|()| StateBlock::decode(&raw_state, sb.state_block * BLOCK));
+        let (orphan_head, state_damage) = match state {
+            Ok(state) => (state.orphan_head, None),
+            Err(e) => (0, Some(e)),
+        };
         let mut fs = Fs {
             core: Arc::new(Core {
                 dev,
@@ -632,6 +638,7 @@ impl Fs {
                 background: Mutex::new(Background::default()),
                 background_cv: Condvar::new(),
                 notes,
+                damage_found: Vec::new(),
             }),
             worker: Mutex::new(None),
         };
@@ -644,6 +651,8 @@ impl Fs {
             ));
         }
         let mut notes = Vec::new();
+        // Damage found and contained (fsck reports each as a problem).
+        let mut damage_found: Vec<String> = Vec::new();
         // (Read before any commit, which writes those words back.)
         let marked_free = fs.lock()?.alloc.metadata_marked_free().len();
         if marked_free > 0 {
@@ -651,10 +660,33 @@ impl Fs {
                 "{marked_free} bitmap words marked metadata blocks free (corrected; written at the next change)"
             ));
         }
-        let reclaimed = fs.reclaim_orphans()?;
+        if let Some(damage) = state_damage {
+            let poisoned = fs
+                .core
+                .dev
+                .first_poison(fs.core.sb.state_block * BLOCK, BLOCK)
+                .is_some();
+            if !poisoned {
+                fs.change(|fs, st, stage| {
+                    fs.set_orphan_head(st, stage, 0);
+                    Ok(())
+                })?;
+            }
+            damage_found.push(format!(
+                "{damage}: the orphan list it held is dropped{}",
+                if poisoned {
+                    ""
+                } else {
+                    " and the block written anew"
+                }
+            ));
+        }
+        let (reclaimed, cut) = fs.reclaim_orphans()?;
         if reclaimed > 0 {
             notes.push(format!("reclaimed {reclaimed} orphaned inodes"));
         }
+        damage_found.extend(cut);
+        notes.extend(damage_found.iter().cloned());
         // Free blocks on poisoned media stay out of allocation; poisoned
         // filesystem-wide structures are not written.
         let quarantined = {
@@ -675,10 +707,9 @@ impl Fs {
                 "{quarantined} free blocks on poisoned media kept out of allocation"
             ));
         }
-        Arc::get_mut(&mut fs.core)
-            .expect("no other view before the worker starts")
-            .notes
-            .extend(notes);
+        let core = Arc::get_mut(&mut fs.core).expect("no other view before the worker starts");
+        core.notes.extend(notes);
+        core.damage_found = damage_found;
         fs.start_worker()?;
         Ok(fs)
     }
@@ -1319,9 +1350,10 @@ impl Fs {
     fn set_orphan_head(&self, st: &mut State, stage: &mut Stage, head: Ino) {
         stage.old_orphan_head.get_or_insert(st.orphan_head);
         st.orphan_head = head;
+        let state = StateBlock { orphan_head: head };
         stage
             .tx
-            .write(self.core.sb.state_block * BLOCK, &head.to_le_bytes());
+            .write(self.core.sb.state_block * BLOCK, &state.encode());
     }
 
     fn add_orphan(&self, st: &mut State, stage: &mut Stage, ino: Ino, mut inode: Inode) {
@@ -1355,29 +1387,76 @@ impl Fs {
         ))
     }
 
-    /// Free every orphan (files unlinked while open when the last mount ended).
-    fn reclaim_orphans(&self) -> Result<u64> {
-        let mut reclaimed = 0;
-        loop {
-            let head = self.lock()?.orphan_head;
-            if head == 0 {
-                return Ok(reclaimed);
+    /// Free every orphan (files unlinked while open when the last mount
+    /// ended). The whole list is checked first: every entry must be an
+    /// allocated inode other than the root, with no links, on the list
+    /// once. At the first that is not, the list is cut (nothing past it is
+    /// followed, let alone freed), and what was wrong is returned.
+    fn reclaim_orphans(&self) -> Result<(u64, Option<String>)> {
+        let (valid, cut) = {
+            let mut st = self.lock()?;
+            let mut valid: Vec<Ino> = Vec::new();
+            let mut seen: HashSet<Ino> = HashSet::default();
+            let mut at = st.orphan_head;
+            let mut cut = None;
+            while at != 0 {
+                let why = if self.check_ino(at).is_err() {
+                    Some("is not an inode number".to_string())
+                } else if at == ROOT {
+                    Some("is the root directory".to_string())
+                } else if seen.contains(&at) {
+                    Some("is on it twice (it loops)".to_string())
+                } else {
+                    match self.inode(&mut st, at) {
+                        Err(e) => Some(format!("cannot be read ({e})")),
+                        Ok(inode) if inode.mode == 0 => Some("is a free inode".to_string()),
+                        Ok(inode) if inode.nlink != 0 => {
+                            Some(format!("has {} links, so is no orphan", inode.nlink))
+                        }
+                        Ok(_) => None,
+                    }
+                };
+                if let Some(why) = why {
+                    cut = Some(format!(
+                        "orphan list: entry {} (inode {at}) {why}; the list is cut before it",
+                        valid.len() + 1
+                    ));
+                    break;
+                }
+                valid.push(at);
+                seen.insert(at);
+                at = self.inode(&mut st, at)?.next_orphan;
             }
-            if reclaimed > self.core.sb.inode_count {
-                return Err(Error::corrupt(
-                    "orphan list",
-                    self.core.sb.state_block * BLOCK,
-                    "it loops",
-                ));
-            }
-            self.change(|fs, st, stage| {
-                fs.check_ino(head)?;
-                let next = fs.inode(st, head)?.next_orphan;
-                fs.set_orphan_head(st, stage, next);
-                fs.free_inode(st, stage, head)
+            (valid, cut)
+        };
+        if cut.is_some() {
+            self.change(|fs, st, stage| match valid.last() {
+                None => {
+                    fs.set_orphan_head(st, stage, 0);
+                    Ok(())
+                }
+                Some(&last) => {
+                    let mut inode = fs.inode(st, last)?;
+                    inode.next_orphan = 0;
+                    fs.put_inode(st, stage, last, inode);
+                    Ok(())
+                }
             })?;
-            reclaimed += 1;
         }
+        for &ino in &valid {
+            self.change(|fs, st, stage| {
+                let next = fs.inode(st, ino)?.next_orphan;
+                fs.set_orphan_head(st, stage, next);
+                fs.free_inode(st, stage, ino)
+            })?;
+        }
+        Ok((valid.len() as u64, cut))
+    }
+
+    /// Damage this mount found and contained: each has been made harmless
+    /// (fsck reports them as problems).
+    pub(crate) fn damage_found(&self) -> &[String] {
+        &self.core.damage_found
     }
 
     /// Free an inode with no links and no handles: its blocks, extent
