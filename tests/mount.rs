@@ -501,6 +501,12 @@ impl Foreground {
         f
     }
 
+    /// Kill the daemon with SIGKILL (its mount is left to the kernel, dead).
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
     /// Unmount and return the daemon's exit status (0: the filesystem
     /// unmounted with no inode left referenced).
     fn stop(&mut self) -> std::process::ExitStatus {
@@ -582,14 +588,9 @@ fn racer_worker() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let mut seed: u64 = std::env::var("DAXFS_RACER_SEED").unwrap().parse().unwrap();
+    let mut rng = Xs(std::env::var("DAXFS_RACER_SEED").unwrap().parse().unwrap());
     let secs: u64 = std::env::var("DAXFS_RACER_SECS").unwrap().parse().unwrap();
-    let mut rand = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut rand = move |n: u64| rng.below(n);
     let end = Instant::now() + Duration::from_secs(secs);
     let mut ops = 0u64;
     while Instant::now() < end {
@@ -663,8 +664,7 @@ fn sigkill_of_the_daemon_loses_nothing_that_was_fsynced() {
     };
     let first = done_rx.recv_timeout(Duration::from_secs(30)).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    f.child.kill().unwrap();
-    f.child.wait().unwrap();
+    f.kill();
     writer.join().unwrap();
     let synced: Vec<u32> = std::iter::once(first).chain(done_rx.try_iter()).collect();
     assert!(synced.len() > 3, "the writer got going: {synced:?}");
@@ -920,8 +920,7 @@ fn sigkill_of_the_daemon_under_churn_recovers_everything_finished() {
             std::thread::sleep(Duration::from_millis(10));
         }
         std::thread::sleep(Duration::from_millis(50 + pace.below(700)));
-        f.child.kill().unwrap();
-        f.child.wait().unwrap();
+        f.kill();
         for (mut child, work, log) in workers {
             let status = child.wait().unwrap();
             assert!(status.success(), "round {round}: a worker failed: {status}");
@@ -957,8 +956,7 @@ fn a_damaged_journal_is_refused_by_mount_until_fsck_repairs_it() {
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let kill = |f: &mut Foreground| {
-        f.child.kill().unwrap();
-        f.child.wait().unwrap();
+        f.kill();
         let c = CString::new(f.mnt.as_os_str().as_bytes()).unwrap();
         // SAFETY: a valid C string; detaching the dead mount.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
@@ -1204,7 +1202,11 @@ fn poison_injected_through_the_mount_gives_eio_and_sigbus_until_a_write_clears_i
         )
     };
     assert_ne!(map, libc::MAP_FAILED);
-    let load_in_child = |at: usize| load_in_child((map as *const u8).wrapping_add(at));
+    let load_in_child = |at: usize| {
+        assert!(at < 65536);
+        // SAFETY: inside the 64 KiB mapping, which lives until the munmap below.
+        unsafe { load_in_child((map as *const u8).add(at)) }
+    };
     assert_eq!(load_in_child(8192), libc::SIGBUS, "a mapped load of poison");
     assert_eq!(load_in_child(0), 0, "a clean page maps fine");
 
@@ -1266,9 +1268,14 @@ fn poison_injected_through_the_mount_gives_eio_and_sigbus_until_a_write_clears_i
 
 /// Fork a child that loads the byte at `at` and exits: the signal that
 /// killed it, or 0.
-fn load_in_child(at: *const u8) -> i32 {
-    // SAFETY: the child only loads a byte and exits; it touches no lock or
-    // allocation of the (multi-threaded) parent.
+///
+/// # Safety
+/// `at` is inside a mapping of this process (a load of it may raise
+/// SIGBUS, which kills only the child).
+unsafe fn load_in_child(at: *const u8) -> i32 {
+    // SAFETY: the child only loads a byte of a mapping (the caller's
+    // contract) and exits; it touches no lock or allocation of the
+    // (multi-threaded) parent.
     match unsafe { libc::fork() } {
         0 => unsafe {
             std::ptr::read_volatile(at);
@@ -1323,7 +1330,8 @@ fn inject_error_returns_after_the_kernels_cached_pages_are_dropped() {
             "8192".as_ref(),
         ]);
         assert!(out.status.success(), "{}", text(&out));
-        let signal = load_in_child((map as *const u8).wrapping_add(8192));
+        // SAFETY: inside the 64 KiB mapping, unmapped only below.
+        let signal = unsafe { load_in_child((map as *const u8).add(8192)) };
         // SAFETY: unmapping the mapping made above.
         unsafe { libc::munmap(map, 65536) };
         assert_eq!(

@@ -101,7 +101,7 @@
 //! version did, then the ring is checkpointed past them.
 
 use crate::error::{Error, Result};
-use crate::format::{read_meta, BLOCK};
+use crate::format::{put_u32, put_u64, read_meta, u32_at, u64_at, BLOCK};
 use pmem::Device;
 use std::collections::BTreeMap;
 
@@ -137,13 +137,6 @@ mod header_field {
     pub const TAIL: usize = 16;
     pub const COUNT: usize = 24;
     pub const CRC: usize = 60;
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// A metadata transaction being built.
@@ -247,24 +240,22 @@ impl Tx {
         }
         b.resize(b.len().next_multiple_of(64), 0);
         let len = b.len() as u32;
-        let put32 =
-            |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-        put32(&mut b, tx_field::MAGIC, TX_MAGIC);
-        put32(&mut b, tx_field::RECORDS, records.len() as u32);
-        b[tx_field::SEQ..tx_field::SEQ + 8].copy_from_slice(&seq.to_le_bytes());
+        put_u32(&mut b, tx_field::MAGIC, TX_MAGIC);
+        put_u32(&mut b, tx_field::RECORDS, records.len() as u32);
+        put_u64(&mut b, tx_field::SEQ, seq);
         b[tx_field::UUID..tx_field::UUID + 16].copy_from_slice(uuid);
-        put32(&mut b, tx_field::LEN, len);
-        put32(&mut b, tx_field::REVOKES, revokes.len() as u32);
+        put_u32(&mut b, tx_field::LEN, len);
+        put_u32(&mut b, tx_field::REVOKES, revokes.len() as u32);
         b
     }
 }
 
 /// Set the ring offset and the checksum of an encoded transaction.
 fn seal(b: &mut [u8], pos: u64) {
-    b[tx_field::POS..tx_field::POS + 8].copy_from_slice(&pos.to_le_bytes());
-    b[tx_field::CRC..tx_field::CRC + 4].fill(0);
+    put_u64(b, tx_field::POS, pos);
+    put_u32(b, tx_field::CRC, 0);
     let crc = crc32c::crc32c(b);
-    b[tx_field::CRC..tx_field::CRC + 4].copy_from_slice(&crc.to_le_bytes());
+    put_u32(b, tx_field::CRC, crc);
 }
 
 /// Revoked byte ranges of the device, each with the newest transaction
@@ -343,12 +334,12 @@ pub struct Checkpoint {
 impl Checkpoint {
     fn encode(&self) -> [u8; 64] {
         let mut b = [0u8; 64];
-        b[0..4].copy_from_slice(&HEADER_MAGIC.to_le_bytes());
-        b[header_field::SEQ..header_field::SEQ + 8].copy_from_slice(&self.seq.to_le_bytes());
-        b[header_field::TAIL..header_field::TAIL + 8].copy_from_slice(&self.tail.to_le_bytes());
-        b[header_field::COUNT..header_field::COUNT + 8].copy_from_slice(&self.count.to_le_bytes());
+        put_u32(&mut b, header_field::MAGIC, HEADER_MAGIC);
+        put_u64(&mut b, header_field::SEQ, self.seq);
+        put_u64(&mut b, header_field::TAIL, self.tail);
+        put_u64(&mut b, header_field::COUNT, self.count);
         let crc = crc32c::crc32c(&b[..header_field::CRC]);
-        b[header_field::CRC..].copy_from_slice(&crc.to_le_bytes());
+        put_u32(&mut b, header_field::CRC, crc);
         b
     }
 
@@ -581,6 +572,15 @@ pub fn scan(dev: &Device, start_block: u64, blocks: u64, uuid: [u8; 16]) -> Resu
             "both copies are damaged",
         ));
     };
+    // Sequence numbers count up from 1 by one a transaction: one near the
+    // top of the range is damage (and would overflow below).
+    if checkpoint.seq >= u64::MAX / 2 {
+        return Err(Error::corrupt(
+            "journal header",
+            region,
+            format!("sequence number {} is out of range", checkpoint.seq),
+        ));
+    }
     // A tail at the very end of the ring means "wrap to the start".
     let tail = if checkpoint.tail == ring_len {
         0
@@ -672,8 +672,6 @@ pub fn scan(dev: &Device, start_block: u64, blocks: u64, uuid: [u8; 16]) -> Resu
 pub struct Recovery {
     /// Transactions replayed.
     pub replayed: u64,
-    /// Records (or parts) not replayed because a later free revoked them.
-    pub revoked: u64,
     /// Records not replayed because their target is poisoned.
     pub poisoned: u64,
     /// Why the log ended.
@@ -752,17 +750,12 @@ impl Journal {
         }
         let mut recovery = Recovery {
             replayed: 0,
-            revoked: 0,
             poisoned: 0,
             end: scan.end.clone(),
         };
         for tx in &scan.pending {
             for (offset, data) in &tx.records {
-                let live = revoked.live(*offset, data.len() as u64, tx.seq);
-                if live != [(*offset, offset + data.len() as u64)] {
-                    recovery.revoked += 1;
-                }
-                for (start, end) in live {
+                for (start, end) in revoked.live(*offset, data.len() as u64, tx.seq) {
                     let piece = &data[(start - offset) as usize..(end - offset) as usize];
                     match dev.memcpy_nodrain(start, piece) {
                         Ok(()) => {}
@@ -788,7 +781,7 @@ impl Journal {
     /// the damage cut off, so that none of those is ever taken for part of
     /// the log again.
     pub fn discard_damaged(&mut self, dev: &Device, newest: u64) -> Result<()> {
-        self.next_seq = self.next_seq.max(newest + 1);
+        self.next_seq = self.next_seq.max(newest.saturating_add(1));
         dev.drain();
         self.checkpoint(dev, self.next_seq - 1)
     }

@@ -58,6 +58,12 @@ enum Node {
 }
 
 impl Node {
+    fn xattrs(&self) -> &Xattrs {
+        match self {
+            Node::File { xattrs, .. } | Node::Dir { xattrs } => xattrs,
+        }
+    }
+
     fn xattrs_mut(&mut self) -> &mut Xattrs {
         match self {
             Node::File { xattrs, .. } | Node::Dir { xattrs } => xattrs,
@@ -244,9 +250,7 @@ fn generate(rng: &mut Rng, tree: &Tree) -> Op {
                         1 => rng.range(100, 600),
                         _ => rng.range(1200, 3000),
                     };
-                    let mut after = match &tree[*p] {
-                        Node::File { xattrs, .. } | Node::Dir { xattrs } => xattrs.clone(),
-                    };
+                    let mut after = tree[*p].xattrs().clone();
                     after.insert(name.clone(), Arc::new(vec![0; len as usize]));
                     (xattr_bytes(&after) <= 4096).then(|| Op::SetXattr {
                         path: (*p).clone(),
@@ -259,12 +263,7 @@ fn generate(rng: &mut Rng, tree: &Tree) -> Op {
             57..=59 => {
                 let with: Vec<(String, Vec<u8>)> = tree
                     .iter()
-                    .flat_map(|(p, n)| {
-                        let x = match n {
-                            Node::File { xattrs, .. } | Node::Dir { xattrs } => xattrs,
-                        };
-                        x.keys().map(move |k| (p.clone(), k.clone()))
-                    })
+                    .flat_map(|(p, n)| n.xattrs().keys().map(move |k| (p.clone(), k.clone())))
                     .collect();
                 rng.pick(&with)
                     .map(|(p, n)| Op::RemoveXattr(p.clone(), n.clone()))

@@ -29,18 +29,13 @@ fn crash_and_remount(img: &common::Image, fs: Fs) -> Fs {
 
 /// The journal as it is on the image now (read-only).
 fn journal_of(img: &common::Image) -> Scan {
-    let dev = Device::open(&img.path, &DeviceOptions::new()).unwrap();
-    let sb = daxfs::format::Superblock::decode(
-        &{
-            let mut b = vec![0u8; 512];
-            dev.read(0, &mut b).unwrap();
-            b
-        },
-        0,
-        dev.size(),
-    )
-    .unwrap();
-    scan(&dev, sb.journal_start, sb.journal_blocks, sb.uuid).unwrap()
+    journal_on(&Device::open(&img.path, &DeviceOptions::new()).unwrap())
+}
+
+/// The journal on `dev`, read without changing it (also while mounted).
+fn journal_on(dev: &Device) -> Scan {
+    let sb = daxfs::format::Superblock::read(dev, 0).unwrap();
+    scan(dev, sb.journal_start, sb.journal_blocks, sb.uuid).unwrap()
 }
 
 /// The seed report: a deleted file's xattr block, reused as a directory
@@ -170,7 +165,7 @@ fn crash_with_pending(n: usize) -> (common::Image, Vec<(u64, u64)>) {
     loop {
         fs.create_path(format!("/f{i}"), 0o644, true).unwrap();
         i += 1;
-        if i >= n && journal_pending_while_mounted(&fs) >= n {
+        if i >= n && journal_on(fs.device()).pending.len() >= n {
             break;
         }
     }
@@ -181,14 +176,6 @@ fn crash_with_pending(n: usize) -> (common::Image, Vec<(u64, u64)>) {
         .map(|t| (t.pos, t.len))
         .collect();
     (img, pending)
-}
-
-fn journal_pending_while_mounted(fs: &Fs) -> usize {
-    let sb = fs.superblock();
-    scan(fs.device(), sb.journal_start, sb.journal_blocks, sb.uuid)
-        .unwrap()
-        .pending
-        .len()
 }
 
 /// A bit flipped in a transaction that was applied, with intact ones after

@@ -189,8 +189,7 @@ impl Fs {
         let timeout = Duration::from_millis(self.core.layout_timeout_ms.load(Ordering::Relaxed));
         let deadline = Instant::now() + timeout;
         let cancel = self.core.layout_cancel.load(Ordering::Acquire);
-        self.core.layout_waiting.fetch_add(1, Ordering::AcqRel);
-        let _waiting = Waiting(&self.core.layout_waiting);
+        let _waiting = Waiting::enter(&self.core.layout_waiting);
         while overlaps(&pins) {
             let now = Instant::now();
             let cancelled = self.core.layout_cancel.load(Ordering::Acquire) != cancel;
@@ -222,6 +221,13 @@ impl Fs {
 
 /// Counts a call among those waiting for pins while it lives.
 struct Waiting<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a std::sync::atomic::AtomicU64) -> Waiting<'a> {
+        count.fetch_add(1, Ordering::AcqRel);
+        Waiting(count)
+    }
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
