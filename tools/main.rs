@@ -96,7 +96,8 @@ struct MkfsArgs {
 struct FsckArgs {
     /// The device: an emulated image file or /dev/daxX.Y.
     image: PathBuf,
-    /// Repair what can be repaired without guessing.
+    /// Repair what can be repaired without guessing. Without it the image
+    /// is opened read-only and not one byte of it changes.
     #[arg(long, short)]
     repair: bool,
 }
@@ -219,7 +220,7 @@ fn run(command: Command) -> Outcome {
     match command {
         Command::Create(args) => create(args),
         Command::Info(args) => {
-            let dev = open(&args.image)?;
+            let dev = open_read_only(&args.image)?;
             let info = dev.info();
             // Read without a mount. The usage needs one, which would replay
             // the journal: not while it holds transactions to replay (so that
@@ -275,7 +276,7 @@ fn run(command: Command) -> Outcome {
             json!({ "op": "list", "media_errors": args.media_errors }),
         ),
         Command::List(args) => {
-            let dev = open(&args.image)?;
+            let dev = open_read_only(&args.image)?;
             let badblocks = args.media_errors.then(|| dev.badblocks());
             print_json(&device_json(&dev.info(), badblocks.as_deref()));
             Ok(())
@@ -350,7 +351,15 @@ fn mkfs(args: MkfsArgs) -> Outcome {
 
 fn fsck(args: &FsckArgs) -> ExitCode {
     let name = args.image.display();
-    let dev = match open(&args.image) {
+    // A check writes nothing: the image is opened read-only (so an
+    // immutable or read-only image can be checked), and what a mount would
+    // replay or reclaim happens in memory.
+    let opened = if args.repair {
+        open(&args.image)
+    } else {
+        open_read_only(&args.image)
+    };
+    let dev = match opened {
         Ok(dev) => dev,
         Err(e) => {
             eprintln!("daxfs: {e}");
@@ -386,6 +395,11 @@ fn fsck(args: &FsckArgs) -> ExitCode {
 
 fn open(image: &Path) -> Result<Device, String> {
     Device::open(image, &DeviceOptions::new()).map_err(|e| e.to_string())
+}
+
+/// Open for reading only: nothing this process stores reaches the image.
+fn open_read_only(image: &Path) -> Result<Device, String> {
+    Device::open(image, &DeviceOptions::new().read_only(true)).map_err(|e| e.to_string())
 }
 
 /// An error of an operation on an open device, which names the device.

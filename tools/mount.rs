@@ -247,7 +247,10 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
 
     let image =
         std::fs::canonicalize(&args.image).map_err(|e| format!("{}: {e}", args.image.display()))?;
-    let dev = Device::open(&image, &DeviceOptions::new()).map_err(|e| e.to_string())?;
+    // A read-only mount never writes the image: what mounting replays or
+    // reclaims happens in the daemon's memory.
+    let dev = Device::open(&image, &DeviceOptions::new().read_only(options.read_only))
+        .map_err(|e| e.to_string())?;
     let fs =
         Arc::new(Fs::mount(dev).map_err(|e| format!("{}: cannot mount: {e}", image.display()))?);
     for note in fs.mount_notes() {

@@ -14,8 +14,16 @@
 //! reused in one transaction can never be overwritten before the free is
 //! durable). [`Allocator::stage`] turns the changed bitmap words into journal
 //! records; [`Allocator::committed`] or [`Allocator::abort`] ends the stage.
+//!
+//! Each bitmap block has a checksum (see [`crate::format`]), written by the
+//! same transaction as its words. A block that fails its checksum at mount
+//! is *refused*: all its blocks are held in use in memory, so nothing is
+//! allocated from it, until [`Allocator::rebuild`] sets it from what the
+//! inodes own (the mount does that when it can read every inode; fsck's
+//! repair otherwise).
 
-use crate::format::{Superblock, BLOCK, HUGE_BLOCKS};
+use crate::error::Result;
+use crate::format::{bitmap_crc, Superblock, BLOCK, BLOCKS_PER_BITMAP_BLOCK, HUGE_BLOCKS};
 use crate::fs::HashSet;
 use crate::journal::Tx;
 use std::collections::BTreeSet;
@@ -43,7 +51,15 @@ pub struct Allocator {
     /// Bitmap words that read with metadata blocks marked free: corrected
     /// in memory, and on media by the next commit (fsck reports them).
     metadata_marked_free: BTreeSet<usize>,
+    /// Device offset of the bitmap checksum table (none on an older image).
+    csum_offset: Option<u64>,
+    /// Bitmap blocks that failed their checksum and are not rebuilt yet:
+    /// held in use in memory, their checksums not written.
+    refused: BTreeSet<u64>,
 }
+
+/// Words per bitmap block.
+const WORDS_PER_BLOCK: usize = (BLOCK / 8) as usize;
 
 impl Allocator {
     /// The allocator of a filesystem whose bitmap reads `bitmap`.
@@ -75,6 +91,8 @@ impl Allocator {
             dirty_words: HashSet::default(),
             quarantined: BTreeSet::new(),
             metadata_marked_free,
+            csum_offset: None,
+            refused: BTreeSet::new(),
         };
         for block in sb.data_start..sb.total_blocks {
             if !a.is_used(block) {
@@ -86,6 +104,101 @@ impl Allocator {
             a.classify(r);
         }
         a
+    }
+
+    /// Read the bitmap of the filesystem on `dev` and check each block
+    /// against its checksum. Returns the allocator, with every block that
+    /// failed (or could not be read) refused, and those blocks' indexes.
+    pub fn load(dev: &pmem::Device, sb: &Superblock) -> Result<(Allocator, Vec<u64>)> {
+        let mut raw = vec![0u8; (sb.bitmap_blocks * BLOCK) as usize];
+        let mut unreadable = BTreeSet::new();
+        for (index, block) in raw.chunks_exact_mut(BLOCK as usize).enumerate() {
+            let at = (sb.bitmap_start + index as u64) * BLOCK;
+            if dev.read_mcsafe(at, block)?.poison.is_some() {
+                unreadable.insert(index as u64);
+            }
+        }
+        let mut damaged = Vec::new();
+        if sb.bitmap_csum != 0 {
+            let mut table = vec![0u8; (sb.bitmap_csum_blocks() * BLOCK) as usize];
+            let got = dev.read_mcsafe(sb.bitmap_csum * BLOCK, &mut table)?;
+            for (index, block) in raw.chunks_exact(BLOCK as usize).enumerate() {
+                let at = index * 4;
+                let stored = (at + 4 <= got.copied).then(|| crate::format::u32_at(&table, at));
+                if unreadable.contains(&(index as u64))
+                    || stored != Some(bitmap_crc(index as u64, block))
+                {
+                    damaged.push(index as u64);
+                }
+            }
+        } else {
+            damaged.extend(unreadable);
+        }
+        let bitmap = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
+            .collect();
+        let mut alloc = Allocator::new(sb, bitmap);
+        alloc.csum_offset = (sb.bitmap_csum != 0).then_some(sb.bitmap_csum * BLOCK);
+        for &index in &damaged {
+            alloc.refuse(index);
+        }
+        Ok((alloc, damaged))
+    }
+
+    /// The checksum table's contents for the bitmap as it is in memory.
+    pub fn checksum_table(&self, sb: &Superblock) -> Vec<u8> {
+        let mut table = vec![0u8; (sb.bitmap_csum_blocks() * BLOCK) as usize];
+        for (index, words) in self.bitmap.chunks(WORDS_PER_BLOCK).enumerate() {
+            let block: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            crate::format::put_u32(&mut table, index * 4, bitmap_crc(index as u64, &block));
+        }
+        table
+    }
+
+    /// From now on, keep the checksums in the table at device `offset`.
+    pub fn keep_checksums_at(&mut self, offset: u64) {
+        self.csum_offset = Some(offset);
+    }
+
+    /// Hold every block that bitmap block `index` covers in use (in memory
+    /// only), and write no checksum for it, until it is rebuilt.
+    fn refuse(&mut self, index: u64) {
+        let start = index * BLOCKS_PER_BITMAP_BLOCK;
+        self.flip(start, BLOCKS_PER_BITMAP_BLOCK, true, false);
+        self.refused.insert(index);
+    }
+
+    /// The bitmap blocks refused (failed their checksum, not rebuilt).
+    pub fn refused(&self) -> &BTreeSet<u64> {
+        &self.refused
+    }
+
+    /// The blocks bitmap block `index` covers.
+    pub fn covered(&self, index: u64) -> std::ops::Range<u64> {
+        let end = (self.bitmap.len() as u64 * 64).min(self.region_free.len() as u64 * HUGE_BLOCKS);
+        (index * BLOCKS_PER_BITMAP_BLOCK).min(end)..((index + 1) * BLOCKS_PER_BITMAP_BLOCK).min(end)
+    }
+
+    /// Set bitmap block `index` anew: a block is in use when it is
+    /// filesystem metadata or `owned` says so. All its words (and its
+    /// checksum) are written by the next stage.
+    pub fn rebuild(&mut self, sb: &Superblock, index: u64, owned: impl Fn(u64) -> bool) {
+        self.refused.remove(&index);
+        for block in self.covered(index) {
+            let used = block < sb.data_start || block == sb.backup_block || owned(block);
+            self.flip(block, 1, used, false);
+        }
+        let first = index as usize * WORDS_PER_BLOCK;
+        self.dirty_words
+            .extend(first..(first + WORDS_PER_BLOCK).min(self.bitmap.len()));
+    }
+
+    /// Make block `block` used or free (fsck's repair of a bitmap that
+    /// disagrees with what the inodes own), written by the next stage.
+    pub fn set(&mut self, block: u64, used: bool) {
+        self.flip(block, 1, used, false);
+        self.dirty_words.insert((block / 64) as usize);
     }
 
     /// The bitmap of a new filesystem: everything before the data area and
@@ -322,13 +435,42 @@ impl Allocator {
         words.extend(&self.metadata_marked_free);
         words.sort_unstable();
         words.dedup();
-        for word in words {
-            let quarantined = self
-                .quarantined
-                .range(word as u64 * 64..(word as u64 + 1) * 64)
-                .fold(0u64, |bits, b| bits | 1 << (b % 64));
-            let value = self.bitmap[word] & !freed.get(&word).copied().unwrap_or(0) & !quarantined;
-            tx.write(self.bitmap_offset + word as u64 * 8, &value.to_le_bytes());
+        let media = |word: usize| {
+            let quarantined = if self.quarantined.is_empty() {
+                0
+            } else {
+                self.quarantined
+                    .range(word as u64 * 64..(word as u64 + 1) * 64)
+                    .fold(0u64, |bits, b| bits | 1 << (b % 64))
+            };
+            self.bitmap[word] & !freed.get(&word).copied().unwrap_or(0) & !quarantined
+        };
+        let mut blocks = Vec::new();
+        for &word in &words {
+            tx.write(
+                self.bitmap_offset + word as u64 * 8,
+                &media(word).to_le_bytes(),
+            );
+            let index = (word / WORDS_PER_BLOCK) as u64;
+            if blocks.last() != Some(&index) {
+                blocks.push(index);
+            }
+        }
+        // The checksum of every block those words are in, over the block
+        // as it will be on media.
+        let Some(table) = self.csum_offset else {
+            return;
+        };
+        let mut image = [0u8; BLOCK as usize];
+        for index in blocks {
+            if self.refused.contains(&index) {
+                continue;
+            }
+            let first = index as usize * WORDS_PER_BLOCK;
+            for (i, chunk) in image.chunks_exact_mut(8).enumerate() {
+                chunk.copy_from_slice(&media(first + i).to_le_bytes());
+            }
+            tx.write(table + index * 4, &bitmap_crc(index, &image).to_le_bytes());
         }
     }
 

@@ -9,6 +9,7 @@
 //! journal_start      journal: a header block, then the ring of transactions
 //! inode_table_start  inode table: inode_count inodes of 256 bytes (inode 1 is the root)
 //! bitmap_start       allocation bitmap: one bit per block of the device, 1 = in use
+//! bitmap_csum        bitmap checksums: a crc32c per bitmap block (0: none, an older image)
 //! data_start         data and metadata blocks (2 MiB aligned), allocated from the bitmap
 //! last block         backup superblock
 //! ```
@@ -26,6 +27,7 @@
 //!  88 root inode u64        96 uuid [16]          112 state block u64
 //! 120 backup block u64     128 format time (s)    136 flags u64
 //! 144 damaged journal transaction u64 (with FLAG_NEEDS_CHECK from the journal)
+//! 152 bitmap checksum table block u64 (0: none)
 //! 508 crc32c of bytes 0..508
 //! ```
 //!
@@ -33,6 +35,31 @@
 //! transaction that fails its checks, followed by intact later ones);
 //! mount refuses until `fsck --repair` has checked the filesystem and
 //! cleared it. Both copies carry it.
+//!
+//! ## Bitmap checksums
+//!
+//! Bitmap block `i` (blocks `i * 32768 ..` of the device) has the crc32c
+//! of its index (u64) followed by its 4096 bytes at byte `4 * i` of the
+//! table: a block written to the wrong place fails as surely as a damaged
+//! one. Every transaction that changes bitmap words writes the checksums
+//! of their blocks in the same transaction. A bitmap block that fails its
+//! checksum is never allocated from: mount rebuilds it from the inodes'
+//! extents, or (when an inode cannot be read) keeps its blocks out of
+//! allocation until fsck repairs it. An image made before the table
+//! existed gets one at its first read-write mount when the space between
+//! the bitmap and the data area holds it (it always does for images made
+//! since: the table is part of the geometry).
+//!
+//! ## Checksums: the rule
+//!
+//! Every structure is validated where it is read, and its checksum is
+//! computed where it is written: the superblocks, the state block, the
+//! journal (header and each transaction), each bitmap block, each inode,
+//! each directory entry, each overflow extent block, each xattr block and
+//! each symlink target stored out of line. A structure that fails is never
+//! used: it is reported with the device offset where it lies and the inode
+//! or directory it belongs to, and only that inode or directory gives
+//! `EIO`.
 //!
 //! ## Inode (256 bytes; inode `n` is at `inode_table_start * 4096 + (n - 1) * 256`)
 //!
@@ -101,6 +128,16 @@ pub const NAME_MAX: usize = 255;
 /// Blocks in a 2 MiB region.
 pub const HUGE_BLOCKS: u64 = 512;
 
+/// Bitmap blocks one block of checksums covers.
+pub const BITMAP_CSUMS_PER_BLOCK: u64 = BLOCK / 4;
+/// Device blocks one bitmap block covers.
+pub const BLOCKS_PER_BITMAP_BLOCK: u64 = BLOCK * 8;
+
+/// The checksum of bitmap block `index` holding `block`.
+pub fn bitmap_crc(index: u64, block: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&index.to_le_bytes()), block)
+}
+
 /// Superblock flag: the filesystem needs a check before it is mounted.
 pub const SB_NEEDS_CHECK: u64 = 1;
 
@@ -155,6 +192,9 @@ pub struct Superblock {
     /// With [`SB_NEEDS_CHECK`] set for a damaged journal: the sequence
     /// number of the damaged transaction (0 otherwise).
     pub damaged_tx: u64,
+    /// First block of the bitmap checksum table (0: none, an image made
+    /// before it existed).
+    pub bitmap_csum: u64,
 }
 
 impl Superblock {
@@ -168,7 +208,9 @@ impl Superblock {
         let journal_start = 2;
         let inode_table_start = journal_start + journal_blocks;
         let bitmap_start = inode_table_start + inode_table_blocks;
-        let data_start = (bitmap_start + bitmap_blocks).next_multiple_of(HUGE_BLOCKS);
+        let bitmap_csum = bitmap_start + bitmap_blocks;
+        let data_start = (bitmap_csum + bitmap_blocks.div_ceil(BITMAP_CSUMS_PER_BLOCK))
+            .next_multiple_of(HUGE_BLOCKS);
         if data_start + HUGE_BLOCKS >= total_blocks {
             return Err(Error::Invalid("device too small for a filesystem"));
         }
@@ -189,6 +231,7 @@ impl Superblock {
             format_time: now,
             flags: 0,
             damaged_tx: 0,
+            bitmap_csum,
         })
     }
 
@@ -213,6 +256,7 @@ impl Superblock {
             (128, self.format_time),
             (136, self.flags),
             (144, self.damaged_tx),
+            (152, self.bitmap_csum),
         ] {
             put_u64(&mut b, at, v);
         }
@@ -273,6 +317,7 @@ impl Superblock {
             format_time: u64_at(b, 128),
             flags: u64_at(b, 136),
             damaged_tx: u64_at(b, 144),
+            bitmap_csum: u64_at(b, 152),
         };
         let device_blocks = device_size / BLOCK;
         if sb.total_blocks != device_blocks {
@@ -296,6 +341,18 @@ impl Superblock {
                 )));
             }
             end = start + len;
+        }
+        if sb.bitmap_csum != 0
+            && (sb.bitmap_csum < end
+                || sb
+                    .bitmap_csum
+                    .checked_add(sb.bitmap_csum_blocks())
+                    .is_none_or(|e| e > sb.data_start))
+        {
+            return Err(bad(format!(
+                "bitmap checksums at block {} are out of place",
+                sb.bitmap_csum
+            )));
         }
         if sb.data_start >= sb.total_blocks
             || sb.backup_block != sb.total_blocks - 1
@@ -334,6 +391,18 @@ impl Superblock {
     /// Whether mount must refuse until fsck has run.
     pub fn needs_check(&self) -> bool {
         self.flags & SB_NEEDS_CHECK != 0
+    }
+
+    /// Blocks of the bitmap checksum table.
+    pub fn bitmap_csum_blocks(&self) -> u64 {
+        self.bitmap_blocks.div_ceil(BITMAP_CSUMS_PER_BLOCK)
+    }
+
+    /// Where a bitmap checksum table fits: after the bitmap, before the
+    /// data area (`None` when the gap is too small).
+    pub fn bitmap_csum_room(&self) -> Option<u64> {
+        let at = self.bitmap_start + self.bitmap_blocks;
+        (at + self.bitmap_csum_blocks() <= self.data_start).then_some(at)
     }
 
     pub fn inode_offset(&self, ino: u64) -> u64 {

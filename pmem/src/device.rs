@@ -26,8 +26,8 @@ use crate::copy::{MovntKernel, Writer};
 use crate::cpu::{self, FlushInstruction};
 use crate::crash::{CrashPoint, CrashTracker, FenceHook};
 use crate::error::{Error, Result};
-use crate::lock::lock_exclusive;
-use crate::mapping::{Mapping, Window, HUGE_PAGE};
+use crate::lock::lock;
+use crate::mapping::{MapMode, Mapping, Window, HUGE_PAGE};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -51,6 +51,7 @@ pub fn validate_size(size: u64) -> Result<()> {
 pub struct DeviceOptions {
     fast: bool,
     crash_tracking: bool,
+    read_only: bool,
 }
 
 impl DeviceOptions {
@@ -64,6 +65,15 @@ impl DeviceOptions {
     /// Changes nothing on memory-backed or DAX devices.
     pub fn fast(mut self, fast: bool) -> DeviceOptions {
         self.fast = fast;
+        self
+    }
+
+    /// Read-only: open the file for reading (so a read-only file, or one
+    /// marked immutable, can be opened), take a lock that other read-only
+    /// opens share, and map it privately: stores then change a copy in this
+    /// process's memory and never the image. Changing poison is refused.
+    pub fn read_only(mut self, on: bool) -> DeviceOptions {
+        self.read_only = on;
         self
     }
 
@@ -154,6 +164,13 @@ pub struct Device {
     writer: Writer,
     /// Whether flushes must also `msync` (a disk-backed image, not in fast mode).
     msync: bool,
+    /// The mapping is private, the file never written (opened read-only,
+    /// or made private by [`Device::set_private`]).
+    read_only: bool,
+    /// Opened read-only: it can never be made shared.
+    opened_read_only: bool,
+    /// How the mapping is shared when it is not private.
+    shared_mode: MapMode,
     poison: RwLock<Poison>,
     tracker: Option<CrashTracker>,
 }
@@ -199,19 +216,20 @@ impl Device {
         created
     }
 
-    /// Open an existing emulated device or `/dev/daxX.Y`, exclusively.
+    /// Open an existing emulated device or `/dev/daxX.Y`, exclusively (or,
+    /// read-only, shared with other read-only opens).
     pub fn open(path: impl AsRef<Path>, options: &DeviceOptions) -> Result<Device> {
         let path = path.as_ref();
         let file = File::options()
             .read(true)
-            .write(true)
+            .write(!options.read_only)
             .open(path)
             .map_err(|e| Error::io(path, "open the device", e))?;
         Device::from_file(file, path, options)
     }
 
     fn from_file(file: File, path: &Path, options: &DeviceOptions) -> Result<Device> {
-        lock_exclusive(&file, path)?;
+        lock(&file, path, options.read_only)?;
         let backing = Backing::probe(&file, path)?;
         if backing.size < MIN_SIZE || backing.size % SIZE_ALIGN != 0 {
             return Err(Error::NotADevice {
@@ -228,7 +246,7 @@ impl Device {
         })?;
         // A /dev/dax may be aligned to 1 GiB: map it so that its own unit fits.
         let align = backing.align.max(HUGE_PAGE).next_power_of_two() as usize;
-        let map = Mapping::map_aligned(file.as_fd(), len, align)
+        let map = Mapping::map_aligned(file.as_fd(), len, align, options.read_only)
             .map_err(|e| Error::io(path, "map the device", e))?;
         if backing.huge_pages.capable && matches!(backing.kind, DeviceKind::Emulated) {
             // SAFETY: advice on our own mapping; it changes no contents.
@@ -256,6 +274,9 @@ impl Device {
         poison.rebuild();
         let device = Device {
             msync: persistence.mode == PersistenceMode::Msync,
+            read_only: options.read_only,
+            opened_read_only: options.read_only,
+            shared_mode: map.mode(),
             path: canonical_path,
             persistence,
             writer: Writer::detect(),
@@ -277,6 +298,46 @@ impl Device {
     /// The device's size in bytes.
     pub fn size(&self) -> u64 {
         self.backing.size
+    }
+
+    /// Whether the device was opened read-only (see
+    /// [`DeviceOptions::read_only`]).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Make the device private (stores change this process's copy only,
+    /// and the image is never written; changing poison is refused) or, on
+    /// a device opened read-write, shared again, dropping every private
+    /// change. fsck's check uses it to look at what a mount would do
+    /// without changing a byte.
+    pub fn set_private(&mut self, private: bool) -> Result<()> {
+        if private == self.read_only {
+            return Ok(());
+        }
+        if !private && self.opened_read_only {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+                what: "sharing the mapping again",
+            });
+        }
+        let mode = if private {
+            MapMode::Private
+        } else {
+            self.shared_mode
+        };
+        // SAFETY: `&mut self`: no API call is using the mapping, and the
+        // raw-pointer contract (`as_ptr`) forbids holding its pages across
+        // a change of the device.
+        unsafe { self.map.remap(self.file.as_fd(), mode) }
+            .map_err(|e| Error::io(&self.path, "remap the device", e))?;
+        self.read_only = private;
+        self.msync = !private && self.persistence.mode == PersistenceMode::Msync;
+        let poison = self.poison_ref();
+        for run in poison.all.ranges() {
+            self.swap_granules(&poison, run.offset(), run.len())?;
+        }
+        Ok(())
     }
 
     /// The device's canonical path.
@@ -443,6 +504,7 @@ impl Device {
     /// sectors raise `SIGBUS` on direct access from then on.
     pub fn inject(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
+        self.writable("injecting poison")?;
         if len == 0 {
             return Ok(());
         }
@@ -463,6 +525,7 @@ impl Device {
     /// of their sectors is poisoned.
     pub fn clear(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
+        self.writable("clearing poison")?;
         if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
             return Err(Error::Unaligned {
                 offset,
@@ -622,6 +685,16 @@ impl Device {
         }
     }
 
+    fn writable(&self, what: &'static str) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+                what,
+            });
+        }
+        Ok(())
+    }
+
     fn poison_ref(&self) -> RwLockReadGuard<'_, Poison> {
         self.poison.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -649,6 +722,10 @@ impl Device {
                 return self.store_locked(&poison, offset, len, flushed, op);
             }
         }
+        // The good sectors of a poisoned page are reached through a window
+        // onto the file, and covering a poisoned sector clears it in the
+        // badblocks file: both write more than a private copy.
+        self.writable("a store to a poisoned page")?;
         let mut poison = self.poison_mut();
         let first = offset / SECTOR;
         let last = (offset + len).div_ceil(SECTOR);
@@ -789,8 +866,10 @@ impl Device {
             let granule = at / g * g;
             if self.touches_poison(poison, granule, g) {
                 let seg_end = (granule + g).min(end);
-                let window = Window::map(self.file.as_fd(), granule, g as usize)
-                    .map_err(|e| Error::io(&self.path, "map a window over a poisoned page", e))?;
+                let window = Window::map(self.file.as_fd(), granule, g as usize, !self.read_only)
+                    .map_err(|e| {
+                    Error::io(&self.path, "map a window over a poisoned page", e)
+                })?;
                 // SAFETY: `at - granule < g`, inside the window.
                 let ptr = unsafe { window.ptr().add((at - granule) as usize) };
                 f(ptr, (at - offset) as usize, (seg_end - at) as usize);

@@ -113,6 +113,19 @@ pub enum Error {
         offset: u64,
     },
 
+    /// A change that would write the image of a device opened read-only.
+    #[error(
+        "{}: opened read-only: {what} would write the image (other changes stay in this \
+         process's memory)",
+        path.display()
+    )]
+    ReadOnly {
+        /// The device.
+        path: PathBuf,
+        /// What was refused.
+        what: &'static str,
+    },
+
     /// The operation is not possible on this kind of device.
     #[error("{}: {what}", path.display())]
     Unsupported {

@@ -1,5 +1,5 @@
 //! Exclusive ownership of a device: an open-file-description (OFD) write lock
-//! on the whole file.
+//! on the whole file (a read lock for a read-only open: readers share it).
 //!
 //! OFD locks belong to the open file, not to the process, so they also refuse a
 //! second open from the same process (POSIX record locks would not, and would
@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 /// closed a moment ago can still look held.
 const SETTLE: Duration = Duration::from_millis(250);
 
-/// Take the write lock on all of `file`, or fail with [`Error::Busy`].
-pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+/// Take the write lock on all of `file` (the read lock when `shared`: any
+/// number of readers, but no writer), or fail with [`Error::Busy`].
+pub(crate) fn lock(file: &File, path: &Path, shared: bool) -> Result<()> {
     // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_type = if shared { libc::F_RDLCK } else { libc::F_WRLCK } as libc::c_short;
     lock.l_whence = libc::SEEK_SET as libc::c_short;
     let deadline = Instant::now() + SETTLE;
     loop {

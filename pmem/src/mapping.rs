@@ -18,6 +18,9 @@ pub(crate) enum MapMode {
     Sync,
     /// Plain `MAP_SHARED`.
     Shared,
+    /// `MAP_PRIVATE` over a file opened read-only: stores copy the page
+    /// into this process's memory, and the file is never written.
+    Private,
 }
 
 impl MapMode {
@@ -25,6 +28,7 @@ impl MapMode {
         match self {
             MapMode::Sync => libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC,
             MapMode::Shared => libc::MAP_SHARED,
+            MapMode::Private => libc::MAP_PRIVATE,
         }
     }
 }
@@ -48,9 +52,17 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Map `len` bytes of `fd` from offset 0 at a multiple of `align` (a power
     /// of two, at least 2 MiB). `MAP_SYNC` is tried first and the mapping's
-    /// mode says whether it was accepted.
-    pub(crate) fn map_aligned(fd: BorrowedFd<'_>, len: usize, align: usize) -> io::Result<Mapping> {
-        let mode = if probe_map_sync(fd, len)? {
+    /// mode says whether it was accepted. With `private`, the mapping is
+    /// [`MapMode::Private`] instead.
+    pub(crate) fn map_aligned(
+        fd: BorrowedFd<'_>,
+        len: usize,
+        align: usize,
+        private: bool,
+    ) -> io::Result<Mapping> {
+        let mode = if private {
+            MapMode::Private
+        } else if probe_map_sync(fd, len)? {
             MapMode::Sync
         } else {
             MapMode::Shared
@@ -107,6 +119,20 @@ impl Mapping {
         }
         let base = NonNull::new(aligned as *mut u8).expect("an aligned mapping is never at 0");
         Ok(Mapping { base, len, mode })
+    }
+
+    /// Map all of `fd` anew over this mapping in `mode` (private pages are
+    /// dropped when going back to shared).
+    ///
+    /// # Safety
+    /// No reference into the mapping may be alive and nobody may be using
+    /// it: every page is replaced.
+    pub(crate) unsafe fn remap(&mut self, fd: BorrowedFd<'_>, mode: MapMode) -> io::Result<()> {
+        // SAFETY: forwarded from this function's contract; the whole range
+        // is this mapping's own.
+        unsafe { self.map_over(0, self.len, mode.flags(), fd, 0)? };
+        self.mode = mode;
+        Ok(())
     }
 
     pub(crate) fn base(&self) -> *mut u8 {
@@ -207,14 +233,24 @@ pub(crate) struct Window {
 
 impl Window {
     /// Map `len` bytes of `fd` at file offset `offset` (which must suit the
-    /// file's mapping granularity).
-    pub(crate) fn map(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Window> {
+    /// file's mapping granularity); read-only unless `writable`.
+    pub(crate) fn map(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        writable: bool,
+    ) -> io::Result<Window> {
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
         // SAFETY: a new shared mapping at an address of the kernel's choosing.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
                 offset as libc::off_t,

@@ -5,6 +5,7 @@ mod common;
 use common::{shm_dir, small_device};
 use pmem::{Device, DeviceOptions, Error, PersistenceMode, HUGE_PAGE};
 use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 
 #[test]
 fn create_makes_a_sparse_file_of_the_requested_size() {
@@ -305,4 +306,109 @@ fn a_device_on_a_huge_tmpfs_is_mapped_with_2mib_pages() {
         "the aligned mapping should hold at least one PMD, smaps says {pmd} kB"
     );
     drop(dev);
+}
+
+/// An immutable file: set with `chattr +i`, cleared on drop (also when the
+/// test fails), so that the temporary directory can go.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(path: &std::path::Path) -> Immutable {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .expect("run chattr")
+            .success();
+        assert!(ok, "chattr +i {}", path.display());
+        Immutable(path.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A read-only open works on a file nobody may write (immutable), shares
+/// with other read-only opens, keeps writers out, and never changes a
+/// byte of the image, whatever is stored through it.
+#[test]
+fn a_read_only_device_never_writes_the_image() {
+    let dir = shm_dir();
+    let (dev, path) = small_device(&dir);
+    dev.memcpy_persist(4096, b"original").unwrap();
+    dev.inject(8192, 512).unwrap();
+    drop(dev);
+    let before = std::fs::read(&path).unwrap();
+    let badblocks = std::fs::read(path.with_extension("img.badblocks")).unwrap();
+    let _immutable = Immutable::set(&path);
+    let ro = DeviceOptions::new().read_only(true);
+    assert!(
+        Device::open(&path, &DeviceOptions::new()).is_err(),
+        "immutable"
+    );
+    let dev = Device::open(&path, &ro).unwrap();
+    let other = Device::open(&path, &ro).expect("read-only opens share the device");
+    assert!(dev.is_read_only());
+    assert_eq!(dev.persistence().mode, PersistenceMode::ReadOnly);
+    // Stores change this process's copy.
+    dev.memcpy_persist(4096, b"changed!").unwrap();
+    dev.memset_persist(1 << 20, 0xaa, 1 << 20).unwrap();
+    let mut got = [0u8; 8];
+    dev.read(4096, &mut got).unwrap();
+    assert_eq!(&got, b"changed!");
+    other.read(4096, &mut got).unwrap();
+    assert_eq!(&got, b"original", "another open sees the image");
+    // What would write the image is refused, and says so.
+    for err in [
+        dev.inject(0, 512).unwrap_err(),
+        dev.clear(8192, 512).unwrap_err(),
+        dev.memcpy_persist(8192, &[0; 512]).unwrap_err(),
+    ] {
+        assert!(matches!(err, Error::ReadOnly { .. }), "{err:?}");
+        assert!(err.to_string().contains("read-only"), "{err}");
+    }
+    // The good sectors of a poisoned page still read.
+    let mut good = [1u8; 512];
+    dev.read(8192 + 512, &mut good).unwrap();
+    drop((dev, other));
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    assert_eq!(
+        std::fs::read(path.with_extension("img.badblocks")).unwrap(),
+        badblocks
+    );
+}
+
+/// A device opened read-write and made private for a while writes nothing
+/// of what was stored meanwhile; shared again, it writes as before.
+#[test]
+fn a_device_made_private_drops_its_changes_when_shared_again() {
+    let dir = shm_dir();
+    let (mut dev, path) = small_device(&dir);
+    dev.memcpy_persist(0, b"before").unwrap();
+    dev.inject(1 << 20, 512).unwrap();
+    dev.set_private(true).unwrap();
+    dev.memcpy_persist(0, b"during").unwrap();
+    assert!(matches!(
+        dev.inject(0, 512).unwrap_err(),
+        Error::ReadOnly { .. }
+    ));
+    let mut got = [0u8; 6];
+    dev.read(0, &mut got).unwrap();
+    assert_eq!(&got, b"during");
+    assert_eq!(&std::fs::read(&path).unwrap()[..6], b"before");
+    dev.set_private(false).unwrap();
+    dev.read(0, &mut got).unwrap();
+    assert_eq!(&got, b"before", "the private change is gone");
+    assert!(
+        dev.read(1 << 20, &mut got).is_err(),
+        "the poison is still there"
+    );
+    dev.memcpy_persist(0, b"after!").unwrap();
+    assert_eq!(&std::fs::read(&path).unwrap()[..6], b"after!");
 }

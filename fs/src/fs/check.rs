@@ -22,7 +22,7 @@
 
 use super::{Fs, Ino, State, ROOT};
 use crate::error::{Error, Result};
-use crate::format::{Superblock, BLOCK, FLAG_INLINE_LINK};
+use crate::format::{Inode, Superblock, BLOCK, FLAG_INLINE_LINK};
 use pmem::Device;
 use std::collections::{HashMap, VecDeque};
 
@@ -69,7 +69,31 @@ impl FsckReport {
 
 /// Check (and with `repair`, repair) the filesystem on `dev`. An error means
 /// the image could not be checked at all (fsck's operational error).
-pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
+///
+/// Without `repair`, nothing is written: the device is made private for
+/// the check (a mount's journal replay, orphan reclaim and rebuilds happen
+/// in memory, so the check sees what a mount would) and shared again
+/// before it is returned. A device opened read-only can only be checked.
+pub fn fsck(mut dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
+    if repair && dev.is_read_only() {
+        return Err(pmem::Error::ReadOnly {
+            path: dev.path().to_path_buf(),
+            what: "a repair",
+        }
+        .into());
+    }
+    let shared_after = !repair && !dev.is_read_only();
+    if shared_after {
+        dev.set_private(true)?;
+    }
+    let (report, mut dev) = check(dev, repair)?;
+    if shared_after {
+        dev.set_private(false)?;
+    }
+    Ok((report, dev))
+}
+
+fn check(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
     let mut report = FsckReport::default();
     let backup_at = (dev.size() / BLOCK - 1) * BLOCK;
     let primary = Superblock::read(&dev, 0);
@@ -128,21 +152,41 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
                 })
                 .is_ok();
     }
-    if repair && !bitmap_fix.words.is_empty() {
-        let sb = fs.core.sb.clone();
-        for chunk in bitmap_fix.words.chunks(1024) {
-            fs.change(|_, _, stage| {
+    if repair {
+        // Through the allocator, so that its checksums are written too,
+        // and in pieces that fit in the journal.
+        for chunk in bitmap_fix.words.chunks(512) {
+            fs.change(|_, st, _| {
                 for &(word, value) in chunk {
-                    stage.tx.write(
-                        sb.bitmap_start * BLOCK + word as u64 * 8,
-                        &value.to_le_bytes(),
-                    );
+                    for bit in 0..64 {
+                        let block = word as u64 * 64 + bit;
+                        if block < fs.core.sb.total_blocks {
+                            st.alloc.set(block, value & 1 << bit != 0);
+                        }
+                    }
                 }
                 Ok(())
             })?;
         }
+        let refused: Vec<u64> = fs.lock()?.alloc.refused().iter().copied().collect();
+        if !refused.is_empty() {
+            let owned = {
+                let mut st = fs.lock()?;
+                owned_by_all(&fs, &mut st)
+            };
+            if let Ok(owned) = owned {
+                fs.change(|fs, st, _| {
+                    for &index in &refused {
+                        st.alloc
+                            .rebuild(&fs.core.sb, index, |block| owned.contains_key(&block));
+                    }
+                    Ok(())
+                })?;
+            }
+        }
+        let still_refused = !fs.lock()?.alloc.refused().is_empty();
         for &problem in &bitmap_fix.bitmap_problems {
-            report.problems[problem].fixed = true;
+            report.problems[problem].fixed = !still_refused;
         }
     }
     let dev = fs.into_device()?;
@@ -155,6 +199,71 @@ pub fn fsck(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
         report.problems[problem].fixed = true;
     }
     Ok((report, dev))
+}
+
+/// What one inode owns on the device.
+pub(super) struct Owned {
+    /// Its extents, in file order (none for an inline symlink).
+    pub extents: Vec<crate::format::Extent>,
+    /// Its overflow extent blocks.
+    pub chain: Vec<u64>,
+    /// Its xattr block.
+    pub xattr: Option<u64>,
+}
+
+impl Owned {
+    /// Every block, with the role it has.
+    pub fn blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.extents
+            .iter()
+            .flat_map(|e| e.physical..e.physical + e.len as u64)
+            .chain(self.chain.iter().copied())
+            .chain(self.xattr)
+    }
+}
+
+/// What allocated inode `ino` (whose inode is `inode`) owns.
+pub(super) fn owned_blocks(fs: &Fs, st: &mut State, ino: Ino, inode: &Inode) -> Result<Owned> {
+    let inline_link = inode.kind() == libc::S_IFLNK && inode.flags & FLAG_INLINE_LINK != 0;
+    let extents = if inline_link {
+        Vec::new()
+    } else {
+        fs.extents(st, ino)?.clone()
+    };
+    let chain = if inline_link {
+        Vec::new()
+    } else {
+        fs.cached(st, ino)?.chain.clone()
+    };
+    Ok(Owned {
+        extents,
+        chain,
+        xattr: (inode.xattr_block != 0).then_some(inode.xattr_block),
+    })
+}
+
+/// The owner of every block some inode owns; an error names an inode
+/// whose blocks cannot be known (damaged, or its extents unreadable).
+pub(super) fn owned_by_all(
+    fs: &Fs,
+    st: &mut State,
+) -> std::result::Result<HashMap<u64, Ino>, String> {
+    let mut owner = HashMap::new();
+    for ino in 1..=fs.core.sb.inode_count {
+        if st.free_inodes.contains(&ino) {
+            continue;
+        }
+        let owned = match fs.inode(st, ino) {
+            Ok(inode) => owned_blocks(fs, st, ino, &inode),
+            Err(Error::NotFound) => continue,
+            Err(e) => Err(e),
+        };
+        match owned {
+            Ok(owned) => owner.extend(owned.blocks().map(|b| (b, ino))),
+            Err(e) => return Err(format!("inode {ino} cannot be read ({e})")),
+        }
+    }
+    Ok(owner)
 }
 
 struct Fixes {
@@ -205,11 +314,8 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
             continue;
         }
         allocated.push(ino);
-        if kind == libc::S_IFLNK && inode.flags & FLAG_INLINE_LINK != 0 {
-            continue;
-        }
-        let extents = match fs.extents(st, ino) {
-            Ok(e) => e.clone(),
+        let owned = match owned_blocks(fs, st, ino, &inode) {
+            Ok(owned) => owned,
             Err(e) => {
                 report.problem(format!("inode {ino}: {e}"), false);
                 continue;
@@ -217,7 +323,7 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
         };
         let mut last_end = 0;
         let mut count = 0;
-        for e in &extents {
+        for e in &owned.extents {
             if e.len == 0 || (e.logical as u64) < last_end {
                 report.problem(
                     format!(
@@ -233,15 +339,10 @@ fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -
             }
             count += e.len as u64;
         }
-        let chain = fs.cached(st, ino)?.chain.clone();
-        for &block in &chain {
+        for &block in owned.chain.iter().chain(&owned.xattr) {
             claim(report, block, ino);
         }
-        if inode.xattr_block != 0 {
-            claim(report, inode.xattr_block, ino);
-            count += 1;
-        }
-        count += chain.len() as u64;
+        count += owned.chain.len() as u64 + owned.xattr.is_some() as u64;
         if count != inode.blocks {
             report.problem(
                 format!("inode {ino}: counts {} blocks, owns {count}", inode.blocks),

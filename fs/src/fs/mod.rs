@@ -564,13 +564,18 @@ impl Fs {
             journal.discard_damaged(&dev, *newest)?;
             notes.push(what);
         }
-        let mut raw = vec![0u8; (sb.bitmap_blocks * BLOCK) as usize];
-        read_meta(&dev, sb.bitmap_start * BLOCK, &mut raw, "allocation bitmap")?;
-        let bitmap = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
-            .collect();
-        let alloc = Allocator::new(&sb, bitmap);
+        let (mut alloc, bitmap_damage) = Allocator::load(&dev, &sb)?;
+        if sb.bitmap_csum == 0 {
+            // An image from before bitmap checksums: give it a table when
+            // there is room (written before the superblocks name it).
+            if let Some(at) = sb.bitmap_csum_room() {
+                dev.memcpy_persist(at * BLOCK, &alloc.checksum_table(&sb))?;
+                sb.bitmap_csum = at;
+                write_superblocks(&dev, &sb)?;
+                alloc.keep_checksums_at(at * BLOCK);
+                notes.push("the allocation bitmap now has checksums".to_string());
+            }
+        }
         // Which inodes are free. A poisoned sector of the table makes its
         // inodes damaged (neither free nor usable), not the mount impossible.
         let mut table = vec![0u8; (sb.inode_count * INODE_SIZE) as usize];
@@ -659,6 +664,9 @@ impl Fs {
             notes.push(format!(
                 "{marked_free} bitmap words marked metadata blocks free (corrected; written at the next change)"
             ));
+        }
+        if !bitmap_damage.is_empty() {
+            damage_found.extend(fs.rebuild_bitmap(&bitmap_damage)?);
         }
         if let Some(damage) = state_damage {
             let poisoned = fs
@@ -1451,6 +1459,63 @@ impl Fs {
             })?;
         }
         Ok((valid.len() as u64, cut))
+    }
+
+    /// Set the bitmap blocks that failed their checksum (`damaged`) from
+    /// what the inodes own. A block stays refused (nothing is allocated
+    /// from it) when its media is poisoned or some inode cannot be read
+    /// (its blocks are unknown): fsck repairs it. Says what was done.
+    fn rebuild_bitmap(&self, damaged: &[u64]) -> Result<Vec<String>> {
+        let sb = &self.core.sb;
+        let describe = |index: u64| {
+            format!(
+                "allocation bitmap block {index} (device offset {:#x}) fails its checksum",
+                (sb.bitmap_start + index) * BLOCK
+            )
+        };
+        let mut said = Vec::new();
+        let mut rebuild = Vec::new();
+        for &index in damaged {
+            let at = (sb.bitmap_start + index) * BLOCK;
+            if self.core.dev.first_poison(at, BLOCK).is_some() {
+                said.push(format!(
+                    "{}: its media is poisoned; nothing is allocated from the blocks it covers",
+                    describe(index)
+                ));
+            } else {
+                rebuild.push(index);
+            }
+        }
+        if rebuild.is_empty() {
+            return Ok(said);
+        }
+        let mut st = self.lock()?;
+        let owned = match check::owned_by_all(self, &mut st) {
+            Ok(owned) => owned,
+            Err(unreadable) => {
+                for index in rebuild {
+                    said.push(format!(
+                        "{}: {unreadable}, so it cannot be rebuilt; nothing is allocated from                          the blocks it covers until `daxfs fsck --repair`",
+                        describe(index)
+                    ));
+                }
+                return Ok(said);
+            }
+        };
+        drop(st);
+        self.change(|fs, st, _| {
+            for &index in &rebuild {
+                st.alloc
+                    .rebuild(&fs.core.sb, index, |block| owned.contains_key(&block));
+            }
+            Ok(())
+        })?;
+        said.extend(
+            rebuild
+                .into_iter()
+                .map(|index| format!("{}: rebuilt from the inodes' extents", describe(index))),
+        );
+        Ok(said)
     }
 
     /// Damage this mount found and contained: each has been made harmless

@@ -77,6 +77,15 @@ pub(super) fn metadata_area(sb: &Superblock, offset: u64) -> Option<Area> {
         blocks("the state block (orphan list)", sb.state_block, 1),
         blocks("the journal", sb.journal_start, sb.journal_blocks),
         blocks("the allocation bitmap", sb.bitmap_start, sb.bitmap_blocks),
+        blocks(
+            "the bitmap checksums",
+            sb.bitmap_csum,
+            if sb.bitmap_csum == 0 {
+                0
+            } else {
+                sb.bitmap_csum_blocks()
+            },
+        ),
     ]
     .into_iter()
     .find(|a| (a.start..a.end).contains(&offset))

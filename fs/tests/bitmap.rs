@@ -1,0 +1,189 @@
+//! The allocation bitmap is checksummed per block and never trusted when
+//! its checksum fails: mount rebuilds the block from the inodes' extents
+//! (or, when an inode cannot be read, allocates nothing from it until fsck
+//! repairs it). (The seed report: zeroing 128 bytes of the bitmap, then
+//! writing a 4 MiB file, silently overwrote a 3 MiB file.)
+
+mod common;
+
+use common::MIB;
+use daxfs::format::{Superblock, BLOCK, INODE_SIZE};
+use daxfs::pmem::{Device, DeviceOptions};
+use daxfs::Fs;
+
+fn open(img: &common::Image) -> Device {
+    Device::open(&img.path, &DeviceOptions::new()).unwrap()
+}
+
+fn superblock(img: &common::Image) -> Superblock {
+    Superblock::read(&open(img), 0).unwrap()
+}
+
+/// Write `bytes` at `offset` of the (unmounted) image.
+fn poke(img: &common::Image, offset: u64, bytes: &[u8]) {
+    open(img).memcpy_persist(offset, bytes).unwrap();
+}
+
+/// Unmount and let the device go.
+fn done(fs: Fs) {
+    fs.unmount().unwrap();
+}
+
+fn fsck(img: &common::Image, repair: bool) -> daxfs::FsckReport {
+    daxfs::fsck(open(img), repair).unwrap().0
+}
+
+fn file_bytes(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+}
+
+/// An image holding /first (3 MiB), unmounted; and the device offset of
+/// the bitmap bytes that mark /first's blocks.
+fn image_with_first() -> (common::Image, u64) {
+    let (img, fs) = common::image_with("daxfs-bitmap", 64 * MIB, &DeviceOptions::new());
+    fs.create_path("/first", 0o644, true).unwrap();
+    fs.write_path("/first", 0, &file_bytes(3 << 20, 1)).unwrap();
+    let ino = fs.resolve("/first").unwrap();
+    let first_block = fs.file_extents(ino).unwrap()[0].device_offset / BLOCK;
+    let sb = fs.superblock().clone();
+    done(fs);
+    (img, sb.bitmap_start * BLOCK + first_block / 8)
+}
+
+/// The seed report, on the image it describes: the zeroed bytes are found
+/// and rebuilt at mount, and the new file gets blocks of its own.
+#[test]
+fn zeroed_bitmap_bytes_never_hand_out_a_files_blocks() {
+    let (img, at) = image_with_first();
+    poke(&img, at, &[0u8; 128]);
+    let fs = Fs::mount(open(&img)).unwrap();
+    assert!(
+        fs.mount_notes()
+            .iter()
+            .any(|n| n.contains("bitmap block 0") && n.contains("rebuilt")),
+        "the mount says what it found: {:?}",
+        fs.mount_notes()
+    );
+    fs.create_path("/second", 0o644, true).unwrap();
+    fs.write_path("/second", 0, &file_bytes(4 << 20, 2))
+        .unwrap();
+    assert_eq!(fs.read_path("/first").unwrap(), file_bytes(3 << 20, 1));
+    assert_eq!(fs.read_path("/second").unwrap(), file_bytes(4 << 20, 2));
+    done(fs);
+    let report = fsck(&img, false);
+    assert!(report.is_clean(), "{:?}", report.problems);
+}
+
+/// Damage anywhere in a bitmap block, of any kind, is caught: each byte
+/// position of a block, and the checksum table itself.
+#[test]
+fn any_changed_byte_of_a_bitmap_block_or_its_checksum_is_caught() {
+    let (img, _) = image_with_first();
+    let sb = superblock(&img);
+    assert_ne!(sb.bitmap_csum, 0, "a new image has bitmap checksums");
+    let pristine = std::fs::read(&img.path).unwrap();
+    let bitmap = sb.bitmap_start * BLOCK;
+    for at in [
+        bitmap,
+        bitmap + 777,
+        bitmap + BLOCK - 1,
+        sb.bitmap_csum * BLOCK + 2,
+    ] {
+        std::fs::write(&img.path, &pristine).unwrap();
+        let dev = open(&img);
+        let mut b = [0u8];
+        dev.read(at, &mut b).unwrap();
+        dev.memcpy_persist(at, &[b[0] ^ 0x10]).unwrap();
+        drop(dev);
+        let report = fsck(&img, false);
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.what.contains("bitmap block 0 (device offset")),
+            "damage at {at:#x} unseen: {:?}",
+            report.problems
+        );
+        // The mount rebuilt it; a second mount finds it whole.
+        done(Fs::mount(open(&img)).unwrap());
+        assert!(fsck(&img, false).is_clean());
+        assert_eq!(
+            Fs::mount(open(&img)).unwrap().read_path("/first").unwrap(),
+            file_bytes(3 << 20, 1)
+        );
+    }
+}
+
+/// When some inode cannot be read, what a damaged bitmap block says cannot
+/// be rebuilt: nothing is allocated from it (a write that needs its blocks
+/// fails with ENOSPC rather than take a file's), and `fsck --repair` then
+/// rebuilds it once the inode is dealt with.
+#[test]
+fn a_bitmap_block_that_cannot_be_rebuilt_is_not_allocated_from() {
+    let (img, at) = image_with_first();
+    let sb = superblock(&img);
+    poke(&img, at, &[0u8; 128]);
+    // A bad checksum on an unused inode slot: its blocks are unknown.
+    poke(&img, sb.inode_offset(50), &[1]);
+    let fs = Fs::mount(open(&img)).unwrap();
+    assert!(
+        fs.mount_notes()
+            .iter()
+            .any(|n| n.contains("cannot be rebuilt") && n.contains("inode 50")),
+        "{:?}",
+        fs.mount_notes()
+    );
+    let free = fs.statfs().free_blocks;
+    assert_eq!(free, 0, "the only bitmap block is refused: no free space");
+    fs.create_path("/second", 0o644, true).unwrap();
+    assert!(matches!(
+        fs.write_path("/second", 0, &[5u8; 4096]),
+        Err(daxfs::Error::NoSpace)
+    ));
+    assert_eq!(fs.read_path("/first").unwrap(), file_bytes(3 << 20, 1));
+    done(fs);
+    // The inode slot is cleared and the bitmap rebuilt by the repair.
+    let zero = vec![0u8; INODE_SIZE as usize];
+    poke(&img, sb.inode_offset(50), &zero);
+    let report = fsck(&img, true);
+    assert!(
+        report.problems.iter().all(|p| p.fixed),
+        "{:?}",
+        report.problems
+    );
+    assert!(fsck(&img, false).is_clean());
+    let fs = Fs::mount(open(&img)).unwrap();
+    assert!(fs.statfs().free_blocks > 1000);
+    assert_eq!(fs.read_path("/first").unwrap(), file_bytes(3 << 20, 1));
+}
+
+/// An image made before bitmap checksums (the superblock's table field is
+/// 0) gets a table at its first mount, and damage is caught from then on.
+#[test]
+fn an_image_without_bitmap_checksums_gets_them() {
+    let (img, at) = image_with_first();
+    let mut sb = superblock(&img);
+    let table = sb.bitmap_csum;
+    sb.bitmap_csum = 0;
+    poke(&img, table * BLOCK, &vec![0u8; BLOCK as usize]);
+    poke(&img, sb.backup_block * BLOCK, &sb.encode());
+    poke(&img, 0, &sb.encode());
+    let fs = Fs::mount(open(&img)).unwrap();
+    assert!(fs
+        .mount_notes()
+        .iter()
+        .any(|n| n.contains("bitmap now has checksums")));
+    done(fs);
+    assert_eq!(superblock(&img).bitmap_csum, table);
+    assert!(fsck(&img, false).is_clean());
+    poke(&img, at, &[0u8; 128]);
+    let report = fsck(&img, false);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.what.contains("bitmap block 0")),
+        "{:?}",
+        report.problems
+    );
+}
