@@ -427,9 +427,20 @@ pub fn umount(args: UmountArgs) -> Result<(), String> {
     // image can be used as soon as this returns.
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     loop {
-        match Device::open(&image, &DeviceOptions::new()) {
-            Ok(_) => return Ok(()),
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+        // (A test of the lock, not an open: a read-only image cannot be
+        // opened for writing, and a read-only daemon's lock is shared.)
+        match daxfs::pmem::device_in_use(&image) {
+            Ok(false) => return Ok(()),
+            Ok(true) | Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Ok(true) => {
+                return Err(format!(
+                    "{}: unmounted, but the daemon still holds the image {}",
+                    at.display(),
+                    image.display()
+                ))
+            }
             Err(e) => {
                 return Err(format!(
                     "{}: unmounted, but the daemon still holds the image: {e}",

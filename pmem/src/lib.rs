@@ -55,4 +55,5 @@ pub use device::{
     validate_size, Device, DeviceInfo, DeviceOptions, McsafeRead, ScrubReport, MIN_SIZE, SIZE_ALIGN,
 };
 pub use error::{Error, Result};
+pub use lock::device_in_use;
 pub use mapping::HUGE_PAGE;

@@ -54,6 +54,27 @@ pub(crate) fn lock(file: &File, path: &Path, shared: bool) -> Result<()> {
     }
 }
 
+/// Whether any open of the device at `path` (read-write or read-only)
+/// holds it. Needs only read access to the file.
+pub fn device_in_use(path: &Path) -> Result<bool> {
+    let file = File::open(path).map_err(|e| Error::io(path, "open the device", e))?;
+    // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_GETLK reads and fills the flock struct we pass, which
+    // lives for the call.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
+    if rc != 0 {
+        return Err(Error::io(
+            path,
+            "test the device's lock",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(lock.l_type != libc::F_UNLCK as libc::c_short)
+}
+
 /// The pid of a process that holds an OFD lock on the inode `(dev, ino)`.
 fn find_holder(dev: u64, ino: u64) -> Option<u32> {
     // fdinfo names the inode as "MAJOR:MINOR:INODE", major and minor in hex.

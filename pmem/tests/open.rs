@@ -352,7 +352,12 @@ fn a_read_only_device_never_writes_the_image() {
         Device::open(&path, &DeviceOptions::new()).is_err(),
         "immutable"
     );
+    assert!(!pmem::device_in_use(&path).unwrap());
     let dev = Device::open(&path, &ro).unwrap();
+    assert!(
+        pmem::device_in_use(&path).unwrap(),
+        "a read-only open holds it"
+    );
     let other = Device::open(&path, &ro).expect("read-only opens share the device");
     assert!(dev.is_read_only());
     assert_eq!(dev.persistence().mode, PersistenceMode::ReadOnly);
@@ -377,6 +382,7 @@ fn a_read_only_device_never_writes_the_image() {
     let mut good = [1u8; 512];
     dev.read(8192 + 512, &mut good).unwrap();
     drop((dev, other));
+    assert!(!pmem::device_in_use(&path).unwrap());
     assert_eq!(std::fs::read(&path).unwrap(), before);
     assert_eq!(
         std::fs::read(path.with_extension("img.badblocks")).unwrap(),
