@@ -69,7 +69,9 @@
 //!  48 ctime s i64  56 ctime ns u32  60 flags u32
 //!  64 generation u32        68 extent count u32 (all extents, inline and overflow)
 //!  72 first overflow extent block u64    80 xattr block u64
-//!  88 parent inode u64 (directories)     96 next orphan u64    104 blocks in use u64
+//!  88 parent inode u64 (directories); for a symlink whose target is in a
+//!     block: 1 << 32 | crc32c of the target (0: written before that)
+//!                                         96 next orphan u64    104 blocks in use u64
 //! 112 8 inline extents of 16 bytes (or, with FLAG_INLINE_LINK, the symlink target)
 //! 252 crc32c of bytes 0..252
 //! ```
@@ -125,6 +127,16 @@ pub const SLOT: usize = 32;
 pub const SLOTS_PER_BLOCK: usize = BLOCK as usize / SLOT;
 pub const DIRENT_HEADER: usize = 16;
 pub const NAME_MAX: usize = 255;
+/// The largest file: 2^32 - 1 blocks of 4 KiB (16 TiB).
+pub const MAX_FILE_SIZE: u64 = (u32::MAX as u64) * BLOCK;
+/// The longest symlink target.
+pub const SYMLINK_MAX: usize = 4095;
+/// What the `parent` field of a symlink inode holds when its `target` is
+/// stored in a block: the target's checksum, marked present.
+pub fn symlink_check(target: &[u8]) -> u64 {
+    1 << 32 | crc32c::crc32c(target) as u64
+}
+
 /// Blocks in a 2 MiB region.
 pub const HUGE_BLOCKS: u64 = 512;
 
@@ -619,9 +631,41 @@ impl Inode {
                 "checksum mismatch",
             ));
         }
+        let inode = Inode::decode_unchecked(b);
+        match inode.unsound() {
+            Some(why) => Err(Error::corrupt(format!("inode {ino}"), offset, why)),
+            None => Ok(inode),
+        }
+    }
+
+    /// Why the fields of this (allocated) inode cannot be right, if they
+    /// cannot: a file type daxfs does not make, a size past the format's
+    /// limits.
+    pub fn unsound(&self) -> Option<String> {
+        let size = self.size;
+        match self.kind() {
+            libc::S_IFREG | libc::S_IFDIR if size > MAX_FILE_SIZE => {
+                Some(format!("size {size} is past the largest file"))
+            }
+            libc::S_IFLNK if size == 0 || size > SYMLINK_MAX as u64 => {
+                Some(format!("symlink target length {size} is out of range"))
+            }
+            libc::S_IFLNK
+                if self.flags & FLAG_INLINE_LINK != 0 && size > INLINE_LINK_MAX as u64 =>
+            {
+                Some(format!("inline symlink target length {size} is too long"))
+            }
+            libc::S_IFREG | libc::S_IFDIR | libc::S_IFLNK => None,
+            _ => Some(format!("unknown file type {:#o}", self.mode)),
+        }
+    }
+
+    /// Decode without checking the checksum or the fields (fsck's look at
+    /// a damaged inode).
+    pub fn decode_unchecked(b: &[u8]) -> Inode {
         let mut inline = [0u8; INLINE_LINK_MAX];
         inline.copy_from_slice(&b[112..112 + INLINE_LINK_MAX]);
-        Ok(Inode {
+        Inode {
             mode: u32_at(b, 0),
             nlink: u32_at(b, 4),
             uid: u32_at(b, 8),
@@ -648,7 +692,7 @@ impl Inode {
             next_orphan: u64_at(b, 96),
             blocks: u64_at(b, 104),
             inline,
-        })
+        }
     }
 
     pub fn inline_extents(&self) -> Vec<Extent> {
@@ -726,6 +770,17 @@ pub fn dtype_of(mode: u32) -> u8 {
     }
 }
 
+/// The file types a directory entry may carry (`DT_*`).
+pub const DTYPES: [u8; 7] = [
+    libc::DT_FIFO,
+    libc::DT_CHR,
+    libc::DT_DIR,
+    libc::DT_BLK,
+    libc::DT_REG,
+    libc::DT_LNK,
+    libc::DT_SOCK,
+];
+
 impl Dirent {
     pub fn slots(name_len: usize) -> usize {
         (DIRENT_HEADER + name_len).div_ceil(SLOT)
@@ -762,6 +817,16 @@ impl Dirent {
         put_u32(&mut copy, 12, 0);
         if crc32c::crc32c(&copy) != u32_at(block, at + 12) {
             return Err(bad("checksum mismatch"));
+        }
+        let name = &block[at + 16..at + 16 + name_len];
+        if name.contains(&b'/') || name.contains(&0) {
+            return Err(bad("the name holds '/' or NUL"));
+        }
+        if name == b"." || name == b".." {
+            return Err(bad("a stored \".\" or \"..\" entry"));
+        }
+        if !DTYPES.contains(&block[at + 9]) {
+            return Err(bad("unknown file type"));
         }
         Ok(Some((
             Dirent {

@@ -581,7 +581,13 @@ struct Plan {
 /// The states before and after each operation of seed `seed`.
 fn model_run(seed: u64, ops: usize) -> (Vec<Op>, Vec<Tree>) {
     let mut rng = Rng(seed);
-    let mut tree = Tree::new();
+    // What a new filesystem holds: /lost+found.
+    let mut tree = Tree::from([(
+        "/lost+found".to_string(),
+        Node::Dir {
+            xattrs: Xattrs::new(),
+        },
+    )]);
     let mut trees = vec![tree.clone()];
     let mut sequence = Vec::with_capacity(ops);
     for _ in 0..ops {

@@ -313,6 +313,8 @@ fn run(seed: u64, steps: usize, dir: &std::path::Path) -> Result<(), String> {
     let mut fs =
         Fs::format(Device::create(&path, 32 << 20, &DeviceOptions::new()).unwrap()).unwrap();
     let mut model = Model::default();
+    // What a new filesystem holds.
+    model.paths.insert("/lost+found".into(), Node::Dir);
     let mut rng = Rng(seed);
     let dirs = ["", "/a", "/b", "/a/c"];
     let names = ["p", "q", "r", "a", "b", "c"];

@@ -37,18 +37,25 @@ fn errno<T: std::fmt::Debug>(r: Result<T, Error>) -> i32 {
 }
 
 #[test]
-fn a_new_filesystem_has_an_empty_root() {
+fn a_new_filesystem_has_a_root_with_lost_and_found() {
     let (_img, fs) = image(64 << 20);
     let root = fs.getattr(ROOT).unwrap();
     assert_eq!(root.kind, FileKind::Dir);
-    assert_eq!(root.nlink, 2);
+    assert_eq!(root.nlink, 3);
+    let found = fs.lookup(ROOT, b"lost+found").unwrap();
+    assert_eq!(found.kind, FileKind::Dir);
+    assert_eq!(found.mode & 0o7777, 0o700, "as mke2fs makes it");
+    assert!(fs.readdir(found.ino, 2).unwrap().is_empty());
     let names: Vec<Vec<u8>> = fs
         .readdir(ROOT, 0)
         .unwrap()
         .into_iter()
         .map(|e| e.name)
         .collect();
-    assert_eq!(names, vec![b".".to_vec(), b"..".to_vec()]);
+    assert_eq!(
+        names,
+        vec![b".".to_vec(), b"..".to_vec(), b"lost+found".to_vec()]
+    );
     let st = fs.statfs();
     assert!(st.free_blocks > 0 && st.free_files > 0 && st.free_huge_regions > 0);
 }
@@ -538,7 +545,7 @@ fn fsck_is_clean_after_a_busy_session_and_repairs_what_it_can() {
 fn poison_in_an_inode_is_eio_naming_it_and_the_inode_is_left_alone() {
     let (img, fs) = image(64 << 20);
     // Two inodes share a 512-byte sector: keep the root's sector out of it.
-    for name in [b"a", b"b", b"c"] {
+    for name in [b"a", b"b", b"c", b"d"] {
         fs.create(ROOT, name, 0o644, 0, 0, true).unwrap();
     }
     let (f, _) = fs.create(ROOT, b"victim", 0o644, 0, 0, true).unwrap();

@@ -134,10 +134,7 @@ fn the_ring_is_checkpointed_as_it_goes() {
     );
     let names = fs.readdir(ROOT, 0).unwrap();
     assert_eq!(
-        names
-            .iter()
-            .filter(|e| e.name != b"." && e.name != b"..")
-            .count(),
+        names.iter().filter(|e| e.name.starts_with(b"f")).count(),
         1333
     );
     fs.unmount().unwrap();

@@ -1,30 +1,45 @@
-//! fsck: check every invariant of a filesystem image, and repair what can be
-//! repaired without guessing.
+//! fsck: check every invariant of a filesystem image, and repair it as
+//! e2fsck does.
 //!
-//! Checked: both superblock copies and their needs-check mark (set when a
-//! mount found the journal damaged: what the damage cut off is discarded,
-//! and the check looks at what is left); the journal (replayed, as mounting
-//! does);
-//! every allocated inode (checksum, type, extents inside the data area,
-//! sorted and disjoint, overflow chain and extent count); no block owned
-//! twice; the allocation bitmap against the blocks files and metadata own;
-//! the directory tree from the root (entries name allocated inodes of the
-//! type they say, each directory has one parent and its `..` points there);
-//! link counts; the orphan list (checked by the mount first: a damaged
-//! state block drops it, and the list is cut at the first entry that is not
-//! an allocated, unlinked inode other than the root, met once; each is a
-//! problem); allocated inodes that nothing names.
+//! Checked, in passes: both superblock copies and their needs-check mark;
+//! the journal (replayed, as mounting does; a damaged header is written
+//! anew, losing what it held); the state block, the orphan list and the
+//! bitmap checksums (by the mount, which contains what it finds: each is a
+//! problem). Then every allocated inode (checksum and fields, extents
+//! inside the data area, sorted and disjoint, the overflow chain, the
+//! xattr block, the symlink target, the block count), blocks owned twice,
+//! every directory block (each entry's checksum, its name, its type, what
+//! it names, names repeated), the tree from the root (each directory one
+//! parent, `..` right, every inode named), link counts, and the bitmap
+//! against what is owned.
 //!
-//! Repaired with `repair`: a damaged superblock copy (rewritten from the good
-//! one), wrong link counts, and bitmap bits (leaked blocks freed, owned
-//! blocks marked); the needs-check mark is cleared once the check went
-//! through. Everything else is reported and left alone.
+//! A check goes on past any damage: it names the structure (inode N,
+//! directory block N of inode M, ... at device offset X) and the rest is
+//! checked as usual. Without repair it writes nothing (see [`fsck`]).
+//!
+//! Repaired, as e2fsck repairs: a damaged superblock copy (from the good
+//! one); an inode that fails its checksum gets it rewritten when its fields
+//! are sound, and is cleared otherwise (a poisoned one too); a size past
+//! the limits is cut to the extents; extents that do not read are dropped
+//! (the rest kept); a damaged xattr block is dropped; a symlink whose
+//! target does not read is cleared; a block owned twice is copied for the
+//! later owner (clone multiply-claimed blocks); a damaged directory entry is
+//! cleared and the entries around it kept; entries that name nothing, or a
+//! directory a second time, are dropped, and a wrong type is corrected; an
+//! inode nothing names is reconnected into `/lost+found` (made if missing);
+//! link counts and the bitmap are set to what was found. Repairs that make
+//! others possible (a dropped entry changes a link count) are followed by
+//! another pass, until a pass finds nothing to repair: one `--repair` leaves
+//! an image a check finds clean, and a second `--repair` changes nothing.
 
-use super::{Fs, Ino, State, ROOT};
+use super::{Fs, HashSet, Ino, State, ROOT};
 use crate::error::{Error, Result};
-use crate::format::{Inode, Superblock, BLOCK, FLAG_INLINE_LINK};
+use crate::format::{
+    Dirent, Extent, ExtentBlock, Inode, Superblock, BLOCK, FLAG_INLINE_LINK, INODE_SIZE,
+    MAX_FILE_SIZE, SLOT,
+};
 use pmem::Device;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// One problem found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,56 +152,44 @@ fn check(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
             false,
         )
     });
-    let bitmap_fix = {
-        let mut st = fs.lock()?;
-        check_tree(&fs, &mut st, &mut report, repair)?
-    };
-    for (problem, ino, nlink) in bitmap_fix.nlinks {
-        report.problems[problem].fixed = repair
-            && fs
-                .change(|fs, st, stage| {
-                    let mut inode = fs.inode(st, ino)?;
-                    inode.nlink = nlink;
-                    fs.put_inode(st, stage, ino, inode);
-                    Ok(())
-                })
-                .is_ok();
-    }
-    if repair {
-        // Through the allocator, so that its checksums are written too,
-        // and in pieces that fit in the journal.
-        for chunk in bitmap_fix.words.chunks(512) {
-            fs.change(|_, st, _| {
-                for &(word, value) in chunk {
-                    for bit in 0..64 {
-                        let block = word as u64 * 64 + bit;
-                        if block < fs.core.sb.total_blocks {
-                            st.alloc.set(block, value & 1 << bit != 0);
-                        }
+    // The passes, again after every pass that repaired something (what one
+    // repair changes, the next pass checks), at most a few times.
+    let mut reported: HashMap<String, usize> = report
+        .problems
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.what.clone(), i))
+        .collect();
+    for _ in 0..MAX_PASSES {
+        let found = scan(&fs, repair)?;
+        let mut repaired = false;
+        let mut last = false;
+        for Found { what, fix } in found {
+            let fixed = match (repair, fix) {
+                (true, Some(Fix::Along)) => last,
+                (true, Some(fix)) => {
+                    let done = apply(&fs, fix);
+                    if let Err(e) = &done {
+                        report
+                            .notes
+                            .push(format!("repair of \"{what}\" failed: {e}"));
                     }
+                    last = done.is_ok();
+                    last
                 }
-                Ok(())
-            })?;
-        }
-        let refused: Vec<u64> = fs.lock()?.alloc.refused().iter().copied().collect();
-        if !refused.is_empty() {
-            let owned = {
-                let mut st = fs.lock()?;
-                owned_by_all(&fs, &mut st)
+                _ => false,
             };
-            if let Ok(owned) = owned {
-                fs.change(|fs, st, _| {
-                    for &index in &refused {
-                        st.alloc
-                            .rebuild(&fs.core.sb, index, |block| owned.contains_key(&block));
-                    }
-                    Ok(())
-                })?;
+            repaired |= fixed;
+            match reported.get(&what) {
+                // Found again after a repair said it was fixed: it was not.
+                Some(&i) => report.problems[i].fixed &= fixed,
+                None => {
+                    reported.insert(what.clone(), report.problem(what, fixed));
+                }
             }
         }
-        let still_refused = !fs.lock()?.alloc.refused().is_empty();
-        for &problem in &bitmap_fix.bitmap_problems {
-            report.problems[problem].fixed = !still_refused;
+        if !repaired {
+            break;
         }
     }
     let dev = fs.into_device()?;
@@ -199,6 +202,409 @@ fn check(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
         report.problems[problem].fixed = true;
     }
     Ok((report, dev))
+}
+
+/// Passes of repair at most (each one is a full check).
+const MAX_PASSES: usize = 6;
+
+/// A problem, and what repairs it (none: it cannot be repaired here).
+struct Found {
+    what: String,
+    fix: Option<Fix>,
+}
+
+/// A repair.
+enum Fix {
+    /// Write inode `ino` with these fields (and a new checksum).
+    RewriteInode(Ino, Box<Inode>),
+    /// Zero inode `ino`'s slot (all of the sectors it is in, when poisoned).
+    ClearInode(Ino),
+    /// Keep these extents of `ino`, the ones that read (a new chain).
+    KeepExtents(Ino, Vec<Extent>),
+    /// Forget `ino`'s xattr block.
+    DropXattrs(Ino),
+    /// Give `ino` copies of these blocks, which an earlier inode owns too.
+    Clone(Ino, Vec<u64>),
+    /// Zero `len` bytes at device offset `at` of directory `dir`.
+    ZeroDir { dir: Ino, at: u64, len: u64 },
+    /// Drop directory `dir`'s entry `name`.
+    DropEntry { dir: Ino, name: Vec<u8> },
+    /// Correct the file type of `dir`'s entry `name`.
+    EntryType { dir: Ino, name: Vec<u8>, kind: u8 },
+    /// Name `ino` in `/lost+found`.
+    Reconnect(Ino),
+    /// Set `ino`'s `..` to `parent`.
+    Parent(Ino, Ino),
+    /// Set `ino`'s link count.
+    Nlink(Ino, u32),
+    /// Set bitmap words (`(word, value)`) and rebuild refused blocks.
+    Bitmap(Vec<(usize, u64)>),
+    /// Repaired by the repair before it (one repair, several problems).
+    Along,
+}
+
+/// One full check: the problems found, each with its repair. When
+/// repairing, the passes that count (link counts, the bitmap) wait for a
+/// pass that found nothing to repair in the structure before them.
+fn scan(fs: &Fs, repair: bool) -> Result<Vec<Found>> {
+    let mut st = fs.lock()?;
+    let st = &mut *st;
+    let sb = fs.core.sb.clone();
+    let mut found = Vec::new();
+    let mut problem = |what: String, fix: Option<Fix>| found.push(Found { what, fix });
+    // Pass 1: inodes, and who owns each block.
+    let mut owner: HashMap<u64, Ino> = HashMap::new();
+    let mut allocated: Vec<(Ino, Inode)> = Vec::new();
+    let mut unsettled: HashSet<Ino> = HashSet::default();
+    for ino in 1..=sb.inode_count {
+        if st.free_inodes.contains(&ino) && !st.damaged.contains(&ino) {
+            continue;
+        }
+        let inode = match fs.inode(st, ino) {
+            Ok(inode) => inode,
+            Err(Error::NotFound) => continue,
+            Err(e) => {
+                unsettled.insert(ino);
+                let fix = damaged_inode(fs, ino);
+                let action = match &fix {
+                    Fix::RewriteInode(..) => "its fields are sound: the checksum is rewritten",
+                    _ => "the inode is cleared",
+                };
+                problem(format!("{e} ({action} on repair)"), Some(fix));
+                continue;
+            }
+        };
+        let owned = match owned_blocks(fs, st, ino, &inode) {
+            Ok(owned) => owned,
+            Err(e) => {
+                unsettled.insert(ino);
+                let keep = readable_extents(fs, ino, &inode);
+                problem(
+                    format!(
+                        "{e} (the {} extents that read are kept on repair)",
+                        keep.len()
+                    ),
+                    Some(Fix::KeepExtents(ino, keep)),
+                );
+                continue;
+            }
+        };
+        if let Err(e) = fs.xattrs(st, ino) {
+            unsettled.insert(ino);
+            problem(
+                format!("{e} (its extended attributes are dropped on repair)"),
+                Some(Fix::DropXattrs(ino)),
+            );
+        }
+        if inode.kind() == libc::S_IFLNK {
+            if let Err(e) = fs.link_target(st, ino, &inode) {
+                unsettled.insert(ino);
+                problem(
+                    format!("{e} (the symlink is cleared on repair)"),
+                    Some(Fix::ClearInode(ino)),
+                );
+                continue;
+            }
+        }
+        let mut shared: Vec<(u64, Ino)> = Vec::new();
+        for block in owned.blocks() {
+            if block < sb.data_start || block >= sb.backup_block {
+                problem(
+                    format!("inode {ino}: block {block} lies outside the data area"),
+                    None,
+                );
+            } else if let Some(&first) = owner.get(&block) {
+                shared.push((block, first));
+            } else {
+                owner.insert(block, ino);
+            }
+        }
+        if !shared.is_empty() {
+            unsettled.insert(ino);
+            let mut fix = Some(Fix::Clone(ino, shared.iter().map(|s| s.0).collect()));
+            for (block, first) in shared {
+                problem(
+                    format!(
+                        "inodes {first} and {ino} both own block {block} (inode {ino} gets a \
+                         copy on repair)"
+                    ),
+                    Some(fix.take().unwrap_or(Fix::Along)),
+                );
+            }
+            continue;
+        }
+        let count = owned.blocks().count() as u64;
+        if count != inode.blocks {
+            let mut right = inode.clone();
+            right.blocks = count;
+            problem(
+                format!("inode {ino}: counts {} blocks, owns {count}", inode.blocks),
+                Some(Fix::RewriteInode(ino, Box::new(right))),
+            );
+        }
+        allocated.push((ino, inode));
+    }
+    let kinds: HashMap<Ino, u32> = allocated.iter().map(|(i, n)| (*i, n.kind())).collect();
+    // Pass 2: directories, each on its own (damage in one is only its own).
+    let mut names: BTreeMap<Ino, Vec<(Vec<u8>, Ino)>> = BTreeMap::new();
+    for (dir, _) in allocated.iter().filter(|(_, n)| n.is_dir()) {
+        let dir = *dir;
+        let read = match fs.read_dir(st, dir) {
+            Ok(read) => read,
+            Err(e) => {
+                problem(format!("directory {dir}: {e}"), None);
+                continue;
+            }
+        };
+        for damage in read.damage {
+            let (at, len) = match damage.slots {
+                Some((_, n)) => (damage.offset, (n * SLOT) as u64),
+                None => (damage.offset, BLOCK),
+            };
+            let action = match damage.slots {
+                Some(_) => "the entry is cleared on repair, the others in the block are kept",
+                None => "the block is cleared on repair",
+            };
+            problem(
+                format!("{} ({action})", damage.error),
+                Some(Fix::ZeroDir { dir, at, len }),
+            );
+        }
+        let list = names.entry(dir).or_default();
+        for (_, dirent, _) in read.entries {
+            let shown = String::from_utf8_lossy(&dirent.name).into_owned();
+            let target = dirent.ino;
+            if unsettled.contains(&target) {
+                // Damaged itself: the inode's repair comes first.
+                list.push((dirent.name, target));
+                continue;
+            }
+            let Some(&kind) = kinds.get(&target) else {
+                problem(
+                    format!(
+                        "directory {dir}: entry {shown:?} names inode {target}, which is free \
+                         or out of range (the entry is dropped on repair)"
+                    ),
+                    Some(Fix::DropEntry {
+                        dir,
+                        name: dirent.name,
+                    }),
+                );
+                continue;
+            };
+            let want = crate::format::dtype_of(kind);
+            if dirent.kind != want {
+                problem(
+                    format!(
+                        "directory {dir}: entry {shown:?} says type {}, inode {target} is {kind:#o} \
+                         (corrected on repair)",
+                        dirent.kind
+                    ),
+                    Some(Fix::EntryType {
+                        dir,
+                        name: dirent.name.clone(),
+                        kind: want,
+                    }),
+                );
+            }
+            list.push((dirent.name, target));
+        }
+    }
+    // Pass 3: the tree from the root.
+    let mut refs: HashMap<Ino, u32> = HashMap::new();
+    let mut subdirs: HashMap<Ino, u32> = HashMap::new();
+    let mut parent_of: HashMap<Ino, (Ino, Vec<u8>)> = HashMap::from([(ROOT, (ROOT, Vec::new()))]);
+    for (&dir, list) in &names {
+        for (name, target) in list {
+            if kinds.get(target) == Some(&libc::S_IFDIR) {
+                if *target == ROOT {
+                    problem(
+                        format!(
+                            "directory {dir}: entry {:?} names the root (dropped on repair)",
+                            String::from_utf8_lossy(name)
+                        ),
+                        Some(Fix::DropEntry {
+                            dir,
+                            name: name.clone(),
+                        }),
+                    );
+                    continue;
+                }
+                if let Some((first, _)) = parent_of.get(target) {
+                    problem(
+                        format!(
+                            "directory {target} has two parents ({first} and {dir}; the entry \
+                             {:?} in {dir} is dropped on repair)",
+                            String::from_utf8_lossy(name)
+                        ),
+                        Some(Fix::DropEntry {
+                            dir,
+                            name: name.clone(),
+                        }),
+                    );
+                    continue;
+                }
+                parent_of.insert(*target, (dir, name.clone()));
+                *subdirs.entry(dir).or_default() += 1;
+            }
+            *refs.entry(*target).or_default() += 1;
+        }
+    }
+    let mut reachable: HashSet<Ino> = HashSet::from_iter([ROOT]);
+    let mut queue = VecDeque::from([ROOT]);
+    while let Some(dir) = queue.pop_front() {
+        for (_, target) in names.get(&dir).into_iter().flatten() {
+            if parent_of.get(target).is_some_and(|(p, _)| *p == dir) && reachable.insert(*target) {
+                queue.push_back(*target);
+            }
+        }
+    }
+    for (ino, inode) in allocated.iter().filter(|(_, n)| n.is_dir()) {
+        if let Some(&(parent, _)) = parent_of.get(ino) {
+            if reachable.contains(ino) && inode.parent != parent {
+                problem(
+                    format!(
+                        "directory {ino}: `..` points to {}, but it lives in {parent} (corrected \
+                         on repair)",
+                        inode.parent
+                    ),
+                    Some(Fix::Parent(*ino, parent)),
+                );
+            }
+        }
+    }
+    // The orphan list (the mount checked it and cut it where it was wrong).
+    let mut orphans = HashSet::default();
+    let mut at = st.orphan_head;
+    while at != 0 && orphans.len() as u64 <= sb.inode_count && orphans.insert(at) {
+        at = match fs.inode(st, at) {
+            Ok(inode) => inode.next_orphan,
+            Err(_) => 0,
+        };
+    }
+    let mut reconnecting = false;
+    for (ino, _) in &allocated {
+        let named = refs.get(ino).copied().unwrap_or(0) > 0;
+        if *ino != ROOT && !named && !orphans.contains(ino) {
+            reconnecting = true;
+            problem(
+                format!(
+                    "inode {ino} is allocated but no directory names it (reconnected in \
+                     /lost+found on repair)"
+                ),
+                Some(Fix::Reconnect(*ino)),
+            );
+        }
+    }
+    if !reconnecting {
+        // Directories named only from within a loop of their own: the
+        // loop is cut (the smallest one's entry dropped), and the next
+        // pass reconnects what it held.
+        if let Some((dir, (parent, name))) = allocated
+            .iter()
+            .filter(|(ino, n)| n.is_dir() && !reachable.contains(ino))
+            .find_map(|(ino, _)| parent_of.get(ino).map(|p| (*ino, p.clone())))
+        {
+            problem(
+                format!(
+                    "directory {dir} is not reachable from the root: it is in a loop of \
+                     directories (its entry in {parent} is dropped on repair)"
+                ),
+                Some(Fix::DropEntry { dir: parent, name }),
+            );
+        }
+    }
+    let structure_settled = found.iter().all(|f| f.fix.is_none());
+    // Pass 4 and 5, once the structure is settled (or when only checking):
+    // link counts and the bitmap.
+    if repair && !structure_settled {
+        return Ok(found);
+    }
+    let mut problem = |what: String, fix: Option<Fix>| found.push(Found { what, fix });
+    for (ino, inode) in &allocated {
+        let names = refs.get(ino).copied().unwrap_or(0);
+        let orphan = orphans.contains(ino);
+        if *ino != ROOT && names == 0 && !orphan {
+            continue; // reported above
+        }
+        let expected = if inode.is_dir() {
+            if orphan {
+                0
+            } else {
+                2 + subdirs.get(ino).copied().unwrap_or(0)
+            }
+        } else {
+            names
+        };
+        if inode.nlink != expected {
+            problem(
+                format!(
+                    "inode {ino}: link count is {}, should be {expected}",
+                    inode.nlink
+                ),
+                Some(Fix::Nlink(*ino, expected)),
+            );
+        }
+    }
+    let mut words = Vec::new();
+    let mut bitmap: Vec<String> = Vec::new();
+    let mut leaked = 0;
+    let mut wrong = 0;
+    for word in 0..(sb.total_blocks.div_ceil(64) as usize) {
+        let mut want = 0u64;
+        let mut have = 0u64;
+        for bit in 0..64 {
+            let block = word as u64 * 64 + bit;
+            if block >= sb.total_blocks {
+                break;
+            }
+            let used =
+                block < sb.data_start || block == sb.backup_block || owner.contains_key(&block);
+            let marked = st.alloc.is_used(block);
+            want |= (used as u64) << bit;
+            have |= (marked as u64) << bit;
+            match (used, marked) {
+                (true, false) => {
+                    wrong += 1;
+                    if wrong <= 10 {
+                        let owner = owner.get(&block).copied().unwrap_or(0);
+                        bitmap.push(format!(
+                            "block {block} is in use (inode {owner}) but marked free"
+                        ));
+                    }
+                }
+                (false, true) => leaked += 1,
+                _ => {}
+            }
+        }
+        let metadata_free = st.alloc.metadata_marked_free().contains(&word);
+        if metadata_free {
+            bitmap.push(format!(
+                "bitmap word {word} marks metadata blocks free (a sector cleared of poison \
+                 reads as zeros)"
+            ));
+        }
+        if want != have || metadata_free {
+            words.push((word, want));
+        }
+    }
+    if wrong > 10 {
+        bitmap.push(format!(
+            "blocks: {} more are in use but marked free",
+            wrong - 10
+        ));
+    }
+    if leaked > 0 {
+        bitmap.push(format!(
+            "blocks: {leaked} are marked in use but nothing owns them"
+        ));
+    }
+    // One repair for all of the bitmap's problems.
+    let mut fix = Some(Fix::Bitmap(words));
+    for what in bitmap {
+        problem(what, Some(fix.take().unwrap_or(Fix::Along)));
+    }
+    Ok(found)
 }
 
 /// What one inode owns on the device.
@@ -266,247 +672,296 @@ pub(super) fn owned_by_all(
     Ok(owner)
 }
 
-struct Fixes {
-    /// Link-count problems: the problem's index, the inode, the right count.
-    nlinks: Vec<(usize, Ino, u32)>,
-    /// Indexes of the problems a rewrite of the bitmap fixes.
-    bitmap_problems: Vec<usize>,
-    /// Bitmap words that should hold this.
-    words: Vec<(usize, u64)>,
+/// The repair of inode `ino`, which does not read: its fields made right
+/// where they can be (a size past the limits cut to its extents) and the
+/// checksum rewritten when they are sound then; cleared otherwise.
+fn damaged_inode(fs: &Fs, ino: Ino) -> Fix {
+    let offset = fs.core.sb.inode_offset(ino);
+    let mut raw = [0u8; INODE_SIZE as usize];
+    if fs.core.dev.read(offset, &mut raw).is_err() {
+        return Fix::ClearInode(ino);
+    }
+    let mut inode = Inode::decode_unchecked(&raw);
+    if inode.kind() != libc::S_IFLNK && inode.size > MAX_FILE_SIZE {
+        let inline = inode.inline_extents();
+        inode.size = inline.last().map_or(0, |e| e.end() * BLOCK);
+    }
+    let sane_links = inode.nlink > 0 || inode.next_orphan != 0;
+    match inode.unsound() {
+        None if sane_links && inode.extent_count as usize >= inline_count(&inode) => {
+            Fix::RewriteInode(ino, Box::new(inode))
+        }
+        _ => Fix::ClearInode(ino),
+    }
 }
 
-fn check_tree(fs: &Fs, st: &mut State, report: &mut FsckReport, _repair: bool) -> Result<Fixes> {
-    let sb: Superblock = fs.core.sb.clone();
-    // Who owns each block: 0 nobody, else the inode (u64::MAX: metadata).
-    let mut owner: HashMap<u64, Ino> = HashMap::new();
-    let mut claim = |report: &mut FsckReport, block: u64, ino: Ino| {
-        if block < sb.data_start || block >= sb.backup_block {
-            report.problem(
-                format!("inode {ino}: block {block} lies outside the data area"),
-                false,
-            );
-        } else if let Some(other) = owner.insert(block, ino) {
-            report.problem(
-                format!("inodes {other} and {ino} both own block {block}"),
-                false,
-            );
-        }
-    };
-    let mut allocated: Vec<Ino> = Vec::new();
-    for ino in 1..=sb.inode_count {
-        if st.free_inodes.contains(&ino) {
-            continue;
-        }
-        let inode = match fs.inode(st, ino) {
-            Ok(inode) => inode,
-            Err(Error::NotFound) => continue,
-            Err(e) => {
-                report.problem(format!("inode {ino}: {e}"), false);
-                continue;
-            }
-        };
-        let kind = inode.kind();
-        if ![libc::S_IFREG, libc::S_IFDIR, libc::S_IFLNK].contains(&kind) {
-            report.problem(
-                format!("inode {ino}: unknown file type {:#o}", inode.mode),
-                false,
-            );
-            continue;
-        }
-        allocated.push(ino);
-        let owned = match owned_blocks(fs, st, ino, &inode) {
-            Ok(owned) => owned,
-            Err(e) => {
-                report.problem(format!("inode {ino}: {e}"), false);
-                continue;
-            }
-        };
-        let mut last_end = 0;
-        let mut count = 0;
-        for e in &owned.extents {
-            if e.len == 0 || (e.logical as u64) < last_end {
-                report.problem(
-                    format!(
-                        "inode {ino}: extents overlap or are out of order at logical block {}",
-                        e.logical
-                    ),
-                    false,
-                );
-            }
-            last_end = e.end();
-            for block in e.physical..e.physical + e.len as u64 {
-                claim(report, block, ino);
-            }
-            count += e.len as u64;
-        }
-        for &block in owned.chain.iter().chain(&owned.xattr) {
-            claim(report, block, ino);
-        }
-        count += owned.chain.len() as u64 + owned.xattr.is_some() as u64;
-        if count != inode.blocks {
-            report.problem(
-                format!("inode {ino}: counts {} blocks, owns {count}", inode.blocks),
-                false,
-            );
-        }
+/// How many of the inline extent slots an inode uses.
+fn inline_count(inode: &Inode) -> usize {
+    if inode.kind() == libc::S_IFLNK && inode.flags & FLAG_INLINE_LINK != 0 {
+        0
+    } else {
+        (inode.extent_count as usize).min(crate::format::INLINE_EXTENTS)
     }
-    // The directory tree.
-    let mut refs: HashMap<Ino, u32> = HashMap::new();
-    let mut subdirs: HashMap<Ino, u32> = HashMap::new();
-    let mut seen_dirs: HashMap<Ino, Ino> = HashMap::from([(ROOT, ROOT)]);
-    let mut queue = VecDeque::from([ROOT]);
-    while let Some(dir) = queue.pop_front() {
-        let entries: Vec<(Vec<u8>, Ino, u8)> = match fs.dir(st, dir) {
-            Ok(index) => index
-                .entries_from(0)
-                .map(|(_, name, slot)| (name.to_vec(), slot.ino, slot.kind))
-                .collect(),
-            Err(e) => {
-                report.problem(format!("directory {dir}: {e}"), false);
-                continue;
-            }
-        };
-        for (name, ino, kind) in entries {
-            let shown = String::from_utf8_lossy(&name).into_owned();
-            let inode = match fs.inode(st, ino) {
-                Ok(inode) => inode,
-                Err(_) => {
-                    report.problem(
-                        format!(
-                            "directory {dir}: entry {shown:?} names free or damaged inode {ino}"
-                        ),
-                        false,
-                    );
-                    continue;
-                }
-            };
-            if crate::format::dtype_of(inode.mode) != kind {
-                report.problem(
-                    format!(
-                        "directory {dir}: entry {shown:?} says type {kind}, inode {ino} is {:#o}",
-                        inode.mode & libc::S_IFMT
-                    ),
-                    false,
-                );
-            }
-            *refs.entry(ino).or_default() += 1;
-            if inode.is_dir() {
-                *subdirs.entry(dir).or_default() += 1;
-                if let Some(first) = seen_dirs.insert(ino, dir) {
-                    report.problem(
-                        format!("directory {ino} has two parents ({first} and {dir})"),
-                        false,
-                    );
-                    continue;
-                }
-                if inode.parent != dir {
-                    report.problem(
-                        format!(
-                            "directory {ino}: `..` points to {}, but it lives in {dir}",
-                            inode.parent
-                        ),
-                        false,
-                    );
-                }
-                queue.push_back(ino);
-            }
-        }
-    }
-    // The orphan list.
-    let mut orphans = Vec::new();
-    let mut at = st.orphan_head;
-    while at != 0 {
-        if orphans.contains(&at) || orphans.len() as u64 > sb.inode_count {
-            report.problem("the orphan list loops".into(), false);
+}
+
+/// The extents of `inode` that read and make sense, in order: the inline
+/// ones, then the overflow chain as far as it reads; each inside the data
+/// area, after the one before. A directory keeps only its first run from
+/// block 0 (its blocks may have no hole).
+fn readable_extents(fs: &Fs, ino: Ino, inode: &Inode) -> Vec<Extent> {
+    let sb = &fs.core.sb;
+    let mut all = inode.inline_extents();
+    all.truncate(inline_count(inode));
+    let mut next = inode.extent_block;
+    let mut seen = HashSet::default();
+    while next != 0 && all.len() < inode.extent_count as usize {
+        if next < sb.data_start || next >= sb.backup_block || !seen.insert(next) {
             break;
         }
-        orphans.push(at);
-        at = match fs.inode(st, at) {
-            Ok(inode) => inode.next_orphan,
-            Err(e) => {
-                report.problem(format!("orphan list: inode {at}: {e}"), false);
+        let mut raw = vec![0u8; BLOCK as usize];
+        let Ok(block) = fs
+            .core
+            .dev
+            .read(next * BLOCK, &mut raw)
+            .map_err(Error::from)
+            .and_then(|()| ExtentBlock::decode(&raw, next * BLOCK))
+        else {
+            break;
+        };
+        all.extend(block.extents);
+        next = block.next;
+    }
+    let mut kept: Vec<Extent> = Vec::new();
+    for e in all {
+        let after = kept.last().map_or(0, |k| k.end());
+        let inside = e.len > 0
+            && e.physical >= sb.data_start
+            && e.physical
+                .checked_add(e.len as u64)
+                .is_some_and(|end| end <= sb.backup_block)
+            && e.end() <= u32::MAX as u64
+            && e.logical as u64 >= after;
+        if !inside || (inode.is_dir() && e.logical as u64 != after) {
+            if inode.is_dir() {
                 break;
             }
-        };
-    }
-    let mut nlinks = Vec::new();
-    for &ino in &allocated {
-        let inode = fs.inode(st, ino)?;
-        let names = refs.get(&ino).copied().unwrap_or(0);
-        let orphan = orphans.contains(&ino);
-        if ino != ROOT && names == 0 && !orphan {
-            report.problem(
-                format!("inode {ino} is allocated but no directory names it"),
-                false,
-            );
             continue;
         }
-        let expected = if inode.is_dir() {
-            if orphan {
-                0
-            } else {
-                2 + subdirs.get(&ino).copied().unwrap_or(0)
-            }
-        } else {
-            names
-        };
-        if inode.nlink != expected {
-            let what = format!(
-                "inode {ino}: link count is {}, should be {expected}",
-                inode.nlink
-            );
-            nlinks.push((report.problem(what, false), ino, expected));
-        }
+        kept.push(e);
     }
-    // The bitmap against ownership.
-    let mut words = Vec::new();
-    let mut bitmap_problems = Vec::new();
-    let mut leaked = 0;
-    for word in 0..(sb.total_blocks.div_ceil(64) as usize) {
-        let mut want = 0u64;
-        for bit in 0..64 {
-            let block = word as u64 * 64 + bit;
-            if block >= sb.total_blocks {
-                break;
-            }
-            let used =
-                block < sb.data_start || block == sb.backup_block || owner.contains_key(&block);
-            if used {
-                want |= 1 << bit;
-            }
-            match (used, st.alloc.is_used(block)) {
-                (true, false) => {
-                    let owner = owner.get(&block).copied().unwrap_or(0);
-                    let what = format!("block {block} is in use (inode {owner}) but marked free");
-                    bitmap_problems.push(report.problem(what, false));
-                }
-                (false, true) => leaked += 1,
-                _ => {}
-            }
-        }
-        let have = (0..64)
-            .filter(|&bit| {
-                word as u64 * 64 + bit < sb.total_blocks && st.alloc.is_used(word as u64 * 64 + bit)
-            })
-            .fold(0u64, |w, bit| w | 1 << bit);
-        let metadata_free = st.alloc.metadata_marked_free().contains(&word);
-        if metadata_free {
-            let what = format!(
-                "bitmap word {word} marks metadata blocks free (a sector cleared of poison reads as zeros)"
-            );
-            bitmap_problems.push(report.problem(what, false));
-        }
-        if want != have || metadata_free {
-            words.push((word, want));
-        }
-    }
-    if leaked > 0 {
-        let what = format!("blocks: {leaked} are marked in use but nothing owns them");
-        bitmap_problems.push(report.problem(what, false));
-    }
-    Ok(Fixes {
-        nlinks,
-        words,
-        bitmap_problems,
-    })
+    let _ = ino;
+    kept
 }
+
+/// Carry out one repair.
+fn apply(fs: &Fs, fix: Fix) -> Result<()> {
+    let sb = fs.core.sb.clone();
+    match fix {
+        Fix::RewriteInode(ino, inode) => fs.change(|fs, st, stage| {
+            st.damaged.remove(&ino);
+            fs.put_inode(st, stage, ino, *inode);
+            Ok(())
+        }),
+        Fix::ClearInode(ino) => {
+            let offset = sb.inode_offset(ino);
+            // A poisoned inode goes with its sector (all of whose inodes
+            // are unreadable): only a covering write clears poison.
+            let (at, len) = match fs.core.dev.first_poison(offset, INODE_SIZE) {
+                Some(_) => {
+                    let start = offset / pmem::SECTOR * pmem::SECTOR;
+                    let end = (offset + INODE_SIZE).div_ceil(pmem::SECTOR) * pmem::SECTOR;
+                    (start, end - start)
+                }
+                None => (offset, INODE_SIZE),
+            };
+            fs.change(|fs, st, stage| {
+                stage.tx.write(at, &vec![0u8; len as usize]);
+                let first = (at - sb.inode_table_start * BLOCK) / INODE_SIZE + 1;
+                for cleared in first..first + len / INODE_SIZE {
+                    st.damaged.remove(&cleared);
+                    fs.forget_cached(st, cleared);
+                    stage.freed_inodes.push(cleared);
+                }
+                Ok(())
+            })
+        }
+        Fix::KeepExtents(ino, keep) => fs.change(|fs, st, stage| {
+            let offset = sb.inode_offset(ino);
+            let mut raw = [0u8; INODE_SIZE as usize];
+            fs.core.dev.read(offset, &mut raw)?;
+            let mut inode = Inode::decode_unchecked(&raw);
+            // Start from the inode alone: no chain (its blocks are the
+            // bitmap pass's to free), the kept extents.
+            inode.extent_count = 0;
+            inode.extent_block = 0;
+            inode.set_inline_extents(&[]);
+            inode.blocks = (inode.xattr_block != 0) as u64;
+            st.damaged.remove(&ino);
+            fs.forget_cached(st, ino);
+            fs.put_inode(st, stage, ino, inode.clone());
+            *fs.extents(st, ino)? = keep.clone();
+            let mut inode = fs.store_extents(st, stage, ino)?;
+            inode.blocks += keep.iter().map(|e| e.len as u64).sum::<u64>();
+            if inode.is_dir() {
+                inode.size = keep.last().map_or(0, |e| e.end() * BLOCK);
+            }
+            fs.put_inode(st, stage, ino, inode);
+            Ok(())
+        }),
+        Fix::DropXattrs(ino) => fs.change(|fs, st, stage| {
+            let mut inode = fs.inode(st, ino)?;
+            inode.xattr_block = 0;
+            inode.blocks = inode.blocks.saturating_sub(1);
+            fs.put_inode(st, stage, ino, inode);
+            Ok(())
+        }),
+        Fix::Clone(ino, shared) => fs.change(|fs, st, stage| {
+            let shared: HashSet<u64> = shared.into_iter().collect();
+            let copy = |st: &mut State, block: u64| -> Result<u64> {
+                let (new, _) = st.alloc.alloc(1).ok_or(Error::NoSpace)?;
+                let mut data = vec![0u8; BLOCK as usize];
+                let got = fs.core.dev.read_mcsafe(block * BLOCK, &mut data)?;
+                data[got.copied..].fill(0);
+                fs.core.dev.memcpy_nodrain(new * BLOCK, &data)?;
+                Ok(new)
+            };
+            let mut inode = fs.inode(st, ino)?;
+            if inode.xattr_block != 0 && shared.contains(&inode.xattr_block) {
+                inode.xattr_block = copy(st, inode.xattr_block)?;
+                fs.put_inode(st, stage, ino, inode);
+            }
+            let old = fs.extents(st, ino)?.clone();
+            let mut new = Vec::new();
+            for e in old {
+                for i in 0..e.len {
+                    let block = e.physical + i as u64;
+                    let physical = if shared.contains(&block) {
+                        copy(st, block)?
+                    } else {
+                        block
+                    };
+                    super::file::insert_extent(
+                        &mut new,
+                        Extent {
+                            logical: e.logical + i,
+                            len: 1,
+                            physical,
+                        },
+                    );
+                }
+            }
+            *fs.extents(st, ino)? = new;
+            if fs.cached(st, ino)?.chain.iter().any(|b| shared.contains(b)) {
+                // A new chain (the shared one stays its first owner's).
+                fs.cached(st, ino)?.chain.clear();
+            }
+            let inode = fs.store_extents(st, stage, ino)?;
+            fs.put_inode(st, stage, ino, inode);
+            Ok(())
+        }),
+        Fix::ZeroDir { dir, at, len } => fs.change(|fs, st, stage| {
+            stage.tx.write(at, &vec![0u8; len as usize]);
+            stage.touched.insert(dir);
+            fs.forget_dir(st, dir);
+            Ok(())
+        }),
+        Fix::DropEntry { dir, name } => fs.change(|fs, st, stage| {
+            let read = fs.read_dir(st, dir)?;
+            let Some((pos, _, slots)) = read.entries.iter().find(|(_, d, _)| d.name == name) else {
+                return Err(Error::NotFound);
+            };
+            fs.write_slots(st, stage, dir, *pos, &vec![0u8; slots * SLOT])?;
+            fs.forget_dir(st, dir);
+            Ok(())
+        }),
+        Fix::EntryType { dir, name, kind } => fs.change(|fs, st, stage| {
+            let read = fs.read_dir(st, dir)?;
+            let Some((pos, dirent, _)) = read.entries.iter().find(|(_, d, _)| d.name == name)
+            else {
+                return Err(Error::NotFound);
+            };
+            let dirent = Dirent {
+                kind,
+                ..dirent.clone()
+            };
+            fs.write_slots(st, stage, dir, *pos, &dirent.encode())?;
+            fs.forget_dir(st, dir);
+            Ok(())
+        }),
+        Fix::Reconnect(ino) => {
+            let found = match fs.lookup(ROOT, LOST_AND_FOUND) {
+                Ok(attr) if attr.kind == super::FileKind::Dir => attr.ino,
+                Ok(_) => return Err(Error::Exists),
+                Err(Error::NotFound) => fs.mkdir(ROOT, LOST_AND_FOUND, 0o700, 0, 0)?.ino,
+                Err(e) => return Err(e),
+            };
+            fs.change(|fs, st, stage| {
+                let mut inode = fs.inode(st, ino)?;
+                let name = format!("#{ino}");
+                fs.add_entry(
+                    st,
+                    stage,
+                    found,
+                    name.as_bytes(),
+                    ino,
+                    crate::format::dtype_of(inode.mode),
+                )?;
+                if inode.is_dir() {
+                    inode.parent = found;
+                    fs.put_inode(st, stage, ino, inode);
+                    fs.adjust_nlink(st, stage, found, 1)?;
+                }
+                Ok(())
+            })
+        }
+        Fix::Parent(ino, parent) => fs.change(|fs, st, stage| {
+            let mut inode = fs.inode(st, ino)?;
+            inode.parent = parent;
+            fs.put_inode(st, stage, ino, inode);
+            Ok(())
+        }),
+        Fix::Nlink(ino, nlink) => fs.change(|fs, st, stage| {
+            let mut inode = fs.inode(st, ino)?;
+            inode.nlink = nlink;
+            fs.put_inode(st, stage, ino, inode);
+            Ok(())
+        }),
+        Fix::Bitmap(words) => {
+            // Through the allocator, so that its checksums are written
+            // too, and in pieces that fit in the journal.
+            for chunk in words.chunks(512) {
+                fs.change(|_, st, _| {
+                    for &(word, value) in chunk {
+                        for bit in 0..64 {
+                            let block = word as u64 * 64 + bit;
+                            if block < sb.total_blocks {
+                                st.alloc.set(block, value & 1 << bit != 0);
+                            }
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+            let refused: Vec<u64> = fs.lock()?.alloc.refused().iter().copied().collect();
+            if !refused.is_empty() {
+                let owned = {
+                    let mut st = fs.lock()?;
+                    owned_by_all(fs, &mut st)
+                }
+                .map_err(|why| Error::corrupt("allocation bitmap", sb.bitmap_start * BLOCK, why))?;
+                fs.change(|fs, st, _| {
+                    for &index in &refused {
+                        st.alloc
+                            .rebuild(&fs.core.sb, index, |block| owned.contains_key(&block));
+                    }
+                    Ok(())
+                })?;
+            }
+            Ok(())
+        }
+        Fix::Along => Ok(()),
+    }
+}
+
+/// The directory where fsck puts what nothing names (made by mkfs).
+pub const LOST_AND_FOUND: &[u8] = b"lost+found";

@@ -12,8 +12,7 @@ use super::{Fs, Ino, Stage, State};
 use crate::error::{Error, Result};
 use crate::format::{Extent, Time, BLOCK, HUGE_BLOCKS};
 
-/// The largest file: 2^32 blocks of 4 KiB (16 TiB).
-pub const MAX_FILE_SIZE: u64 = (u32::MAX as u64) * BLOCK;
+pub use crate::format::MAX_FILE_SIZE;
 
 /// The device block of logical block `lblock`, and how many blocks the
 /// mapping continues for.

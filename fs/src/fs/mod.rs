@@ -66,7 +66,7 @@ use crate::format::read_meta;
 use crate::format::StateBlock;
 use crate::format::{
     Dirent, Extent, ExtentBlock, Inode, Superblock, Time, BLOCK, INLINE_EXTENTS, INODE_SIZE,
-    OVERFLOW_EXTENTS, ROOT_INO, SB_NEEDS_CHECK, SLOTS_PER_BLOCK, STATE_LEN,
+    OVERFLOW_EXTENTS, ROOT_INO, SB_NEEDS_CHECK, SLOT, SLOTS_PER_BLOCK, STATE_LEN,
 };
 use crate::journal::{Journal, LogEnd, Tx};
 use dcache::{Dcache, NameChange};
@@ -500,7 +500,10 @@ impl Fs {
         let encoded = sb.encode();
         dev.memcpy_persist(sb.backup_block * BLOCK, &encoded)?;
         dev.memcpy_persist(0, &encoded)?;
-        Fs::mount(dev)
+        let fs = Fs::mount(dev)?;
+        // Where fsck puts what nothing names, as mke2fs makes it.
+        fs.mkdir(ROOT, check::LOST_AND_FOUND, 0o700, 0, 0)?;
+        Ok(fs)
     }
 
     /// Mount the filesystem on `dev`: validate the superblock (falling back
@@ -993,6 +996,24 @@ impl Fs {
         let cached = st.inodes.get_mut(&ino).expect("inserted above");
         cached.accessed = true;
         Ok(cached)
+    }
+
+    /// Drop inode `ino` from the cache (read from media at its next use).
+    fn forget_cached(&self, st: &mut State, ino: Ino) {
+        if let Some(cached) = st.inodes.remove(&ino) {
+            st.cache_cost = st.cache_cost.saturating_sub(cached.cost());
+        }
+    }
+
+    /// Drop directory `dir`'s index and names (read from media at their
+    /// next use).
+    fn forget_dir(&self, st: &mut State, dir: Ino) {
+        if let Some(cached) = st.inodes.get_mut(&dir) {
+            if let Some(index) = cached.dir.take() {
+                st.cache_cost = st.cache_cost.saturating_sub(index.cost());
+            }
+        }
+        self.core.names.purge_dir(dir);
     }
 
     fn inode(&self, st: &mut State, ino: Ino) -> Result<Inode> {
@@ -1554,42 +1575,92 @@ impl Fs {
 
     // ---- directories (the shared part) ----------------------------------------
 
-    /// The directory index of `ino`, read on first use.
+    /// The directory index of `ino`, read on first use. A directory with
+    /// a damaged block gives an error naming the block, at every access:
+    /// its inode (attributes, the other directories) stays usable.
     fn dir<'s>(&self, st: &'s mut State, ino: Ino) -> Result<&'s mut DirIndex> {
         let cached = self.cached(st, ino)?;
         if !cached.inode.is_dir() {
             return Err(Error::NotDir);
         }
         if cached.dir.is_none() {
-            let blocks = self.block_list(st, ino)?;
-            let mut index = DirIndex::with_blocks(blocks.len());
-            let mut raw = vec![0u8; BLOCK as usize];
-            for (i, &block) in blocks.iter().enumerate() {
-                let offset = block * BLOCK;
-                if let Err(e) = read_meta(&self.core.dev, offset, &mut raw, "directory block") {
-                    st.damaged.insert(ino);
-                    return Err(e);
-                }
-                let mut slot = 0;
-                while slot < SLOTS_PER_BLOCK {
-                    match Dirent::decode(&raw, slot, offset) {
-                        Ok(Some((dirent, n))) => {
-                            index.insert(&dirent, (i * SLOTS_PER_BLOCK + slot) as u64, n);
-                            slot += n;
-                        }
-                        Ok(None) => slot += 1,
-                        Err(e) => {
-                            st.damaged.insert(ino);
-                            return Err(e);
-                        }
-                    }
-                }
+            let read = self.read_dir(st, ino)?;
+            if let Some(damage) = read.damage.into_iter().next() {
+                return Err(damage.error);
+            }
+            let mut index = DirIndex::with_blocks(read.blocks);
+            for (pos, dirent, slots) in &read.entries {
+                index.insert(dirent, *pos, *slots);
             }
             let cost = index.cost();
             self.cached(st, ino)?.dir = Some(index);
             self.charge(st, cost);
         }
         Ok(self.cached(st, ino)?.dir.as_mut().expect("read above"))
+    }
+
+    /// Every entry of directory `ino` that reads whole, and every piece
+    /// that does not (fsck goes on past those; [`Fs::dir`] refuses).
+    fn read_dir(&self, st: &mut State, ino: Ino) -> Result<DirRead> {
+        let blocks = self.block_list(st, ino)?;
+        let mut read = DirRead {
+            blocks: blocks.len(),
+            ..DirRead::default()
+        };
+        let mut names: HashSet<Vec<u8>> = HashSet::default();
+        let mut raw = vec![0u8; BLOCK as usize];
+        for (i, &block) in blocks.iter().enumerate() {
+            let offset = block * BLOCK;
+            let what = || format!("directory block {i} of inode {ino}");
+            if let Err(e) = read_meta(&self.core.dev, offset, &mut raw, &what()) {
+                read.damage.push(DirDamage {
+                    offset,
+                    slots: None,
+                    error: e,
+                });
+                continue;
+            }
+            let mut slot = 0;
+            while slot < SLOTS_PER_BLOCK {
+                let at = offset + (slot * SLOT) as u64;
+                let pos = (i * SLOTS_PER_BLOCK + slot) as u64;
+                match Dirent::decode(&raw, slot, offset) {
+                    Ok(Some((dirent, n))) if !names.insert(dirent.name.clone()) => {
+                        read.damage.push(DirDamage {
+                            offset: at,
+                            slots: Some((slot, n)),
+                            error: Error::corrupt(
+                                what(),
+                                at,
+                                format!(
+                                    "entry {:?} at slot {slot} repeats a name",
+                                    String::from_utf8_lossy(&dirent.name)
+                                ),
+                            ),
+                        });
+                        slot += n;
+                    }
+                    Ok(Some((dirent, n))) => {
+                        read.entries.push((pos, dirent, n));
+                        slot += n;
+                    }
+                    Ok(None) => slot += 1,
+                    Err(e) => {
+                        let detail = match e {
+                            Error::Corrupt { detail, .. } => detail,
+                            other => other.to_string(),
+                        };
+                        read.damage.push(DirDamage {
+                            offset: at,
+                            slots: Some((slot, 1)),
+                            error: Error::corrupt(what(), at, format!("slot {slot}: {detail}")),
+                        });
+                        slot += 1;
+                    }
+                }
+            }
+        }
+        Ok(read)
     }
 
     /// The device blocks of a file in logical order (for directories, whose
@@ -1609,6 +1680,28 @@ impl Fs {
         }
         Ok(blocks)
     }
+}
+
+/// A directory as read from media, damage and all.
+#[derive(Debug, Default)]
+struct DirRead {
+    /// How many blocks it has.
+    blocks: usize,
+    /// `(position, entry, slots)` of each entry that reads whole.
+    entries: Vec<(u64, Dirent, usize)>,
+    damage: Vec<DirDamage>,
+}
+
+/// A piece of a directory that does not read.
+#[derive(Debug)]
+struct DirDamage {
+    /// Device offset of the block, or of the slot.
+    offset: u64,
+    /// The slot and how many slots it claims; `None`: the whole block
+    /// (unreadable media).
+    slots: Option<(usize, usize)>,
+    /// What is wrong, naming the block and the directory.
+    error: Error,
 }
 
 /// "2 inodes referenced: inode 5 (1 open handle), inode 9 (2 lookups)".

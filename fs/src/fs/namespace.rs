@@ -17,7 +17,7 @@ use std::path::{Component, Path};
 /// Offsets 0 and 1 of `readdir` are `.` and `..`; entries follow at 2 + slot.
 const FIRST_ENTRY: u64 = 2;
 const MAX_LINKS: u32 = 65000;
-const SYMLINK_MAX: usize = 4095;
+use crate::format::SYMLINK_MAX;
 const MAX_SYMLINK_HOPS: u32 = 40;
 const DT_DIR: u8 = libc::DT_DIR;
 const DT_LNK: u8 = libc::DT_LNK;
@@ -30,6 +30,12 @@ fn check_name(name: &[u8]) -> Result<()> {
         return Err(Error::NameTooLong);
     }
     Ok(())
+}
+
+/// The checksum of an xattr block's first `used` bytes (`block`): its
+/// header without the checksum field, then its entries.
+fn xattr_crc(block: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&block[..12]), &block[16..])
 }
 
 /// Whether `name` is `.` or `..`, which cannot be created or removed.
@@ -211,6 +217,7 @@ impl Fs {
                 let mut data = target.to_vec();
                 data.resize(BLOCK as usize, 0);
                 fs.core.dev.memcpy_nodrain(block * BLOCK, &data)?;
+                inode.parent = crate::format::symlink_check(target);
                 inode.extent_count = 1;
                 inode.blocks = 1;
                 inode.set_inline_extents(&[Extent {
@@ -231,11 +238,16 @@ impl Fs {
         if inode.kind() != libc::S_IFLNK {
             return Err(Error::Invalid("not a symbolic link"));
         }
+        self.link_target(&mut st, ino, &inode)
+    }
+
+    /// The target of symlink `ino` (whose inode is `inode`), checked.
+    pub(super) fn link_target(&self, st: &mut State, ino: Ino, inode: &Inode) -> Result<Vec<u8>> {
         let len = inode.size as usize;
         if inode.flags & FLAG_INLINE_LINK != 0 {
             return Ok(inode.inline[..len.min(INLINE_LINK_MAX)].to_vec());
         }
-        let block = map(self.extents(&mut st, ino)?, 0)
+        let block = map(self.extents(st, ino)?, 0)
             .ok_or_else(|| {
                 Error::corrupt(
                     format!("symlink {ino}"),
@@ -245,7 +257,15 @@ impl Fs {
             })?
             .0;
         let mut target = vec![0u8; len.min(SYMLINK_MAX)];
-        crate::format::read_meta(&self.core.dev, block * BLOCK, &mut target, "symlink target")?;
+        let what = format!("symlink target of inode {ino}");
+        crate::format::read_meta(&self.core.dev, block * BLOCK, &mut target, &what)?;
+        // (0: written before targets had a checksum.)
+        if inode.parent != 0 && inode.parent != crate::format::symlink_check(&target) {
+            return Err(Error::corrupt(what, block * BLOCK, "checksum mismatch"));
+        }
+        if target.contains(&0) {
+            return Err(Error::corrupt(what, block * BLOCK, "holds a NUL byte"));
+        }
         Ok(target)
     }
 
@@ -477,23 +497,38 @@ impl Fs {
 
     // ---- extended attributes (user.* only) --------------------------------------
 
-    fn xattrs(&self, st: &mut State, ino: Ino) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    pub(super) fn xattrs(&self, st: &mut State, ino: Ino) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let inode = self.inode(st, ino)?;
         if inode.xattr_block == 0 {
             return Ok(Vec::new());
         }
         let offset = inode.xattr_block * BLOCK;
+        let what = format!("xattr block of inode {ino}");
+        let sb = &self.core.sb;
+        if inode.xattr_block < sb.data_start || inode.xattr_block >= sb.backup_block {
+            return Err(Error::corrupt(
+                &what,
+                sb.inode_offset(ino),
+                format!("block {} lies outside the data area", inode.xattr_block),
+            ));
+        }
         let mut raw = vec![0u8; BLOCK as usize];
-        crate::format::read_meta(&self.core.dev, offset, &mut raw, "xattr block")?;
-        let bad = || Error::corrupt("xattr block", offset, "malformed");
+        crate::format::read_meta(&self.core.dev, offset, &mut raw, &what)?;
+        let bad = |why: &str| Error::corrupt(&what, offset, why);
         let word = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().expect("4"));
         if word(0) != XATTR_MAGIC {
-            return Err(bad());
+            return Err(bad("bad magic"));
         }
         let (count, used, crc) = (word(4) as usize, word(8) as usize, word(12));
-        if used > raw.len() || crc32c::crc32c(&raw[16..used.max(16)]) != crc {
-            return Err(bad());
+        // (Blocks written before the checksum covered the header have
+        // the checksum of the entries alone.)
+        if used < 16
+            || used > raw.len()
+            || (crc != xattr_crc(&raw[..used]) && crc != crc32c::crc32c(&raw[16..used]))
+        {
+            return Err(bad("checksum mismatch"));
         }
+        let bad = || bad("malformed");
         let mut out = Vec::new();
         let mut at = 16;
         for _ in 0..count {
@@ -548,8 +583,9 @@ impl Fs {
             raw[0..4].copy_from_slice(&XATTR_MAGIC.to_le_bytes());
             raw[4..8].copy_from_slice(&(attrs.len() as u32).to_le_bytes());
             raw[8..12].copy_from_slice(&((16 + body.len()) as u32).to_le_bytes());
-            raw[12..16].copy_from_slice(&crc32c::crc32c(&body).to_le_bytes());
             raw.extend_from_slice(&body);
+            let crc = xattr_crc(&raw);
+            raw[12..16].copy_from_slice(&crc.to_le_bytes());
             stage.tx.write(inode.xattr_block * BLOCK, &raw);
         }
         inode.ctime = Time::now();
@@ -671,7 +707,13 @@ impl Fs {
         Ok(ino)
     }
 
-    fn adjust_nlink(&self, st: &mut State, stage: &mut Stage, ino: Ino, by: i32) -> Result<()> {
+    pub(super) fn adjust_nlink(
+        &self,
+        st: &mut State,
+        stage: &mut Stage,
+        ino: Ino,
+        by: i32,
+    ) -> Result<()> {
         let mut inode = self.inode(st, ino)?;
         inode.nlink = inode.nlink.checked_add_signed(by).ok_or_else(|| {
             Error::corrupt(
@@ -702,7 +744,7 @@ impl Fs {
         Ok(physical * BLOCK + (pos % SLOTS_PER_BLOCK as u64) * SLOT as u64)
     }
 
-    fn add_entry(
+    pub(super) fn add_entry(
         &self,
         st: &mut State,
         stage: &mut Stage,
@@ -748,7 +790,7 @@ impl Fs {
     }
 
     /// Stage `bytes` at directory position `pos` of `dir`.
-    fn write_slots(
+    pub(super) fn write_slots(
         &self,
         st: &mut State,
         stage: &mut Stage,
