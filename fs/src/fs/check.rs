@@ -97,15 +97,18 @@ pub fn fsck(mut dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
         }
         .into());
     }
-    let shared_after = !repair && !dev.is_read_only();
-    if shared_after {
-        dev.set_private(true)?;
+    if dev.is_read_only() {
+        return check(dev, false);
     }
-    let (report, mut dev) = check(dev, repair)?;
-    if shared_after {
-        dev.set_private(false)?;
+    // A check first, in private; a repair only when it found something to
+    // do (so a repair of a clean filesystem writes nothing).
+    dev.set_private(true)?;
+    let (report, mut dev) = check(dev, false)?;
+    dev.set_private(false)?;
+    if !repair || (report.is_clean() && report.notes.is_empty()) {
+        return Ok((report, dev));
     }
-    Ok((report, dev))
+    check(dev, true)
 }
 
 fn check(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
@@ -219,6 +222,9 @@ enum Fix {
     RewriteInode(Ino, Box<Inode>),
     /// Zero inode `ino`'s slot (all of the sectors it is in, when poisoned).
     ClearInode(Ino),
+    /// Make a new, empty root directory (what the old one named is
+    /// reconnected by the next pass).
+    NewRoot,
     /// Keep these extents of `ino`, the ones that read (a new chain).
     KeepExtents(Ino, Vec<Extent>),
     /// Forget `ino`'s xattr block.
@@ -268,12 +274,22 @@ fn scan(fs: &Fs, repair: bool) -> Result<Vec<Found>> {
                 let fix = damaged_inode(fs, ino);
                 let action = match &fix {
                     Fix::RewriteInode(..) => "its fields are sound: the checksum is rewritten",
+                    Fix::NewRoot => "a new root directory is made",
                     _ => "the inode is cleared",
                 };
                 problem(format!("{e} ({action} on repair)"), Some(fix));
                 continue;
             }
         };
+        if ino == ROOT && !inode.is_dir() {
+            unsettled.insert(ino);
+            problem(
+                "the root inode is not a directory (a new root directory is made on repair)"
+                    .to_string(),
+                Some(Fix::NewRoot),
+            );
+            continue;
+        }
         let owned = match owned_blocks(fs, st, ino, &inode) {
             Ok(owned) => owned,
             Err(e) => {
@@ -683,14 +699,18 @@ fn damaged_inode(fs: &Fs, ino: Ino) -> Fix {
     }
     let mut inode = Inode::decode_unchecked(&raw);
     if inode.kind() != libc::S_IFLNK && inode.size > MAX_FILE_SIZE {
-        let inline = inode.inline_extents();
-        inode.size = inline.last().map_or(0, |e| e.end() * BLOCK);
+        let extents = readable_extents(fs, ino, &inode);
+        inode.size = extents.last().map_or(0, |e| e.end() * BLOCK);
     }
     let sane_links = inode.nlink > 0 || inode.next_orphan != 0;
     match inode.unsound() {
-        None if sane_links && inode.extent_count as usize >= inline_count(&inode) => {
+        None if sane_links
+            && inode.extent_count as usize >= inline_count(&inode)
+            && (ino != ROOT || inode.is_dir()) =>
+        {
             Fix::RewriteInode(ino, Box::new(inode))
         }
+        _ if ino == ROOT => Fix::NewRoot,
         _ => Fix::ClearInode(ino),
     }
 }
@@ -785,6 +805,24 @@ fn apply(fs: &Fs, fix: Fix) -> Result<()> {
                 Ok(())
             })
         }
+        Fix::NewRoot => fs.change(|fs, st, stage| {
+            let now = crate::format::Time::now();
+            let root = Inode {
+                mode: libc::S_IFDIR | 0o755,
+                nlink: 2,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                parent: ROOT,
+                generation: 1,
+                ..Inode::default()
+            };
+            st.damaged.remove(&ROOT);
+            fs.forget_cached(st, ROOT);
+            fs.core.names.purge_dir(ROOT);
+            fs.put_inode(st, stage, ROOT, root);
+            Ok(())
+        }),
         Fix::KeepExtents(ino, keep) => fs.change(|fs, st, stage| {
             let offset = sb.inode_offset(ino);
             let mut raw = [0u8; INODE_SIZE as usize];

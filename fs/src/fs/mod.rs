@@ -528,8 +528,34 @@ impl Fs {
         if sb.needs_check() && purpose == Purpose::Use {
             return Err(Error::NeedsCheck(needs_check_text(&sb)));
         }
+        let mut header_damage = None;
         let (mut journal, recovery) =
-            Journal::recover(&dev, sb.journal_start, sb.journal_blocks, sb.uuid)?;
+            match Journal::recover(&dev, sb.journal_start, sb.journal_blocks, sb.uuid) {
+                Err(Error::Corrupt {
+                    structure,
+                    offset,
+                    detail,
+                }) if structure == "journal header" && purpose == Purpose::Check => {
+                    // As e2fsck does with a damaged journal superblock: a
+                    // new, empty journal (what the old one held is lost).
+                    header_damage = Some(format!(
+                        "the journal header at device offset {offset:#x} is damaged ({detail}): \
+                         a new, empty journal is written, and the transactions it held are lost"
+                    ));
+                    // The old ring's transactions carry this filesystem's
+                    // uuid and low sequence numbers: the new journal would
+                    // replay them (stale metadata over newer) were they
+                    // left there.
+                    dev.memset_persist(
+                        (sb.journal_start + 1) * BLOCK,
+                        0,
+                        (sb.journal_blocks - 1) * BLOCK,
+                    )?;
+                    Journal::format(&dev, sb.journal_start, sb.journal_blocks, sb.uuid)?;
+                    Journal::recover(&dev, sb.journal_start, sb.journal_blocks, sb.uuid)?
+                }
+                other => other?,
+            };
         if recovery.replayed > 0 {
             notes.push(format!(
                 "replayed {} journal transactions",
@@ -650,17 +676,20 @@ impl Fs {
             }),
             worker: Mutex::new(None),
         };
-        let root = fs.getattr(ROOT)?;
-        if root.kind != FileKind::Dir {
-            return Err(Error::corrupt(
-                "root inode",
-                fs.core.sb.inode_offset(ROOT),
-                "not a directory",
-            ));
+        // (fsck checks, and makes anew, a damaged root.)
+        if purpose == Purpose::Use {
+            let root = fs.getattr(ROOT)?;
+            if root.kind != FileKind::Dir {
+                return Err(Error::corrupt(
+                    "root inode",
+                    fs.core.sb.inode_offset(ROOT),
+                    "not a directory",
+                ));
+            }
         }
         let mut notes = Vec::new();
         // Damage found and contained (fsck reports each as a problem).
-        let mut damage_found: Vec<String> = Vec::new();
+        let mut damage_found: Vec<String> = header_damage.into_iter().collect();
         // (Read before any commit, which writes those words back.)
         let marked_free = fs.lock()?.alloc.metadata_marked_free().len();
         if marked_free > 0 {
