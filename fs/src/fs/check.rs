@@ -195,6 +195,10 @@ fn check(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
             break;
         }
     }
+    if repair {
+        // What the mount corrected in memory (bitmap words) goes to media.
+        fs.change(|_, _, _| Ok(()))?;
+    }
     let dev = fs.into_device()?;
     if let (Some(problem), true) = (needs_check, repair) {
         // Checked (and repaired) through: the mark goes.

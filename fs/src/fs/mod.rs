@@ -44,6 +44,7 @@
 //! [`Error::Unmounted`].
 
 mod check;
+mod claims;
 mod dax;
 mod dcache;
 mod dir;
@@ -721,6 +722,8 @@ impl Fs {
                 }
             ));
         }
+        damage_found.extend(fs.check_claims(&table, purpose)?);
+        drop(table);
         let (reclaimed, cut) = fs.reclaim_orphans()?;
         if reclaimed > 0 {
             notes.push(format!("reclaimed {reclaimed} orphaned inodes"));
