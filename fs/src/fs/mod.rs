@@ -1175,7 +1175,7 @@ impl Fs {
                 {
                     return Err(Error::corrupt(
                         "extent chain",
-                        next * BLOCK,
+                        self.core.sb.inode_offset(ino),
                         "points outside the data area",
                     ));
                 }

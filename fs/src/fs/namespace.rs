@@ -502,7 +502,6 @@ impl Fs {
         if inode.xattr_block == 0 {
             return Ok(Vec::new());
         }
-        let offset = inode.xattr_block * BLOCK;
         let what = format!("xattr block of inode {ino}");
         let sb = &self.core.sb;
         if inode.xattr_block < sb.data_start || inode.xattr_block >= sb.backup_block {
@@ -512,6 +511,7 @@ impl Fs {
                 format!("block {} lies outside the data area", inode.xattr_block),
             ));
         }
+        let offset = inode.xattr_block * BLOCK;
         let mut raw = vec![0u8; BLOCK as usize];
         crate::format::read_meta(&self.core.dev, offset, &mut raw, &what)?;
         let bad = |why: &str| Error::corrupt(&what, offset, why);
