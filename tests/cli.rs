@@ -252,3 +252,57 @@ fn fsck_exit_codes_follow_fsck8() {
     assert_eq!(daxfs(d, &["fsck", "raw.img"]).status.code(), Some(8));
     assert_eq!(daxfs(d, &["fsck", "missing.img"]).status.code(), Some(8));
 }
+
+/// `mkfs --from DIR` makes a filesystem holding a copy of the tree, as
+/// `mke2fs -d` does, and it checks clean.
+#[test]
+fn mkfs_from_a_directory_copies_the_tree() {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let dir = shm_dir();
+    let d = dir.path();
+    let tree = d.join("tree");
+    std::fs::create_dir_all(tree.join("sub/deeper")).unwrap();
+    std::fs::create_dir_all(tree.join("lost+found")).unwrap();
+    std::fs::write(tree.join("lost+found/kept"), b"k").unwrap();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(tree.join("sub/big"), &big).unwrap();
+    std::fs::write(tree.join("sub/deeper/small"), b"small").unwrap();
+    std::fs::hard_link(tree.join("sub/deeper/small"), tree.join("hard")).unwrap();
+    symlink("sub/big", tree.join("link")).unwrap();
+    std::fs::set_permissions(tree.join("sub/big"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = daxfs_ok(
+        d,
+        &[
+            "mkfs",
+            "fs.img",
+            "--size",
+            "64M",
+            "--from",
+            tree.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        stdout(&out).contains("copied 3 files") && stdout(&out).contains("1 hard links"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(daxfs(d, &["fsck", "fs.img"]).status.code(), Some(0));
+    let fs =
+        daxfs::Fs::mount(Device::open(d.join("fs.img"), &DeviceOptions::new()).unwrap()).unwrap();
+    assert!(fs.read_path("/sub/big").unwrap() == big);
+    assert_eq!(fs.stat_path("/sub/big").unwrap().mode & 0o7777, 0o600);
+    assert_eq!(fs.read_path("/hard").unwrap(), b"small");
+    assert_eq!(fs.stat_path("/hard").unwrap().nlink, 2);
+    assert_eq!(
+        fs.stat_path("/hard").unwrap().ino,
+        fs.stat_path("/sub/deeper/small").unwrap().ino
+    );
+    assert_eq!(
+        fs.readlink(fs.resolve("/link").unwrap()).unwrap(),
+        b"sub/big"
+    );
+    assert_eq!(fs.read_path("/lost+found/kept").unwrap(), b"k");
+    // Not a directory: a one-line error.
+    let out = daxfs(d, &["mkfs", "g.img", "--size", "16M", "--from", "fs.img"]);
+    assert_clean_failure(&out, "not a directory");
+}

@@ -6,6 +6,7 @@ mod fuse;
 mod huge;
 mod layout;
 mod mount;
+mod populate;
 mod size;
 
 use clap::{Args, Parser, Subcommand};
@@ -90,6 +91,11 @@ struct MkfsArgs {
     /// Overwrite a device that already holds a daxfs filesystem.
     #[arg(long, short)]
     force: bool,
+    /// Fill the new filesystem with a copy of this directory tree (as
+    /// `mke2fs -d` does): files, directories, symlinks, hard links, modes,
+    /// owners and times.
+    #[arg(long, value_name = "DIR")]
+    from: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -335,6 +341,24 @@ fn mkfs(args: MkfsArgs) -> Outcome {
         }
     };
     let fs = daxfs::Fs::format(dev).map_err(|e| format!("{}: {e}", args.image.display()))?;
+    if let Some(from) = &args.from {
+        let copied = populate::copy_tree(&fs, from)?;
+        println!(
+            "{}: copied {} files ({}), {} directories, {} symlinks, {} hard links from {}{}",
+            args.image.display(),
+            copied.files,
+            human(copied.bytes),
+            copied.dirs,
+            copied.symlinks,
+            copied.links,
+            from.display(),
+            if copied.skipped > 0 {
+                format!(" ({} skipped)", copied.skipped)
+            } else {
+                String::new()
+            }
+        );
+    }
     let st = fs.statfs();
     println!(
         "{}: daxfs filesystem of {} ({} data blocks of 4 KiB, {} inodes, {} free 2 MiB regions)",

@@ -368,8 +368,11 @@ impl Superblock {
         }
         if sb.data_start >= sb.total_blocks
             || sb.backup_block != sb.total_blocks - 1
-            || sb.inode_count * INODE_SIZE > sb.inode_table_blocks * BLOCK
-            || sb.bitmap_blocks * BLOCK * 8 < sb.total_blocks
+            || sb
+                .inode_count
+                .checked_mul(INODE_SIZE)
+                .is_none_or(|bytes| bytes > sb.inode_table_blocks.saturating_mul(BLOCK))
+            || sb.bitmap_blocks.saturating_mul(BLOCK * 8) < sb.total_blocks
             || sb.root_ino != ROOT_INO
             || sb.journal_blocks < 2
         {
