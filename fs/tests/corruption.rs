@@ -169,7 +169,7 @@ fn mutate(rng: &mut Rng, image: &mut [u8], map: &Map) -> String {
         ("symlink block", pick_in(rng, &map.symlink_blocks), 1200),
     ];
     let (kind, start, len) = loop {
-        let (kind, start, len) = rng.pick(&kinds).unwrap().clone();
+        let (kind, start, len) = *rng.pick(&kinds).unwrap();
         if let Some(start) = start {
             break (kind, start, len);
         }
