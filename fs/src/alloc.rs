@@ -194,6 +194,20 @@ impl Allocator {
             .extend(first..(first + WORDS_PER_BLOCK).min(self.bitmap.len()));
     }
 
+    /// Hold the blocks of bitmap word `word` that `bits` marks in use (the
+    /// mount's cross-check: files claim them), written at the next stage.
+    /// Returns how many were marked free.
+    pub fn hold(&mut self, word: usize, bits: u64) -> u64 {
+        let missing = bits & !self.bitmap[word];
+        let mut rest = missing;
+        while rest != 0 {
+            let bit = rest.trailing_zeros() as u64;
+            self.set(word as u64 * 64 + bit, true);
+            rest &= rest - 1;
+        }
+        missing.count_ones() as u64
+    }
+
     /// Make block `block` used or free (fsck's repair of a bitmap that
     /// disagrees with what the inodes own), written by the next stage.
     pub fn set(&mut self, block: u64, used: bool) {
@@ -215,6 +229,12 @@ impl Allocator {
     /// Bitmap words that marked metadata blocks free when read.
     pub fn metadata_marked_free(&self) -> &BTreeSet<usize> {
         &self.metadata_marked_free
+    }
+
+    /// Bitmap word `word` as it is in memory (blocks `64 * word ..`); past
+    /// the device, bits of blocks that do not exist are 0.
+    pub fn word(&self, word: usize) -> u64 {
+        self.bitmap.get(word).copied().unwrap_or(0)
     }
 
     pub fn is_used(&self, block: u64) -> bool {

@@ -13,11 +13,14 @@
 //!   suite (`daxfs dax-tests`, release build): dax-pmd, dax-errors,
 //!   dax-poison, the 18 mmap flag sets and break layouts, through the
 //!   library and through a FUSE mount; a pass/fail table.
+//! * `cargo xtask fsck-bench` — `daxfs fsck` against `e2fsck -fn` on
+//!   16 GiB images holding the same 100,000 files (see `fsck_bench.rs`).
 //! * `cargo xtask compare` — fio and a metadata test on a daxfs FUSE mount,
 //!   tmpfs and fuse2fs in one run (needs `apt-get install fio fuse2fs`): a
 //!   table of throughputs and ratios and a bar chart in `target/bench/`.
 
 mod compare;
+mod fsck_bench;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -30,10 +33,11 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("compare") => compare(),
+        Some("fsck-bench") => fsck_bench::fsck_bench(&root()),
         Some("dax-tests") => dax_tests(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask test [-- CARGO TEST ARGS]\n       cargo xtask bench [ROUNDS]\n       cargo xtask compare\n       cargo xtask dax-tests [--mount DIR] [ARGS] (see daxfs dax-tests --help)"
+                "usage: cargo xtask test [-- CARGO TEST ARGS]\n       cargo xtask bench [ROUNDS]\n       cargo xtask compare\n       cargo xtask fsck-bench\n       cargo xtask dax-tests [--mount DIR] [ARGS] (see daxfs dax-tests --help)"
             );
             return ExitCode::from(2);
         }

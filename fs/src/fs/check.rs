@@ -266,10 +266,17 @@ fn scan(fs: &Fs, repair: bool) -> Result<Vec<Found>> {
     let mut owner: HashMap<u64, Ino> = HashMap::new();
     let mut allocated: Vec<(Ino, Inode)> = Vec::new();
     let mut unsettled: HashSet<Ino> = HashSet::default();
-    for ino in 1..=sb.inode_count {
-        if st.free_inodes.contains(&ino) && !st.damaged.contains(&ino) {
-            continue;
-        }
+    // The inodes not free: the gaps between free ones, and the damaged.
+    let mut candidates: Vec<Ino> = Vec::new();
+    let mut next = 1;
+    for &free in st.free_inodes.iter() {
+        candidates.extend(next..free);
+        next = free + 1;
+    }
+    candidates.extend(next..=sb.inode_count);
+    candidates.extend(st.damaged.iter().filter(|i| st.free_inodes.contains(i)));
+    candidates.sort_unstable();
+    for ino in candidates {
         let inode = match fs.inode(st, ino) {
             Ok(inode) => inode,
             Err(Error::NotFound) => continue,
@@ -566,37 +573,20 @@ fn scan(fs: &Fs, repair: bool) -> Result<Vec<Found>> {
             );
         }
     }
+    // What the bitmap should say, a word at a time: metadata and what is
+    // owned; compared with what it says, bit by bit only where they differ.
+    let nwords = sb.total_blocks.div_ceil(64) as usize;
+    let mut want_words = vec![0u64; nwords];
+    let mut mark = |block: u64| want_words[(block / 64) as usize] |= 1 << (block % 64);
+    (0..sb.data_start).for_each(&mut mark);
+    mark(sb.backup_block);
+    owner.keys().copied().for_each(&mut mark);
     let mut words = Vec::new();
     let mut bitmap: Vec<String> = Vec::new();
     let mut leaked = 0;
     let mut wrong = 0;
-    for word in 0..(sb.total_blocks.div_ceil(64) as usize) {
-        let mut want = 0u64;
-        let mut have = 0u64;
-        for bit in 0..64 {
-            let block = word as u64 * 64 + bit;
-            if block >= sb.total_blocks {
-                break;
-            }
-            let used =
-                block < sb.data_start || block == sb.backup_block || owner.contains_key(&block);
-            let marked = st.alloc.is_used(block);
-            want |= (used as u64) << bit;
-            have |= (marked as u64) << bit;
-            match (used, marked) {
-                (true, false) => {
-                    wrong += 1;
-                    if wrong <= 10 {
-                        let owner = owner.get(&block).copied().unwrap_or(0);
-                        bitmap.push(format!(
-                            "block {block} is in use (inode {owner}) but marked free"
-                        ));
-                    }
-                }
-                (false, true) => leaked += 1,
-                _ => {}
-            }
-        }
+    for (word, &want) in want_words.iter().enumerate() {
+        let have = st.alloc.word(word);
         let metadata_free = st.alloc.metadata_marked_free().contains(&word);
         if metadata_free {
             bitmap.push(format!(
@@ -604,8 +594,22 @@ fn scan(fs: &Fs, repair: bool) -> Result<Vec<Found>> {
                  reads as zeros)"
             ));
         }
-        if want != have || metadata_free {
-            words.push((word, want));
+        if want == have && !metadata_free {
+            continue;
+        }
+        words.push((word, want));
+        leaked += (have & !want).count_ones() as u64;
+        let mut missing = want & !have;
+        while missing != 0 {
+            let block = word as u64 * 64 + missing.trailing_zeros() as u64;
+            missing &= missing - 1;
+            wrong += 1;
+            if wrong <= 10 {
+                let owner = owner.get(&block).copied().unwrap_or(0);
+                bitmap.push(format!(
+                    "block {block} is in use (inode {owner}) but marked free"
+                ));
+            }
         }
     }
     if wrong > 10 {

@@ -1,100 +1,114 @@
-//! The mount's cross-check of what the inodes claim against the bitmap.
+//! The mount's pass over the inode table: which inodes are free, which
+//! sit on poisoned media, and a cross-check of what the others claim
+//! against the bitmap.
 //!
 //! Checksums catch damage, not a structure that is wrong and consistently
 //! checksummed (a bad repair, a bug, an edit): a bitmap that marks a file's
 //! blocks free would hand them to the next write, and an extent that
 //! points into another file's blocks would make writes to one change the
-//! other. So every mount reads what each allocated inode claims (its
-//! inline extents come with the inode table, which the mount reads anyway;
+//! other. So the mount, while it reads the inode table anyway, collects
+//! what each allocated inode claims (its inline extents are in the inode;
 //! overflow extent blocks and the xattr block) into a bitmap of its own,
 //! and:
 //!
 //! - a claimed block the bitmap marks free is held in use (and the bitmap
 //!   word written at the next change);
 //! - a block claimed twice makes every inode that claims it refuse with
-//!   `EIO` until fsck gives the later one a copy (fsck itself sees them).
+//!   `EIO` until fsck gives the later one a copy (fsck sees them itself).
 //!
 //! An inode that does not read (checksum, fields) is left to the place it
-//! is used, which refuses it the same way. The cost is a pass over the
-//! inode table already in memory, plus a read per overflow extent block.
+//! is used, which refuses it the same way. The table is read a piece at a
+//! time, so the pass needs no memory the size of the table.
 
-use super::{Fs, Ino, Purpose, State};
+use super::Ino;
+use crate::alloc::Allocator;
 use crate::error::Result;
-use crate::format::{ExtentBlock, Inode, BLOCK, FLAG_INLINE_LINK, INODE_SIZE};
-use std::collections::{BTreeMap, BTreeSet};
+use crate::format::{ExtentBlock, Inode, Superblock, BLOCK, FLAG_INLINE_LINK, INODE_SIZE};
+use pmem::Device;
+use std::collections::BTreeSet;
 
-impl Fs {
-    /// Check the claims of every allocated inode of `table` (the inode
-    /// table as read at mount) against the bitmap. Returns what was found
-    /// and contained.
-    pub(super) fn check_claims(&self, table: &[u8], purpose: Purpose) -> Result<Vec<String>> {
-        let sb = &self.core.sb;
-        let mut st = self.lock()?;
-        let mut claimed = vec![0u64; sb.total_blocks.div_ceil(64) as usize];
-        let mut shared: BTreeSet<u64> = BTreeSet::new();
-        let mut unmarked = 0u64;
-        // The claims of every allocated inode that reads (one that does
-        // not is refused where it is used).
-        let all = |st: &State| {
-            table
-                .chunks_exact(INODE_SIZE as usize)
-                .zip(1..=sb.inode_count)
-                .filter(|(raw, ino)| raw[..4] != [0; 4] && !st.damaged.contains(ino))
-                .filter_map(|(raw, ino)| {
-                    let inode = Inode::decode(raw, ino, sb.inode_offset(ino)).ok()?;
-                    Some((ino, self.claims(&inode)?))
-                })
-                .collect::<Vec<_>>()
-        };
-        for (_, runs) in all(&st) {
-            for &(start, len) in &runs {
-                for block in start..start + len {
-                    let (word, bit) = ((block / 64) as usize, 1u64 << (block % 64));
-                    if claimed[word] & bit != 0 {
-                        shared.insert(block);
-                    }
-                    claimed[word] |= bit;
-                    if !st.alloc.is_used(block) {
-                        st.alloc.set(block, true);
-                        unmarked += 1;
-                    }
-                }
-            }
-        }
-        let mut found = Vec::new();
-        if unmarked > 0 {
-            found.push(format!(
-                "{unmarked} blocks that files own were marked free in the allocation bitmap: \
-                 held in use (the bitmap is written at the next change)"
-            ));
-        }
-        if !shared.is_empty() && purpose == Purpose::Use {
-            // Everyone who claims a shared block: refused until fsck.
-            let mut owners: BTreeMap<Ino, u64> = BTreeMap::new();
-            for (ino, runs) in all(&st) {
-                if let Some(&block) = runs
-                    .iter()
-                    .find_map(|&(start, len)| shared.range(start..start + len).next())
-                {
-                    owners.insert(ino, block);
-                }
-            }
-            for (&ino, &block) in &owners {
-                refuse(self, &mut st, ino);
-                found.push(format!(
-                    "inode {ino} shares block {block} with another file: refused until \
-                     `daxfs fsck --repair` gives each its own copy"
+/// Inodes read at a time.
+const CHUNK_INODES: u64 = 8192;
+
+/// Call `each(ino, raw)` for every inode slot of the table, in order;
+/// `raw` is `None` for a slot on poisoned media.
+pub(super) fn scan_table(
+    dev: &Device,
+    sb: &Superblock,
+    mut each: impl FnMut(Ino, Option<&[u8]>),
+) -> Result<()> {
+    let table_at = sb.inode_table_start * BLOCK;
+    let mut chunk = vec![0u8; (CHUNK_INODES * INODE_SIZE) as usize];
+    let mut first = 1;
+    while first <= sb.inode_count {
+        let count = CHUNK_INODES.min(sb.inode_count - first + 1);
+        let buf = &mut chunk[..(count * INODE_SIZE) as usize];
+        let at = table_at + (first - 1) * INODE_SIZE;
+        // Slots on poisoned sectors, as (first, last) inode numbers.
+        let mut poisoned: Vec<(Ino, Ino)> = Vec::new();
+        let mut pos = 0;
+        while pos < buf.len() {
+            let got = dev.read_mcsafe(at + pos as u64, &mut buf[pos..])?;
+            pos += got.copied;
+            if let Some(poison) = got.poison {
+                let sector_end = ((poison / pmem::SECTOR + 1) * pmem::SECTOR - at) as usize;
+                poisoned.push((
+                    first + (poison - at) / INODE_SIZE,
+                    first + (sector_end as u64).div_ceil(INODE_SIZE) - 1,
                 ));
+                pos = sector_end;
             }
         }
-        Ok(found)
+        for (i, raw) in buf.chunks_exact(INODE_SIZE as usize).enumerate() {
+            let ino = first + i as u64;
+            let bad = poisoned.iter().any(|&(a, b)| (a..=b).contains(&ino));
+            each(ino, (!bad).then_some(raw));
+        }
+        first += count;
+    }
+    Ok(())
+}
+
+/// What the allocated inodes claim, gathered during the table pass.
+pub(super) struct Claims<'a> {
+    dev: &'a Device,
+    sb: &'a Superblock,
+    claimed: Vec<u64>,
+    shared: BTreeSet<u64>,
+}
+
+impl<'a> Claims<'a> {
+    pub(super) fn new(dev: &'a Device, sb: &'a Superblock) -> Claims<'a> {
+        Claims {
+            dev,
+            sb,
+            claimed: vec![0; sb.total_blocks.div_ceil(64) as usize],
+            shared: BTreeSet::new(),
+        }
     }
 
-    /// The block runs `inode` claims (its extents, overflow extent blocks
-    /// and xattr block), or `None` when its extents do not read or lie
-    /// outside the data area.
-    fn claims(&self, inode: &Inode) -> Option<Vec<(u64, u64)>> {
-        let sb = &self.core.sb;
+    /// Add what allocated inode `ino` (read as `raw`) claims.
+    pub(super) fn add(&mut self, ino: Ino, raw: &[u8]) {
+        let Some(runs) = self.runs(ino, raw) else {
+            return;
+        };
+        for (start, len) in runs {
+            for block in start..start + len {
+                let (word, bit) = ((block / 64) as usize, 1u64 << (block % 64));
+                if self.claimed[word] & bit != 0 {
+                    self.shared.insert(block);
+                }
+                self.claimed[word] |= bit;
+            }
+        }
+    }
+
+    /// The block runs inode `ino` claims (its extents, overflow extent
+    /// blocks and xattr block), or `None` when it does not read or its
+    /// extents do not (refused where it is used).
+    fn runs(&self, ino: Ino, raw: &[u8]) -> Option<Vec<(u64, u64)>> {
+        let sb = self.sb;
+        let inode = Inode::decode(raw, ino, sb.inode_offset(ino)).ok()?;
         let inside = |start: u64, len: u64| {
             start >= sb.data_start && start.checked_add(len).is_some_and(|e| e <= sb.backup_block)
         };
@@ -113,7 +127,7 @@ impl Fs {
             if !inside(next, 1) || runs.len() > inode.extent_count as usize {
                 return None;
             }
-            self.core.dev.read(next * BLOCK, &mut raw).ok()?;
+            self.dev.read(next * BLOCK, &mut raw).ok()?;
             let block = ExtentBlock::decode(&raw, next * BLOCK).ok()?;
             runs.push((next, 1));
             extents.extend(block.extents);
@@ -122,10 +136,39 @@ impl Fs {
         runs.extend(extents.iter().map(|e| (e.physical, e.len as u64)));
         runs.iter().all(|&(s, l)| inside(s, l)).then_some(runs)
     }
-}
 
-/// Make inode `ino` refuse every call (`EIO` naming it) for this mount.
-fn refuse(fs: &Fs, st: &mut State, ino: Ino) {
-    st.damaged.insert(ino);
-    fs.forget_cached(st, ino);
+    /// Hold every claimed block in use in `alloc`. Returns how many were
+    /// marked free, and the blocks claimed more than once.
+    pub(super) fn apply(self, alloc: &mut Allocator) -> (u64, BTreeSet<u64>) {
+        let mut unmarked = 0;
+        for (word, &bits) in self.claimed.iter().enumerate() {
+            if bits != 0 {
+                unmarked += alloc.hold(word, bits);
+            }
+        }
+        (unmarked, self.shared)
+    }
+
+    /// Every inode that claims one of `shared`, with one such block: a
+    /// second pass over the table, made only when some block is shared.
+    pub(super) fn claimants(
+        dev: &Device,
+        sb: &Superblock,
+        shared: &BTreeSet<u64>,
+    ) -> Result<Vec<(Ino, u64)>> {
+        let claims = Claims::new(dev, sb);
+        let mut found = Vec::new();
+        scan_table(dev, sb, |ino, raw| {
+            let Some(raw) = raw.filter(|r| r[..4] != [0; 4]) else {
+                return;
+            };
+            if let Some(block) = claims.runs(ino, raw).and_then(|runs| {
+                runs.iter()
+                    .find_map(|&(start, len)| shared.range(start..start + len).next().copied())
+            }) {
+                found.push((ino, block));
+            }
+        })?;
+        Ok(found)
+    }
 }

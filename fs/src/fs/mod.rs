@@ -606,28 +606,38 @@ impl Fs {
                 notes.push("the allocation bitmap now has checksums".to_string());
             }
         }
-        // Which inodes are free. A poisoned sector of the table makes its
-        // inodes damaged (neither free nor usable), not the mount impossible.
-        let mut table = vec![0u8; (sb.inode_count * INODE_SIZE) as usize];
-        let table_at = sb.inode_table_start * BLOCK;
+        // Which inodes are free, and what the others claim (see `claims`).
+        // A poisoned sector of the table makes its inodes damaged (neither
+        // free nor usable), not the mount impossible.
         let mut damaged = HashSet::default();
-        let mut pos = 0;
-        while pos < table.len() {
-            let got = dev.read_mcsafe(table_at + pos as u64, &mut table[pos..])?;
-            pos += got.copied;
-            if let Some(poison) = got.poison {
-                let sector_end = ((poison / pmem::SECTOR + 1) * pmem::SECTOR - table_at) as usize;
-                let first = (poison - table_at) / INODE_SIZE + 1;
-                let last = (sector_end as u64).div_ceil(INODE_SIZE);
-                damaged.extend(first..=last);
-                pos = sector_end;
+        let mut free = Vec::new();
+        let mut claims = claims::Claims::new(&dev, &sb);
+        claims::scan_table(&dev, &sb, |ino, raw| match raw {
+            None => {
+                damaged.insert(ino);
             }
+            Some(raw) if raw[..4] == [0; 4] => free.push(ino),
+            Some(raw) => claims.add(ino, raw),
+        })?;
+        // (In order: built in bulk, not an insert at a time.)
+        let free_inodes: BTreeSet<Ino> = free.into_iter().collect();
+        let (unmarked, shared) = claims.apply(&mut alloc);
+        let mut claim_damage = Vec::new();
+        if unmarked > 0 {
+            claim_damage.push(format!(
+                "{unmarked} blocks that files own were marked free in the allocation bitmap: \
+                 held in use (the bitmap is written at the next change)"
+            ));
         }
-        let mut free_inodes = BTreeSet::new();
-        for ino in 1..=sb.inode_count {
-            let at = ((ino - 1) * INODE_SIZE) as usize;
-            if table[at..at + 4] == [0; 4] && !damaged.contains(&ino) {
-                free_inodes.insert(ino);
+        if !shared.is_empty() && purpose == Purpose::Use {
+            // Everyone who claims a shared block refuses until fsck (which
+            // sees them itself).
+            for (ino, block) in claims::Claims::claimants(&dev, &sb, &shared)? {
+                damaged.insert(ino);
+                claim_damage.push(format!(
+                    "inode {ino} shares block {block} with another file: refused until \
+                     `daxfs fsck --repair` gives each its own copy"
+                ));
             }
         }
         // A damaged state block is contained: its orphan list is dropped
@@ -722,8 +732,7 @@ impl Fs {
                 }
             ));
         }
-        damage_found.extend(fs.check_claims(&table, purpose)?);
-        drop(table);
+        damage_found.extend(claim_damage);
         let (reclaimed, cut) = fs.reclaim_orphans()?;
         if reclaimed > 0 {
             notes.push(format!("reclaimed {reclaimed} orphaned inodes"));
