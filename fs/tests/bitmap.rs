@@ -24,6 +24,17 @@ fn poke(img: &common::Image, offset: u64, bytes: &[u8]) {
     open(img).memcpy_persist(offset, bytes).unwrap();
 }
 
+/// The mount said something holding all of `words`.
+fn assert_noted(fs: &Fs, words: &[&str]) {
+    assert!(
+        fs.mount_notes()
+            .iter()
+            .any(|n| words.iter().all(|w| n.contains(w))),
+        "the mount should say {words:?}: {:?}",
+        fs.mount_notes()
+    );
+}
+
 /// Unmount and let the device go.
 fn done(fs: Fs) {
     fs.unmount().unwrap();
@@ -57,13 +68,7 @@ fn zeroed_bitmap_bytes_never_hand_out_a_files_blocks() {
     let (img, at) = image_with_first();
     poke(&img, at, &[0u8; 128]);
     let fs = Fs::mount(open(&img)).unwrap();
-    assert!(
-        fs.mount_notes()
-            .iter()
-            .any(|n| n.contains("bitmap block 0") && n.contains("rebuilt")),
-        "the mount says what it found: {:?}",
-        fs.mount_notes()
-    );
+    assert_noted(&fs, &["bitmap block 0", "rebuilt"]);
     fs.create_path("/second", 0o644, true).unwrap();
     fs.write_path("/second", 0, &file_bytes(4 << 20, 2))
         .unwrap();
@@ -126,13 +131,7 @@ fn a_bitmap_block_that_cannot_be_rebuilt_is_not_allocated_from() {
     // A bad checksum on an unused inode slot: its blocks are unknown.
     poke(&img, sb.inode_offset(50), &[1]);
     let fs = Fs::mount(open(&img)).unwrap();
-    assert!(
-        fs.mount_notes()
-            .iter()
-            .any(|n| n.contains("cannot be rebuilt") && n.contains("inode 50")),
-        "{:?}",
-        fs.mount_notes()
-    );
+    assert_noted(&fs, &["cannot be rebuilt", "inode 50"]);
     let free = fs.statfs().free_blocks;
     assert_eq!(free, 0, "the only bitmap block is refused: no free space");
     fs.create_path("/second", 0o644, true).unwrap();
@@ -169,10 +168,7 @@ fn an_image_without_bitmap_checksums_gets_them() {
     poke(&img, sb.backup_block * BLOCK, &sb.encode());
     poke(&img, 0, &sb.encode());
     let fs = Fs::mount(open(&img)).unwrap();
-    assert!(fs
-        .mount_notes()
-        .iter()
-        .any(|n| n.contains("bitmap now has checksums")));
+    assert_noted(&fs, &["bitmap now has checksums"]);
     done(fs);
     assert_eq!(superblock(&img).bitmap_csum, table);
     assert!(fsck(&img, false).is_clean());

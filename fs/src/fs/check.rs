@@ -990,17 +990,8 @@ fn apply(fs: &Fs, fix: Fix) -> Result<()> {
             }
             let refused: Vec<u64> = fs.lock()?.alloc.refused().iter().copied().collect();
             if !refused.is_empty() {
-                let owned = {
-                    let mut st = fs.lock()?;
-                    owned_by_all(fs, &mut st)
-                }
-                .map_err(|why| Error::corrupt("allocation bitmap", sb.bitmap_start * BLOCK, why))?;
-                fs.change(|fs, st, _| {
-                    for &index in &refused {
-                        st.alloc
-                            .rebuild(&fs.core.sb, index, |block| owned.contains_key(&block));
-                    }
-                    Ok(())
+                fs.rebuild_bitmap_blocks(&refused)?.map_err(|why| {
+                    Error::corrupt("allocation bitmap", sb.bitmap_start * BLOCK, why)
                 })?;
             }
             Ok(())

@@ -1541,7 +1541,8 @@ impl Fs {
             let at = (sb.bitmap_start + index) * BLOCK;
             if self.core.dev.first_poison(at, BLOCK).is_some() {
                 said.push(format!(
-                    "{}: its media is poisoned; nothing is allocated from the blocks it covers",
+                    "{}: its media is poisoned; nothing is allocated from \
+                         the blocks it covers",
                     describe(index)
                 ));
             } else {
@@ -1551,33 +1552,42 @@ impl Fs {
         if rebuild.is_empty() {
             return Ok(said);
         }
-        let mut st = self.lock()?;
-        let owned = match check::owned_by_all(self, &mut st) {
-            Ok(owned) => owned,
-            Err(unreadable) => {
-                for index in rebuild {
-                    said.push(format!(
-                        "{}: {unreadable}, so it cannot be rebuilt; nothing is allocated from                          the blocks it covers until `daxfs fsck --repair`",
-                        describe(index)
-                    ));
-                }
-                return Ok(said);
+        if let Err(unreadable) = self.rebuild_bitmap_blocks(&rebuild)? {
+            for index in rebuild {
+                said.push(format!(
+                    "{}: {unreadable}, so it cannot be rebuilt; nothing is allocated from \
+                     the blocks it covers until `daxfs fsck --repair`",
+                    describe(index)
+                ));
             }
-        };
-        drop(st);
-        self.change(|fs, st, _| {
-            for &index in &rebuild {
-                st.alloc
-                    .rebuild(&fs.core.sb, index, |block| owned.contains_key(&block));
-            }
-            Ok(())
-        })?;
+            return Ok(said);
+        }
         said.extend(
             rebuild
                 .into_iter()
                 .map(|index| format!("{}: rebuilt from the inodes' extents", describe(index))),
         );
         Ok(said)
+    }
+
+    /// Set bitmap blocks `indexes` from what the inodes own, or say which
+    /// inode cannot be read (then nothing changes).
+    fn rebuild_bitmap_blocks(&self, indexes: &[u64]) -> Result<std::result::Result<(), String>> {
+        let owned = {
+            let mut st = self.lock()?;
+            match check::owned_by_all(self, &mut st) {
+                Ok(owned) => owned,
+                Err(unreadable) => return Ok(Err(unreadable)),
+            }
+        };
+        self.change(|fs, st, _| {
+            for &index in indexes {
+                st.alloc
+                    .rebuild(&fs.core.sb, index, |block| owned.contains_key(&block));
+            }
+            Ok(())
+        })?;
+        Ok(Ok(()))
     }
 
     /// Damage this mount found and contained: each has been made harmless
