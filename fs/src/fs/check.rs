@@ -259,280 +259,374 @@ enum Fix {
 fn scan(fs: &Fs, repair: bool) -> Result<Vec<Found>> {
     let mut st = fs.lock()?;
     let st = &mut *st;
-    let sb = fs.core.sb.clone();
-    let mut found = Vec::new();
-    let mut problem = |what: String, fix: Option<Fix>| found.push(Found { what, fix });
-    // Pass 1: inodes, and who owns each block.
-    let mut owner: HashMap<u64, Ino> = HashMap::new();
-    let mut allocated: Vec<(Ino, Inode)> = Vec::new();
-    let mut unsettled: HashSet<Ino> = HashSet::default();
-    // The inodes not free: the gaps between free ones, and the damaged.
-    let mut candidates: Vec<Ino> = Vec::new();
-    let mut next = 1;
-    for &free in st.free_inodes.iter() {
-        candidates.extend(next..free);
-        next = free + 1;
+    let mut scan = Scan::new(fs);
+    scan.inodes(st);
+    scan.directories(st);
+    scan.tree();
+    scan.orphans(st);
+    scan.unnamed();
+    if !repair || scan.found.iter().all(|f| f.fix.is_none()) {
+        scan.link_counts();
+        scan.bitmap(st);
     }
-    candidates.extend(next..=sb.inode_count);
-    candidates.extend(st.damaged.iter().filter(|i| st.free_inodes.contains(i)));
-    candidates.sort_unstable();
-    for ino in candidates {
-        let inode = match fs.inode(st, ino) {
-            Ok(inode) => inode,
-            Err(Error::NotFound) => continue,
-            Err(e) => {
-                unsettled.insert(ino);
-                let fix = damaged_inode(fs, ino);
-                let action = match &fix {
-                    Fix::RewriteInode(..) => "its fields are sound: the checksum is rewritten",
-                    Fix::NewRoot => "a new root directory is made",
-                    _ => "the inode is cleared",
-                };
-                problem(format!("{e} ({action} on repair)"), Some(fix));
-                continue;
+    Ok(scan.found)
+}
+
+/// What one check has learned so far, pass by pass.
+struct Scan<'a> {
+    fs: &'a Fs,
+    sb: Superblock,
+    found: Vec<Found>,
+    /// Who owns each block (the first to claim it).
+    owner: HashMap<u64, Ino>,
+    /// The inodes that read and own what they should, with their fields.
+    allocated: Vec<(Ino, Inode)>,
+    /// Inodes with a repair of their own pending (entries naming them wait).
+    unsettled: HashSet<Ino>,
+    /// Each directory's entries that read: (name, inode).
+    names: BTreeMap<Ino, Vec<(Vec<u8>, Ino)>>,
+    /// Names of each inode, subdirectories of each directory.
+    refs: HashMap<Ino, u32>,
+    subdirs: HashMap<Ino, u32>,
+    /// Each directory's parent and its name there.
+    parent_of: HashMap<Ino, (Ino, Vec<u8>)>,
+    reachable: HashSet<Ino>,
+    orphans: HashSet<Ino>,
+}
+
+impl<'a> Scan<'a> {
+    fn new(fs: &'a Fs) -> Scan<'a> {
+        Scan {
+            fs,
+            sb: fs.core.sb.clone(),
+            found: Vec::new(),
+            owner: HashMap::new(),
+            allocated: Vec::new(),
+            unsettled: HashSet::default(),
+            names: BTreeMap::new(),
+            refs: HashMap::new(),
+            subdirs: HashMap::new(),
+            parent_of: HashMap::from([(ROOT, (ROOT, Vec::new()))]),
+            reachable: HashSet::default(),
+            orphans: HashSet::default(),
+        }
+    }
+
+    fn problem(&mut self, what: String, fix: Option<Fix>) {
+        self.found.push(Found { what, fix });
+    }
+
+    /// Several problems that one repair fixes.
+    fn problems(&mut self, whats: Vec<String>, fix: Fix) {
+        let mut fix = Some(fix);
+        for what in whats {
+            self.problem(what, Some(fix.take().unwrap_or(Fix::Along)));
+        }
+    }
+
+    /// Pass 1: every inode that is not free; who owns each block.
+    fn inodes(&mut self, st: &mut State) {
+        let fs = self.fs;
+        // The inodes not free: the gaps between free ones, and the damaged.
+        let mut candidates: Vec<Ino> = Vec::new();
+        let mut next = 1;
+        for &free in st.free_inodes.iter() {
+            candidates.extend(next..free);
+            next = free + 1;
+        }
+        candidates.extend(next..=self.sb.inode_count);
+        candidates.extend(st.damaged.iter().filter(|i| st.free_inodes.contains(i)));
+        candidates.sort_unstable();
+        for ino in candidates {
+            let inode = match fs.inode(st, ino) {
+                Ok(inode) => inode,
+                Err(Error::NotFound) => continue,
+                Err(e) => {
+                    self.unsettled.insert(ino);
+                    let fix = damaged_inode(fs, ino);
+                    let action = match &fix {
+                        Fix::RewriteInode(..) => "its fields are sound: the checksum is rewritten",
+                        Fix::NewRoot => "a new root directory is made",
+                        _ => "the inode is cleared",
+                    };
+                    self.problem(format!("{e} ({action} on repair)"), Some(fix));
+                    continue;
+                }
+            };
+            if self.inode(st, ino, &inode) {
+                self.allocated.push((ino, inode));
             }
-        };
+        }
+    }
+
+    /// Check inode `ino`, which reads as `inode`: whether it is sound
+    /// enough for the passes after (its own repair comes first otherwise).
+    fn inode(&mut self, st: &mut State, ino: Ino, inode: &Inode) -> bool {
+        let fs = self.fs;
         if ino == ROOT && !inode.is_dir() {
-            unsettled.insert(ino);
-            problem(
+            self.unsettled.insert(ino);
+            self.problem(
                 "the root inode is not a directory (a new root directory is made on repair)"
                     .to_string(),
                 Some(Fix::NewRoot),
             );
-            continue;
+            return false;
         }
-        let owned = match owned_blocks(fs, st, ino, &inode) {
+        let owned = match owned_blocks(fs, st, ino, inode) {
             Ok(owned) => owned,
             Err(e) => {
-                unsettled.insert(ino);
-                let keep = readable_extents(fs, ino, &inode);
-                problem(
+                self.unsettled.insert(ino);
+                let keep = readable_extents(fs, inode);
+                self.problem(
                     format!(
                         "{e} (the {} extents that read are kept on repair)",
                         keep.len()
                     ),
                     Some(Fix::KeepExtents(ino, keep)),
                 );
-                continue;
+                return false;
             }
         };
         if let Err(e) = fs.xattrs(st, ino) {
-            unsettled.insert(ino);
-            problem(
+            self.unsettled.insert(ino);
+            self.problem(
                 format!("{e} (its extended attributes are dropped on repair)"),
                 Some(Fix::DropXattrs(ino)),
             );
         }
         if inode.kind() == libc::S_IFLNK {
-            if let Err(e) = fs.link_target(st, ino, &inode) {
-                unsettled.insert(ino);
-                problem(
+            if let Err(e) = fs.link_target(st, ino, inode) {
+                self.unsettled.insert(ino);
+                self.problem(
                     format!("{e} (the symlink is cleared on repair)"),
                     Some(Fix::ClearInode(ino)),
                 );
-                continue;
+                return false;
             }
         }
         let mut shared: Vec<(u64, Ino)> = Vec::new();
         for block in owned.blocks() {
-            if block < sb.data_start || block >= sb.backup_block {
-                problem(
+            if block < self.sb.data_start || block >= self.sb.backup_block {
+                self.problem(
                     format!("inode {ino}: block {block} lies outside the data area"),
                     None,
                 );
-            } else if let Some(&first) = owner.get(&block) {
+            } else if let Some(&first) = self.owner.get(&block) {
                 shared.push((block, first));
             } else {
-                owner.insert(block, ino);
+                self.owner.insert(block, ino);
             }
         }
         if !shared.is_empty() {
-            unsettled.insert(ino);
-            let mut fix = Some(Fix::Clone(ino, shared.iter().map(|s| s.0).collect()));
-            for (block, first) in shared {
-                problem(
+            self.unsettled.insert(ino);
+            let blocks = shared.iter().map(|s| s.0).collect();
+            let whats = shared
+                .into_iter()
+                .map(|(block, first)| {
                     format!(
                         "inodes {first} and {ino} both own block {block} (inode {ino} gets a \
                          copy on repair)"
-                    ),
-                    Some(fix.take().unwrap_or(Fix::Along)),
-                );
-            }
-            continue;
+                    )
+                })
+                .collect();
+            self.problems(whats, Fix::Clone(ino, blocks));
+            return false;
         }
         let count = owned.blocks().count() as u64;
         if count != inode.blocks {
             let mut right = inode.clone();
             right.blocks = count;
-            problem(
+            self.problem(
                 format!("inode {ino}: counts {} blocks, owns {count}", inode.blocks),
                 Some(Fix::RewriteInode(ino, Box::new(right))),
             );
         }
-        allocated.push((ino, inode));
+        true
     }
-    let kinds: HashMap<Ino, u32> = allocated.iter().map(|(i, n)| (*i, n.kind())).collect();
-    // Pass 2: directories, each on its own (damage in one is only its own).
-    let mut names: BTreeMap<Ino, Vec<(Vec<u8>, Ino)>> = BTreeMap::new();
-    for (dir, _) in allocated.iter().filter(|(_, n)| n.is_dir()) {
-        let dir = *dir;
-        let read = match fs.read_dir(st, dir) {
-            Ok(read) => read,
-            Err(e) => {
-                problem(format!("directory {dir}: {e}"), None);
-                continue;
+
+    /// Pass 2: directories, each on its own (damage in one is only its
+    /// own): their blocks and entries.
+    fn directories(&mut self, st: &mut State) {
+        let kinds: HashMap<Ino, u32> = self.allocated.iter().map(|(i, n)| (*i, n.kind())).collect();
+        let dirs: Vec<Ino> = self
+            .allocated
+            .iter()
+            .filter(|(_, n)| n.is_dir())
+            .map(|(i, _)| *i)
+            .collect();
+        for dir in dirs {
+            let read = match self.fs.read_dir(st, dir) {
+                Ok(read) => read,
+                Err(e) => {
+                    self.problem(format!("directory {dir}: {e}"), None);
+                    continue;
+                }
+            };
+            for damage in read.damage {
+                let (len, action) = match damage.slots {
+                    Some((_, n)) => (
+                        (n * SLOT) as u64,
+                        "the entry is cleared on repair, the others in the block are kept",
+                    ),
+                    None => (BLOCK, "the block is cleared on repair"),
+                };
+                let at = damage.offset;
+                self.problem(
+                    format!("{} ({action})", damage.error),
+                    Some(Fix::ZeroDir { dir, at, len }),
+                );
             }
-        };
-        for damage in read.damage {
-            let (at, len) = match damage.slots {
-                Some((_, n)) => (damage.offset, (n * SLOT) as u64),
-                None => (damage.offset, BLOCK),
-            };
-            let action = match damage.slots {
-                Some(_) => "the entry is cleared on repair, the others in the block are kept",
-                None => "the block is cleared on repair",
-            };
-            problem(
-                format!("{} ({action})", damage.error),
-                Some(Fix::ZeroDir { dir, at, len }),
+            let mut list = Vec::new();
+            for (_, dirent, _) in read.entries {
+                let shown = String::from_utf8_lossy(&dirent.name).into_owned();
+                let target = dirent.ino;
+                if self.unsettled.contains(&target) {
+                    // Damaged itself: the inode's repair comes first.
+                    list.push((dirent.name, target));
+                    continue;
+                }
+                let Some(&kind) = kinds.get(&target) else {
+                    self.problem(
+                        format!(
+                            "directory {dir}: entry {shown:?} names inode {target}, which is \
+                             free or out of range (the entry is dropped on repair)"
+                        ),
+                        Some(Fix::DropEntry {
+                            dir,
+                            name: dirent.name,
+                        }),
+                    );
+                    continue;
+                };
+                let want = crate::format::dtype_of(kind);
+                if dirent.kind != want {
+                    self.problem(
+                        format!(
+                            "directory {dir}: entry {shown:?} says type {}, inode {target} is \
+                             {kind:#o} (corrected on repair)",
+                            dirent.kind
+                        ),
+                        Some(Fix::EntryType {
+                            dir,
+                            name: dirent.name.clone(),
+                            kind: want,
+                        }),
+                    );
+                }
+                list.push((dirent.name, target));
+            }
+            self.names.insert(dir, list);
+        }
+    }
+
+    /// Pass 3: the tree from the root: one parent each, `..` right.
+    fn tree(&mut self) {
+        let is_dir: HashSet<Ino> = self
+            .allocated
+            .iter()
+            .filter(|(_, n)| n.is_dir())
+            .map(|(i, _)| *i)
+            .collect();
+        let names = std::mem::take(&mut self.names);
+        for (&dir, list) in &names {
+            for (name, target) in list {
+                let shown = String::from_utf8_lossy(name);
+                if is_dir.contains(target) {
+                    let why = if *target == ROOT {
+                        Some(format!("directory {dir}: entry {shown:?} names the root"))
+                    } else {
+                        self.parent_of.get(target).map(|(first, _)| {
+                            format!(
+                                "directory {target} has two parents ({first} and {dir}; the \
+                                 entry {shown:?} in {dir})"
+                            )
+                        })
+                    };
+                    if let Some(why) = why {
+                        let fix = Fix::DropEntry {
+                            dir,
+                            name: name.clone(),
+                        };
+                        self.problem(format!("{why} (dropped on repair)"), Some(fix));
+                        continue;
+                    }
+                    self.parent_of.insert(*target, (dir, name.clone()));
+                    *self.subdirs.entry(dir).or_default() += 1;
+                }
+                *self.refs.entry(*target).or_default() += 1;
+            }
+        }
+        self.reachable.insert(ROOT);
+        let mut queue = VecDeque::from([ROOT]);
+        while let Some(dir) = queue.pop_front() {
+            for (_, target) in names.get(&dir).into_iter().flatten() {
+                let here = self.parent_of.get(target).is_some_and(|(p, _)| *p == dir);
+                if here && self.reachable.insert(*target) {
+                    queue.push_back(*target);
+                }
+            }
+        }
+        self.names = names;
+        let wrong: Vec<(Ino, Ino, Ino)> = self
+            .allocated
+            .iter()
+            .filter(|(ino, n)| n.is_dir() && self.reachable.contains(ino))
+            .filter_map(|(ino, n)| {
+                let &(parent, _) = self.parent_of.get(ino)?;
+                (n.parent != parent).then_some((*ino, n.parent, parent))
+            })
+            .collect();
+        for (ino, says, parent) in wrong {
+            self.problem(
+                format!(
+                    "directory {ino}: `..` points to {says}, but it lives in {parent} \
+                     (corrected on repair)"
+                ),
+                Some(Fix::Parent(ino, parent)),
             );
         }
-        let list = names.entry(dir).or_default();
-        for (_, dirent, _) in read.entries {
-            let shown = String::from_utf8_lossy(&dirent.name).into_owned();
-            let target = dirent.ino;
-            if unsettled.contains(&target) {
-                // Damaged itself: the inode's repair comes first.
-                list.push((dirent.name, target));
-                continue;
-            }
-            let Some(&kind) = kinds.get(&target) else {
-                problem(
-                    format!(
-                        "directory {dir}: entry {shown:?} names inode {target}, which is free \
-                         or out of range (the entry is dropped on repair)"
-                    ),
-                    Some(Fix::DropEntry {
-                        dir,
-                        name: dirent.name,
-                    }),
-                );
-                continue;
-            };
-            let want = crate::format::dtype_of(kind);
-            if dirent.kind != want {
-                problem(
-                    format!(
-                        "directory {dir}: entry {shown:?} says type {}, inode {target} is {kind:#o} \
-                         (corrected on repair)",
-                        dirent.kind
-                    ),
-                    Some(Fix::EntryType {
-                        dir,
-                        name: dirent.name.clone(),
-                        kind: want,
-                    }),
-                );
-            }
-            list.push((dirent.name, target));
+    }
+
+    /// The orphan list (the mount checked it and cut it where it was
+    /// wrong): what is on it needs no name.
+    fn orphans(&mut self, st: &mut State) {
+        let mut at = st.orphan_head;
+        while at != 0 && self.orphans.len() as u64 <= self.sb.inode_count && self.orphans.insert(at)
+        {
+            at = self.fs.inode(st, at).map_or(0, |inode| inode.next_orphan);
         }
     }
-    // Pass 3: the tree from the root.
-    let mut refs: HashMap<Ino, u32> = HashMap::new();
-    let mut subdirs: HashMap<Ino, u32> = HashMap::new();
-    let mut parent_of: HashMap<Ino, (Ino, Vec<u8>)> = HashMap::from([(ROOT, (ROOT, Vec::new()))]);
-    for (&dir, list) in &names {
-        for (name, target) in list {
-            if kinds.get(target) == Some(&libc::S_IFDIR) {
-                if *target == ROOT {
-                    problem(
-                        format!(
-                            "directory {dir}: entry {:?} names the root (dropped on repair)",
-                            String::from_utf8_lossy(name)
-                        ),
-                        Some(Fix::DropEntry {
-                            dir,
-                            name: name.clone(),
-                        }),
-                    );
-                    continue;
-                }
-                if let Some((first, _)) = parent_of.get(target) {
-                    problem(
-                        format!(
-                            "directory {target} has two parents ({first} and {dir}; the entry \
-                             {:?} in {dir} is dropped on repair)",
-                            String::from_utf8_lossy(name)
-                        ),
-                        Some(Fix::DropEntry {
-                            dir,
-                            name: name.clone(),
-                        }),
-                    );
-                    continue;
-                }
-                parent_of.insert(*target, (dir, name.clone()));
-                *subdirs.entry(dir).or_default() += 1;
-            }
-            *refs.entry(*target).or_default() += 1;
-        }
-    }
-    let mut reachable: HashSet<Ino> = HashSet::from_iter([ROOT]);
-    let mut queue = VecDeque::from([ROOT]);
-    while let Some(dir) = queue.pop_front() {
-        for (_, target) in names.get(&dir).into_iter().flatten() {
-            if parent_of.get(target).is_some_and(|(p, _)| *p == dir) && reachable.insert(*target) {
-                queue.push_back(*target);
-            }
-        }
-    }
-    for (ino, inode) in allocated.iter().filter(|(_, n)| n.is_dir()) {
-        if let Some(&(parent, _)) = parent_of.get(ino) {
-            if reachable.contains(ino) && inode.parent != parent {
-                problem(
-                    format!(
-                        "directory {ino}: `..` points to {}, but it lives in {parent} (corrected \
-                         on repair)",
-                        inode.parent
-                    ),
-                    Some(Fix::Parent(*ino, parent)),
-                );
-            }
-        }
-    }
-    // The orphan list (the mount checked it and cut it where it was wrong).
-    let mut orphans = HashSet::default();
-    let mut at = st.orphan_head;
-    while at != 0 && orphans.len() as u64 <= sb.inode_count && orphans.insert(at) {
-        at = match fs.inode(st, at) {
-            Ok(inode) => inode.next_orphan,
-            Err(_) => 0,
-        };
-    }
-    let mut reconnecting = false;
-    for (ino, _) in &allocated {
-        let named = refs.get(ino).copied().unwrap_or(0) > 0;
-        if *ino != ROOT && !named && !orphans.contains(ino) {
-            reconnecting = true;
-            problem(
+
+    /// Inodes nothing names (reconnected), and loops of directories that
+    /// only name each other (cut, so that the next pass reconnects them).
+    fn unnamed(&mut self) {
+        let unnamed: Vec<Ino> = self
+            .allocated
+            .iter()
+            .map(|(ino, _)| *ino)
+            .filter(|ino| {
+                *ino != ROOT && !self.refs.contains_key(ino) && !self.orphans.contains(ino)
+            })
+            .collect();
+        for &ino in &unnamed {
+            self.problem(
                 format!(
                     "inode {ino} is allocated but no directory names it (reconnected in \
                      /lost+found on repair)"
                 ),
-                Some(Fix::Reconnect(*ino)),
+                Some(Fix::Reconnect(ino)),
             );
         }
-    }
-    if !reconnecting {
-        // Directories named only from within a loop of their own: the
-        // loop is cut (the smallest one's entry dropped), and the next
-        // pass reconnects what it held.
-        if let Some((dir, (parent, name))) = allocated
+        if !unnamed.is_empty() {
+            return;
+        }
+        let looped = self
+            .allocated
             .iter()
-            .filter(|(ino, n)| n.is_dir() && !reachable.contains(ino))
-            .find_map(|(ino, _)| parent_of.get(ino).map(|p| (*ino, p.clone())))
-        {
-            problem(
+            .filter(|(ino, n)| n.is_dir() && !self.reachable.contains(ino))
+            .find_map(|(ino, _)| self.parent_of.get(ino).map(|p| (*ino, p.clone())));
+        if let Some((dir, (parent, name))) = looped {
+            self.problem(
                 format!(
                     "directory {dir} is not reachable from the root: it is in a loop of \
                      directories (its entry in {parent} is dropped on repair)"
@@ -541,94 +635,85 @@ fn scan(fs: &Fs, repair: bool) -> Result<Vec<Found>> {
             );
         }
     }
-    let structure_settled = found.iter().all(|f| f.fix.is_none());
-    // Pass 4 and 5, once the structure is settled (or when only checking):
-    // link counts and the bitmap.
-    if repair && !structure_settled {
-        return Ok(found);
-    }
-    let mut problem = |what: String, fix: Option<Fix>| found.push(Found { what, fix });
-    for (ino, inode) in &allocated {
-        let names = refs.get(ino).copied().unwrap_or(0);
-        let orphan = orphans.contains(ino);
-        if *ino != ROOT && names == 0 && !orphan {
-            continue; // reported above
-        }
-        let expected = if inode.is_dir() {
-            if orphan {
-                0
-            } else {
-                2 + subdirs.get(ino).copied().unwrap_or(0)
+
+    /// Pass 4: link counts.
+    fn link_counts(&mut self) {
+        let mut wrong = Vec::new();
+        for (ino, inode) in &self.allocated {
+            let names = self.refs.get(ino).copied().unwrap_or(0);
+            let orphan = self.orphans.contains(ino);
+            if *ino != ROOT && names == 0 && !orphan {
+                continue; // reported as unnamed
             }
-        } else {
-            names
-        };
-        if inode.nlink != expected {
-            problem(
-                format!(
-                    "inode {ino}: link count is {}, should be {expected}",
-                    inode.nlink
-                ),
-                Some(Fix::Nlink(*ino, expected)),
+            let expected = match (inode.is_dir(), orphan) {
+                (true, true) => 0,
+                (true, false) => 2 + self.subdirs.get(ino).copied().unwrap_or(0),
+                (false, _) => names,
+            };
+            if inode.nlink != expected {
+                wrong.push((*ino, inode.nlink, expected));
+            }
+        }
+        for (ino, nlink, expected) in wrong {
+            self.problem(
+                format!("inode {ino}: link count is {nlink}, should be {expected}"),
+                Some(Fix::Nlink(ino, expected)),
             );
         }
     }
-    // What the bitmap should say, a word at a time: metadata and what is
-    // owned; compared with what it says, bit by bit only where they differ.
-    let nwords = sb.total_blocks.div_ceil(64) as usize;
-    let mut want_words = vec![0u64; nwords];
-    let mut mark = |block: u64| want_words[(block / 64) as usize] |= 1 << (block % 64);
-    (0..sb.data_start).for_each(&mut mark);
-    mark(sb.backup_block);
-    owner.keys().copied().for_each(&mut mark);
-    let mut words = Vec::new();
-    let mut bitmap: Vec<String> = Vec::new();
-    let mut leaked = 0;
-    let mut wrong = 0;
-    for (word, &want) in want_words.iter().enumerate() {
-        let have = st.alloc.word(word);
-        let metadata_free = st.alloc.metadata_marked_free().contains(&word);
-        if metadata_free {
-            bitmap.push(format!(
-                "bitmap word {word} marks metadata blocks free (a sector cleared of poison \
-                 reads as zeros)"
-            ));
-        }
-        if want == have && !metadata_free {
-            continue;
-        }
-        words.push((word, want));
-        leaked += (have & !want).count_ones() as u64;
-        let mut missing = want & !have;
-        while missing != 0 {
-            let block = word as u64 * 64 + missing.trailing_zeros() as u64;
-            missing &= missing - 1;
-            wrong += 1;
-            if wrong <= 10 {
-                let owner = owner.get(&block).copied().unwrap_or(0);
-                bitmap.push(format!(
-                    "block {block} is in use (inode {owner}) but marked free"
+
+    /// Pass 5: the bitmap against what is owned, a word at a time (bit by
+    /// bit only where they differ).
+    fn bitmap(&mut self, st: &State) {
+        let sb = &self.sb;
+        let mut want_words = vec![0u64; sb.total_blocks.div_ceil(64) as usize];
+        let mut mark = |block: u64| want_words[(block / 64) as usize] |= 1 << (block % 64);
+        (0..sb.data_start).for_each(&mut mark);
+        mark(sb.backup_block);
+        self.owner.keys().copied().for_each(&mut mark);
+        let mut words = Vec::new();
+        let mut whats: Vec<String> = Vec::new();
+        let (mut leaked, mut wrong) = (0u64, 0u64);
+        for (word, &want) in want_words.iter().enumerate() {
+            let have = st.alloc.word(word);
+            let metadata_free = st.alloc.metadata_marked_free().contains(&word);
+            if metadata_free {
+                whats.push(format!(
+                    "bitmap word {word} marks metadata blocks free (a sector cleared of poison \
+                     reads as zeros)"
                 ));
             }
+            if want == have && !metadata_free {
+                continue;
+            }
+            words.push((word, want));
+            leaked += (have & !want).count_ones() as u64;
+            let mut missing = want & !have;
+            while missing != 0 {
+                let block = word as u64 * 64 + missing.trailing_zeros() as u64;
+                missing &= missing - 1;
+                wrong += 1;
+                if wrong <= 10 {
+                    let owner = self.owner.get(&block).copied().unwrap_or(0);
+                    whats.push(format!(
+                        "block {block} is in use (inode {owner}) but marked free"
+                    ));
+                }
+            }
         }
+        if wrong > 10 {
+            whats.push(format!(
+                "blocks: {} more are in use but marked free",
+                wrong - 10
+            ));
+        }
+        if leaked > 0 {
+            whats.push(format!(
+                "blocks: {leaked} are marked in use but nothing owns them"
+            ));
+        }
+        self.problems(whats, Fix::Bitmap(words));
     }
-    if wrong > 10 {
-        bitmap.push(format!(
-            "blocks: {} more are in use but marked free",
-            wrong - 10
-        ));
-    }
-    if leaked > 0 {
-        bitmap.push(format!(
-            "blocks: {leaked} are marked in use but nothing owns them"
-        ));
-    }
-    // One repair for all of the bitmap's problems.
-    let mut fix = Some(Fix::Bitmap(words));
-    for what in bitmap {
-        problem(what, Some(fix.take().unwrap_or(Fix::Along)));
-    }
-    Ok(found)
 }
 
 /// What one inode owns on the device.
@@ -707,7 +792,7 @@ fn damaged_inode(fs: &Fs, ino: Ino) -> Fix {
     }
     let mut inode = Inode::decode_unchecked(&raw);
     if inode.kind() != libc::S_IFLNK && inode.size > MAX_FILE_SIZE {
-        let extents = readable_extents(fs, ino, &inode);
+        let extents = readable_extents(fs, &inode);
         inode.size = extents.last().map_or(0, |e| e.end() * BLOCK);
     }
     let sane_links = inode.nlink > 0 || inode.next_orphan != 0;
@@ -736,7 +821,7 @@ fn inline_count(inode: &Inode) -> usize {
 /// ones, then the overflow chain as far as it reads; each inside the data
 /// area, after the one before. A directory keeps only its first run from
 /// block 0 (its blocks may have no hole).
-fn readable_extents(fs: &Fs, ino: Ino, inode: &Inode) -> Vec<Extent> {
+fn readable_extents(fs: &Fs, inode: &Inode) -> Vec<Extent> {
     let sb = &fs.core.sb;
     let mut all = inode.inline_extents();
     all.truncate(inline_count(inode));
@@ -777,7 +862,6 @@ fn readable_extents(fs: &Fs, ino: Ino, inode: &Inode) -> Vec<Extent> {
         }
         kept.push(e);
     }
-    let _ = ino;
     kept
 }
 
