@@ -7,7 +7,9 @@
 //! * [`journal`]: the redo journal (revoke records, checkpointed as it goes,
 //!   a read-only scan that says why the log ends) that makes every metadata
 //!   change atomic;
-//! * `alloc`: the 2 MiB-aware block allocator;
+//! * `alloc`: the 2 MiB-aware block allocator, and the bitmap's checksums;
+//! * [`fsck`]: a check that writes nothing (a private mapping) and goes on
+//!   past damage, naming it, and repairs as e2fsck makes them;
 //! * [`Fs`]: the filesystem and its library API (inode- and path-based calls),
 //!   with DAX mappings ([`Fs::mmap`]), pins for direct I/O against calls that
 //!   free blocks ([`Fs::pin`]) and memory-failure handling

@@ -13,7 +13,8 @@
 //!    image clean, and a second repair changes no byte.
 //!
 //! `DAXFS_CORRUPT_IMAGES` sets how many images (default 240);
-//! `DAXFS_CORRUPT_LONG=1` runs 10,000; `DAXFS_CORRUPT_SEED` replays one.
+//! `DAXFS_CORRUPT_LONG=1` runs 10,000; `DAXFS_CORRUPT_SEED` replays one;
+//! `DAXFS_CORRUPT_VERBOSE=1` prints what each repair left.
 
 mod common;
 
@@ -507,7 +508,18 @@ fn run_image(seed: u64, base: &Base, path: &Path, tally: &mut Tally) -> Result<(
     };
     match repaired {
         Err(_) => tally.repair_refused += 1,
-        Ok(report) if report.exit_code() == 4 => tally.repair_partial += 1,
+        Ok(report) if report.exit_code() == 4 => {
+            tally.repair_partial += 1;
+            if std::env::var("DAXFS_CORRUPT_VERBOSE").is_ok() {
+                let left: Vec<&str> = report
+                    .problems
+                    .iter()
+                    .filter(|p| !p.fixed)
+                    .map(|p| p.what.as_str())
+                    .collect();
+                eprintln!("seed {seed}: not repaired: {left:?}\n  mutations: {what}");
+            }
+        }
         Ok(report) => {
             tally.repaired += 1;
             let after = daxfs::fsck(open(), false)
