@@ -518,6 +518,9 @@ fn run_image(seed: u64, base: &Base, path: &Path, tally: &mut Tally) -> Result<(
                     .map(|p| p.what.as_str())
                     .collect();
                 eprintln!("seed {seed}: not repaired: {left:?}\n  mutations: {what}");
+                if std::env::var("DAXFS_CORRUPT_VERBOSE").as_deref() == Ok("2") {
+                    eprintln!("{report:#?}");
+                }
             }
         }
         Ok(report) => {

@@ -327,17 +327,7 @@ impl<'a> Scan<'a> {
     /// Pass 1: every inode that is not free; who owns each block.
     fn inodes(&mut self, st: &mut State) {
         let fs = self.fs;
-        // The inodes not free: the gaps between free ones, and the damaged.
-        let mut candidates: Vec<Ino> = Vec::new();
-        let mut next = 1;
-        for &free in st.free_inodes.iter() {
-            candidates.extend(next..free);
-            next = free + 1;
-        }
-        candidates.extend(next..=self.sb.inode_count);
-        candidates.extend(st.damaged.iter().filter(|i| st.free_inodes.contains(i)));
-        candidates.sort_unstable();
-        for ino in candidates {
+        for ino in not_free(st, self.sb.inode_count) {
             let inode = match fs.inode(st, ino) {
                 Ok(inode) => inode,
                 Err(Error::NotFound) => continue,
@@ -393,6 +383,7 @@ impl<'a> Scan<'a> {
                 format!("{e} (its extended attributes are dropped on repair)"),
                 Some(Fix::DropXattrs(ino)),
             );
+            return false;
         }
         if inode.kind() == libc::S_IFLNK {
             if let Err(e) = fs.link_target(st, ino, inode) {
@@ -759,15 +750,18 @@ pub(super) fn owned_blocks(fs: &Fs, st: &mut State, ino: Ino, inode: &Inode) -> 
 
 /// The owner of every block some inode owns; an error names an inode
 /// whose blocks cannot be known (damaged, or its extents unreadable).
+///
+/// With `tolerant` (fsck, which repairs such inodes), a damaged inode owns
+/// what of it reads: its extents as far as they read (see
+/// [`readable_extents`], what its repair keeps) and its xattr block.
 pub(super) fn owned_by_all(
     fs: &Fs,
     st: &mut State,
+    tolerant: bool,
 ) -> std::result::Result<HashMap<u64, Ino>, String> {
+    let sb = &fs.core.sb;
     let mut owner = HashMap::new();
-    for ino in 1..=fs.core.sb.inode_count {
-        if st.free_inodes.contains(&ino) {
-            continue;
-        }
+    for ino in not_free(st, sb.inode_count) {
         let owned = match fs.inode(st, ino) {
             Ok(inode) => owned_blocks(fs, st, ino, &inode),
             Err(Error::NotFound) => continue,
@@ -775,10 +769,40 @@ pub(super) fn owned_by_all(
         };
         match owned {
             Ok(owned) => owner.extend(owned.blocks().map(|b| (b, ino))),
-            Err(e) => return Err(format!("inode {ino} cannot be read ({e})")),
+            Err(e) if !tolerant => return Err(format!("inode {ino} cannot be read ({e})")),
+            Err(_) => {
+                let mut raw = [0u8; INODE_SIZE as usize];
+                if fs.core.dev.read(sb.inode_offset(ino), &mut raw).is_err() {
+                    continue;
+                }
+                let inode = Inode::decode_unchecked(&raw);
+                let inside = |b: u64| b >= sb.data_start && b < sb.backup_block;
+                let blocks = readable_extents(fs, &inode)
+                    .into_iter()
+                    .flat_map(|e| e.physical..e.physical + e.len as u64)
+                    .chain(Some(inode.xattr_block).filter(|&b| inside(b)));
+                for block in blocks {
+                    owner.entry(block).or_insert(ino);
+                }
+            }
         }
     }
     Ok(owner)
+}
+
+/// The inodes that are not free (the gaps between free ones), and the
+/// damaged ones, in order.
+fn not_free(st: &State, inode_count: u64) -> Vec<Ino> {
+    let mut inos: Vec<Ino> = Vec::new();
+    let mut next = 1;
+    for &free in st.free_inodes.iter() {
+        inos.extend(next..free);
+        next = free + 1;
+    }
+    inos.extend(next..=inode_count);
+    inos.extend(st.damaged.iter().filter(|i| st.free_inodes.contains(i)));
+    inos.sort_unstable();
+    inos
 }
 
 /// The repair of inode `ino`, which does not read: its fields made right
@@ -1074,7 +1098,7 @@ fn apply(fs: &Fs, fix: Fix) -> Result<()> {
             }
             let refused: Vec<u64> = fs.lock()?.alloc.refused().iter().copied().collect();
             if !refused.is_empty() {
-                fs.rebuild_bitmap_blocks(&refused)?.map_err(|why| {
+                fs.rebuild_bitmap_blocks(&refused, true)?.map_err(|why| {
                     Error::corrupt("allocation bitmap", sb.bitmap_start * BLOCK, why)
                 })?;
             }

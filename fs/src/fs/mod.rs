@@ -709,7 +709,7 @@ impl Fs {
             ));
         }
         if !bitmap_damage.is_empty() {
-            damage_found.extend(fs.rebuild_bitmap(&bitmap_damage)?);
+            damage_found.extend(fs.rebuild_bitmap(&bitmap_damage, purpose)?);
         }
         if let Some(damage) = state_damage {
             let poisoned = fs
@@ -1527,7 +1527,8 @@ impl Fs {
     /// what the inodes own. A block stays refused (nothing is allocated
     /// from it) when its media is poisoned or some inode cannot be read
     /// (its blocks are unknown): fsck repairs it. Says what was done.
-    fn rebuild_bitmap(&self, damaged: &[u64]) -> Result<Vec<String>> {
+    /// For fsck (`purpose` Check), a damaged inode owns what of it reads.
+    fn rebuild_bitmap(&self, damaged: &[u64], purpose: Purpose) -> Result<Vec<String>> {
         let sb = &self.core.sb;
         let describe = |index: u64| {
             format!(
@@ -1552,7 +1553,7 @@ impl Fs {
         if rebuild.is_empty() {
             return Ok(said);
         }
-        if let Err(unreadable) = self.rebuild_bitmap_blocks(&rebuild)? {
+        if let Err(unreadable) = self.rebuild_bitmap_blocks(&rebuild, purpose == Purpose::Check)? {
             for index in rebuild {
                 said.push(format!(
                     "{}: {unreadable}, so it cannot be rebuilt; nothing is allocated from \
@@ -1571,11 +1572,16 @@ impl Fs {
     }
 
     /// Set bitmap blocks `indexes` from what the inodes own, or say which
-    /// inode cannot be read (then nothing changes).
-    fn rebuild_bitmap_blocks(&self, indexes: &[u64]) -> Result<std::result::Result<(), String>> {
+    /// inode cannot be read (then nothing changes). `tolerant`: see
+    /// `check::owned_by_all`.
+    fn rebuild_bitmap_blocks(
+        &self,
+        indexes: &[u64],
+        tolerant: bool,
+    ) -> Result<std::result::Result<(), String>> {
         let owned = {
             let mut st = self.lock()?;
-            match check::owned_by_all(self, &mut st) {
+            match check::owned_by_all(self, &mut st, tolerant) {
                 Ok(owned) => owned,
                 Err(unreadable) => return Ok(Err(unreadable)),
             }
