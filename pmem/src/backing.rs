@@ -40,9 +40,6 @@ pub enum PersistenceMode {
     /// Disk-backed, but opened in fast mode: no `msync`, so a machine crash can
     /// lose writes that `persist` returned from.
     Fast,
-    /// Opened read-only: a private copy-on-write mapping; stores change this
-    /// process's copy only, and the image is never written.
-    ReadOnly,
 }
 
 impl fmt::Display for PersistenceMode {
@@ -52,7 +49,6 @@ impl fmt::Display for PersistenceMode {
             PersistenceMode::Memory => "memory",
             PersistenceMode::Msync => "msync",
             PersistenceMode::Fast => "fast",
-            PersistenceMode::ReadOnly => "read-only",
         })
     }
 }
@@ -138,13 +134,6 @@ impl Backing {
     pub(crate) fn persistence(&self, mode: MapMode, fast: bool) -> Persistence {
         let fs = &self.fs_name;
         let (mode, reason) = match (&self.kind, mode) {
-            (_, MapMode::Private) => (
-                PersistenceMode::ReadOnly,
-                format!(
-                    "the device on {fs} was opened read-only: stores change a private copy \
-                     in this process's memory, never the image"
-                ),
-            ),
             (DeviceKind::DevDax { name }, _) => (
                 PersistenceMode::Dax,
                 format!("{name} is a device-dax character device: CPU cache flushes are enough"),

@@ -246,13 +246,13 @@ impl Device {
         })?;
         // A /dev/dax may be aligned to 1 GiB: map it so that its own unit fits.
         let align = backing.align.max(HUGE_PAGE).next_power_of_two() as usize;
-        let map = Mapping::map_aligned(file.as_fd(), len, align, options.read_only)
+        let (map, shared_mode) = Mapping::map_aligned(file.as_fd(), len, align, options.read_only)
             .map_err(|e| Error::io(path, "map the device", e))?;
         if backing.huge_pages.capable && matches!(backing.kind, DeviceKind::Emulated) {
             // SAFETY: advice on our own mapping; it changes no contents.
             unsafe { libc::madvise(map.base().cast(), len, libc::MADV_HUGEPAGE) };
         }
-        let persistence = backing.persistence(map.mode(), options.fast);
+        let persistence = backing.persistence(shared_mode, options.fast);
         let canonical_path = canonical(path)?;
         let sectors = backing.size / SECTOR;
         let sidecar = match &backing.kind {
@@ -273,10 +273,10 @@ impl Device {
         };
         poison.rebuild();
         let device = Device {
-            msync: persistence.mode == PersistenceMode::Msync,
+            msync: persistence.mode == PersistenceMode::Msync && !options.read_only,
             read_only: options.read_only,
             opened_read_only: options.read_only,
-            shared_mode: map.mode(),
+            shared_mode,
             path: canonical_path,
             persistence,
             writer: Writer::detect(),

@@ -51,22 +51,21 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Map `len` bytes of `fd` from offset 0 at a multiple of `align` (a power
-    /// of two, at least 2 MiB). `MAP_SYNC` is tried first and the mapping's
-    /// mode says whether it was accepted. With `private`, the mapping is
-    /// [`MapMode::Private`] instead.
+    /// of two, at least 2 MiB). `MAP_SYNC` is probed for first: the second
+    /// value is how the file maps shared (what its persistence is). With
+    /// `private`, the mapping is [`MapMode::Private`] instead.
     pub(crate) fn map_aligned(
         fd: BorrowedFd<'_>,
         len: usize,
         align: usize,
         private: bool,
-    ) -> io::Result<Mapping> {
-        let mode = if private {
-            MapMode::Private
-        } else if probe_map_sync(fd, len)? {
+    ) -> io::Result<(Mapping, MapMode)> {
+        let shared = if probe_map_sync(fd, len)? {
             MapMode::Sync
         } else {
             MapMode::Shared
         };
+        let mode = if private { MapMode::Private } else { shared };
         debug_assert!(align.is_power_of_two() && align >= HUGE_PAGE as usize);
         let reserve_len = len
             .checked_add(align)
@@ -118,7 +117,7 @@ impl Mapping {
             }
         }
         let base = NonNull::new(aligned as *mut u8).expect("an aligned mapping is never at 0");
-        Ok(Mapping { base, len, mode })
+        Ok((Mapping { base, len, mode }, shared))
     }
 
     /// Map all of `fd` anew over this mapping in `mode` (private pages are
@@ -137,10 +136,6 @@ impl Mapping {
 
     pub(crate) fn base(&self) -> *mut u8 {
         self.base.as_ptr()
-    }
-
-    pub(crate) fn mode(&self) -> MapMode {
-        self.mode
     }
 
     /// Put, over `[offset, offset + len)` of this mapping, a shared mapping of
@@ -285,7 +280,7 @@ fn probe_map_sync(fd: BorrowedFd<'_>, len: usize) -> io::Result<bool> {
         libc::mmap(
             std::ptr::null_mut(),
             probe_len,
-            libc::PROT_READ | libc::PROT_WRITE,
+            libc::PROT_READ,
             MapMode::Sync.flags(),
             fd.as_raw_fd(),
             0,
