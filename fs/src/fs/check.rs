@@ -184,8 +184,9 @@ fn check(dev: Device, repair: bool) -> Result<(FsckReport, Device)> {
             };
             repaired |= fixed;
             match reported.get(&what) {
-                // Found again after a repair said it was fixed: it was not.
-                Some(&i) => report.problems[i].fixed &= fixed,
+                // Found again: what this pass's repair did is what counts
+                // (a repair that did not hold is found again, unfixed).
+                Some(&i) => report.problems[i].fixed = fixed,
                 None => {
                     reported.insert(what.clone(), report.problem(what, fixed));
                 }
@@ -599,13 +600,16 @@ impl<'a> Scan<'a> {
                 *ino != ROOT && !self.refs.contains_key(ino) && !self.orphans.contains(ino)
             })
             .collect();
+        // (Not while the root has a repair of its own pending: what it
+        // names is known after that.)
+        let can_reconnect = !self.unsettled.contains(&ROOT);
         for &ino in &unnamed {
             self.problem(
                 format!(
                     "inode {ino} is allocated but no directory names it (reconnected in \
                      /lost+found on repair)"
                 ),
-                Some(Fix::Reconnect(ino)),
+                can_reconnect.then_some(Fix::Reconnect(ino)),
             );
         }
         if !unnamed.is_empty() {
@@ -1045,7 +1049,19 @@ fn apply(fs: &Fs, fix: Fix) -> Result<()> {
         Fix::Reconnect(ino) => {
             let found = match fs.lookup(ROOT, LOST_AND_FOUND) {
                 Ok(attr) if attr.kind == super::FileKind::Dir => attr.ino,
-                Ok(_) => return Err(Error::Exists),
+                Ok(attr) => {
+                    // Something else has the name: moved aside (e2fsck
+                    // unlinks it; a rename loses nothing).
+                    let aside = format!("lost+found.{}", attr.ino);
+                    fs.rename(
+                        ROOT,
+                        LOST_AND_FOUND,
+                        ROOT,
+                        aside.as_bytes(),
+                        super::RenameFlags::default(),
+                    )?;
+                    fs.mkdir(ROOT, LOST_AND_FOUND, 0o700, 0, 0)?.ino
+                }
                 Err(Error::NotFound) => fs.mkdir(ROOT, LOST_AND_FOUND, 0o700, 0, 0)?.ino,
                 Err(e) => return Err(e),
             };
