@@ -76,6 +76,16 @@ enum Command {
     DaxTests(dax_tests::DaxTestsArgs),
     /// Check a filesystem; with --repair, fix what can be fixed.
     ///
+    /// The check reads everything a mount reads (superblocks, journal,
+    /// bitmap, every inode, directory, extent, xattr block and symlink),
+    /// goes on past damage and names each damaged structure with its device
+    /// offset. Without --repair it writes nothing (the image is opened
+    /// read-only; what a mount would replay happens in memory). --repair
+    /// repairs as e2fsck does: checksums rewritten where the fields are
+    /// sound, damaged entries and inodes cleared, blocks owned twice copied,
+    /// what nothing names reconnected in /lost+found, link counts and the
+    /// bitmap set right.
+    ///
     /// Exit codes as fsck(8): 0 clean, 1 errors corrected, 4 errors left
     /// uncorrected, 8 operational error (the image could not be checked).
     Fsck(FsckArgs),
@@ -102,8 +112,8 @@ struct MkfsArgs {
 struct FsckArgs {
     /// The device: an emulated image file or /dev/daxX.Y.
     image: PathBuf,
-    /// Repair what can be repaired without guessing. Without it the image
-    /// is opened read-only and not one byte of it changes.
+    /// Repair what is found. Without it the image is opened read-only and
+    /// not one byte of it changes.
     #[arg(long, short)]
     repair: bool,
 }
