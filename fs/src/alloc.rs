@@ -15,15 +15,18 @@
 //! durable). [`Allocator::stage`] turns the changed bitmap words into journal
 //! records; [`Allocator::committed`] or [`Allocator::abort`] ends the stage.
 //!
-//! Each bitmap block has a checksum (see [`crate::format`]), written by the
-//! same transaction as its words. A block that fails its checksum at mount
-//! is *refused*: all its blocks are held in use in memory, so nothing is
+//! Each 512-byte piece of the bitmap has a checksum (see
+//! [`crate::format`]), written by the same transaction as its words. A
+//! piece that fails its checksum at mount is *refused*: all the blocks it
+//! covers are held in use in memory, so nothing is
 //! allocated from it, until [`Allocator::rebuild`] sets it from what the
 //! inodes own (the mount does that when it can read every inode; fsck's
 //! repair otherwise).
 
 use crate::error::Result;
-use crate::format::{bitmap_crc, Superblock, BLOCK, BLOCKS_PER_BITMAP_BLOCK, HUGE_BLOCKS};
+use crate::format::{
+    bitmap_crc, Superblock, BITMAP_PIECE, BLOCK, BLOCKS_PER_BITMAP_PIECE, HUGE_BLOCKS,
+};
 use crate::fs::HashSet;
 use crate::journal::Tx;
 use std::collections::BTreeSet;
@@ -53,13 +56,13 @@ pub struct Allocator {
     metadata_marked_free: BTreeSet<usize>,
     /// Device offset of the bitmap checksum table (none on an older image).
     csum_offset: Option<u64>,
-    /// Bitmap blocks that failed their checksum and are not rebuilt yet:
+    /// Bitmap pieces that failed their checksum and are not rebuilt yet:
     /// held in use in memory, their checksums not written.
     refused: BTreeSet<u64>,
 }
 
-/// Words per bitmap block.
-const WORDS_PER_BLOCK: usize = (BLOCK / 8) as usize;
+/// Words per checksummed piece of the bitmap.
+const WORDS_PER_PIECE: usize = (BITMAP_PIECE / 8) as usize;
 
 impl Allocator {
     /// The allocator of a filesystem whose bitmap reads `bitmap`.
@@ -112,9 +115,9 @@ impl Allocator {
     pub fn load(dev: &pmem::Device, sb: &Superblock) -> Result<(Allocator, Vec<u64>)> {
         let mut raw = vec![0u8; (sb.bitmap_blocks * BLOCK) as usize];
         let mut unreadable = BTreeSet::new();
-        for (index, block) in raw.chunks_exact_mut(BLOCK as usize).enumerate() {
-            let at = (sb.bitmap_start + index as u64) * BLOCK;
-            if dev.read_mcsafe(at, block)?.poison.is_some() {
+        for (index, piece) in raw.chunks_exact_mut(BITMAP_PIECE as usize).enumerate() {
+            let at = sb.bitmap_start * BLOCK + index as u64 * BITMAP_PIECE;
+            if dev.read_mcsafe(at, piece)?.poison.is_some() {
                 unreadable.insert(index as u64);
             }
         }
@@ -122,11 +125,11 @@ impl Allocator {
         if sb.bitmap_csum != 0 {
             let mut table = vec![0u8; (sb.bitmap_csum_blocks() * BLOCK) as usize];
             let got = dev.read_mcsafe(sb.bitmap_csum * BLOCK, &mut table)?;
-            for (index, block) in raw.chunks_exact(BLOCK as usize).enumerate() {
+            for (index, piece) in raw.chunks_exact(BITMAP_PIECE as usize).enumerate() {
                 let at = index * 4;
                 let stored = (at + 4 <= got.copied).then(|| crate::format::u32_at(&table, at));
                 if unreadable.contains(&(index as u64))
-                    || stored != Some(bitmap_crc(index as u64, block))
+                    || stored != Some(bitmap_crc(index as u64, piece))
                 {
                     damaged.push(index as u64);
                 }
@@ -149,9 +152,9 @@ impl Allocator {
     /// The checksum table's contents for the bitmap as it is in memory.
     pub fn checksum_table(&self, sb: &Superblock) -> Vec<u8> {
         let mut table = vec![0u8; (sb.bitmap_csum_blocks() * BLOCK) as usize];
-        for (index, words) in self.bitmap.chunks(WORDS_PER_BLOCK).enumerate() {
-            let block: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-            crate::format::put_u32(&mut table, index * 4, bitmap_crc(index as u64, &block));
+        for (index, words) in self.bitmap.chunks(WORDS_PER_PIECE).enumerate() {
+            let piece: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            crate::format::put_u32(&mut table, index * 4, bitmap_crc(index as u64, &piece));
         }
         table
     }
@@ -161,26 +164,26 @@ impl Allocator {
         self.csum_offset = Some(offset);
     }
 
-    /// Hold every block that bitmap block `index` covers in use (in memory
+    /// Hold every block that bitmap piece `index` covers in use (in memory
     /// only), and write no checksum for it, until it is rebuilt.
     fn refuse(&mut self, index: u64) {
-        let start = index * BLOCKS_PER_BITMAP_BLOCK;
-        self.flip(start, BLOCKS_PER_BITMAP_BLOCK, true, false);
+        let start = index * BLOCKS_PER_BITMAP_PIECE;
+        self.flip(start, BLOCKS_PER_BITMAP_PIECE, true, false);
         self.refused.insert(index);
     }
 
-    /// The bitmap blocks refused (failed their checksum, not rebuilt).
+    /// The bitmap pieces refused (failed their checksum, not rebuilt).
     pub fn refused(&self) -> &BTreeSet<u64> {
         &self.refused
     }
 
-    /// The blocks bitmap block `index` covers.
+    /// The blocks bitmap piece `index` covers.
     pub fn covered(&self, index: u64) -> std::ops::Range<u64> {
         let end = (self.bitmap.len() as u64 * 64).min(self.region_free.len() as u64 * HUGE_BLOCKS);
-        (index * BLOCKS_PER_BITMAP_BLOCK).min(end)..((index + 1) * BLOCKS_PER_BITMAP_BLOCK).min(end)
+        (index * BLOCKS_PER_BITMAP_PIECE).min(end)..((index + 1) * BLOCKS_PER_BITMAP_PIECE).min(end)
     }
 
-    /// Set bitmap block `index` anew: a block is in use when it is
+    /// Set bitmap piece `index` anew: a block is in use when it is
     /// filesystem metadata or `owned` says so. All its words (and its
     /// checksum) are written by the next stage.
     pub fn rebuild(&mut self, sb: &Superblock, index: u64, owned: impl Fn(u64) -> bool) {
@@ -189,9 +192,9 @@ impl Allocator {
             let used = block < sb.data_start || block == sb.backup_block || owned(block);
             self.flip(block, 1, used, false);
         }
-        let first = index as usize * WORDS_PER_BLOCK;
+        let first = index as usize * WORDS_PER_PIECE;
         self.dirty_words
-            .extend(first..(first + WORDS_PER_BLOCK).min(self.bitmap.len()));
+            .extend(first..(first + WORDS_PER_PIECE).min(self.bitmap.len()));
     }
 
     /// Hold the blocks of bitmap word `word` that `bits` marks in use (the
@@ -455,38 +458,41 @@ impl Allocator {
         words.extend(&self.metadata_marked_free);
         words.sort_unstable();
         words.dedup();
+        // A word as it will be on media (the common case, nothing freed or
+        // quarantined, is the word in memory).
+        let plain = freed.is_empty() && self.quarantined.is_empty();
         let media = |word: usize| {
-            let quarantined = if self.quarantined.is_empty() {
-                0
-            } else {
-                self.quarantined
-                    .range(word as u64 * 64..(word as u64 + 1) * 64)
-                    .fold(0u64, |bits, b| bits | 1 << (b % 64))
-            };
+            if plain {
+                return self.bitmap[word];
+            }
+            let quarantined = self
+                .quarantined
+                .range(word as u64 * 64..(word as u64 + 1) * 64)
+                .fold(0u64, |bits, b| bits | 1 << (b % 64));
             self.bitmap[word] & !freed.get(&word).copied().unwrap_or(0) & !quarantined
         };
-        let mut blocks = Vec::new();
+        let mut pieces = Vec::new();
         for &word in &words {
             tx.write(
                 self.bitmap_offset + word as u64 * 8,
                 &media(word).to_le_bytes(),
             );
-            let index = (word / WORDS_PER_BLOCK) as u64;
-            if blocks.last() != Some(&index) {
-                blocks.push(index);
+            let index = (word / WORDS_PER_PIECE) as u64;
+            if pieces.last() != Some(&index) {
+                pieces.push(index);
             }
         }
-        // The checksum of every block those words are in, over the block
+        // The checksum of every piece those words are in, over the piece
         // as it will be on media.
         let Some(table) = self.csum_offset else {
             return;
         };
-        let mut image = [0u8; BLOCK as usize];
-        for index in blocks {
+        let mut image = [0u8; BITMAP_PIECE as usize];
+        for index in pieces {
             if self.refused.contains(&index) {
                 continue;
             }
-            let first = index as usize * WORDS_PER_BLOCK;
+            let first = index as usize * WORDS_PER_PIECE;
             for (i, chunk) in image.chunks_exact_mut(8).enumerate() {
                 chunk.copy_from_slice(&media(first + i).to_le_bytes());
             }

@@ -9,7 +9,7 @@
 //! journal_start      journal: a header block, then the ring of transactions
 //! inode_table_start  inode table: inode_count inodes of 256 bytes (inode 1 is the root)
 //! bitmap_start       allocation bitmap: one bit per block of the device, 1 = in use
-//! bitmap_csum        bitmap checksums: a crc32c per bitmap block (0: none, an older image)
+//! bitmap_csum        bitmap checksums: a crc32c per 512 bytes of bitmap (0: none, an older image)
 //! data_start         data and metadata blocks (2 MiB aligned), allocated from the bitmap
 //! last block         backup superblock
 //! ```
@@ -38,14 +38,16 @@
 //!
 //! ## Bitmap checksums
 //!
-//! Bitmap block `i` (blocks `i * 32768 ..` of the device) has the crc32c
-//! of its index (u64) followed by its 4096 bytes at byte `4 * i` of the
-//! table: a block written to the wrong place fails as surely as a damaged
-//! one. Every transaction that changes bitmap words writes the checksums
-//! of their blocks in the same transaction. A bitmap block that fails its
-//! checksum is never allocated from: mount rebuilds it from the inodes'
-//! extents, or (when an inode cannot be read) keeps its blocks out of
-//! allocation until fsck repairs it. An image made before the table
+//! The bitmap is checksummed in pieces of 512 bytes (one sector, 4096
+//! blocks of the device, so that a commit that changes a few words sums
+//! 512 bytes, not 4096): piece `i` has the crc32c of its index (u64)
+//! followed by its 512 bytes at byte `4 * i` of the table: a piece written
+//! to the wrong place fails as surely as a damaged one. Every transaction
+//! that changes bitmap words writes the checksums of their pieces in the
+//! same transaction. A piece that fails its checksum is never allocated
+//! from: mount rebuilds it from the inodes' extents, or (when an inode
+//! cannot be read) keeps its blocks out of allocation until fsck repairs
+//! it. An image made before the table
 //! existed gets one at its first read-write mount when the space between
 //! the bitmap and the data area holds it (it always does for images made
 //! since: the table is part of the geometry).
@@ -54,7 +56,7 @@
 //!
 //! Every structure is validated where it is read, and its checksum is
 //! computed where it is written: the superblocks, the state block, the
-//! journal (header and each transaction), each bitmap block, each inode,
+//! journal (header and each transaction), each 512 bytes of the bitmap, each inode,
 //! each directory entry, each overflow extent block, each xattr block and
 //! each symlink target stored out of line. A structure that fails is never
 //! used: it is reported with the device offset where it lies and the inode
@@ -140,14 +142,16 @@ pub fn symlink_check(target: &[u8]) -> u64 {
 /// Blocks in a 2 MiB region.
 pub const HUGE_BLOCKS: u64 = 512;
 
-/// Bitmap blocks one block of checksums covers.
+/// Bytes of the bitmap one checksum covers (a sector).
+pub const BITMAP_PIECE: u64 = 512;
+/// Device blocks one checksummed piece of the bitmap covers.
+pub const BLOCKS_PER_BITMAP_PIECE: u64 = BITMAP_PIECE * 8;
+/// Checksums in one block of the table.
 pub const BITMAP_CSUMS_PER_BLOCK: u64 = BLOCK / 4;
-/// Device blocks one bitmap block covers.
-pub const BLOCKS_PER_BITMAP_BLOCK: u64 = BLOCK * 8;
 
-/// The checksum of bitmap block `index` holding `block`.
-pub fn bitmap_crc(index: u64, block: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&index.to_le_bytes()), block)
+/// The checksum of bitmap piece `index` holding `piece`.
+pub fn bitmap_crc(index: u64, piece: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&index.to_le_bytes()), piece)
 }
 
 /// Superblock flag: the filesystem needs a check before it is mounted.
@@ -221,8 +225,9 @@ impl Superblock {
         let inode_table_start = journal_start + journal_blocks;
         let bitmap_start = inode_table_start + inode_table_blocks;
         let bitmap_csum = bitmap_start + bitmap_blocks;
-        let data_start = (bitmap_csum + bitmap_blocks.div_ceil(BITMAP_CSUMS_PER_BLOCK))
-            .next_multiple_of(HUGE_BLOCKS);
+        let pieces = bitmap_blocks * (BLOCK / BITMAP_PIECE);
+        let data_start =
+            (bitmap_csum + pieces.div_ceil(BITMAP_CSUMS_PER_BLOCK)).next_multiple_of(HUGE_BLOCKS);
         if data_start + HUGE_BLOCKS >= total_blocks {
             return Err(Error::Invalid("device too small for a filesystem"));
         }
@@ -410,7 +415,12 @@ impl Superblock {
 
     /// Blocks of the bitmap checksum table.
     pub fn bitmap_csum_blocks(&self) -> u64 {
-        self.bitmap_blocks.div_ceil(BITMAP_CSUMS_PER_BLOCK)
+        self.bitmap_pieces().div_ceil(BITMAP_CSUMS_PER_BLOCK)
+    }
+
+    /// Checksummed pieces of the bitmap.
+    pub fn bitmap_pieces(&self) -> u64 {
+        self.bitmap_blocks * (BLOCK / BITMAP_PIECE)
     }
 
     /// Where a bitmap checksum table fits: after the bitmap, before the

@@ -68,7 +68,7 @@ fn zeroed_bitmap_bytes_never_hand_out_a_files_blocks() {
     let (img, at) = image_with_first();
     poke(&img, at, &[0u8; 128]);
     let fs = Fs::mount(open(&img)).unwrap();
-    assert_noted(&fs, &["bitmap block 0", "rebuilt"]);
+    assert_noted(&fs, &["allocation bitmap at device offset", "rebuilt"]);
     fs.create_path("/second", 0o644, true).unwrap();
     fs.write_path("/second", 0, &file_bytes(4 << 20, 2))
         .unwrap();
@@ -79,8 +79,8 @@ fn zeroed_bitmap_bytes_never_hand_out_a_files_blocks() {
     assert!(report.is_clean(), "{:?}", report.problems);
 }
 
-/// Damage anywhere in a bitmap block, of any kind, is caught: each byte
-/// position of a block, and the checksum table itself.
+/// Damage anywhere in the bitmap is caught (its checksums cover it in
+/// 512-byte pieces), and so is damage to the checksum table itself.
 #[test]
 fn any_changed_byte_of_a_bitmap_block_or_its_checksum_is_caught() {
     let (img, _) = image_with_first();
@@ -105,7 +105,7 @@ fn any_changed_byte_of_a_bitmap_block_or_its_checksum_is_caught() {
             report
                 .problems
                 .iter()
-                .any(|p| p.what.contains("bitmap block 0 (device offset")),
+                .any(|p| p.what.contains("allocation bitmap at device offset")),
             "damage at {at:#x} unseen: {:?}",
             report.problems
         );
@@ -119,10 +119,10 @@ fn any_changed_byte_of_a_bitmap_block_or_its_checksum_is_caught() {
     }
 }
 
-/// When some inode cannot be read, what a damaged bitmap block says cannot
-/// be rebuilt: nothing is allocated from it (a write that needs its blocks
-/// fails with ENOSPC rather than take a file's), and `fsck --repair` then
-/// rebuilds it once the inode is dealt with.
+/// When some inode cannot be read, what a damaged piece of the bitmap says
+/// cannot be rebuilt: nothing is allocated from the blocks it covers (a new
+/// file's blocks come from elsewhere, never a file's), and `fsck --repair`
+/// then rebuilds it once the inode is dealt with.
 #[test]
 fn a_bitmap_block_that_cannot_be_rebuilt_is_not_allocated_from() {
     let (img, at) = image_with_first();
@@ -132,13 +132,20 @@ fn a_bitmap_block_that_cannot_be_rebuilt_is_not_allocated_from() {
     poke(&img, sb.inode_offset(50), &[1]);
     let fs = Fs::mount(open(&img)).unwrap();
     assert_noted(&fs, &["cannot be rebuilt", "inode 50"]);
-    let free = fs.statfs().free_blocks;
-    assert_eq!(free, 0, "the only bitmap block is refused: no free space");
+    // The piece holding /first's bits covers blocks 0 to 4095.
+    let piece = (at - sb.bitmap_start * BLOCK) / 512;
+    let refused = piece * 4096..(piece + 1) * 4096;
     fs.create_path("/second", 0o644, true).unwrap();
-    assert!(matches!(
-        fs.write_path("/second", 0, &[5u8; 4096]),
-        Err(daxfs::Error::NoSpace)
-    ));
+    fs.write_path("/second", 0, &file_bytes(4 << 20, 2))
+        .unwrap();
+    let second = fs.resolve("/second").unwrap();
+    for e in fs.file_extents(second).unwrap() {
+        let first = e.device_offset / BLOCK;
+        assert!(
+            !refused.contains(&first) && !refused.contains(&(first + e.len / BLOCK - 1)),
+            "allocated from the refused piece: {e:?}"
+        );
+    }
     assert_eq!(fs.read_path("/first").unwrap(), file_bytes(3 << 20, 1));
     done(fs);
     // The inode slot is cleared and the bitmap rebuilt by the repair.
@@ -152,8 +159,8 @@ fn a_bitmap_block_that_cannot_be_rebuilt_is_not_allocated_from() {
     );
     assert!(fsck(&img, false).is_clean());
     let fs = Fs::mount(open(&img)).unwrap();
-    assert!(fs.statfs().free_blocks > 1000);
     assert_eq!(fs.read_path("/first").unwrap(), file_bytes(3 << 20, 1));
+    assert!(fs.read_path("/second").unwrap() == file_bytes(4 << 20, 2));
 }
 
 /// An image made before bitmap checksums (the superblock's table field is
@@ -178,7 +185,7 @@ fn an_image_without_bitmap_checksums_gets_them() {
         report
             .problems
             .iter()
-            .any(|p| p.what.contains("bitmap block 0")),
+            .any(|p| p.what.contains("allocation bitmap at device offset")),
         "{:?}",
         report.problems
     );
@@ -193,13 +200,14 @@ fn a_consistently_checksummed_bitmap_lie_never_hands_out_a_files_blocks() {
     let (img, at) = image_with_first();
     let sb = superblock(&img);
     poke(&img, at, &[0u8; 128]);
-    // The checksum, recomputed over the lie.
-    let mut block = vec![0u8; BLOCK as usize];
+    // The checksum of the piece, recomputed over the lie.
+    let piece = (at - sb.bitmap_start * BLOCK) / 512;
+    let mut bytes = [0u8; 512];
     open(&img)
-        .read(sb.bitmap_start * BLOCK, &mut block)
+        .read(sb.bitmap_start * BLOCK + piece * 512, &mut bytes)
         .unwrap();
-    let crc = daxfs::format::bitmap_crc(0, &block);
-    poke(&img, sb.bitmap_csum * BLOCK, &crc.to_le_bytes());
+    let crc = daxfs::format::bitmap_crc(piece, &bytes);
+    poke(&img, sb.bitmap_csum * BLOCK + piece * 4, &crc.to_le_bytes());
     let report = fsck(&img, false);
     assert!(
         report

@@ -260,12 +260,11 @@ fn mutate(rng: &mut Rng, image: &mut [u8], map: &Map) -> String {
         "bitmap" => {
             let at = start + rng.below(len) as usize;
             image[at] = rng.below(256) as u8;
-            let index_crc = {
-                let block = &image[start..start + BLOCK as usize];
-                daxfs::format::bitmap_crc(0, block)
-            };
+            let piece = (at - start) / 512;
+            let from = start + piece * 512;
+            let crc = daxfs::format::bitmap_crc(piece as u64, &image[from..from + 512]);
             let table = (sb.bitmap_csum * BLOCK) as usize;
-            put(image, table, 4, index_crc as u64);
+            put(image, table + piece * 4, 4, crc as u64);
             format!("bitmap byte @{at:#x} changed, its checksum recomputed")
         }
         "directory block" => {

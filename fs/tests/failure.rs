@@ -362,7 +362,7 @@ fn a_bitmap_sector_cleared_of_poison_never_frees_metadata_blocks() {
         report
             .problems
             .iter()
-            .any(|p| p.what.contains("bitmap block 0 (device offset")),
+            .any(|p| p.what.contains("allocation bitmap at device offset")),
         "{:?}",
         report.problems
     );
@@ -370,7 +370,7 @@ fn a_bitmap_sector_cleared_of_poison_never_frees_metadata_blocks() {
     assert!(
         fs.mount_notes()
             .iter()
-            .any(|n| n.contains("bitmap block 0") && n.contains("rebuilt")),
+            .any(|n| n.contains("allocation bitmap at device offset") && n.contains("rebuilt")),
         "{:?}",
         fs.mount_notes()
     );

@@ -66,8 +66,9 @@ use crate::error::{Error, Result};
 use crate::format::read_meta;
 use crate::format::StateBlock;
 use crate::format::{
-    Dirent, Extent, ExtentBlock, Inode, Superblock, Time, BLOCK, INLINE_EXTENTS, INODE_SIZE,
-    OVERFLOW_EXTENTS, ROOT_INO, SB_NEEDS_CHECK, SLOT, SLOTS_PER_BLOCK, STATE_LEN,
+    Dirent, Extent, ExtentBlock, Inode, Superblock, Time, BITMAP_PIECE, BLOCK,
+    BLOCKS_PER_BITMAP_PIECE, INLINE_EXTENTS, INODE_SIZE, OVERFLOW_EXTENTS, ROOT_INO,
+    SB_NEEDS_CHECK, SLOT, SLOTS_PER_BLOCK, STATE_LEN,
 };
 use crate::journal::{Journal, LogEnd, Tx};
 use dcache::{Dcache, NameChange};
@@ -1523,24 +1524,33 @@ impl Fs {
         Ok((valid.len() as u64, cut))
     }
 
-    /// Set the bitmap blocks that failed their checksum (`damaged`) from
-    /// what the inodes own. A block stays refused (nothing is allocated
-    /// from it) when its media is poisoned or some inode cannot be read
-    /// (its blocks are unknown): fsck repairs it. Says what was done.
+    /// Set the pieces of the bitmap that failed their checksum (`damaged`)
+    /// from what the inodes own. A piece stays refused (nothing is
+    /// allocated from it) when its media is poisoned or some inode cannot
+    /// be read (its blocks are unknown): fsck repairs it. Says what was
+    /// done.
     /// For fsck (`purpose` Check), a damaged inode owns what of it reads.
     fn rebuild_bitmap(&self, damaged: &[u64], purpose: Purpose) -> Result<Vec<String>> {
         let sb = &self.core.sb;
+        let piece_at = |index: u64| sb.bitmap_start * BLOCK + index * BITMAP_PIECE;
         let describe = |index: u64| {
+            let first = index * BLOCKS_PER_BITMAP_PIECE;
             format!(
-                "allocation bitmap block {index} (device offset {:#x}) fails its checksum",
-                (sb.bitmap_start + index) * BLOCK
+                "the allocation bitmap at device offset {:#x} (blocks {first} to {}) fails its \
+                 checksum",
+                piece_at(index),
+                first + BLOCKS_PER_BITMAP_PIECE - 1
             )
         };
         let mut said = Vec::new();
         let mut rebuild = Vec::new();
         for &index in damaged {
-            let at = (sb.bitmap_start + index) * BLOCK;
-            if self.core.dev.first_poison(at, BLOCK).is_some() {
+            if self
+                .core
+                .dev
+                .first_poison(piece_at(index), BITMAP_PIECE)
+                .is_some()
+            {
                 said.push(format!(
                     "{}: its media is poisoned; nothing is allocated from \
                          the blocks it covers",
@@ -1571,7 +1581,7 @@ impl Fs {
         Ok(said)
     }
 
-    /// Set bitmap blocks `indexes` from what the inodes own, or say which
+    /// Set bitmap pieces `indexes` from what the inodes own, or say which
     /// inode cannot be read (then nothing changes). `tolerant`: see
     /// `check::owned_by_all`.
     fn rebuild_bitmap_blocks(
