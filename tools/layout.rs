@@ -47,6 +47,10 @@ pub fn layout_json(dev: &Device) -> Result<Value, String> {
         "bitmap": area(sb.bitmap_start, sb.bitmap_blocks),
         "data": area(sb.data_start, sb.backup_block - sb.data_start),
     });
+    if sb.bitmap_csum != 0 {
+        value["bitmap_checksums"] = area(sb.bitmap_csum, sb.bitmap_csum_blocks());
+        value["bitmap_checksums"]["pieces"] = json!(sb.bitmap_pieces());
+    }
     if sb.needs_check() && sb.damaged_tx > 0 {
         value["damaged_journal_transaction"] = json!(sb.damaged_tx);
     }

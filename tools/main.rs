@@ -713,6 +713,9 @@ fn print_layout(l: &serde_json::Value) {
     area("  journal", &l["journal"]);
     area("  inode table", &l["inode_table"]);
     area("  bitmap", &l["bitmap"]);
+    if !l["bitmap_checksums"].is_null() {
+        area("  bitmap sums", &l["bitmap_checksums"]);
+    }
     area("  data", &l["data"]);
     area("  backup sb", &l["backup_superblock"]);
     let j = &l["journal"];
