@@ -287,6 +287,11 @@ fn mkfs_from_a_directory_copies_the_tree() {
         stdout(&out)
     );
     assert_eq!(daxfs(d, &["fsck", "fs.img"]).status.code(), Some(0));
+    // info shows where the bitmap's checksums are (a 64 MiB device: one
+    // bitmap block, eight 512-byte pieces).
+    let info: serde_json::Value =
+        serde_json::from_slice(&daxfs_ok(d, &["info", "fs.img", "--json"]).stdout).unwrap();
+    assert_eq!(info["layout"]["bitmap_checksums"]["pieces"], 8);
     let fs =
         daxfs::Fs::mount(Device::open(d.join("fs.img"), &DeviceOptions::new()).unwrap()).unwrap();
     assert!(fs.read_path("/sub/big").unwrap() == big);
