@@ -651,6 +651,21 @@ impl Inode {
         }
     }
 
+    /// An empty root directory, made at `now` (by mkfs, and by fsck when
+    /// the old one is beyond repair).
+    pub fn new_root(now: Time) -> Inode {
+        Inode {
+            mode: libc::S_IFDIR | 0o755,
+            nlink: 2,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            parent: ROOT_INO,
+            generation: 1,
+            ..Inode::default()
+        }
+    }
+
     /// Why the fields of this (allocated) inode cannot be right, if they
     /// cannot: a file type daxfs does not make, a size past the format's
     /// limits.

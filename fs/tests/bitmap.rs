@@ -35,6 +35,15 @@ fn assert_noted(fs: &Fs, words: &[&str]) {
     );
 }
 
+/// fsck found a problem saying `what`.
+fn assert_found(report: &daxfs::FsckReport, what: &str) {
+    assert!(
+        report.problems.iter().any(|p| p.what.contains(what)),
+        "no problem says {what:?}: {:?}",
+        report.problems
+    );
+}
+
 /// Unmount and let the device go.
 fn done(fs: Fs) {
     fs.unmount().unwrap();
@@ -100,15 +109,7 @@ fn any_changed_byte_of_a_bitmap_block_or_its_checksum_is_caught() {
         dev.read(at, &mut b).unwrap();
         dev.memcpy_persist(at, &[b[0] ^ 0x10]).unwrap();
         drop(dev);
-        let report = fsck(&img, false);
-        assert!(
-            report
-                .problems
-                .iter()
-                .any(|p| p.what.contains("allocation bitmap at device offset")),
-            "damage at {at:#x} unseen: {:?}",
-            report.problems
-        );
+        assert_found(&fsck(&img, false), "allocation bitmap at device offset");
         // The mount rebuilt it; a second mount finds it whole.
         done(Fs::mount(open(&img)).unwrap());
         assert!(fsck(&img, false).is_clean());
@@ -180,15 +181,7 @@ fn an_image_without_bitmap_checksums_gets_them() {
     assert_eq!(superblock(&img).bitmap_csum, table);
     assert!(fsck(&img, false).is_clean());
     poke(&img, at, &[0u8; 128]);
-    let report = fsck(&img, false);
-    assert!(
-        report
-            .problems
-            .iter()
-            .any(|p| p.what.contains("allocation bitmap at device offset")),
-        "{:?}",
-        report.problems
-    );
+    assert_found(&fsck(&img, false), "allocation bitmap at device offset");
 }
 
 /// A bitmap that marks a file's blocks free under a valid checksum (no
@@ -229,5 +222,18 @@ fn a_consistently_checksummed_bitmap_lie_never_hands_out_a_files_blocks() {
         "{:?}",
         report.problems
     );
+    assert!(fsck(&img, false).is_clean());
+}
+
+/// A new filesystem has its bitmap checksums from the start: its first
+/// mount finds nothing to rebuild or correct.
+#[test]
+fn a_new_filesystem_mounts_with_nothing_to_say() {
+    let (img, fs) = common::image_with("daxfs-bitmap", 64 * MIB, &DeviceOptions::new());
+    assert!(fs.mount_notes().is_empty(), "{:?}", fs.mount_notes());
+    done(fs);
+    let fs = Fs::mount(open(&img)).unwrap();
+    assert!(fs.mount_notes().is_empty(), "{:?}", fs.mount_notes());
+    done(fs);
     assert!(fsck(&img, false).is_clean());
 }

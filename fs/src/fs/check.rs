@@ -926,17 +926,7 @@ fn apply(fs: &Fs, fix: Fix) -> Result<()> {
             })
         }
         Fix::NewRoot => fs.change(|fs, st, stage| {
-            let now = crate::format::Time::now();
-            let root = Inode {
-                mode: libc::S_IFDIR | 0o755,
-                nlink: 2,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                parent: ROOT,
-                generation: 1,
-                ..Inode::default()
-            };
+            let root = Inode::new_root(crate::format::Time::now());
             st.damaged.remove(&ROOT);
             fs.forget_cached(st, ROOT);
             fs.core.names.purge_dir(ROOT);

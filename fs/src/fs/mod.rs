@@ -482,20 +482,14 @@ impl Fs {
             0,
             sb.inode_table_blocks * BLOCK,
         )?;
-        let bitmap = Allocator::initial_bitmap(&sb);
-        let bytes: Vec<u8> = bitmap.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let alloc = Allocator::new(&sb, Allocator::initial_bitmap(&sb));
+        let bytes: Vec<u8> = (0..(sb.bitmap_blocks * BLOCK / 8) as usize)
+            .flat_map(|w| alloc.word(w).to_le_bytes())
+            .collect();
         dev.memcpy_nodrain(sb.bitmap_start * BLOCK, &bytes)?;
+        dev.memcpy_nodrain(sb.bitmap_csum * BLOCK, &alloc.checksum_table(&sb))?;
         Journal::format(&dev, sb.journal_start, sb.journal_blocks, sb.uuid)?;
-        let root = Inode {
-            mode: libc::S_IFDIR | 0o755,
-            nlink: 2,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            parent: ROOT_INO,
-            generation: 1,
-            ..Inode::default()
-        };
+        let root = Inode::new_root(now);
         dev.memcpy_nodrain(sb.inode_offset(ROOT_INO), &root.encode())?;
         dev.drain();
         // The superblocks last: until they are durable this is no filesystem.
