@@ -70,12 +70,12 @@ fn create_with_no_arguments_makes_a_1gib_pmem0_img_and_describes_it() {
 #[test]
 fn bad_sizes_are_refused_with_the_rule() {
     let dir = shm_dir();
-    for size in ["0", "1M", "17M", "lots"] {
+    for size in ["0", "1M", "17M", "lots", "16777214T", "65T"] {
         let out = daxfs(dir.path(), &["create", "x.img", "--size", size]);
         assert!(!out.status.success());
         let err = stderr(&out);
         assert!(
-            err.contains("2 MiB") || err.contains("not a size"),
+            err.contains("2 MiB") && err.contains("64 TiB") || err.contains("not a size"),
             "{size}: {err}"
         );
         assert!(!err.contains("panicked"));
@@ -310,4 +310,19 @@ fn mkfs_from_a_directory_copies_the_tree() {
     // Not a directory: a one-line error.
     let out = daxfs(d, &["mkfs", "g.img", "--size", "16M", "--from", "fs.img"]);
     assert_clean_failure(&out, "not a directory");
+}
+
+/// A mount point that is a file is refused before anything is mounted
+/// or made (it used to mount, and every access gave EIO).
+#[test]
+fn a_mount_point_that_is_a_file_is_refused() {
+    let dir = shm_dir();
+    let d = dir.path();
+    std::fs::write(d.join("file"), b"not a directory").unwrap();
+    let out = daxfs(d, &["mount", "fs.img", "file"]);
+    assert_clean_failure(&out, "not a directory");
+    assert!(!d.join("fs.img").exists(), "no image made");
+    assert_eq!(std::fs::read(d.join("file")).unwrap(), b"not a directory");
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(d.to_str().unwrap()), "nothing mounted");
 }

@@ -166,6 +166,12 @@ pub fn mount(args: MountArgs) -> Result<(), String> {
             at.display()
         ));
     }
+    if args.mountpoint.exists() && !args.mountpoint.is_dir() {
+        return Err(format!(
+            "{}: not a directory: the mount point must be a directory",
+            args.mountpoint.display()
+        ));
+    }
     if !args.image.exists() {
         let dev = Device::create(&args.image, 1 << 30, &DeviceOptions::new())
             .map_err(|e| e.to_string())?;

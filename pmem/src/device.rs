@@ -35,12 +35,15 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// The smallest device: 16 MiB.
 pub const MIN_SIZE: u64 = 16 << 20;
+/// The largest device: 64 TiB. The device is mapped whole into the
+/// process (x86-64 user space is 128 TiB).
+pub const MAX_SIZE: u64 = 64 << 40;
 /// Device sizes are multiples of this: 2 MiB.
 pub const SIZE_ALIGN: u64 = HUGE_PAGE;
 
 /// Check that `size` is an allowed device size.
 pub fn validate_size(size: u64) -> Result<()> {
-    if size < MIN_SIZE || !size.is_multiple_of(SIZE_ALIGN) {
+    if !(MIN_SIZE..=MAX_SIZE).contains(&size) || !size.is_multiple_of(SIZE_ALIGN) {
         return Err(Error::InvalidSize { size });
     }
     Ok(())
@@ -231,11 +234,11 @@ impl Device {
     fn from_file(file: File, path: &Path, options: &DeviceOptions) -> Result<Device> {
         lock(&file, path, options.read_only)?;
         let backing = Backing::probe(&file, path)?;
-        if backing.size < MIN_SIZE || backing.size % SIZE_ALIGN != 0 {
+        if !(MIN_SIZE..=MAX_SIZE).contains(&backing.size) || backing.size % SIZE_ALIGN != 0 {
             return Err(Error::NotADevice {
                 path: path.to_path_buf(),
                 reason: format!(
-                    "its size, {} bytes, is not a multiple of 2 MiB of at least 16 MiB",
+                    "its size, {} bytes, is not a multiple of 2 MiB from 16 MiB to 64 TiB",
                     backing.size
                 ),
             });

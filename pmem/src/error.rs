@@ -10,8 +10,8 @@ use std::path::PathBuf;
 pub enum Error {
     /// A device size that is not allowed.
     #[error(
-        "device size {size} bytes is not allowed: a device must be a multiple of 2 MiB \
-         and at least 16 MiB (for example 16M, 512M, 1G)"
+        "device size {size} bytes is not allowed: a device must be a multiple of 2 MiB, \
+         at least 16 MiB and at most 64 TiB (for example 16M, 512M, 1G)"
     )]
     InvalidSize {
         /// The size that was asked for, in bytes.
