@@ -1498,3 +1498,46 @@ fn a_read_only_image_is_checked_described_and_mounted_read_only() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(fs::read(&img).unwrap() == before, "the image changed");
 }
+
+/// Limits through the kernel, as write(2) gives them: a write past the
+/// largest file is EFBIG, one that runs out of space is short (only one
+/// that can write nothing is ENOSPC), and what was written is there.
+#[test]
+fn limits_through_the_kernel_efbig_and_short_writes() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let (img, mnt) = (dir.path().join("small.img"), dir.path().join("mnt"));
+    let out = daxfs(&[
+        "mkfs".as_ref(),
+        img.as_os_str(),
+        "--size".as_ref(),
+        "32M".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let m = Mounted::over(&img, &mnt, "");
+    let f = File::create(m.path("big")).unwrap();
+    let err = f.write_at(b"x", 16 << 40).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EFBIG), "{err}");
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let mut at = 0u64;
+    let last = loop {
+        match f.write_at(&data, at) {
+            Ok(n) => {
+                assert!(n > 0);
+                at += n as u64;
+                if n < data.len() {
+                    break n;
+                }
+            }
+            Err(e) => panic!("a write failed before the space ran out: {e}"),
+        }
+    };
+    assert!(last < data.len(), "a short write at the end");
+    let err = f.write_at(&data, at).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    drop(f);
+    let back = fs::read(m.path("big")).unwrap();
+    assert_eq!(back.len() as u64, at);
+    assert!(back.chunks(1 << 20).all(|c| c == &data[..c.len()]));
+    drop(m);
+    fsck_clean(&img);
+}

@@ -26,6 +26,9 @@ pub enum Error {
     /// No free blocks or inodes (`ENOSPC`).
     #[error("no space left on device")]
     NoSpace,
+    /// Past the largest file the format holds (`EFBIG`).
+    #[error("file too large: files end at 16 TiB")]
+    FileTooBig,
     /// A bad argument (`EINVAL`), with what was wrong.
     #[error("invalid argument: {0}")]
     Invalid(&'static str),
@@ -86,6 +89,7 @@ impl Error {
             Error::IsDir => libc::EISDIR,
             Error::NameTooLong => libc::ENAMETOOLONG,
             Error::NoSpace => libc::ENOSPC,
+            Error::FileTooBig => libc::EFBIG,
             Error::Invalid(_) => libc::EINVAL,
             Error::TooManyLinks => libc::EMLINK,
             Error::NoAttr => libc::ENODATA,

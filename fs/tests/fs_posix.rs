@@ -742,3 +742,53 @@ fn the_owner_of_a_device_block_is_found() {
     let last = (sb.backup_block - 1) * 4096;
     assert_eq!(fs.owner_of(last).unwrap(), daxfs::Owner::Free);
 }
+
+/// The largest file: a write, truncate or fallocate past it is EFBIG (not
+/// EINVAL), and a write that crosses it writes what fits and says how
+/// much, as write(2) does.
+#[test]
+fn past_the_largest_file_is_efbig_and_a_crossing_write_is_short() {
+    let (_img, fs) = image(64 << 20);
+    let f = fs.create_path("/f", 0o644, true).unwrap().ino;
+    let max = daxfs::format::MAX_FILE_SIZE;
+    assert_eq!(errno(fs.write(f, max, b"x")), libc::EFBIG);
+    assert_eq!(errno(fs.write(f, u64::MAX - 1, b"xy")), libc::EFBIG);
+    assert_eq!(errno(fs.truncate(f, max + 1)), libc::EFBIG);
+    assert_eq!(errno(fs.fallocate(f, max - 4096, 8192, false)), libc::EFBIG);
+    assert_eq!(fs.write(f, max - 3, b"abcdef").unwrap(), 3, "what fits");
+    assert_eq!(fs.getattr(f).unwrap().size, max);
+    let mut tail = [0u8; 8];
+    assert_eq!(fs.read(f, max - 3, &mut tail).unwrap(), 3);
+    assert_eq!(&tail[..3], b"abc");
+    fs.truncate(f, max).unwrap();
+}
+
+/// A write that runs out of space writes what fits and returns the short
+/// count; only a write that can write nothing is ENOSPC. What was written
+/// reads back, and the filesystem checks clean.
+#[test]
+fn a_write_that_runs_out_of_space_is_short_not_refused() {
+    let (img, fs) = image(32 << 20);
+    let f = fs.create_path("/fill", 0o644, true).unwrap().ino;
+    let data: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8).collect();
+    let n = fs.write(f, 0, &data).unwrap();
+    assert!(n > 0 && n < data.len(), "short: {n}");
+    let free = fs.statfs().free_blocks;
+    assert!(free < 16, "what fit was written: {free} blocks left");
+    let mut back = vec![0u8; n];
+    assert_eq!(fs.read(f, 0, &mut back).unwrap(), n);
+    assert!(back == data[..n], "what was written reads back");
+    // Nothing fits at all: ENOSPC.
+    let g = fs.create_path("/g", 0o644, true).unwrap().ino;
+    let mut last = fs.write(g, 0, &data[..1 << 20]);
+    while let Ok(k) = last {
+        assert!(k > 0);
+        last = fs.write(g, fs.getattr(g).unwrap().size, &data[..1 << 20]);
+    }
+    assert_eq!(last.unwrap_err().errno(), libc::ENOSPC);
+    fs.unmount().unwrap();
+    let dev = fs.into_device().unwrap();
+    let (report, _) = daxfs::fsck(dev, false).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    drop(img);
+}

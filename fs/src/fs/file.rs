@@ -172,14 +172,48 @@ impl Fs {
     /// Write `data` at `offset`, extending the file as needed. Durable when
     /// it returns. A write over part of a poisoned sector fails with `EIO`;
     /// one that covers whole poisoned sectors clears them.
+    ///
+    /// As write(2): a write that crosses the largest file size writes what
+    /// fits before it and returns the short count (`EFBIG` when nothing
+    /// fits); one that runs out of space writes what fits and returns the
+    /// short count (`ENOSPC` when nothing fits).
     pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<usize> {
         if data.is_empty() {
             return Ok(0);
         }
-        let end = offset
-            .checked_add(data.len() as u64)
-            .filter(|&e| e <= MAX_FILE_SIZE)
-            .ok_or(Error::Invalid("file too large"))?;
+        if offset >= MAX_FILE_SIZE {
+            return Err(Error::FileTooBig);
+        }
+        let data = &data[..data.len().min((MAX_FILE_SIZE - offset) as usize)];
+        match self.write_once(ino, offset, data) {
+            Err(Error::NoSpace) => self.write_what_fits(ino, offset, data),
+            done => done,
+        }
+    }
+
+    /// The space ran out: write `data` in ever smaller pieces, a block at
+    /// the least, until the next does not fit. What was written.
+    fn write_what_fits(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<usize> {
+        let mut done = 0usize;
+        let mut piece = data.len() / 2;
+        while done < data.len() {
+            // Pieces end on block boundaries of the file, so that each one
+            // needs whole blocks.
+            let at = offset + done as u64;
+            let to_boundary = (BLOCK - at % BLOCK) as usize;
+            let len = piece.max(to_boundary).min(data.len() - done);
+            match self.write_once(ino, at, &data[done..done + len]) {
+                Ok(n) => done += n,
+                Err(Error::NoSpace) if len > to_boundary => piece = len / 2,
+                Err(Error::NoSpace) if done > 0 => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    fn write_once(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<usize> {
+        let end = offset + data.len() as u64;
         // The source may be an unfaulted DAX mapping, whose fault takes the
         // locks taken below: fault it in first (`fault_in_readable`).
         if super::dax::any_mapping() {
@@ -280,7 +314,7 @@ impl Fs {
         size: u64,
     ) -> Result<()> {
         if size > MAX_FILE_SIZE {
-            return Err(Error::Invalid("file too large"));
+            return Err(Error::FileTooBig);
         }
         stage.touched.insert(ino);
         let mut inode = self.inode(st, ino)?;
@@ -320,10 +354,13 @@ impl Fs {
         len: u64,
         keep_size: bool,
     ) -> Result<()> {
+        if len == 0 {
+            return Err(Error::Invalid("bad fallocate range"));
+        }
         let end = offset
             .checked_add(len)
-            .filter(|&e| len > 0 && e <= MAX_FILE_SIZE)
-            .ok_or(Error::Invalid("bad fallocate range"))?;
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(Error::FileTooBig)?;
         self.change(|fs, st, stage| {
             stage.touched.insert(ino);
             let mut inode = fs.inode(st, ino)?;
