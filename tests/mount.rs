@@ -1541,3 +1541,27 @@ fn limits_through_the_kernel_efbig_and_short_writes() {
     drop(m);
     fsck_clean(&img);
 }
+
+/// Set-group-ID directories through the kernel, against tmpfs doing the
+/// same: a new file gets the directory's group, a new directory its group
+/// and the bit.
+#[test]
+fn setgid_directories_behave_as_on_tmpfs() {
+    let m = Mounted::new("");
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    let outcome = |root: &Path| {
+        let d = root.join("sgid");
+        fs::create_dir(&d).unwrap();
+        std::os::unix::fs::chown(&d, Some(0), Some(65534)).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o2775)).unwrap();
+        fs::write(d.join("f"), b"x").unwrap();
+        fs::create_dir(d.join("sub")).unwrap();
+        let f = fs::metadata(d.join("f")).unwrap();
+        let sub = fs::metadata(d.join("sub")).unwrap();
+        (f.gid(), sub.gid(), sub.mode() & 0o2000)
+    };
+    let ours = outcome(&m.mnt);
+    let theirs = outcome(tmp.path());
+    assert_eq!(theirs, (65534, 65534, 0o2000), "tmpfs, the reference");
+    assert_eq!(ours, theirs);
+}

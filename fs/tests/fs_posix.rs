@@ -792,3 +792,24 @@ fn a_write_that_runs_out_of_space_is_short_not_refused() {
     assert!(report.is_clean(), "{:?}", report.problems);
     drop(img);
 }
+
+/// In a set-group-ID directory, new files take the directory's group and
+/// new directories the set-group-ID bit too; elsewhere, the creator's.
+#[test]
+fn a_setgid_directory_passes_its_group_and_bit_on() {
+    let (_img, fs) = image(64 << 20);
+    let d = fs.mkdir(ROOT, b"d", 0o2775, 0, 500).unwrap();
+    assert_eq!(d.mode & 0o7777, 0o2775);
+    let (f, _) = fs.create(d.ino, b"f", 0o644, 1000, 1000, true).unwrap();
+    assert_eq!((f.uid, f.gid), (1000, 500), "the directory's group");
+    assert_eq!(fs.getattr(f.ino).unwrap().gid, 500);
+    let sub = fs.mkdir(d.ino, b"sub", 0o755, 1000, 1000).unwrap();
+    assert_eq!(sub.gid, 500);
+    assert_eq!(sub.mode & 0o7777, 0o2755, "inherits S_ISGID");
+    let l = fs.symlink(d.ino, b"l", b"f", 1000, 1000).unwrap();
+    assert_eq!(l.gid, 500);
+    // Not inherited past a directory without the bit.
+    let plain = fs.mkdir(ROOT, b"plain", 0o755, 0, 0).unwrap();
+    let (g, _) = fs.create(plain.ino, b"g", 0o644, 1000, 1000, true).unwrap();
+    assert_eq!(g.gid, 1000);
+}

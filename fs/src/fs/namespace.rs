@@ -139,7 +139,7 @@ impl Fs {
                         opts.gid,
                         parent,
                     );
-                    (fs.add_new(st, stage, parent, name, inode)?, true)
+                    (fs.add_new(st, stage, parent, name, inode)?.0, true)
                 }
             };
             let attr = Fs::attr(ino, &fs.inode(st, ino)?);
@@ -173,7 +173,7 @@ impl Fs {
                 return Ok((Fs::attr(existing, &inode), false));
             }
             let inode = fs.new_inode(libc::S_IFREG | (mode & 0o7777), uid, gid, parent);
-            let ino = fs.add_new(st, stage, parent, name, inode.clone())?;
+            let (ino, inode) = fs.add_new(st, stage, parent, name, inode)?;
             Ok((Fs::attr(ino, &inode), true))
         })
     }
@@ -184,7 +184,7 @@ impl Fs {
             check_name(name)?;
             let mut inode = fs.new_inode(libc::S_IFDIR | (mode & 0o7777), uid, gid, parent);
             inode.nlink = 2;
-            let ino = fs.add_new(st, stage, parent, name, inode.clone())?;
+            let (ino, inode) = fs.add_new(st, stage, parent, name, inode)?;
             Ok(Fs::attr(ino, &inode))
         })
     }
@@ -226,7 +226,7 @@ impl Fs {
                     physical: block,
                 }]);
             }
-            let ino = fs.add_new(st, stage, parent, name, inode.clone())?;
+            let (ino, inode) = fs.add_new(st, stage, parent, name, inode)?;
             Ok(Fs::attr(ino, &inode))
         })
     }
@@ -681,30 +681,40 @@ impl Fs {
         }
     }
 
-    /// Take an inode for `inode` and link it as `name` in `parent`.
+    /// Take an inode for `inode` and link it as `name` in `parent`. In a
+    /// set-group-ID directory the new inode takes the directory's group,
+    /// and a new directory the set-group-ID bit too (as Linux's
+    /// `inode_init_owner`). Returns the number and the inode as made.
     fn add_new(
         &self,
         st: &mut State,
         stage: &mut Stage,
         parent: Ino,
         name: &[u8],
-        inode: Inode,
-    ) -> Result<Ino> {
+        mut inode: Inode,
+    ) -> Result<(Ino, Inode)> {
         if self.dir(st, parent)?.get(name).is_some() {
             return Err(Error::Exists);
         }
-        if self.inode(st, parent)?.nlink == 0 {
+        let dir = self.inode(st, parent)?;
+        if dir.nlink == 0 {
             return Err(Error::NotFound); // a removed directory takes no new entries
+        }
+        if dir.mode & libc::S_ISGID != 0 {
+            inode.gid = dir.gid;
+            if inode.is_dir() {
+                inode.mode |= libc::S_ISGID;
+            }
         }
         let ino = self.take_inode(st, stage)?;
         let is_dir = inode.is_dir();
         let kind = dtype_of(inode.mode);
-        self.put_inode(st, stage, ino, inode);
+        self.put_inode(st, stage, ino, inode.clone());
         self.add_entry(st, stage, parent, name, ino, kind)?;
         if is_dir {
             self.adjust_nlink(st, stage, parent, 1)?;
         }
-        Ok(ino)
+        Ok((ino, inode))
     }
 
     pub(super) fn adjust_nlink(
