@@ -1565,3 +1565,57 @@ fn setgid_directories_behave_as_on_tmpfs() {
     assert_eq!(theirs, (65534, 65534, 0o2000), "tmpfs, the reference");
     assert_eq!(ours, theirs);
 }
+
+/// A write by an unprivileged user drops set-user-ID, and set-group-ID
+/// unless group-execute is clear and the writer is in the file's group
+/// (then Linux keeps it), in the default direct-I/O mode too: the same
+/// steps on tmpfs are the reference. A write by root keeps them.
+#[test]
+fn setid_bits_go_on_an_unprivileged_write_as_on_tmpfs() {
+    let m = Mounted::new("allow_other");
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let outcome = |root: &Path| {
+        let mut modes = Vec::new();
+        for (name, mode, gid) in [
+            ("a", 0o6777, 0),
+            ("b", 0o6767, 0),
+            ("c", 0o4777, 0),
+            ("d", 0o6767, 65534),
+        ] {
+            let path = root.join(name);
+            fs::write(&path, b"x").unwrap();
+            std::os::unix::fs::chown(&path, Some(0), Some(gid)).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!("printf y >> {name}"))
+                .current_dir(root)
+                .uid(65534)
+                .gid(65534)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", text(&out));
+            modes.push(fs::metadata(&path).unwrap().mode() & 0o7777);
+        }
+        // Root's write keeps them.
+        let path = root.join("r");
+        fs::write(&path, b"x").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o6777)).unwrap();
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"y")
+            .unwrap();
+        modes.push(fs::metadata(&path).unwrap().mode() & 0o7777);
+        modes
+    };
+    let theirs = outcome(tmp.path());
+    assert_eq!(
+        theirs,
+        vec![0o777, 0o767, 0o777, 0o2767, 0o6777],
+        "tmpfs, the reference"
+    );
+    assert_eq!(outcome(&m.mnt), theirs);
+}

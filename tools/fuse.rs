@@ -481,7 +481,7 @@ impl fuser::Filesystem for DaxFuse {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -492,6 +492,16 @@ impl fuser::Filesystem for DaxFuse {
         reply: ReplyWrite,
     ) {
         self.count();
+        // A write by anyone but root (CAP_FSETID) drops set-user-ID, and
+        // set-group-ID where it means "run as the group" (group-execute
+        // set), as Linux's file_remove_privs does: the kernel does it for
+        // cached writes, not for direct I/O ones, which come here.
+        if req.uid() != 0 {
+            let in_group = |gid| req.gid() == gid || supplementary_groups(req.pid()).contains(&gid);
+            if let Err(e) = self.fs.drop_setid(ino.0, in_group) {
+                return reply.error(self.errno(e));
+            }
+        }
         match self.fs.write(ino.0, offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(self.errno(e)),
@@ -838,4 +848,22 @@ fn sized(reply: ReplyXattr, bytes: &[u8], size: u32) {
     } else {
         reply.data(bytes);
     }
+}
+
+/// The supplementary groups of process `pid` (FUSE passes only the
+/// caller's uid, gid and pid), from `/proc/PID/status`; none if it is gone.
+fn supplementary_groups(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|line| {
+                line.strip_prefix("Groups:").map(|groups| {
+                    groups
+                        .split_whitespace()
+                        .filter_map(|g| g.parse().ok())
+                        .collect()
+                })
+            })
+        })
+        .unwrap_or_default()
 }

@@ -262,6 +262,30 @@ impl Fs {
         .inspect(|_| self.core.dev.drain())
     }
 
+    /// Drop set-user-ID, and set-group-ID unless group-execute is clear
+    /// and the caller is in the file's group (`in_group`), as a write by
+    /// an unprivileged caller does on Linux (`setattr_should_drop_sgid`).
+    /// Changes nothing (and writes nothing) when neither is set.
+    pub fn drop_setid(&self, ino: Ino, in_group: impl FnOnce(u32) -> bool) -> Result<()> {
+        let attr = self.getattr(ino)?;
+        let mode = attr.mode;
+        if mode & (libc::S_ISUID | libc::S_ISGID) == 0 {
+            return Ok(());
+        }
+        let sgid = mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !in_group(attr.gid));
+        let kill = libc::S_ISUID | if sgid { libc::S_ISGID } else { 0 };
+        if mode & kill == 0 {
+            return Ok(());
+        }
+        self.change(|fs, st, stage| {
+            let mut inode = fs.inode(st, ino)?;
+            inode.mode &= !kill;
+            inode.ctime = Time::now();
+            fs.put_inode(st, stage, ino, inode);
+            Ok(())
+        })
+    }
+
     /// Make the file's data and metadata durable. Every call is durable when
     /// it returns already, so for them this is a fence; stores through DAX
     /// mappings are flushed here (their dirty entries written back).
