@@ -8,7 +8,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -133,6 +132,18 @@ impl Drop for Mounted {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
+}
+
+/// `program`, to be run as `nobody` (uid and gid 65534, no supplementary
+/// groups). Through setpriv, not `CommandExt::uid`: a command that changes
+/// its credentials is started with a full fork, whose copy of this (many
+/// threaded) test process's file table holds other tests' open files, and
+/// so their mounts busy, until it execs, a long while on a loaded machine;
+/// a plain spawn is a vfork, over in an instant.
+fn as_nobody(program: &str) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", program]);
+    cmd
 }
 
 fn fsck_clean(img: &Path) {
@@ -401,27 +412,25 @@ fn permissions_are_checked_for_another_user() {
     fs::write(m.path("readable"), b"anyone may read").unwrap();
     fs::set_permissions(m.path("readable"), fs::Permissions::from_mode(0o644)).unwrap();
     // A child that becomes `nobody` and reports what it may do.
-    let as_nobody = |script: &str| -> Output {
-        Command::new("sh")
+    let sh_as_nobody = |script: &str| -> Output {
+        as_nobody("sh")
             .arg("-c")
             .arg(script)
             .current_dir(&m.mnt)
-            .uid(65534)
-            .gid(65534)
             .output()
             .unwrap()
     };
-    let out = as_nobody("cat readable");
+    let out = sh_as_nobody("cat readable");
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(out.stdout, b"anyone may read");
-    let out = as_nobody("echo x >> readable");
+    let out = sh_as_nobody("echo x >> readable");
     assert!(
         !out.status.success(),
         "nobody may not write a 0644 file of root's"
     );
-    let out = as_nobody("ls private");
+    let out = sh_as_nobody("ls private");
     assert!(!out.status.success(), "nor list a 0700 directory");
-    let out = as_nobody("echo mine > shared/f && cat shared/f");
+    let out = sh_as_nobody("echo mine > shared/f && cat shared/f");
     assert!(out.status.success(), "{}", text(&out));
     let meta = fs::metadata(m.path("shared/f")).unwrap();
     assert_eq!(
@@ -430,11 +439,9 @@ fn permissions_are_checked_for_another_user() {
         "owned by its creator"
     );
     // The control channel is the owner's (root's) alone.
-    let out = Command::new(env!("CARGO_BIN_EXE_daxfs"))
+    let out = as_nobody(env!("CARGO_BIN_EXE_daxfs"))
         .arg("stat")
         .arg(&m.mnt)
-        .uid(65534)
-        .gid(65534)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -1587,12 +1594,10 @@ fn setid_bits_go_on_an_unprivileged_write_as_on_tmpfs() {
             fs::write(&path, b"x").unwrap();
             std::os::unix::fs::chown(&path, Some(0), Some(gid)).unwrap();
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
-            let out = Command::new("sh")
+            let out = as_nobody("sh")
                 .arg("-c")
                 .arg(format!("printf y >> {name}"))
                 .current_dir(root)
-                .uid(65534)
-                .gid(65534)
                 .output()
                 .unwrap();
             assert!(out.status.success(), "{}", text(&out));
