@@ -914,12 +914,12 @@ fn apply(fs: &Fs, fix: Fix) -> Result<()> {
                 }
                 None => (offset, INODE_SIZE),
             };
-            fs.change(|fs, st, stage| {
+            fs.change(|_, st, stage| {
                 stage.tx.write(at, &vec![0u8; len as usize]);
                 let first = (at - sb.inode_table_start * BLOCK) / INODE_SIZE + 1;
                 for cleared in first..first + len / INODE_SIZE {
+                    // (Freed inodes leave the cache when the change commits.)
                     st.damaged.remove(&cleared);
-                    fs.forget_cached(st, cleared);
                     stage.freed_inodes.push(cleared);
                 }
                 Ok(())

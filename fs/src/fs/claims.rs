@@ -122,11 +122,13 @@ impl<'a> Claims<'a> {
         let mut extents = inode.inline_extents();
         extents.truncate(inode.extent_count as usize);
         let mut next = inode.extent_block;
-        let mut raw = vec![0u8; BLOCK as usize];
+        // (Most inodes have no overflow chain: no buffer for them.)
+        let mut raw = Vec::new();
         while next != 0 && extents.len() < inode.extent_count as usize {
             if !inside(next, 1) || runs.len() > inode.extent_count as usize {
                 return None;
             }
+            raw.resize(BLOCK as usize, 0);
             self.dev.read(next * BLOCK, &mut raw).ok()?;
             let block = ExtentBlock::decode(&raw, next * BLOCK).ok()?;
             runs.push((next, 1));
