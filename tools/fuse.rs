@@ -168,7 +168,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: fuse_dev(a.rdev),
         blksize: 4096,
         flags: 0,
     }
@@ -179,7 +179,26 @@ fn file_type(kind: FileKind) -> FileType {
         FileKind::File => FileType::RegularFile,
         FileKind::Dir => FileType::Directory,
         FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
     }
+}
+
+/// A device number as the FUSE protocol carries it (the kernel's
+/// `new_encode_dev`: 12 bits of major, 20 of minor) from the `dev_t` that
+/// daxfs stores (glibc's encoding, as `stat` reports it).
+fn fuse_dev(rdev: u64) -> u32 {
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
+}
+
+/// The `dev_t` that a FUSE request's device number stands for.
+fn stored_dev(rdev: u32) -> u64 {
+    let major = (rdev & 0xfff00) >> 8;
+    let minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
+    libc::makedev(major, minor)
 }
 
 impl fuser::Filesystem for DaxFuse {
@@ -297,18 +316,20 @@ impl fuser::Filesystem for DaxFuse {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
         self.count();
-        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
-            reply.error(Errno::from_i32(libc::EOPNOTSUPP));
-            return;
-        }
-        let mode = mode & !umask & 0o7777;
+        let mode = mode & (libc::S_IFMT | (0o7777 & !umask));
         self.made(
-            self.fs
-                .create(parent.0, name.as_bytes(), mode, req.uid(), req.gid(), true),
+            self.fs.mknod(
+                parent.0,
+                name.as_bytes(),
+                mode,
+                stored_dev(rdev),
+                req.uid(),
+                req.gid(),
+            ),
             parent,
             name,
             reply,

@@ -102,8 +102,8 @@ struct MkfsArgs {
     #[arg(long, short)]
     force: bool,
     /// Fill the new filesystem with a copy of this directory tree (as
-    /// `mke2fs -d` does): files, directories, symlinks, hard links, modes,
-    /// owners and times.
+    /// `mke2fs -d` does): files, directories, symlinks, FIFOs, sockets,
+    /// device nodes, hard links, modes, owners and times.
     #[arg(long, value_name = "DIR")]
     from: Option<PathBuf>,
 }
@@ -354,19 +354,16 @@ fn mkfs(args: MkfsArgs) -> Outcome {
     if let Some(from) = &args.from {
         let copied = populate::copy_tree(&fs, from)?;
         println!(
-            "{}: copied {} files ({}), {} directories, {} symlinks, {} hard links from {}{}",
+            "{}: copied {} files ({}), {} directories, {} symlinks, {} special files, {} hard \
+             links from {}",
             args.image.display(),
             copied.files,
             human(copied.bytes),
             copied.dirs,
             copied.symlinks,
+            copied.special,
             copied.links,
             from.display(),
-            if copied.skipped > 0 {
-                format!(" ({} skipped)", copied.skipped)
-            } else {
-                String::new()
-            }
         );
     }
     let st = fs.statfs();

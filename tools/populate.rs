@@ -1,13 +1,13 @@
 //! `daxfs mkfs --from DIR`: a new filesystem holding a copy of a directory
 //! tree, as `mke2fs -d` makes one: files with their data, directories,
-//! symlinks, hard links kept as links, modes, owners and times. Other file
-//! types are skipped with a warning (daxfs does not store them yet).
+//! symlinks, FIFOs, sockets and device nodes, hard links kept as links,
+//! modes, owners and times.
 
 use daxfs::{Fs, Ino, SetAttr, ROOT};
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// What was copied.
@@ -18,7 +18,8 @@ pub struct Copied {
     pub symlinks: u64,
     pub links: u64,
     pub bytes: u64,
-    pub skipped: u64,
+    /// FIFOs, sockets and device nodes.
+    pub special: u64,
 }
 
 /// Copy the tree under `from` into the root of `fs`.
@@ -54,7 +55,7 @@ fn copy_dir(
         let meta = std::fs::symlink_metadata(&path).map_err(|e| at(&path, &e))?;
         let kind = meta.file_type();
         let fail = |e: daxfs::Error| at(&path, &e);
-        if kind.is_file() && meta.nlink() > 1 {
+        if !kind.is_dir() && !kind.is_symlink() && meta.nlink() > 1 {
             if let Some(&ino) = seen.get(&(meta.dev(), meta.ino())) {
                 fs.link(ino, into, name).map_err(fail)?;
                 copied.links += 1;
@@ -103,19 +104,13 @@ fn copy_dir(
             seen.insert((meta.dev(), meta.ino()), attr.ino);
             attr.ino
         } else {
-            let what = if kind.is_fifo() {
-                "a FIFO"
-            } else if kind.is_socket() {
-                "a socket"
-            } else {
-                "a device node"
-            };
-            eprintln!(
-                "daxfs: {}: skipped: {what} (not stored by daxfs yet)",
-                path.display()
-            );
-            copied.skipped += 1;
-            continue;
+            // A FIFO, a socket or a device node: its type and device number.
+            let attr = fs
+                .mknod(into, name, meta.mode(), meta.rdev(), 0, 0)
+                .map_err(fail)?;
+            copied.special += 1;
+            seen.insert((meta.dev(), meta.ino()), attr.ino);
+            attr.ino
         };
         if !kind.is_symlink() {
             set_attrs(fs, ino, &meta).map_err(fail)?;

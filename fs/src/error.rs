@@ -41,6 +41,9 @@ pub enum Error {
     /// The value or list does not fit the caller's buffer (`ERANGE`).
     #[error("result too large")]
     Range,
+    /// The operation is not permitted on this file (`EPERM`), with why.
+    #[error("operation not permitted: {0}")]
+    NotPermitted(&'static str),
     /// The operation is not supported (`EOPNOTSUPP`).
     #[error("operation not supported: {0}")]
     Unsupported(&'static str),
@@ -94,6 +97,7 @@ impl Error {
             Error::TooManyLinks => libc::EMLINK,
             Error::NoAttr => libc::ENODATA,
             Error::Range => libc::ERANGE,
+            Error::NotPermitted(_) => libc::EPERM,
             Error::Unsupported(_) => libc::EOPNOTSUPP,
             Error::MediaError { .. } | Error::Corrupt { .. } => libc::EIO,
             Error::Busy(_) => libc::EBUSY,

@@ -74,9 +74,15 @@
 //!  88 parent inode u64 (directories); for a symlink whose target is in a
 //!     block: 1 << 32 | crc32c of the target (0: written before that)
 //!                                         96 next orphan u64    104 blocks in use u64
-//! 112 8 inline extents of 16 bytes (or, with FLAG_INLINE_LINK, the symlink target)
+//! 112 8 inline extents of 16 bytes (or, with FLAG_INLINE_LINK, the symlink target;
+//!     for a device node, its device number u64 as Linux encodes a dev_t)
 //! 252 crc32c of bytes 0..252
 //! ```
+//!
+//! File types: regular files, directories, symbolic links, and the special
+//! files that hold no data: FIFOs, sockets, character and block devices.
+//! A special file has size 0, no extents, and (devices only) a device
+//! number; FIFOs and sockets keep that field zero.
 //!
 //! ## Extent (16 bytes)
 //! `logical block u32, length in blocks u32, device block u64`. An inode's
@@ -604,6 +610,40 @@ impl Inode {
         self.kind() == libc::S_IFDIR
     }
 
+    /// A FIFO, socket or device node: a file with no data of its own.
+    pub fn is_special(&self) -> bool {
+        matches!(
+            self.kind(),
+            libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK
+        )
+    }
+
+    /// A character or block device node.
+    pub fn is_device(&self) -> bool {
+        matches!(self.kind(), libc::S_IFCHR | libc::S_IFBLK)
+    }
+
+    /// Whether the inline area holds extents (not a symlink target or a
+    /// device number).
+    pub fn has_extents(&self) -> bool {
+        !self.is_special() && !(self.kind() == libc::S_IFLNK && self.flags & FLAG_INLINE_LINK != 0)
+    }
+
+    /// The device number of a device node (0 for every other file).
+    pub fn rdev(&self) -> u64 {
+        if self.is_special() {
+            u64::from_le_bytes(self.inline[..8].try_into().unwrap())
+        } else {
+            0
+        }
+    }
+
+    /// Set the device number of a special file.
+    pub fn set_rdev(&mut self, rdev: u64) {
+        self.inline = [0; INLINE_LINK_MAX];
+        self.inline[..8].copy_from_slice(&rdev.to_le_bytes());
+    }
+
     pub fn encode(&self) -> [u8; INODE_SIZE as usize] {
         let mut b = [0u8; INODE_SIZE as usize];
         put_u32(&mut b, 0, self.mode);
@@ -684,6 +724,17 @@ impl Inode {
                 Some(format!("inline symlink target length {size} is too long"))
             }
             libc::S_IFREG | libc::S_IFDIR | libc::S_IFLNK => None,
+            libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK => {
+                if size != 0 || self.extent_count != 0 || self.extent_block != 0 {
+                    Some("a special file with data".to_string())
+                } else if self.inline[8..].iter().any(|&b| b != 0)
+                    || (!self.is_device() && self.rdev() != 0)
+                {
+                    Some("special file fields out of range".to_string())
+                } else {
+                    None
+                }
+            }
             _ => Some(format!("unknown file type {:#o}", self.mode)),
         }
     }
@@ -724,6 +775,9 @@ impl Inode {
     }
 
     pub fn inline_extents(&self) -> Vec<Extent> {
+        if !self.has_extents() {
+            return Vec::new();
+        }
         let n = (self.extent_count as usize).min(INLINE_EXTENTS);
         (0..n)
             .map(|i| Extent::decode(&self.inline[i * 16..i * 16 + 16]))
@@ -794,6 +848,10 @@ pub fn dtype_of(mode: u32) -> u8 {
     match mode & libc::S_IFMT {
         libc::S_IFDIR => libc::DT_DIR,
         libc::S_IFLNK => libc::DT_LNK,
+        libc::S_IFIFO => libc::DT_FIFO,
+        libc::S_IFSOCK => libc::DT_SOCK,
+        libc::S_IFCHR => libc::DT_CHR,
+        libc::S_IFBLK => libc::DT_BLK,
         _ => libc::DT_REG,
     }
 }

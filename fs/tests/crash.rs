@@ -49,6 +49,7 @@ fn walk(fs: &Fs, dir: Ino, prefix: &str, out: &mut Snapshot) {
                 )
             }
             daxfs::FileKind::Dir => {}
+            _ => desc += &format!(" rdev={:x}", a.rdev),
         }
         for name in fs.listxattr(e.ino).unwrap() {
             let v = fs.getxattr(e.ino, &name).unwrap();
@@ -97,6 +98,9 @@ fn setup(fs: &Fs, _: &mut Ctx) {
     fs.write_path("/f2", 0, &[2u8; 10_000]).unwrap();
     fs.create_path("/empty", 0o644, true).unwrap();
     fs.symlink_path("/s", b"a/f1").unwrap();
+    fs.mknod_path("/a/pipe", libc::S_IFIFO | 0o600, 0).unwrap();
+    fs.mknod_path("/null", libc::S_IFCHR | 0o666, libc::makedev(1, 3))
+        .unwrap();
 }
 
 fn ops() -> Vec<(&'static str, Step)> {
@@ -109,6 +113,24 @@ fn ops() -> Vec<(&'static str, Step)> {
         }),
         ("symlink", |fs, _| {
             let _ = fs.symlink_path("/newlink", b"some/target").unwrap();
+        }),
+        ("mknod-fifo", |fs, _| {
+            let _ = fs.mknod_path("/fifo", libc::S_IFIFO | 0o644, 0).unwrap();
+        }),
+        ("mknod-block", |fs, _| {
+            let dev = libc::makedev(259, 1 << 19);
+            let _ = fs.mknod_path("/a/blk", libc::S_IFBLK | 0o600, dev).unwrap();
+        }),
+        ("mknod-socket", |fs, _| {
+            let _ = fs.mknod_path("/b/sock", libc::S_IFSOCK | 0o755, 0).unwrap();
+        }),
+        ("unlink-special", |fs, _| fs.unlink_path("/null").unwrap()),
+        ("link-special", |fs, _| {
+            let _ = fs.link(ino(fs, "/a/pipe"), ROOT, b"pipe2").unwrap();
+        }),
+        ("rename-over-special", |fs, _| {
+            fs.rename_path("/f2", "/null", RenameFlags::default())
+                .unwrap()
         }),
         ("link", |fs, _| {
             let _ = fs.link(ino(fs, "/a/f1"), ROOT, b"hard").unwrap();

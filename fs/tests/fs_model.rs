@@ -25,6 +25,11 @@ enum Node {
     File(u64),
     Dir,
     Link(Vec<u8>),
+    /// A FIFO (`rdev` 0) or a character device; `id` tells its links apart.
+    Special {
+        id: u64,
+        rdev: u64,
+    },
 }
 
 /// Paths ("/a/b") to nodes; file contents by file id.
@@ -59,7 +64,7 @@ impl Model {
                 Some(Node::Dir) => {}
                 // Symlink targets are all "nowhere/...": followed, they dangle.
                 Some(Node::Link(_)) => return Err(libc::ENOENT),
-                Some(Node::File(_)) => return Err(libc::ENOTDIR),
+                Some(Node::File(_) | Node::Special { .. }) => return Err(libc::ENOTDIR),
             }
         }
         Ok(())
@@ -95,6 +100,11 @@ impl Model {
                     format!("dir nlink={}", 2 + subdirs)
                 }
                 Node::Link(t) => format!("link {}", String::from_utf8_lossy(t)),
+                Node::Special { rdev, .. } => {
+                    let nlink = self.paths.values().filter(|n| *n == node).count();
+                    let kind = if *rdev == 0 { "Fifo" } else { "CharDevice" };
+                    format!("{kind} nlink={nlink} rdev={rdev:x}")
+                }
             };
             out.insert(path.clone(), desc);
         }
@@ -136,12 +146,26 @@ impl Model {
         Ok(())
     }
 
+    fn mknod(&mut self, path: &str, rdev: u64) -> Outcome {
+        self.check_parent(path)?;
+        if self.get(path).is_some() {
+            return Err(libc::EEXIST);
+        }
+        self.next_id += 1;
+        let node = Node::Special {
+            id: self.next_id,
+            rdev,
+        };
+        self.paths.insert(path.to_string(), node);
+        Ok(())
+    }
+
     fn file_of(&self, path: &str) -> Result<u64, i32> {
         self.check_parent(path)?;
         match self.get(path) {
             None => Err(libc::ENOENT),
             Some(Node::Dir) => Err(libc::EISDIR),
-            Some(Node::Link(_)) => Err(libc::EINVAL),
+            Some(Node::Link(_) | Node::Special { .. }) => Err(libc::EINVAL),
             Some(Node::File(id)) => Ok(*id),
         }
     }
@@ -292,6 +316,7 @@ fn fs_snapshot(fs: &Fs) -> BTreeMap<String, String> {
                     "link {}",
                     String::from_utf8_lossy(&fs.readlink(e.ino).unwrap())
                 ),
+                kind => format!("{kind:?} nlink={} rdev={:x}", a.nlink, a.rdev),
             };
             out.insert(path.clone(), desc);
             if a.kind == daxfs::FileKind::Dir {
@@ -343,7 +368,7 @@ fn run(seed: u64, steps: usize, dir: &std::path::Path) -> Result<(), String> {
                 errno(fs.mkdir_path(&p, 0o755)),
                 model.mkdir(&p),
             ),
-            25..=27 => {
+            25..=26 => {
                 let target = format!("nowhere{q}");
                 (
                     format!("symlink {p}"),
@@ -351,7 +376,18 @@ fn run(seed: u64, steps: usize, dir: &std::path::Path) -> Result<(), String> {
                     model.symlink(&p, target.as_bytes()),
                 )
             }
-            28..=44 => {
+            27..=28 => {
+                let (mode, rdev) = match rng.below(2) {
+                    0 => (libc::S_IFIFO, 0),
+                    _ => (libc::S_IFCHR, libc::makedev(1 + rng.below(300) as u32, 7)),
+                };
+                (
+                    format!("mknod {p} {mode:o} {rdev:x}"),
+                    errno(fs.mknod_path(&p, mode | 0o644, rdev)),
+                    model.mknod(&p, rdev),
+                )
+            }
+            29..=44 => {
                 let scale = [1, 1, 64, 4096][rng.below(4) as usize];
                 let offset = rng.below(3 << 20) as usize / scale;
                 let max_len = [100, 5000, 70_000][rng.below(3) as usize];

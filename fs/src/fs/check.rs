@@ -35,8 +35,7 @@
 use super::{Fs, HashSet, Ino, State, ROOT};
 use crate::error::{Error, Result};
 use crate::format::{
-    Dirent, Extent, ExtentBlock, Inode, Superblock, BLOCK, FLAG_INLINE_LINK, INODE_SIZE,
-    MAX_FILE_SIZE, SLOT,
+    Dirent, Extent, ExtentBlock, Inode, Superblock, BLOCK, INODE_SIZE, MAX_FILE_SIZE, SLOT,
 };
 use pmem::Device;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -734,13 +733,13 @@ impl Owned {
 
 /// What allocated inode `ino` (whose inode is `inode`) owns.
 pub(super) fn owned_blocks(fs: &Fs, st: &mut State, ino: Ino, inode: &Inode) -> Result<Owned> {
-    let inline_link = inode.kind() == libc::S_IFLNK && inode.flags & FLAG_INLINE_LINK != 0;
-    let extents = if inline_link {
+    let no_extents = !inode.has_extents();
+    let extents = if no_extents {
         Vec::new()
     } else {
         fs.extents(st, ino)?.clone()
     };
-    let chain = if inline_link {
+    let chain = if no_extents {
         Vec::new()
     } else {
         fs.cached(st, ino)?.chain.clone()
@@ -819,7 +818,12 @@ fn damaged_inode(fs: &Fs, ino: Ino) -> Fix {
         return Fix::ClearInode(ino);
     }
     let mut inode = Inode::decode_unchecked(&raw);
-    if inode.kind() != libc::S_IFLNK && inode.size > MAX_FILE_SIZE {
+    if inode.is_special() {
+        // A special file holds no data: what says otherwise is damage.
+        let rdev = if inode.is_device() { inode.rdev() } else { 0 };
+        (inode.size, inode.extent_count, inode.extent_block) = (0, 0, 0);
+        inode.set_rdev(rdev);
+    } else if inode.kind() != libc::S_IFLNK && inode.size > MAX_FILE_SIZE {
         let extents = readable_extents(fs, &inode);
         inode.size = extents.last().map_or(0, |e| e.end() * BLOCK);
     }
@@ -838,7 +842,7 @@ fn damaged_inode(fs: &Fs, ino: Ino) -> Fix {
 
 /// How many of the inline extent slots an inode uses.
 fn inline_count(inode: &Inode) -> usize {
-    if inode.kind() == libc::S_IFLNK && inode.flags & FLAG_INLINE_LINK != 0 {
+    if !inode.has_extents() {
         0
     } else {
         (inode.extent_count as usize).min(crate::format::INLINE_EXTENTS)

@@ -23,7 +23,7 @@
 use super::Ino;
 use crate::alloc::Allocator;
 use crate::error::Result;
-use crate::format::{ExtentBlock, Inode, Superblock, BLOCK, FLAG_INLINE_LINK, INODE_SIZE};
+use crate::format::{ExtentBlock, Inode, Superblock, BLOCK, INODE_SIZE};
 use pmem::Device;
 use std::collections::BTreeSet;
 
@@ -116,7 +116,7 @@ impl<'a> Claims<'a> {
         if inode.xattr_block != 0 {
             runs.push((inode.xattr_block, 1));
         }
-        if inode.kind() == libc::S_IFLNK && inode.flags & FLAG_INLINE_LINK != 0 {
+        if !inode.has_extents() {
             return runs.iter().all(|&(s, l)| inside(s, l)).then_some(runs);
         }
         let mut extents = inode.inline_extents();

@@ -121,6 +121,14 @@ pub enum FileKind {
     Dir,
     /// A symbolic link.
     Symlink,
+    /// A named pipe.
+    Fifo,
+    /// A Unix domain socket's name.
+    Socket,
+    /// A character device node.
+    CharDevice,
+    /// A block device node.
+    BlockDevice,
 }
 
 impl FileKind {
@@ -128,6 +136,22 @@ impl FileKind {
         match mode & libc::S_IFMT {
             libc::S_IFDIR => FileKind::Dir,
             libc::S_IFLNK => FileKind::Symlink,
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFSOCK => FileKind::Socket,
+            libc::S_IFCHR => FileKind::CharDevice,
+            libc::S_IFBLK => FileKind::BlockDevice,
+            _ => FileKind::File,
+        }
+    }
+
+    fn of_dtype(dtype: u8) -> FileKind {
+        match dtype {
+            libc::DT_DIR => FileKind::Dir,
+            libc::DT_LNK => FileKind::Symlink,
+            libc::DT_FIFO => FileKind::Fifo,
+            libc::DT_SOCK => FileKind::Socket,
+            libc::DT_CHR => FileKind::CharDevice,
+            libc::DT_BLK => FileKind::BlockDevice,
             _ => FileKind::File,
         }
     }
@@ -149,6 +173,9 @@ pub struct Attr {
     pub atime: Timestamp,
     pub mtime: Timestamp,
     pub ctime: Timestamp,
+    /// The device number of a device node, as Linux encodes a `dev_t`
+    /// (`libc::makedev`); 0 for every other file.
+    pub rdev: u64,
 }
 
 /// Changes for `setattr`; `None` leaves a field alone.
@@ -1103,6 +1130,7 @@ impl Fs {
             atime: inode.atime,
             mtime: inode.mtime,
             ctime: inode.ctime,
+            rdev: inode.rdev(),
         }
     }
 
@@ -1610,11 +1638,7 @@ impl Fs {
     /// blocks, xattr block, and the inode itself.
     fn free_inode(&self, st: &mut State, stage: &mut Stage, ino: Ino) -> Result<()> {
         let inode = self.inode(st, ino)?;
-        let kind = inode.kind();
-        if kind == libc::S_IFREG
-            || kind == libc::S_IFDIR
-            || inode.flags & crate::format::FLAG_INLINE_LINK == 0
-        {
+        if inode.has_extents() {
             let extents = self.extents(st, ino)?.clone();
             for e in &extents {
                 st.alloc.free(e.physical, e.len as u64);

@@ -178,6 +178,41 @@ impl Fs {
         })
     }
 
+    /// Create a file of any type but a directory or a symbolic link, as
+    /// `mknod(2)`: a FIFO, a socket, a character or block device node with
+    /// device number `rdev` (as Linux encodes a `dev_t`), or an empty
+    /// regular file (type `S_IFREG` or 0). The name must be new. Whether
+    /// the caller may make device nodes is the caller's business (the
+    /// kernel checks `CAP_MKNOD` before a mount sees the call).
+    pub fn mknod(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        let kind = mode & libc::S_IFMT;
+        match kind {
+            0 | libc::S_IFREG => {
+                return Ok(self.create(parent, name, mode, uid, gid, true)?.0);
+            }
+            libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK => {}
+            libc::S_IFDIR => return Err(Error::NotPermitted("mknod makes no directories")),
+            _ => return Err(Error::Invalid("unknown file type")),
+        }
+        self.change(|fs, st, stage| {
+            check_name(name)?;
+            let mut inode = fs.new_inode(kind | (mode & 0o7777), uid, gid, parent);
+            if inode.is_device() {
+                inode.set_rdev(rdev);
+            }
+            let (ino, inode) = fs.add_new(st, stage, parent, name, inode)?;
+            Ok(Fs::attr(ino, &inode))
+        })
+    }
+
     /// Create a directory.
     pub fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
         self.change(|fs, st, stage| {
@@ -480,14 +515,9 @@ impl Fs {
             });
         }
         for (pos, name, slot) in dir.entries_from(offset.saturating_sub(FIRST_ENTRY)) {
-            let kind = match slot.kind {
-                libc::DT_DIR => FileKind::Dir,
-                libc::DT_LNK => FileKind::Symlink,
-                _ => FileKind::File,
-            };
             out.push(DirEntry {
                 ino: slot.ino,
-                kind,
+                kind: FileKind::of_dtype(slot.kind),
                 name: name.to_vec(),
                 next: pos + FIRST_ENTRY + 1,
             });
@@ -1029,6 +1059,13 @@ impl Fs {
         let (parent, name) = Fs::split_path(path.as_ref())?;
         let parent = self.resolve_dir(parent)?;
         Ok(self.create(parent, name, mode, 0, 0, exclusive)?.0)
+    }
+
+    /// Make a FIFO, a socket or a device node at `path` (see [`Fs::mknod`]).
+    pub fn mknod_path(&self, path: impl AsRef<Path>, mode: u32, rdev: u64) -> Result<Attr> {
+        let (parent, name) = Fs::split_path(path.as_ref())?;
+        let parent = self.resolve_dir(parent)?;
+        self.mknod(parent, name, mode, rdev, 0, 0)
     }
 
     /// Create a directory at `path`.

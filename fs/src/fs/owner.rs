@@ -96,7 +96,7 @@ impl Fs {
     pub fn file_extents(&self, ino: Ino) -> Result<Vec<FileExtent>> {
         let mut st = self.lock()?;
         let inode = self.inode(&mut st, ino)?;
-        if inode.kind() == libc::S_IFLNK && inode.flags & crate::format::FLAG_INLINE_LINK != 0 {
+        if !inode.has_extents() {
             return Ok(Vec::new());
         }
         Ok(self
@@ -153,7 +153,7 @@ impl Fs {
                     what: "extended attributes",
                 });
             }
-            if inode.kind() == libc::S_IFLNK && inode.flags & crate::format::FLAG_INLINE_LINK != 0 {
+            if !inode.has_extents() {
                 continue;
             }
             let Ok(extents) = self.extents(&mut st, ino) else {
