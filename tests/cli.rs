@@ -257,6 +257,7 @@ fn fsck_exit_codes_follow_fsck8() {
 /// `mke2fs -d` does, and it checks clean.
 #[test]
 fn mkfs_from_a_directory_copies_the_tree() {
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::{symlink, PermissionsExt};
     let dir = shm_dir();
     let d = dir.path();
@@ -270,6 +271,16 @@ fn mkfs_from_a_directory_copies_the_tree() {
     std::fs::hard_link(tree.join("sub/deeper/small"), tree.join("hard")).unwrap();
     symlink("sub/big", tree.join("link")).unwrap();
     std::fs::set_permissions(tree.join("sub/big"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Special files, one with a second link.
+    let special = |name: &str, mode: u32, dev: u64| {
+        let c = std::ffi::CString::new(tree.join(name).as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid C string; mknod only reads it.
+        assert_eq!(unsafe { libc::mknod(c.as_ptr(), mode, dev) }, 0, "{name}");
+    };
+    special("fifo", libc::S_IFIFO | 0o620, 0);
+    special("sub/tty", libc::S_IFCHR | 0o600, libc::makedev(4, 7));
+    special("disk", libc::S_IFBLK | 0o640, libc::makedev(259, 3));
+    std::fs::hard_link(tree.join("fifo"), tree.join("sub/fifo-link")).unwrap();
     let out = daxfs_ok(
         d,
         &[
@@ -282,7 +293,9 @@ fn mkfs_from_a_directory_copies_the_tree() {
         ],
     );
     assert!(
-        stdout(&out).contains("copied 3 files") && stdout(&out).contains("1 hard links"),
+        stdout(&out).contains("copied 3 files")
+            && stdout(&out).contains("3 special files")
+            && stdout(&out).contains("2 hard links"),
         "{}",
         stdout(&out)
     );
@@ -307,6 +320,19 @@ fn mkfs_from_a_directory_copies_the_tree() {
         b"sub/big"
     );
     assert_eq!(fs.read_path("/lost+found/kept").unwrap(), b"k");
+    // (Modes as the umask left them in the source tree.)
+    let kind = |path: &str| {
+        use std::os::unix::fs::MetadataExt;
+        let a = fs.stat_path(path).unwrap();
+        let source = std::fs::symlink_metadata(tree.join(&path[1..])).unwrap();
+        assert_eq!(a.mode, source.mode(), "{path}");
+        (a.kind, a.rdev, a.nlink)
+    };
+    use daxfs::FileKind::*;
+    assert_eq!(kind("/fifo"), (Fifo, 0, 2));
+    assert_eq!(kind("/sub/fifo-link"), (Fifo, 0, 2));
+    assert_eq!(kind("/sub/tty"), (CharDevice, libc::makedev(4, 7), 1));
+    assert_eq!(kind("/disk"), (BlockDevice, libc::makedev(259, 3), 1));
     // Not a directory: a one-line error.
     let out = daxfs(d, &["mkfs", "g.img", "--size", "16M", "--from", "fs.img"]);
     assert_clean_failure(&out, "not a directory");

@@ -1624,3 +1624,154 @@ fn setid_bits_go_on_an_unprivileged_write_as_on_tmpfs() {
     );
     assert_eq!(outcome(&m.mnt), theirs);
 }
+
+/// `mknod(2)` at `path` (the test's own, unchecked: the result is compared).
+fn mknod(path: &Path, mode: u32, dev: u64) -> std::io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string; mknod only reads it.
+    match unsafe { libc::mknod(c.as_ptr(), mode, dev) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// What `ls -l` would tell of each entry of `dir`, `readdir`'s type with it.
+fn listing(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut out: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name() != "lost+found")
+        .map(|e| {
+            let t = e.file_type().unwrap();
+            let kind = [
+                (t.is_fifo(), 'p'),
+                (t.is_socket(), 's'),
+                (t.is_char_device(), 'c'),
+                (t.is_block_device(), 'b'),
+                (t.is_dir(), 'd'),
+                (t.is_symlink(), 'l'),
+                (t.is_file(), '-'),
+            ]
+            .iter()
+            .find(|k| k.0)
+            .map_or('?', |k| k.1);
+            let m = fs::symlink_metadata(e.path()).unwrap();
+            // (Times set by the test, not those of the moment.)
+            let mtime = Some(m.mtime()).filter(|&t| t < 1_500_000_000);
+            format!(
+                "{kind} {:?} mode={:o} nlink={} rdev={:x} owner={}:{} mtime={:?}",
+                e.file_name(),
+                m.mode(),
+                m.nlink(),
+                m.rdev(),
+                m.uid(),
+                m.gid(),
+                mtime
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// FIFOs, Unix sockets and device nodes through the kernel, the same steps
+/// on tmpfs the reference: made by mkfifo, mknod and bind (and mkfifo by an
+/// unprivileged user, whose mknod of a device is refused); data through the
+/// FIFO, the socket and the device (`-o dev`); every call that takes any
+/// file (link, rename over, unlink, chmod, chown, utimensat); the types and
+/// device numbers still there after a remount, and fsck clean.
+#[test]
+fn special_files_behave_as_on_tmpfs() {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let mut m = Mounted::new("allow_other,dev");
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    let outcome = |root: &Path| {
+        let at = |name: &str| root.join(name);
+        let fifo = CString::new(at("fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) }, 0);
+        mknod(&at("null"), libc::S_IFCHR | 0o666, libc::makedev(1, 3)).unwrap();
+        mknod(&at("loop"), libc::S_IFBLK | 0o600, libc::makedev(7, 0x1234)).unwrap();
+        mknod(&at("plain"), libc::S_IFREG | 0o600, 0).unwrap();
+        let listener = UnixListener::bind(at("sock")).unwrap();
+
+        // Data through each: the kernel's business, nothing refused.
+        let writer = {
+            let path = at("fifo");
+            std::thread::spawn(move || fs::write(path, b"through the pipe").unwrap())
+        };
+        let piped = fs::read(at("fifo")).unwrap();
+        writer.join().unwrap();
+        assert_eq!(piped, b"through the pipe");
+        let mut client = UnixStream::connect(at("sock")).unwrap();
+        client.write_all(b"hello").unwrap();
+        let mut got = [0u8; 5];
+        listener.accept().unwrap().0.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        fs::write(at("null"), b"gone").unwrap();
+        assert_eq!(fs::read(at("null")).unwrap(), b"");
+
+        // The calls that take any file.
+        fs::hard_link(at("fifo"), at("fifo2")).unwrap();
+        fs::rename(at("plain"), at("fifo2")).unwrap(); // a file over a FIFO
+        fs::rename(at("null"), at("null2")).unwrap();
+        fs::set_permissions(at("loop"), fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::lchown(at("sock"), Some(65534), Some(65534)).unwrap();
+        let times = [
+            libc::timespec {
+                tv_sec: 1_000_000_000,
+                tv_nsec: 0,
+            },
+            libc::timespec {
+                tv_sec: 1_234_567_890,
+                tv_nsec: 0,
+            },
+        ];
+        for name in ["fifo", "null2", "loop", "sock"] {
+            let c = CString::new(at(name).as_os_str().as_bytes()).unwrap();
+            // SAFETY: a valid C string and two timespecs.
+            let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+            assert_eq!(r, 0, "{name}: {}", std::io::Error::last_os_error());
+        }
+
+        // An unprivileged user makes FIFOs, never device nodes.
+        fs::create_dir(at("shared")).unwrap();
+        fs::set_permissions(at("shared"), fs::Permissions::from_mode(0o1777)).unwrap();
+        let run = |script: &str| {
+            let out = as_nobody("sh")
+                .args(["-c", script])
+                .current_dir(at("shared"))
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).contains("not permitted"),
+            )
+        };
+        let nobody = (run("mkfifo p"), run("mknod c c 1 3"), run("mknod b b 7 1"));
+        let mut all = listing(root);
+        all.extend(listing(&at("shared")));
+        drop(listener);
+        fs::remove_file(at("loop")).unwrap();
+        (all, nobody, listing(root))
+    };
+    let theirs = outcome(tmp.path());
+    assert_eq!(
+        theirs.1,
+        ((Some(0), false), (Some(1), true), (Some(1), true)),
+        "tmpfs, the reference"
+    );
+    let ours = outcome(&m.mnt);
+    assert_eq!(ours.0, theirs.0);
+    assert_eq!(ours.1, theirs.1);
+    let kept = ours.2;
+
+    // Kept across an unmount, and fsck finds all well.
+    let (img, mnt) = (m.img.clone(), m.mnt.clone());
+    let out = m.umount();
+    assert!(out.status.success(), "{}", text(&out));
+    fsck_clean(&img);
+    let again = Mounted::over(&img, &mnt, "");
+    assert_eq!(listing(&again.mnt), kept);
+}

@@ -31,7 +31,9 @@ pub struct MountArgs {
     /// Mount options, comma separated: `ro`; `allow_other` (other users may
     /// use the mount); `cache` (file data through the kernel's page cache
     /// instead of direct I/O); `threads=N` (request threads, default 2);
-    /// `nodefault_permissions` (no permission checks by the kernel).
+    /// `nodefault_permissions` (no permission checks by the kernel); `dev`
+    /// (device nodes on the mount open their devices) and `suid` (set-ID
+    /// bits take effect on exec), both off by default and root's only.
     #[arg(short = 'o', value_delimiter = ',', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Stay in the foreground; Ctrl-C or SIGTERM unmounts.
@@ -57,6 +59,8 @@ struct Options {
     cache: bool,
     threads: usize,
     default_permissions: bool,
+    dev: bool,
+    suid: bool,
 }
 
 fn parse_options(list: &[String]) -> Result<Options, String> {
@@ -66,6 +70,8 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
         cache: false,
         threads: 2,
         default_permissions: true,
+        dev: false,
+        suid: false,
     };
     for opt in list.iter().filter(|s| !s.is_empty()) {
         match opt.split_once('=') {
@@ -75,6 +81,8 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
             None if opt == "cache" => o.cache = true,
             None if opt == "default_permissions" => o.default_permissions = true,
             None if opt == "nodefault_permissions" => o.default_permissions = false,
+            None if opt == "dev" || opt == "nodev" => o.dev = opt == "dev",
+            None if opt == "suid" || opt == "nosuid" => o.suid = opt == "suid",
             Some(("threads", n)) => {
                 o.threads = n
                     .parse()
@@ -85,7 +93,8 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
             _ => {
                 return Err(format!(
                     "unknown mount option {opt:?} (known: ro, rw, allow_other, cache, \
-                     threads=N, default_permissions, nodefault_permissions)"
+                     threads=N, default_permissions, nodefault_permissions, dev, nodev, suid, \
+                     nosuid)"
                 ))
             }
         }
@@ -265,8 +274,16 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
     let mut mount_options = vec![
         fuser::MountOption::FSName(image.to_string_lossy().into_owned()),
         fuser::MountOption::Subtype("daxfs".into()),
-        fuser::MountOption::NoDev,
-        fuser::MountOption::NoSuid,
+        if options.dev {
+            fuser::MountOption::Dev
+        } else {
+            fuser::MountOption::NoDev
+        },
+        if options.suid {
+            fuser::MountOption::Suid
+        } else {
+            fuser::MountOption::NoSuid
+        },
     ];
     if options.read_only {
         mount_options.push(fuser::MountOption::RO);
@@ -377,7 +394,13 @@ fn kernel_mount(
     if options.allow_other {
         data.push_str(",allow_other");
     }
-    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let mut flags = MsFlags::empty();
+    if !options.dev {
+        flags |= MsFlags::MS_NODEV;
+    }
+    if !options.suid {
+        flags |= MsFlags::MS_NOSUID;
+    }
     if options.read_only {
         flags |= MsFlags::MS_RDONLY;
     }

@@ -626,7 +626,8 @@ impl Inode {
     /// Whether the inline area holds extents (not a symlink target or a
     /// device number).
     pub fn has_extents(&self) -> bool {
-        !self.is_special() && !(self.kind() == libc::S_IFLNK && self.flags & FLAG_INLINE_LINK != 0)
+        let inline_link = self.kind() == libc::S_IFLNK && self.flags & FLAG_INLINE_LINK != 0;
+        !(self.is_special() || inline_link)
     }
 
     /// The device number of a device node (0 for every other file).

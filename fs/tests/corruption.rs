@@ -83,6 +83,9 @@ fn base(dir: &Path, live: bool) -> Base {
     fs.symlink_path("/d/short", b"sub/f").unwrap();
     fs.symlink_path("/d/long", "x/".repeat(600).as_bytes())
         .unwrap();
+    fs.mknod_path("/d/fifo", libc::S_IFIFO | 0o600, 0).unwrap();
+    fs.mknod_path("/d/tty", libc::S_IFCHR | 0o620, libc::makedev(4, 1))
+        .unwrap();
     for ino in [frag, big] {
         fs.setxattr(ino, b"user.a", b"one", false, false).unwrap();
         fs.setxattr(ino, b"user.b", &[7u8; 300], false, false)
