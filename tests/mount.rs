@@ -1775,3 +1775,255 @@ fn special_files_behave_as_on_tmpfs() {
     let again = Mounted::over(&img, &mnt, "");
     assert_eq!(listing(&again.mnt), kept);
 }
+
+/// The outcome of a call: `Ok` or its errno.
+fn errno_of<T>(r: std::io::Result<T>) -> Result<(), i32> {
+    r.map(drop).map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+/// `FS_IOC_GETFLAGS` / `FS_IOC_SETFLAGS` on `path` (an `int`, as chattr passes it).
+fn get_flags(path: &Path) -> std::io::Result<i32> {
+    let f = File::open(path)?;
+    let mut flags: libc::c_int = 0;
+    // SAFETY: the ioctl writes one int through the pointer.
+    match unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::FS_IOC_GETFLAGS,
+            &mut flags,
+        )
+    } {
+        0 => Ok(flags),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+fn set_flags(path: &Path, flags: i32) -> std::io::Result<()> {
+    let f = File::open(path)?;
+    let flags: libc::c_int = flags;
+    // SAFETY: the ioctl reads one int through the pointer.
+    match unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::FS_IOC_SETFLAGS,
+            &flags,
+        )
+    } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// `FS_IOC_FSGETXATTR`: the `fsx_xflags` of `path`.
+fn get_xflags(path: &Path) -> std::io::Result<u32> {
+    const FS_IOC_FSGETXATTR: libc::Ioctl = 0x801c_581f;
+    let f = File::open(path)?;
+    let mut fsx = [0u32; 7];
+    // SAFETY: the ioctl writes a 28-byte struct fsxattr through the pointer.
+    match unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            FS_IOC_FSGETXATTR,
+            fsx.as_mut_ptr(),
+        )
+    } {
+        0 => Ok(fsx[0]),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+fn utimens(path: &Path, times: Option<[i64; 2]>) -> std::io::Result<()> {
+    let ts = times.map(|t| {
+        t.map(|s| libc::timespec {
+            tv_sec: s,
+            tv_nsec: 0,
+        })
+    });
+    let ptr = ts.as_ref().map_or(std::ptr::null(), |t| t.as_ptr());
+    // SAFETY: a valid C string and, when given, two timespecs.
+    match unsafe { libc::utimensat(libc::AT_FDCWD, c_path(path).as_ptr(), ptr, 0) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// chattr's flags through the kernel, tmpfs the reference: immutable and
+/// append-only refuse what they refuse on Linux (data, attributes, names,
+/// xattrs; a directory's entries), nodump and noatime are kept, any other
+/// flag is refused; an unprivileged owner may set nodump but not
+/// immutable; FS_IOC_FSGETXATTR agrees; the flags survive a remount.
+#[test]
+fn chattr_flags_are_enforced_as_on_tmpfs() {
+    const IMMUTABLE: i32 = 0x10;
+    const APPEND: i32 = 0x20;
+    const NODUMP: i32 = 0x40;
+    const NOATIME: i32 = 0x80;
+    const COMPRESS: i32 = 0x4;
+    let mut m = Mounted::new("allow_other");
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let outcome = |root: &Path| {
+        let at = |name: &str| root.join(name);
+        let mut seen: Vec<(String, Result<(), i32>)> = Vec::new();
+        let mut note = |what: &str, r: Result<(), i32>| seen.push((what.to_string(), r));
+        fs::write(at("f"), b"hi").unwrap();
+        fs::write(at("other"), b"o").unwrap();
+        fs::create_dir(at("d")).unwrap();
+        fs::write(at("d/x"), b"x").unwrap();
+        // Each change a flagged file refuses, then the flag cleared.
+        let attempts = |flag: &str, note: &mut dyn FnMut(&str, Result<(), i32>)| {
+            let f = at("f");
+            let mut try_ = |what: &str, r: Result<(), i32>| note(&format!("{flag} {what}"), r);
+            try_(
+                "open write",
+                errno_of(OpenOptions::new().write(true).open(&f)),
+            );
+            try_(
+                "append",
+                errno_of(
+                    OpenOptions::new()
+                        .append(true)
+                        .open(&f)
+                        .and_then(|mut h| h.write_all(b"+")),
+                ),
+            );
+            try_("read", errno_of(fs::read(&f)));
+            try_(
+                "truncate",
+                errno_of(
+                    File::options()
+                        .write(true)
+                        .open(&f)
+                        .and_then(|h| h.set_len(0)),
+                ),
+            );
+            try_(
+                "chmod",
+                errno_of(fs::set_permissions(&f, fs::Permissions::from_mode(0o600))),
+            );
+            try_(
+                "chown",
+                errno_of(std::os::unix::fs::chown(&f, Some(1), None)),
+            );
+            try_("touch", errno_of(utimens(&f, None)));
+            try_("utimes", errno_of(utimens(&f, Some([1, 2]))));
+            let name = c_path(&f);
+            // SAFETY: valid C strings and a value of the given length.
+            let r = unsafe {
+                libc::setxattr(
+                    name.as_ptr(),
+                    c"user.k".as_ptr(),
+                    b"v".as_ptr().cast(),
+                    1,
+                    0,
+                )
+            };
+            try_(
+                "setxattr",
+                if r == 0 {
+                    Ok(())
+                } else {
+                    errno_of(Err::<(), _>(std::io::Error::last_os_error()))
+                },
+            );
+            try_("link", errno_of(fs::hard_link(&f, at("f2"))));
+            try_("rename", errno_of(fs::rename(&f, at("g"))));
+            try_("rename over", errno_of(fs::rename(at("other"), &f)));
+            try_("unlink", errno_of(fs::remove_file(&f)));
+        };
+        note("set immutable", errno_of(set_flags(&at("f"), IMMUTABLE)));
+        note(
+            "xflags immutable",
+            errno_of(get_xflags(&at("f")).map(|x| assert_eq!(x & 0x8, 0x8))),
+        );
+        attempts("immutable", &mut note);
+        note("clear", errno_of(set_flags(&at("f"), 0)));
+        note("set append", errno_of(set_flags(&at("f"), APPEND)));
+        attempts("append-only", &mut note);
+        note("clear", errno_of(set_flags(&at("f"), 0)));
+        // Directories.
+        note("dir immutable", errno_of(set_flags(&at("d"), IMMUTABLE)));
+        note(
+            "immutable dir: create",
+            errno_of(fs::write(at("d/new"), b"")),
+        );
+        note(
+            "immutable dir: unlink",
+            errno_of(fs::remove_file(at("d/x"))),
+        );
+        note(
+            "immutable dir: mkdir",
+            errno_of(fs::create_dir(at("d/sub"))),
+        );
+        note("dir append", errno_of(set_flags(&at("d"), APPEND)));
+        note("append dir: create", errno_of(fs::write(at("d/new"), b"")));
+        note("append dir: unlink", errno_of(fs::remove_file(at("d/x"))));
+        note(
+            "append dir: rename",
+            errno_of(fs::rename(at("d/x"), at("d/y"))),
+        );
+        note("dir clear", errno_of(set_flags(&at("d"), 0)));
+        // Kept flags, a refused one, an unprivileged owner.
+        note(
+            "nodump noatime",
+            errno_of(set_flags(&at("f"), NODUMP | NOATIME)),
+        );
+        let kept = get_flags(&at("f")).unwrap() & (IMMUTABLE | APPEND | NODUMP | NOATIME);
+        note("compress", errno_of(set_flags(&at("f"), COMPRESS)));
+        fs::write(at("mine"), b"").unwrap();
+        std::os::unix::fs::chown(at("mine"), Some(65534), Some(65534)).unwrap();
+        let chattr = |flag: &str| {
+            let out = as_nobody("chattr")
+                .arg(flag)
+                .arg(at("mine"))
+                .output()
+                .unwrap();
+            out.status.success()
+        };
+        let nobody = (chattr("+d"), chattr("+i"), chattr("+a"));
+        let flags_of =
+            |name: &str| get_flags(&at(name)).unwrap() & (IMMUTABLE | APPEND | NODUMP | NOATIME);
+        let mine = flags_of("mine");
+        set_flags(&at("d"), APPEND).unwrap();
+        (seen, kept, nobody, mine)
+    };
+    let theirs = outcome(tmp.path());
+    let refused: Vec<&String> = theirs
+        .0
+        .iter()
+        .filter(|s| s.1 == Err(libc::EPERM))
+        .map(|s| &s.0)
+        .collect();
+    assert!(refused.len() >= 20, "tmpfs, the reference: {:?}", theirs.0);
+    assert_eq!(
+        (theirs.1, theirs.2, theirs.3),
+        (NODUMP | NOATIME, (true, false, false), NODUMP)
+    );
+    let ours = outcome(&m.mnt);
+    for (a, b) in ours.0.iter().zip(&theirs.0) {
+        assert_eq!(a, b, "daxfs, then tmpfs");
+    }
+    assert_eq!(ours.0.len(), theirs.0.len());
+    assert_eq!((ours.1, ours.2, ours.3), (theirs.1, theirs.2, theirs.3));
+
+    // Kept across a remount; d is still append-only there.
+    let (img, mnt) = (m.img.clone(), m.mnt.clone());
+    let out = m.umount();
+    assert!(out.status.success(), "{}", text(&out));
+    fsck_clean(&img);
+    let again = Mounted::over(&img, &mnt, "");
+    assert_eq!(get_flags(&again.path("f")).unwrap(), NODUMP | NOATIME);
+    assert_eq!(get_flags(&again.path("d")).unwrap(), APPEND);
+    assert_eq!(
+        errno_of(fs::remove_file(again.path("d/x"))),
+        Err(libc::EPERM)
+    );
+    set_flags(&again.path("d"), 0).unwrap();
+    fs::remove_file(again.path("d/x")).unwrap();
+    // (tmpfs's directory goes with its flag cleared.)
+    set_flags(&tmp.path().join("d"), 0).unwrap();
+}

@@ -115,6 +115,15 @@ impl DaxFuse {
 
     /// Answer a call that made `name` in `parent` (mknod, mkdir, symlink,
     /// link) with its entry, counting the kernel's lookup.
+    /// Whether `ino` may be opened with `flags`: for writing, not when it
+    /// is immutable, and only with O_APPEND when it is append-only.
+    fn may_open(&self, ino: u64, flags: i32) -> daxfs::Result<()> {
+        if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return Ok(());
+        }
+        self.fs.may_open_for_write(ino, flags & libc::O_APPEND != 0)
+    }
+
     fn made<T>(&self, result: daxfs::Result<T>, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match result.and_then(|_| self.fs.lookup_ref(parent.0, name.as_bytes())) {
             Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
@@ -212,6 +221,8 @@ impl fuser::Filesystem for DaxFuse {
         let _ = config.add_capabilities(
             fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
         );
+        // chattr and lsattr on directories too.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_HAS_IOCTL_DIR);
         Ok(())
     }
 
@@ -290,6 +301,16 @@ impl fuser::Filesystem for DaxFuse {
         reply: ReplyAttr,
     ) {
         self.count();
+        // Times given (not "now") are an attribute change that an
+        // append-only file refuses, as Linux's notify_change does.
+        let given = |t: &Option<TimeOrNow>| matches!(t, Some(TimeOrNow::SpecificTime(_)));
+        if given(&atime) || given(&mtime) {
+            match self.fs.getattr(ino.0) {
+                Ok(a) if a.flags & FS_APPEND_FL != 0 => return reply.error(Errno::EPERM),
+                Ok(_) => {}
+                Err(e) => return reply.error(self.errno(e)),
+            }
+        }
         let set = SetAttr {
             mode,
             uid,
@@ -433,9 +454,12 @@ impl fuser::Filesystem for DaxFuse {
         )
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.count();
-        match self.fs.open(ino.0) {
+        match self
+            .may_open(ino.0, flags.0)
+            .and_then(|()| self.fs.open(ino.0))
+        {
             Ok(handle) => reply.opened(self.add_handle(handle), self.open_flags()),
             Err(e) => reply.error(self.errno(e)),
         }
@@ -459,8 +483,22 @@ impl fuser::Filesystem for DaxFuse {
             uid: req.uid(),
             gid: req.gid(),
         };
-        match self.fs.open_create(parent.0, name.as_bytes(), &opts) {
-            Ok((attr, handle, _)) => {
+        let opened = self.fs.open_create(parent.0, name.as_bytes(), &opts);
+        let opened = opened.and_then(|(attr, handle, created)| {
+            // (An existing file: opened as open(2) would.)
+            match created || flags & libc::O_ACCMODE == libc::O_RDONLY {
+                true => Ok((attr, handle)),
+                false => match self.may_open(attr.ino, flags) {
+                    Ok(()) => Ok((attr, handle)),
+                    Err(e) => {
+                        let _ = self.fs.close(handle);
+                        Err(e)
+                    }
+                },
+            }
+        });
+        match opened {
+            Ok((attr, handle)) => {
                 // The handle holds the inode, so counting the kernel's lookup
                 // cannot race an unlink.
                 if let Err(e) = self.fs.remember(attr.ino) {
@@ -817,9 +855,91 @@ impl fuser::Filesystem for DaxFuse {
         };
         self.empty(result, reply)
     }
+
+    /// The attribute-flag ioctls that `chattr` and `lsattr` (and xfs_io)
+    /// make: the kernel turns each into one of these four.
+    fn ioctl(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        self.count();
+        match self.attr_ioctl(req, ino.0, cmd, in_data) {
+            Ok(mut out) => {
+                out.truncate(out_size as usize);
+                reply.ioctl(0, &out)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
 }
 
+/// `FS_IOC_GETFLAGS` and `FS_IOC_SETFLAGS` (an `int` passed through a
+/// `long` pointer), their 32-bit forms, and XFS's `FS_IOC_FSGETXATTR` and
+/// `FS_IOC_FSSETXATTR` (a 28-byte `struct fsxattr`).
+const FS_IOC_GETFLAGS: u32 = 0x8008_6601;
+const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
+const FS_IOC32_GETFLAGS: u32 = 0x8004_6601;
+const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
+const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
+const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+const FSXATTR_SIZE: usize = 28;
+const FS_IMMUTABLE_FL: u32 = 0x10;
+const FS_APPEND_FL: u32 = 0x20;
+
 impl DaxFuse {
+    /// Serve an attribute-flag ioctl; what goes back, or the errno.
+    fn attr_ioctl(
+        &self,
+        req: &Request,
+        ino: u64,
+        cmd: u32,
+        in_data: &[u8],
+    ) -> Result<Vec<u8>, Errno> {
+        let fail = |e| self.errno(e);
+        let word = |at: usize| {
+            in_data
+                .get(at..at + 4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                .ok_or(Errno::EINVAL)
+        };
+        let attr = self.fs.getattr(ino).map_err(fail)?;
+        let set = |flags: u32| {
+            // The kernel checks the owner and CAP_LINUX_IMMUTABLE before
+            // sending this; checked again, as far as a uid tells.
+            let privileged = (attr.flags ^ flags) & (FS_IMMUTABLE_FL | FS_APPEND_FL) != 0;
+            if req.uid() != 0 && (req.uid() != attr.uid || privileged) {
+                return Err(Errno::EPERM);
+            }
+            self.fs.set_flags(ino, flags).map(drop).map_err(fail)
+        };
+        match cmd {
+            FS_IOC_GETFLAGS | FS_IOC32_GETFLAGS => Ok(attr.flags.to_le_bytes().to_vec()),
+            FS_IOC_SETFLAGS | FS_IOC32_SETFLAGS => set(word(0)?).map(|()| Vec::new()),
+            FS_IOC_FSGETXATTR => {
+                let mut out = vec![0u8; FSXATTR_SIZE];
+                out[..4].copy_from_slice(&daxfs::to_xflags(attr.flags).to_le_bytes());
+                Ok(out)
+            }
+            FS_IOC_FSSETXATTR => {
+                // Extent size hints and project ids are not kept: only 0.
+                if word(4)? != 0 || word(12)? != 0 || word(16)? != 0 {
+                    return Err(Errno::from_i32(libc::EOPNOTSUPP));
+                }
+                let flags =
+                    daxfs::from_xflags(word(0)?).ok_or(Errno::from_i32(libc::EOPNOTSUPP))?;
+                set(flags).map(|()| Vec::new())
+            }
+            _ => Err(Errno::from_i32(libc::ENOTTY)),
+        }
+    }
+
     /// `lseek` with `SEEK_DATA` or `SEEK_HOLE`: the next data or hole at or
     /// after `offset`, from the file's extents (ENXIO past the end).
     fn seek(&self, ino: u64, offset: u64, data: bool) -> Result<u64, Errno> {

@@ -68,7 +68,9 @@
 //! ```text
 //!   0 mode u32 (0: free)    4 nlink u32    8 uid u32    12 gid u32    16 size u64
 //!  24 atime s i64  32 atime ns u32  36 mtime ns u32  40 mtime s i64
-//!  48 ctime s i64  56 ctime ns u32  60 flags u32
+//!  48 ctime s i64  56 ctime ns u32  60 flags u32 (bit 0: inline symlink
+//!     target; 0x10 immutable, 0x20 append-only, 0x40 nodump, 0x80 noatime,
+//!     as FS_IOC_GETFLAGS gives them)
 //!  64 generation u32        68 extent count u32 (all extents, inline and overflow)
 //!  72 first overflow extent block u64    80 xattr block u64
 //!  88 parent inode u64 (directories); for a symlink whose target is in a
@@ -165,6 +167,17 @@ pub const SB_NEEDS_CHECK: u64 = 1;
 
 /// Inode flag: the symlink target is stored inline.
 pub const FLAG_INLINE_LINK: u32 = 1;
+/// Inode flag: the file cannot change (`chattr +i`). The attribute flags
+/// are stored with the values `FS_IOC_GETFLAGS` gives them.
+pub const FLAG_IMMUTABLE: u32 = 0x10;
+/// Inode flag: data may only be appended (`chattr +a`).
+pub const FLAG_APPEND: u32 = 0x20;
+/// Inode flag: not for dump(8) (`chattr +d`).
+pub const FLAG_NODUMP: u32 = 0x40;
+/// Inode flag: access times are not updated (`chattr +A`).
+pub const FLAG_NOATIME: u32 = 0x80;
+/// The attribute flags a user sees and sets.
+pub const ATTR_FLAGS: u32 = FLAG_IMMUTABLE | FLAG_APPEND | FLAG_NODUMP | FLAG_NOATIME;
 
 /// Read metadata, turning poison into an error that names the structure.
 pub fn read_meta(dev: &pmem::Device, offset: u64, buf: &mut [u8], what: &str) -> Result<()> {
@@ -712,6 +725,9 @@ impl Inode {
     /// limits.
     pub fn unsound(&self) -> Option<String> {
         let size = self.size;
+        if self.flags & !(FLAG_INLINE_LINK | ATTR_FLAGS) != 0 {
+            return Some(format!("unknown flags {:#x}", self.flags));
+        }
         match self.kind() {
             libc::S_IFREG | libc::S_IFDIR if size > MAX_FILE_SIZE => {
                 Some(format!("size {size} is past the largest file"))

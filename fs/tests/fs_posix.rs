@@ -813,3 +813,71 @@ fn a_setgid_directory_passes_its_group_and_bit_on() {
     let (g, _) = fs.create(plain.ino, b"g", 0o644, 1000, 1000, true).unwrap();
     assert_eq!(g.gid, 1000);
 }
+
+/// The attribute flags through the library: immutable and append-only
+/// refuse what Linux refuses, the calls that have no system-call check in
+/// front of them (a write below the end, fallocate, punch, a writable
+/// shared mapping) included; unknown flags are refused; clearing works
+/// and the flags survive a crash.
+#[test]
+fn immutable_and_append_only_files_refuse_changes() {
+    use daxfs::MapOptions;
+    let (img, fs) = image(64 << 20);
+    let f = fs.create_path("/f", 0o644, true).unwrap().ino;
+    fs.write(f, 0, &[1u8; 8192]).unwrap();
+    let eperm = libc::EPERM;
+    assert_eq!(errno(fs.set_flags(f, 0x4)), libc::EOPNOTSUPP, "compression");
+    assert_eq!(fs.get_flags(f).unwrap(), 0);
+
+    fs.set_flags(f, 0x20).unwrap(); // append-only
+    assert_eq!(errno(fs.write(f, 0, b"x")), eperm, "a write below the end");
+    assert_eq!(fs.write(f, 8192, b"tail").unwrap(), 4, "appending");
+    assert_eq!(errno(fs.truncate(f, 0)), eperm);
+    assert_eq!(errno(fs.punch_hole(f, 0, 4096)), eperm);
+    assert_eq!(errno(fs.fallocate(f, 0, 1 << 20, false)), eperm);
+    fs.fallocate(f, 0, 1 << 20, true).unwrap(); // KEEP_SIZE is allowed
+                                                // SAFETY: no slice of the mapping is ever made.
+    let writable = unsafe { fs.mmap(f, 0, 4096, MapOptions::default()) };
+    assert_eq!(errno(writable), eperm);
+    let read_only = MapOptions {
+        write: false,
+        ..MapOptions::default()
+    };
+    // SAFETY: as above.
+    drop(unsafe { fs.mmap(f, 0, 4096, read_only) }.unwrap());
+    assert_eq!(errno(fs.may_open_for_write(f, false)), eperm);
+    fs.may_open_for_write(f, true).unwrap();
+
+    fs.set_flags(f, 0x10 | 0x40).unwrap(); // immutable, nodump
+    assert_eq!(errno(fs.write(f, 8196, b"x")), eperm, "not even at the end");
+    assert_eq!(errno(fs.may_open_for_write(f, true)), eperm);
+    let chmod = SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    assert_eq!(errno(fs.setattr(f, &chmod)), eperm);
+    assert_eq!(errno(fs.setxattr(f, b"user.a", b"1", false, false)), eperm);
+    assert_eq!(errno(fs.link(f, ROOT, b"g")), eperm);
+    assert_eq!(errno(fs.unlink(ROOT, b"f")), eperm);
+    let other = fs.create_path("/other", 0o644, true).unwrap().ino;
+    let replace = fs.rename(ROOT, b"other", ROOT, b"f", RenameFlags::default());
+    assert_eq!(errno(replace), eperm);
+    let d = fs.mkdir_path("/d", 0o755).unwrap().ino;
+    fs.set_flags(d, 0x10).unwrap();
+    assert_eq!(errno(fs.create(d, b"n", 0o644, 0, 0, true)), eperm);
+    assert_eq!(
+        errno(fs.rename(ROOT, b"other", d, b"o", RenameFlags::default())),
+        eperm
+    );
+    fs.set_flags(d, 0x20).unwrap(); // append-only: takes entries, loses none
+    fs.rename(ROOT, b"other", d, b"o", RenameFlags::default())
+        .unwrap();
+    assert_eq!(errno(fs.unlink(d, b"o")), eperm);
+    assert_eq!(fs.stat_path("/d/o").unwrap().ino, other);
+
+    let fs = crash_and_mount(&img, fs);
+    assert_eq!(fs.get_flags(f).unwrap(), 0x10 | 0x40);
+    assert_eq!(fs.getattr(d).unwrap().flags, 0x20);
+    fs.set_flags(f, 0).unwrap();
+    fs.unlink(ROOT, b"f").unwrap();
+}

@@ -352,6 +352,8 @@ impl Fs {
 
     /// Map `len` bytes of regular file `ino` from `offset` (a multiple of
     /// 4 KiB). The mapping holds the inode (unmount is refused meanwhile).
+    /// A shared writable mapping of an immutable or append-only file is
+    /// refused (`EPERM`).
     ///
     /// # Safety
     ///
@@ -373,6 +375,10 @@ impl Fs {
         let attr = self.getattr(ino)?;
         if attr.kind != super::FileKind::File {
             return Err(Error::Invalid("only regular files can be mapped"));
+        }
+        if opts.write && opts.shared {
+            // (As a write open: stores could go anywhere in the file.)
+            self.may_open_for_write(ino, false)?;
         }
         let pages = len.div_ceil(PAGE);
         let bytes = (pages * PAGE) as usize;

@@ -227,6 +227,7 @@ impl Fs {
             stage.touched.insert(ino);
             let mut inode = fs.inode(st, ino)?;
             check_regular(&inode)?;
+            super::flags::may_write(&inode, offset)?;
             let old_size = inode.size;
             let new_size = old_size.max(end);
             if offset > old_size {
@@ -343,6 +344,7 @@ impl Fs {
         stage.touched.insert(ino);
         let mut inode = self.inode(st, ino)?;
         check_regular(&inode)?;
+        super::flags::unchangeable(&inode)?;
         if size < inode.size {
             if let Some(changed) =
                 self.unmap_blocks(st, stage, ino, size.div_ceil(BLOCK), u64::MAX)?
@@ -389,6 +391,10 @@ impl Fs {
             stage.touched.insert(ino);
             let mut inode = fs.inode(st, ino)?;
             check_regular(&inode)?;
+            match keep_size {
+                true => super::flags::immutable(&inode)?,
+                false => super::flags::unchangeable(&inode)?,
+            }
             let new_size = if keep_size {
                 inode.size
             } else {
@@ -425,6 +431,7 @@ impl Fs {
             stage.touched.insert(ino);
             let mut inode = fs.inode(st, ino)?;
             check_regular(&inode)?;
+            super::flags::unchangeable(&inode)?;
             let end = end.min(inode.size);
             if offset >= end {
                 return Ok(());

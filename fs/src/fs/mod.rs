@@ -50,6 +50,7 @@ mod dcache;
 mod dir;
 mod failure;
 mod file;
+mod flags;
 mod layout;
 mod namespace;
 mod owner;
@@ -58,6 +59,7 @@ mod shrink;
 pub use check::{fsck, FsckReport, Problem};
 pub use dax::{BusSignal, DaxStats, Fallback, MapOptions, Mapping};
 pub use failure::{FailureHandler, MemoryFailure};
+pub use flags::{from_xflags, to_xflags};
 pub use layout::{Pin, DEFAULT_LAYOUT_TIMEOUT};
 pub use owner::{FileExtent, Owner};
 
@@ -176,6 +178,8 @@ pub struct Attr {
     /// The device number of a device node, as Linux encodes a `dev_t`
     /// (`libc::makedev`); 0 for every other file.
     pub rdev: u64,
+    /// The attribute flags (`FS_IOC_GETFLAGS`'s `FS_*_FL`; see [`Fs::set_flags`]).
+    pub flags: u32,
 }
 
 /// Changes for `setattr`; `None` leaves a field alone.
@@ -1131,6 +1135,7 @@ impl Fs {
             mtime: inode.mtime,
             ctime: inode.ctime,
             rdev: inode.rdev(),
+            flags: inode.flags & crate::format::ATTR_FLAGS,
         }
     }
 
@@ -1149,6 +1154,11 @@ impl Fs {
 
     fn setattr_once(&self, ino: Ino, set: &SetAttr) -> Result<Attr> {
         self.change(|fs, st, stage| {
+            let inode = fs.inode(st, ino)?;
+            flags::immutable(&inode)?;
+            if set.size.is_some() || set.mode.is_some() || set.uid.is_some() || set.gid.is_some() {
+                flags::unchangeable(&inode)?;
+            }
             if let Some(size) = set.size {
                 fs.truncate_staged(st, stage, ino, size)?;
             }

@@ -312,6 +312,8 @@ impl Fs {
             if inode.is_dir() {
                 return Err(Error::Unsupported("hard links to directories"));
             }
+            super::flags::unchangeable(&inode)?;
+            fs.may_add(st, parent)?;
             if inode.nlink >= MAX_LINKS {
                 return Err(Error::TooManyLinks);
             }
@@ -337,6 +339,7 @@ impl Fs {
             if fs.inode(st, slot.ino)?.is_dir() {
                 return Err(Error::IsDir);
             }
+            fs.may_remove(st, parent, slot.ino)?;
             fs.remove_entry(st, stage, parent, name, &slot)?;
             fs.drop_link(st, stage, slot.ino)
         })
@@ -357,6 +360,7 @@ impl Fs {
             if !fs.dir(st, slot.ino)?.is_empty() {
                 return Err(Error::NotEmpty);
             }
+            fs.may_remove(st, parent, slot.ino)?;
             fs.remove_entry(st, stage, parent, name, &slot)?;
             fs.drop_dir(st, stage, parent, slot.ino)
         })
@@ -393,6 +397,8 @@ impl Fs {
                     return Ok(()); // the same file under both names: nothing to do
                 }
                 let dst_inode = fs.inode(st, dst.ino)?;
+                fs.may_remove(st, parent, src.ino)?;
+                fs.may_remove(st, new_parent, dst.ino)?;
                 if flags.exchange {
                     if dst_inode.is_dir() && fs.is_ancestor(st, dst.ino, parent)? {
                         return Err(Error::Invalid("a directory cannot move into itself"));
@@ -417,6 +423,9 @@ impl Fs {
                 }
             } else if flags.exchange {
                 return Err(Error::NotFound);
+            } else {
+                fs.may_remove(st, parent, src.ino)?;
+                fs.may_add(st, new_parent)?;
             }
             // Remove the source name, then put it at the target.
             fs.remove_entry(st, stage, parent, name, &src)?;
@@ -588,6 +597,7 @@ impl Fs {
         attrs: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<()> {
         let mut inode = self.inode(st, ino)?;
+        super::flags::unchangeable(&inode)?;
         let mut body = Vec::new();
         for (name, value) in attrs {
             body.push(name.len() as u8);
@@ -730,6 +740,7 @@ impl Fs {
         if dir.nlink == 0 {
             return Err(Error::NotFound); // a removed directory takes no new entries
         }
+        self.may_add(st, parent)?;
         if dir.mode & libc::S_ISGID != 0 {
             inode.gid = dir.gid;
             if inode.is_dir() {
