@@ -2027,3 +2027,155 @@ fn chattr_flags_are_enforced_as_on_tmpfs() {
     // (tmpfs's directory goes with its flag cleared.)
     set_flags(&tmp.path().join("d"), 0).unwrap();
 }
+
+/// The control socket of the mount at `m`, as `daxfs stat` names it.
+fn control_socket(m: &Mounted) -> PathBuf {
+    let out = daxfs(&["stat".as_ref(), m.mnt.as_os_str()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("control socket:"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    PathBuf::from(line.trim())
+}
+
+/// A line from `pid`'s /proc status ("Threads", "VmRSS"), as a number.
+fn proc_status(pid: i32, key: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Another user cannot take the control socket's name or answer for the
+/// daemon: with `nobody` listening, before the mount, on every name a
+/// user other than root can take (the abstract name daxfs once used, and
+/// the fallback directory in /tmp), the mount succeeds, `daxfs stat` gets
+/// the daemon's own answer, and with the daemon's socket gone it fails
+/// rather than believe nobody's.
+#[test]
+fn a_squatter_can_neither_block_the_mount_nor_forge_its_answers() {
+    let mut m = Mounted::new("");
+    let socket = control_socket(&m);
+    let name = socket.file_name().unwrap().to_owned();
+    let out = m.umount();
+    assert!(out.status.success(), "{}", text(&out));
+    let (img, mnt) = (m.img.clone(), m.mnt.clone());
+    let canonical = fs::canonicalize(&mnt).unwrap();
+
+    let fallback = Path::new("/tmp/daxfs-0");
+    let ours_to_remove = !fallback.exists();
+    let script = r#"
+        use IO::Socket::UNIX; use IO::Select; $SIG{PIPE} = "IGNORE";
+        my ($abstract, $dir, $name) = @ARGV;
+        my @s = (IO::Socket::UNIX->new(Type => SOCK_STREAM(), Local => "\0$abstract", Listen => 8)
+            or die "abstract: $!");
+        if (mkdir($dir, 0777) || -o $dir) {
+            chmod 0777, $dir;
+            push @s, IO::Socket::UNIX->new(Type => SOCK_STREAM(), Local => "$dir/$name", Listen => 8)
+                or die "path: $!";
+        }
+        $| = 1; print scalar(@s), "\n";
+        my $sel = IO::Select->new(@s);
+        while (my @r = $sel->can_read) {
+            for (@r) { my $c = $_->accept or next; my $l = <$c>; print $c "{\"output\":\"forged\\n\"}\n"; close $c; }
+        }
+    "#;
+    let mut squatter = as_nobody("perl")
+        .args(["-e", script])
+        .arg(format!("daxfs:{}", canonical.display()))
+        .arg(fallback)
+        .arg(&name)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut listening = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(squatter.stdout.as_mut().unwrap()),
+        &mut listening,
+    )
+    .unwrap();
+    let result = std::panic::catch_unwind(|| {
+        assert!(
+            listening.trim() == "1" || listening.trim() == "2",
+            "{listening}"
+        );
+        let m = Mounted::over(&img, &mnt, "");
+        let out = daxfs(&["stat".as_ref(), mnt.as_os_str()]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(!text(&out).contains("forged"), "{}", text(&out));
+        assert_eq!(control_socket(&m), socket);
+        // The daemon's socket gone: an error, never nobody's answer.
+        fs::remove_file(&socket).unwrap();
+        let out = daxfs(&["stat".as_ref(), mnt.as_os_str()]);
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(!text(&out).contains("forged"), "{}", text(&out));
+        assert!(text(&out).contains("no control socket"), "{}", text(&out));
+        // The mount itself serves on.
+        fs::write(mnt.join("still"), b"here").unwrap();
+        assert_eq!(fs::read(mnt.join("still")).unwrap(), b"here");
+    });
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    if ours_to_remove {
+        let _ = fs::remove_dir_all(fallback);
+    }
+    result.unwrap();
+}
+
+/// The daemon reads at most 4 KiB of a request and answers that it is too
+/// long; a thousand idle connections cost it no thread, and the mount's
+/// owner is still answered while they stay open.
+#[test]
+fn the_control_socket_bounds_requests_and_idle_connections() {
+    use std::os::unix::net::UnixStream;
+    let m = Mounted::new("");
+    let socket = control_socket(&m);
+    let pid = m.pid.unwrap();
+
+    // 64 MiB without a newline.
+    let rss = proc_status(pid, "VmRSS");
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..64 {
+        if stream.write_all(&chunk).is_err() {
+            break; // the daemon stopped reading, as it should
+        }
+    }
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(answer.contains("request too long"), "{answer:?}");
+    let grown_kib = proc_status(pid, "VmRSS").saturating_sub(rss);
+    assert!(grown_kib < 16 << 10, "the daemon grew by {grown_kib} KiB");
+
+    // A thousand idle connections (the descriptor limit raised for them).
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max.min(8192);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    let threads = proc_status(pid, "Threads");
+    let idle: Vec<UnixStream> = (0..1000)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    let out = daxfs(&["stat".as_ref(), m.mnt.as_os_str()]);
+    assert!(out.status.success(), "with the flood open: {}", text(&out));
+    let during = proc_status(pid, "Threads");
+    assert!(
+        during < threads + 4,
+        "{threads} threads, {during} with the flood"
+    );
+    fs::write(m.path("served"), b"yes").unwrap();
+    assert_eq!(fs::read(m.path("served")).unwrap(), b"yes");
+    drop(idle);
+    let out = daxfs(&["stat".as_ref(), m.mnt.as_os_str()]);
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -1,11 +1,20 @@
 //! The control channel of a running mount.
 //!
-//! The daemon listens on a Unix socket in the abstract namespace, named
-//! after the mount point (`daxfs:` and its canonical path, or a hash of it
-//! when that is too long), so nothing is left on disk when it dies. Only
-//! the mount's owner and root may use it: the daemon checks each peer's
-//! credentials (`SO_PEERCRED`). A request is one line of JSON, the answer
-//! one line of JSON: `{"output": TEXT}` to print, or `{"error": TEXT}`.
+//! The daemon listens on a Unix socket named after the mount point (a hash
+//! of its canonical path) in a directory private to the user who mounted
+//! it (`/run/daxfs` for root, `/run/user/UID/daxfs` for others, or
+//! `/tmp/daxfs-UID`; mode 0700, as systemd's runtime directories), so that
+//! no other user can take its name first or answer in its place. Both
+//! ends check: the daemon serves only the mount's owner and root (its
+//! peer's `SO_PEERCRED`, looked at before anything is read), and the
+//! `daxfs` command talks only to a socket in a directory private to the
+//! mount's owner (its `user_id`), served by that owner or root.
+//!
+//! A request is one line of JSON of at most 4 KiB, sent within 10 seconds;
+//! the answer one line of JSON: `{"output": TEXT}` to print, or `{"error":
+//! TEXT}`. Waiting connections cost a buffer each in one thread (at most
+//! 64; beyond, the one that has waited longest is closed), and two threads
+//! carry out the requests.
 //!
 //! Commands run against the live filesystem, so poison injected here takes
 //! its memory-failure path (`Fs::memory_failure`): the owner of the block
@@ -18,26 +27,94 @@
 use crate::fuse::Counters;
 use daxfs::{Fs, MemoryFailure, Owner};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// The socket's abstract name for `mountpoint`.
-fn address(mountpoint: &Path) -> Result<SocketAddr, String> {
-    use std::os::linux::net::SocketAddrExt;
+/// The longest request line; a longer one is refused unread.
+const MAX_REQUEST: usize = 4096;
+/// Connections waiting for their request line, at most; beyond, the one
+/// that has waited longest is closed (a real client sends its line at
+/// once, so it is never that one).
+const MAX_WAITING: usize = 64;
+/// How long a connection may take to send its request line.
+const IDLE: Duration = Duration::from_secs(10);
+/// Threads that carry out requests (a scrub must not hold up a stat).
+const WORKERS: usize = 2;
+
+/// Where the control sockets of `uid`'s mounts may live, in order: a
+/// directory only `uid` can write to, in /run (as systemd's runtime
+/// directories), and /tmp for a machine without one.
+fn runtime_dirs(uid: u32) -> Vec<PathBuf> {
+    let first = match uid {
+        0 => PathBuf::from("/run/daxfs"),
+        _ => PathBuf::from(format!("/run/user/{uid}/daxfs")),
+    };
+    vec![first, PathBuf::from(format!("/tmp/daxfs-{uid}"))]
+}
+
+/// Whether `dir` is private to `uid`: a directory (not a symlink) that
+/// `uid` owns and nobody else may enter or change. Then only `uid` and
+/// root can have made a socket in it.
+fn check_private(dir: &Path, uid: u32) -> Result<(), String> {
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{}: not a directory", dir.display()));
+    }
+    if meta.uid() != uid {
+        return Err(format!(
+            "{} belongs to uid {}, not {uid}: remove it",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} is open to others (mode {:o}): it must be 0700",
+            dir.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// The socket's file name for `mountpoint`: a hash of its canonical path
+/// (FNV-1a, stable across runs, unlike the std hasher).
+fn socket_name(mountpoint: &Path) -> Result<String, String> {
     let canonical =
         std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
-    let mut name = format!("daxfs:{}", canonical.display()).into_bytes();
-    if name.len() > 100 {
-        // FNV-1a: stable across runs, unlike the std hasher.
-        let hash = name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+    let hash = canonical
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
             (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
         });
-        name = format!("daxfs:#{hash:016x}").into_bytes();
+    Ok(format!("{hash:016x}.sock"))
+}
+
+/// The owner of the daxfs mount at `mountpoint` (its `user_id`), and the
+/// sockets where its daemon may listen.
+fn sockets_of(mountpoint: &Path) -> Result<(u32, Vec<PathBuf>), String> {
+    let owner = crate::mount::owner_of(mountpoint)
+        .ok_or_else(|| format!("{}: not a daxfs mount", mountpoint.display()))?;
+    let name = socket_name(mountpoint)?;
+    let dirs = runtime_dirs(owner).into_iter();
+    Ok((owner, dirs.map(|d| d.join(&name)).collect()))
+}
+
+/// Whether the peer of `stream` is `owner` or root (`SO_PEERCRED`).
+fn peer_is(stream: &UnixStream, owner: u32) -> Result<(), u32> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    match getsockopt(stream, PeerCredentials) {
+        Ok(cred) if cred.uid() == 0 || cred.uid() == owner => Ok(()),
+        Ok(cred) => Err(cred.uid()),
+        Err(_) => Err(u32::MAX),
     }
-    SocketAddr::from_abstract_name(name).map_err(|e| e.to_string())
 }
 
 /// The mount point holding `path` (a file or directory inside a daxfs
@@ -95,24 +172,56 @@ pub fn output(mountpoint: &Path, request: &Value) -> Result<String, String> {
 }
 
 fn ask(mountpoint: &Path, request: &Value) -> Result<Value, String> {
-    let stream = UnixStream::connect_addr(&address(mountpoint)?).map_err(|e| {
-        format!(
-            "{}: cannot reach the daemon of this mount ({e}); is it a daxfs mount of this version?",
+    let (owner, sockets) = sockets_of(mountpoint)?;
+    let me = nix::unistd::getuid().as_raw();
+    if me != 0 && me != owner {
+        return Err(format!(
+            "{}: permission denied: the mount belongs to uid {owner}; only it and root may \
+             control it",
             mountpoint.display()
+        ));
+    }
+    // Only a socket in a directory private to the mount's owner is its
+    // daemon's: anything else is someone else's.
+    let socket = sockets
+        .iter()
+        .find(|s| s.parent().is_some_and(|d| check_private(d, owner).is_ok()) && s.exists())
+        .ok_or_else(|| {
+            format!(
+                "{}: no control socket of this mount (looked for {}); is it a daxfs mount of \
+                 this version?",
+                mountpoint.display(),
+                sockets[0].display()
+            )
+        })?;
+    ask_at(socket, owner, request).map_err(|e| format!("{}: {e}", mountpoint.display()))
+}
+
+/// Send `request` to the socket at `socket`, whose daemon must run as
+/// `owner` (or root); its answer.
+fn ask_at(socket: &Path, owner: u32, request: &Value) -> Result<Value, String> {
+    let stream = UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot reach the daemon of this mount at {} ({e})",
+            socket.display()
         )
     })?;
+    peer_is(&stream, owner).map_err(|uid| {
+        format!(
+            "the control socket {} is served by uid {uid}, not the mount's owner ({owner}): \
+             its answers are not trusted",
+            socket.display()
+        )
+    })?;
+    let _ = stream.set_write_timeout(Some(IDLE));
     let mut writer = &stream;
     writeln!(writer, "{request}").map_err(|e| e.to_string())?;
     let mut line = String::new();
     BufReader::new(&stream)
         .read_line(&mut line)
         .map_err(|e| e.to_string())?;
-    serde_json::from_str(&line).map_err(|_| {
-        format!(
-            "{}: the daemon closed the control channel without an answer",
-            mountpoint.display()
-        )
-    })
+    serde_json::from_str(&line)
+        .map_err(|_| "the daemon closed the control channel without an answer".to_string())
 }
 
 /// A poison event, for `stat`.
@@ -133,6 +242,8 @@ pub struct Daemon {
     /// The queue of the thread that drops the kernel's cached pages (set
     /// by `watch_failures`).
     pub invalidations: Mutex<Option<std::sync::mpsc::Sender<Invalidation>>>,
+    /// Where the control socket is (shown by `stat`).
+    pub control_socket: PathBuf,
 }
 
 /// Work for the thread that drops the kernel's cached pages.
@@ -214,51 +325,219 @@ impl Daemon {
     }
 }
 
-/// Listen for control requests for the mount at `mountpoint`, in a thread.
-pub fn serve(mountpoint: &Path, daemon: Arc<Daemon>) -> Result<(), String> {
-    let listener = UnixListener::bind_addr(&address(mountpoint)?).map_err(|e| {
-        format!(
-            "{}: cannot open the control socket: {e}",
-            mountpoint.display()
-        )
-    })?;
-    let owner = nix::unistd::getuid().as_raw();
-    std::thread::Builder::new()
-        .name("daxfs-control".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let daemon = Arc::clone(&daemon);
-                // One thread per client: a scrub must not hold up a stat.
-                let _ = std::thread::Builder::new()
-                    .name("daxfs-control-client".into())
-                    .spawn(move || client(&stream, &daemon, owner));
-            }
-        })
-        .map_err(|e| format!("cannot start the control thread: {e}"))?;
-    Ok(())
+/// The daemon's control socket, bound before the filesystem is mounted
+/// (so that a mount never goes ahead without its control channel); its
+/// file goes when this does.
+pub struct Control {
+    listener: Option<UnixListener>,
+    path: PathBuf,
 }
 
-fn client(stream: &UnixStream, daemon: &Daemon, owner: u32) {
-    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    let allowed = getsockopt(stream, PeerCredentials)
-        .is_ok_and(|cred| cred.uid() == 0 || cred.uid() == owner);
-    let mut line = String::new();
-    if BufReader::new(stream).read_line(&mut line).is_err() {
-        return;
-    }
-    let answer = if !allowed {
-        json!({ "error": "permission denied: only the mount's owner or root may control it" })
-    } else {
-        match serde_json::from_str::<Value>(&line)
-            .map_err(|e| format!("bad request: {e}"))
-            .and_then(|request| handle(daemon, &request))
-        {
-            Ok(output) => json!({ "output": output }),
-            Err(error) => json!({ "error": error }),
+impl Control {
+    /// Bind the control socket of the mount at `mountpoint`, in the first
+    /// runtime directory of ours that is (or can be made) private. A
+    /// socket left there by a daemon that died is replaced; one that
+    /// answers belongs to a live daemon of the same mount point, and this
+    /// mount is refused.
+    pub fn bind(mountpoint: &Path) -> Result<Control, String> {
+        let uid = nix::unistd::getuid().as_raw();
+        let name = socket_name(mountpoint)?;
+        let mut why = Vec::new();
+        for dir in runtime_dirs(uid) {
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    why.push(format!("{}: {e}", dir.display()));
+                    continue;
+                }
+                _ => {}
+            }
+            if let Err(e) = check_private(&dir, uid) {
+                why.push(e);
+                continue;
+            }
+            let path = dir.join(&name);
+            let listener = match UnixListener::bind(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    if UnixStream::connect(&path).is_ok() {
+                        return Err(format!(
+                            "{}: another daxfs daemon serves this mount point (its control \
+                             socket {} answers)",
+                            mountpoint.display(),
+                            path.display()
+                        ));
+                    }
+                    // Its daemon is gone.
+                    let _ = std::fs::remove_file(&path);
+                    UnixListener::bind(&path)
+                }
+                other => other,
+            };
+            match listener {
+                Ok(listener) => {
+                    return Ok(Control {
+                        listener: Some(listener),
+                        path,
+                    })
+                }
+                Err(e) => why.push(format!("{}: {e}", path.display())),
+            }
         }
-    };
+        Err(format!(
+            "{}: cannot open the control socket: {}",
+            mountpoint.display(),
+            why.join("; ")
+        ))
+    }
+
+    /// Where the socket is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serve control requests, in threads of their own: one waits for
+    /// connections and their request lines (all at once, each within
+    /// limits of size and time), a fixed few carry the requests out.
+    pub fn serve(&mut self, daemon: Arc<Daemon>) -> Result<(), String> {
+        let listener = self.listener.take().expect("served once");
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let owner = nix::unistd::getuid().as_raw();
+        let (queue, requests) = mpsc::sync_channel::<(UnixStream, Vec<u8>)>(MAX_WAITING);
+        let requests = Arc::new(Mutex::new(requests));
+        for _ in 0..WORKERS {
+            let (requests, daemon) = (Arc::clone(&requests), Arc::clone(&daemon));
+            std::thread::Builder::new()
+                .name("daxfs-control-worker".into())
+                .spawn(move || loop {
+                    let next = requests.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((stream, line)) = next else { return };
+                    let answer = match serde_json::from_slice::<Value>(&line)
+                        .map_err(|e| format!("bad request: {e}"))
+                        .and_then(|request| handle(&daemon, &request))
+                    {
+                        Ok(output) => json!({ "output": output }),
+                        Err(error) => json!({ "error": error }),
+                    };
+                    reply(&stream, &answer);
+                })
+                .map_err(|e| format!("cannot start a control thread: {e}"))?;
+        }
+        std::thread::Builder::new()
+            .name("daxfs-control".into())
+            .spawn(move || listen(&listener, owner, &queue))
+            .map_err(|e| format!("cannot start the control thread: {e}"))?;
+        Ok(())
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Answer on `stream` (blocking, within the idle limit) and close it.
+fn reply(stream: &UnixStream, answer: &Value) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(IDLE));
     let mut writer = stream;
     let _ = writeln!(writer, "{answer}");
+}
+
+/// A connection whose request line has not all come.
+struct Waiting {
+    stream: UnixStream,
+    line: Vec<u8>,
+    since: Instant,
+}
+
+/// Accept connections and gather their request lines, all in this thread
+/// (an idle connection costs a buffer, not a thread); a peer other than
+/// the owner or root is refused before anything is read.
+fn listen(listener: &UnixListener, owner: u32, queue: &mpsc::SyncSender<(UnixStream, Vec<u8>)>) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut waiting: Vec<Waiting> = Vec::new();
+    loop {
+        let ready: Vec<bool> = {
+            let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+            fds.extend(
+                waiting
+                    .iter()
+                    .map(|w| PollFd::new(w.stream.as_fd(), PollFlags::POLLIN)),
+            );
+            if poll(&mut fds, PollTimeout::from(1000u16)).is_err() {
+                continue;
+            }
+            fds.iter().map(|f| f.any().unwrap_or(true)).collect()
+        };
+        // Read what came, oldest first; hand over whole lines.
+        let mut index = 0;
+        waiting.retain_mut(|w| {
+            index += 1;
+            if !ready[index] {
+                return w.since.elapsed() < IDLE; // idle too long: closed
+            }
+            let mut chunk = [0u8; 1024];
+            let n = match w.stream.read(&mut chunk) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(_) => return false,
+            };
+            w.line.extend_from_slice(&chunk[..n]);
+            let end = w.line.iter().position(|&b| b == b'\n');
+            if end.map_or(w.line.len(), |end| end) > MAX_REQUEST {
+                let error = format!("request too long: the limit is {MAX_REQUEST} bytes");
+                reply(&w.stream, &json!({ "error": error }));
+                return false;
+            }
+            match end {
+                Some(end) => {
+                    w.line.truncate(end);
+                    let Ok(stream) = w.stream.try_clone() else {
+                        return false;
+                    };
+                    let line = std::mem::take(&mut w.line);
+                    if let Err(mpsc::TrySendError::Full((stream, _))) =
+                        queue.try_send((stream, line))
+                    {
+                        reply(
+                            &stream,
+                            &json!({ "error": "the daemon is busy: try again" }),
+                        );
+                    }
+                    false
+                }
+                None if n == 0 => false, // closed before a whole line
+                None => true,
+            }
+        });
+        // New connections: the peer checked first.
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if peer_is(&stream, owner).is_err() {
+                        let error =
+                            "permission denied: only the mount's owner or root may control it";
+                        reply(&stream, &json!({ "error": error }));
+                        continue;
+                    }
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    if waiting.len() == MAX_WAITING {
+                        waiting.remove(0);
+                    }
+                    waiting.push(Waiting {
+                        stream,
+                        line: Vec::new(),
+                        since: Instant::now(),
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => break,
+            }
+        }
+    }
 }
 
 fn number(request: &Value, key: &str) -> Result<u64, String> {
@@ -379,8 +658,10 @@ fn handle(daemon: &Daemon, request: &Value) -> Result<String, String> {
             let events = daemon.events.lock().unwrap_or_else(|e| e.into_inner());
             let usage = daemon.fs.cache_usage().map_err(|e| e.to_string())?;
             let mut out = format!(
-                "requests:        {}\nerrors returned: {}\nleaked inodes:   {}\n\
-                 cached inodes:   {} ({} referenced), {} cached names\npoison events:   {}\n",
+                "control socket:  {}\nrequests:        {}\nerrors returned: {}\n\
+                 leaked inodes:   {}\ncached inodes:   {} ({} referenced), {} cached names\n\
+                 poison events:   {}\n",
+                daemon.control_socket.display(),
                 c.requests.load(Ordering::Relaxed),
                 c.errors.load(Ordering::Relaxed),
                 c.leaked.load(Ordering::Relaxed),
@@ -476,4 +757,93 @@ fn clear(daemon: &Daemon, range: Option<(u64, u64)>) -> Result<String, String> {
         ),
         None => format!("{label}: cleared {}\n", crate::sectors_text(sectors)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server run as `nobody` (through setpriv and perl, both in every
+    /// Debian) that answers every connection to `socket` with a forged
+    /// reply; killed when dropped.
+    struct Forger(std::process::Child);
+
+    impl Forger {
+        fn start(socket: &Path) -> Forger {
+            let script = r#"
+                use IO::Socket::UNIX; $SIG{PIPE} = "IGNORE";
+                my $s = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Local => $ARGV[0], Listen => 8)
+                    or die "bind: $!";
+                $| = 1; print "ready\n";
+                while (my $c = $s->accept) { my $l = <$c>; print $c "{\"output\":\"forged\\n\"}\n"; close $c; }
+            "#;
+            let mut child = std::process::Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "perl",
+                    "-e",
+                    script,
+                ])
+                .arg(socket)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(child.stdout.as_mut().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line, "ready\n");
+            Forger(child)
+        }
+    }
+
+    impl Drop for Forger {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// The command trusts only a daemon of the mount's owner or root: a
+    /// reply from another user's socket is refused, naming who served it.
+    #[test]
+    fn a_reply_forged_by_another_user_is_refused() {
+        if !nix::unistd::getuid().is_root() {
+            return; // (setpriv needs root)
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let socket = dir.path().join("forged.sock");
+        let _forger = Forger::start(&socket);
+        let err = ask_at(&socket, 0, &json!({ "op": "stat" })).unwrap_err();
+        assert!(err.contains("served by uid 65534"), "{err}");
+        // The same socket, were nobody the mount's owner: answered.
+        let answer = ask_at(&socket, 65534, &json!({ "op": "stat" })).unwrap();
+        assert_eq!(answer["output"], "forged\n");
+    }
+
+    /// A directory that others may write to, or that another user owns,
+    /// is not private: a socket in it is not trusted.
+    #[test]
+    fn only_a_private_directory_is_trusted() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let me = nix::unistd::getuid().as_raw();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        check_private(dir.path(), me).unwrap();
+        let err = check_private(dir.path(), me + 1).unwrap_err();
+        assert!(err.contains(&format!("belongs to uid {me}")), "{err}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let err = check_private(dir.path(), me).unwrap_err();
+        assert!(err.contains("open to others"), "{err}");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/", &link).unwrap();
+        assert!(check_private(&link, 0).is_err(), "a symlink");
+    }
 }

@@ -133,6 +133,27 @@ pub fn image_of(mountpoint: &Path) -> Option<PathBuf> {
     })
 }
 
+/// The owner (`user_id`) of the `fuse.daxfs` mount at `mountpoint`, from
+/// /proc/self/mountinfo: `ID PARENT DEV ROOT MOUNTPOINT OPTIONS [TAGS] -
+/// TYPE SOURCE SUPER-OPTIONS`.
+pub fn owner_of(mountpoint: &Path) -> Option<u32> {
+    let target = std::fs::canonicalize(mountpoint).ok()?;
+    let target = target.as_os_str().to_string_lossy();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        let at = mount.split(' ').nth(4)?;
+        let mut fs = fs.split(' ');
+        let (fstype, _source, options) = (fs.next()?, fs.next()?, fs.next()?);
+        if fstype != "fuse.daxfs" || unescape(at) != target {
+            return None;
+        }
+        options
+            .split(',')
+            .find_map(|o| o.strip_prefix("user_id=")?.parse().ok())
+    })
+}
+
 /// /proc/mounts escapes space, tab, newline and backslash as octal.
 fn unescape(field: &str) -> String {
     let mut out = String::new();
@@ -303,6 +324,8 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
     let adapter = DaxFuse::new(Arc::clone(&fs), !options.cache);
     let counters = Arc::clone(&adapter.counters);
     let mnt = args.mountpoint.clone();
+    // The control socket first: no mount without it.
+    let mut control = crate::control::Control::bind(&mnt)?;
     let (session, mut unmounter) = match kernel_mount(&image, &mnt, options) {
         // As root: the mount system call, with type fuse.daxfs.
         Ok(fd) => {
@@ -326,9 +349,10 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
         counters,
         events: Default::default(),
         invalidations: Default::default(),
+        control_socket: control.path().to_path_buf(),
     });
     daemon.watch_failures()?;
-    crate::control::serve(&mnt, daemon)?;
+    control.serve(daemon)?;
     std::thread::Builder::new()
         .name("daxfs-signals".into())
         .spawn(move || {
