@@ -1575,7 +1575,8 @@ fn setgid_directories_behave_as_on_tmpfs() {
 
 /// A write by an unprivileged user drops set-user-ID, and set-group-ID
 /// unless group-execute is clear and the writer is in the file's group
-/// (then Linux keeps it), in the default direct-I/O mode too: the same
+/// (then Linux keeps it), in the default direct-I/O mode too; so do a
+/// truncate and a fallocate (the kernel asks for those itself): the same
 /// steps on tmpfs are the reference. A write by root keeps them.
 #[test]
 fn setid_bits_go_on_an_unprivileged_write_as_on_tmpfs() {
@@ -1584,11 +1585,13 @@ fn setid_bits_go_on_an_unprivileged_write_as_on_tmpfs() {
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
     let outcome = |root: &Path| {
         let mut modes = Vec::new();
-        for (name, mode, gid) in [
-            ("a", 0o6777, 0),
-            ("b", 0o6767, 0),
-            ("c", 0o4777, 0),
-            ("d", 0o6767, 65534),
+        for (name, mode, gid, how) in [
+            ("a", 0o6777, 0, "printf y >>"),
+            ("b", 0o6767, 0, "printf y >>"),
+            ("c", 0o4777, 0, "printf y >>"),
+            ("d", 0o6767, 65534, "printf y >>"),
+            ("e", 0o6777, 0, "truncate -s 10"),
+            ("f", 0o6777, 0, "fallocate -l 8192"),
         ] {
             let path = root.join(name);
             fs::write(&path, b"x").unwrap();
@@ -1596,7 +1599,7 @@ fn setid_bits_go_on_an_unprivileged_write_as_on_tmpfs() {
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
             let out = as_nobody("sh")
                 .arg("-c")
-                .arg(format!("printf y >> {name}"))
+                .arg(format!("{how} {name}"))
                 .current_dir(root)
                 .output()
                 .unwrap();
@@ -1619,7 +1622,7 @@ fn setid_bits_go_on_an_unprivileged_write_as_on_tmpfs() {
     let theirs = outcome(tmp.path());
     assert_eq!(
         theirs,
-        vec![0o777, 0o767, 0o777, 0o2767, 0o6777],
+        vec![0o777, 0o767, 0o777, 0o2767, 0o777, 0o777, 0o6777],
         "tmpfs, the reference"
     );
     assert_eq!(outcome(&m.mnt), theirs);
