@@ -1995,6 +1995,8 @@ fn chattr_flags_are_enforced_as_on_tmpfs() {
         (seen, kept, nobody, mine)
     };
     let theirs = outcome(tmp.path());
+    // (tmpfs's directory goes with its flag cleared.)
+    set_flags(&tmp.path().join("d"), 0).unwrap();
     let refused: Vec<&String> = theirs
         .0
         .iter()
@@ -2027,8 +2029,6 @@ fn chattr_flags_are_enforced_as_on_tmpfs() {
     );
     set_flags(&again.path("d"), 0).unwrap();
     fs::remove_file(again.path("d/x")).unwrap();
-    // (tmpfs's directory goes with its flag cleared.)
-    set_flags(&tmp.path().join("d"), 0).unwrap();
 }
 
 /// The control socket of the mount at `m`, as `daxfs stat` names it.

@@ -410,12 +410,16 @@ impl Control {
                 .spawn(move || loop {
                     let next = requests.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok((stream, line)) = next else { return };
-                    let answer = match serde_json::from_slice::<Value>(&line)
-                        .map_err(|e| format!("bad request: {e}"))
-                        .and_then(|request| handle(&daemon, &request))
-                    {
-                        Ok(output) => json!({ "output": output }),
-                        Err(error) => json!({ "error": error }),
+                    // (A request that panics costs its answer, not a worker.)
+                    let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        serde_json::from_slice::<Value>(&line)
+                            .map_err(|e| format!("bad request: {e}"))
+                            .and_then(|request| handle(&daemon, &request))
+                    }));
+                    let answer = match answered {
+                        Ok(Ok(output)) => json!({ "output": output }),
+                        Ok(Err(error)) => json!({ "error": error }),
+                        Err(_) => json!({ "error": "the daemon failed to carry out the request" }),
                     };
                     reply(&stream, &answer);
                 })

@@ -890,8 +890,7 @@ const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
 const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
 const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
 const FSXATTR_SIZE: usize = 28;
-const FS_IMMUTABLE_FL: u32 = 0x10;
-const FS_APPEND_FL: u32 = 0x20;
+use daxfs::format::{FLAG_APPEND as FS_APPEND_FL, FLAG_IMMUTABLE as FS_IMMUTABLE_FL};
 
 impl DaxFuse {
     /// Serve an attribute-flag ioctl; what goes back, or the errno.

@@ -484,9 +484,9 @@ fn rewrite_inode(img: &common::Image, ino: u64, change: impl FnOnce(&mut [u8])) 
 }
 
 /// FIFOs, sockets and device nodes are checked as every inode is: a clean
-/// image with them is clean; one that claims data, or a FIFO with a device
-/// number, is reported and repaired into what it was (the device number
-/// of a device node kept), not cleared.
+/// image with them is clean; one that claims data, a FIFO with a device
+/// number, or an unknown flag, is reported and repaired into what it was
+/// (the device number of a device node kept), not cleared.
 #[test]
 fn special_files_are_checked_and_repaired() {
     let (img, fs) = common::image_with("daxfs-fsck-special", 16 * MIB, &rw());
@@ -505,8 +505,9 @@ fn special_files_are_checked_and_repaired() {
     rewrite_inode(&img, fifo.ino, |raw| raw[112] = 9); // a device number
     rewrite_inode(&img, chr.ino, |raw| raw[16] = 1); // a size
     rewrite_inode(&img, blk.ino, |raw| raw[68] = 3); // extents
+    rewrite_inode(&img, sock.ino, |raw| raw[61] = 1); // a flag daxfs does not know
     let report = fsck(&img, false);
-    for ino in [fifo.ino, chr.ino, blk.ino] {
+    for ino in [fifo.ino, chr.ino, blk.ino, sock.ino] {
         assert!(
             report
                 .problems

@@ -818,6 +818,8 @@ fn damaged_inode(fs: &Fs, ino: Ino) -> Fix {
         return Fix::ClearInode(ino);
     }
     let mut inode = Inode::decode_unchecked(&raw);
+    // Flags daxfs does not know are dropped.
+    inode.flags &= crate::format::FLAG_INLINE_LINK | crate::format::ATTR_FLAGS;
     if inode.is_special() {
         // A special file holds no data: what says otherwise is damage.
         let rdev = if inode.is_device() { inode.rdev() } else { 0 };
