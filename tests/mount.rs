@@ -2182,3 +2182,101 @@ fn the_control_socket_bounds_requests_and_idle_connections() {
     let out = daxfs(&["stat".as_ref(), m.mnt.as_os_str()]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// SEEK_DATA and SEEK_HOLE at offsets outside the file give what tmpfs
+/// gives (and ext4 and XFS through iomap): ENXIO below 0 and at or past
+/// the end.
+#[test]
+fn seek_data_and_hole_outside_the_file_as_on_tmpfs() {
+    let m = Mounted::new("");
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    let outcome = |root: &Path| {
+        let f = File::create(root.join("f")).unwrap();
+        f.write_all_at(&[7u8; 8192], 0).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        let mut seen = Vec::new();
+        for offset in [-1i64, -4096, i64::MIN, 0, 8191, 8192, 8193] {
+            for whence in [libc::SEEK_DATA, libc::SEEK_HOLE] {
+                // SAFETY: lseek on an open descriptor.
+                let at = unsafe { libc::lseek(fd, offset, whence) };
+                let errno = std::io::Error::last_os_error().raw_os_error();
+                seen.push((offset, whence, at, if at < 0 { errno } else { None }));
+            }
+        }
+        seen
+    };
+    let theirs = outcome(tmp.path());
+    assert_eq!(
+        theirs[0],
+        (-1, libc::SEEK_DATA, -1, Some(libc::ENXIO)),
+        "tmpfs"
+    );
+    assert_eq!(outcome(&m.mnt), theirs);
+}
+
+/// Raise this process's soft limit of open files to the hard limit (at
+/// most `want`).
+fn raise_open_files(want: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max.min(want).max(limit.rlim_cur);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
+
+/// Free inodes of the filesystem mounted at `at`.
+fn free_inodes(at: &Path) -> u64 {
+    let c = c_path(at);
+    // SAFETY: an all-zero statvfs is a valid value; statvfs fills it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a struct that lives across the call.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_ffree
+}
+
+/// The userspace form of "busy inodes after unmount": 10,000 files
+/// unlinked while open, closed, then an unmount (the kernel's plain
+/// `umount`, which does not wait for the daemon, and `daxfs umount`, which
+/// does) and at once a new mount of the same image at the same place. The
+/// new mount succeeds (waiting for the old daemon when it must, and saying
+/// so), every one of those inodes is free again, and fsck is clean.
+#[test]
+fn a_mount_right_after_an_unmount_with_10000_orphans_waits_and_loses_nothing() {
+    raise_open_files(16_384);
+    for plain in [true, false] {
+        let mut m = Mounted::new("");
+        let free_before = free_inodes(&m.mnt);
+        let files: Vec<File> = (0..10_000)
+            .map(|i| {
+                let path = m.path(&format!("f{i}"));
+                let f = File::create(&path).unwrap();
+                fs::remove_file(&path).unwrap();
+                f
+            })
+            .collect();
+        assert_eq!(free_inodes(&m.mnt), free_before - 10_000, "held while open");
+        drop(files);
+        let (img, mnt) = (m.img.clone(), m.mnt.clone());
+        if plain {
+            let out = Command::new("umount").arg(&mnt).output().unwrap();
+            assert!(out.status.success(), "{}", text(&out));
+            m.pid = None; // (its end is what the new mount waits for)
+        } else {
+            let out = m.umount();
+            assert!(out.status.success(), "{}", text(&out));
+        }
+        let again = Mounted::over(&img, &mnt, "");
+        assert_eq!(
+            free_inodes(&again.mnt),
+            free_before,
+            "plain umount: {plain}"
+        );
+        drop(again);
+        fsck_clean(&img);
+    }
+}

@@ -107,6 +107,23 @@ fn sockets_of(mountpoint: &Path) -> Result<(u32, Vec<PathBuf>), String> {
     Ok((owner, dirs.map(|d| d.join(&name)).collect()))
 }
 
+/// The pid of a daemon of ours that still answers on the control socket
+/// of `mountpoint` (one that is finishing an unmount, when nothing is
+/// mounted there).
+pub fn daemon_at(mountpoint: &Path) -> Option<u32> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let uid = nix::unistd::getuid().as_raw();
+    let name = socket_name(mountpoint).ok()?;
+    runtime_dirs(uid)
+        .into_iter()
+        .filter(|dir| check_private(dir, uid).is_ok())
+        .find_map(|dir| {
+            let stream = UnixStream::connect(dir.join(&name)).ok()?;
+            let cred = getsockopt(&stream, PeerCredentials).ok()?;
+            (cred.uid() == uid).then_some(cred.pid() as u32)
+        })
+}
+
 /// Whether the peer of `stream` is `owner` or root (`SO_PEERCRED`).
 fn peer_is(stream: &UnixStream, owner: u32) -> Result<(), u32> {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};

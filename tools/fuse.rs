@@ -709,7 +709,7 @@ impl fuser::Filesystem for DaxFuse {
         reply.statfs(
             s.blocks,
             s.free_blocks,
-            s.free_blocks,
+            s.available_blocks,
             s.files,
             s.free_files,
             s.block_size as u32,
@@ -785,8 +785,10 @@ impl fuser::Filesystem for DaxFuse {
         reply: fuser::ReplyLseek,
     ) {
         self.count();
+        // Below 0 is no offset in the file: ENXIO, as Linux's
+        // iomap_seek_data/iomap_seek_hole (ext4, XFS) and tmpfs say.
         let Ok(offset) = u64::try_from(offset) else {
-            return reply.error(Errno::EINVAL);
+            return reply.error(Errno::ENXIO);
         };
         let found = match whence {
             libc::SEEK_DATA => self.seek(ino.0, offset, true),

@@ -196,6 +196,7 @@ pub fn mount(args: MountArgs) -> Result<(), String> {
             at.display()
         ));
     }
+    wait_for_previous_daemon(&args)?;
     if args.mountpoint.exists() && !args.mountpoint.is_dir() {
         return Err(format!(
             "{}: not a directory: the mount point must be a directory",
@@ -221,6 +222,78 @@ pub fn mount(args: MountArgs) -> Result<(), String> {
         serve(&args, &options)
     } else {
         spawn_daemon(&args)
+    }
+}
+
+/// How long `daxfs mount` waits for the daemon of an earlier mount of the
+/// same image or mount point to finish (it frees files unlinked while
+/// open, and writes back, after the kernel has let go of the mount).
+const PREVIOUS_DAEMON_WAIT: Duration = Duration::from_secs(120);
+
+/// A plain `umount` returns before the daemon has finished; a new mount of
+/// the same image or mount point waits for it, saying so, as Linux makes a
+/// new mount wait for the end of the old one.
+fn wait_for_previous_daemon(args: &MountArgs) -> Result<(), String> {
+    let by_image = match args.image.exists() {
+        true => pmem::device_holder(&args.image).ok().flatten(),
+        false => None,
+    };
+    let by_mountpoint = match args.mountpoint.is_dir() && image_of(&args.mountpoint).is_none() {
+        true => crate::control::daemon_at(&args.mountpoint),
+        false => None,
+    };
+    for pid in [by_image, by_mountpoint].into_iter().flatten() {
+        if !is_daxfs_daemon(pid) {
+            continue; // (the open that follows names it)
+        }
+        eprintln!(
+            "daxfs: waiting for the daemon of the previous mount (pid {pid}) to finish unmounting"
+        );
+        if !wait_for_exit(pid, PREVIOUS_DAEMON_WAIT) {
+            return Err(format!(
+                "{}: the daemon of the previous mount (pid {pid}) is still running after {} \
+                 seconds",
+                args.image.display(),
+                PREVIOUS_DAEMON_WAIT.as_secs()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether process `pid` is a daxfs mount daemon.
+fn is_daxfs_daemon(pid: u32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmdline.split(|&b| b == 0);
+    let program = args.next().unwrap_or_default();
+    program.ends_with(b"daxfs") && args.next() == Some(b"mount".as_slice())
+}
+
+/// Wait until process `pid` has exited (its pidfd becomes readable), for
+/// at most `limit`; whether it has.
+fn wait_for_exit(pid: u32, limit: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new
+    // descriptor, or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    // SAFETY: a descriptor just opened, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        match poll(&mut [PollFd::new(fd.as_fd(), PollFlags::POLLIN)], timeout) {
+            Ok(n) if n > 0 => return true,
+            Ok(_) => return false,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+        }
     }
 }
 

@@ -61,6 +61,9 @@ pub struct Allocator {
     refused: BTreeSet<u64>,
 }
 
+/// Blocks that only extent blocks may take (see [`Allocator::alloc`]).
+pub const RESERVE: u64 = 64;
+
 /// Words per checksummed piece of the bitmap.
 const WORDS_PER_PIECE: usize = (BITMAP_PIECE / 8) as usize;
 
@@ -356,7 +359,25 @@ impl Allocator {
     /// Up to `want` contiguous blocks (at least one), preferring broken
     /// regions: `(first block, count)`.
     pub fn alloc(&mut self, want: u64) -> Option<(u64, u64)> {
-        let want = want.clamp(1, HUGE_BLOCKS);
+        // The reserve is for the extent blocks that describe data already
+        // allocated (`alloc_extent_block`): the last blocks never go to
+        // anything else.
+        if self.free <= RESERVE {
+            return None;
+        }
+        let want = want.clamp(1, HUGE_BLOCKS).min(self.free - RESERVE);
+        self.alloc_any(want)
+    }
+
+    /// One block for an overflow extent block, from the reserve when
+    /// nothing else is left: a hole punched in the middle of an extent
+    /// splits it in two, and that must not fail for want of the space it
+    /// is about to free (as ext4 keeps a reserve for the same).
+    pub fn alloc_extent_block(&mut self) -> Option<u64> {
+        self.alloc_any(1).map(|(block, _)| block)
+    }
+
+    fn alloc_any(&mut self, want: u64) -> Option<(u64, u64)> {
         // Best: a broken region with a run of `want`; else the longest run
         // found in a broken region; else break a free region.
         let mut best: Option<(u64, u64)> = None;

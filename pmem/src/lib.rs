@@ -56,5 +56,5 @@ pub use device::{
     SIZE_ALIGN,
 };
 pub use error::{Error, Result};
-pub use lock::device_in_use;
+pub use lock::{device_holder, device_in_use};
 pub use mapping::HUGE_PAGE;

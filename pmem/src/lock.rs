@@ -75,6 +75,17 @@ pub fn device_in_use(path: &Path) -> Result<bool> {
     Ok(lock.l_type != libc::F_UNLCK as libc::c_short)
 }
 
+/// The pid of a process that holds the device at `path`, if one does and
+/// it can be found (in `/proc/*/fdinfo`, which a process may only read of
+/// its own user's processes unless it is root).
+pub fn device_holder(path: &Path) -> Result<Option<u32>> {
+    if !device_in_use(path)? {
+        return Ok(None);
+    }
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "stat the device", e))?;
+    Ok(find_holder(meta.dev(), meta.ino()))
+}
+
 /// The pid of a process that holds an OFD lock on the inode `(dev, ino)`.
 fn find_holder(dev: u64, ino: u64) -> Option<u32> {
     // fdinfo names the inode as "MAJOR:MINOR:INODE", major and minor in hex.

@@ -208,6 +208,9 @@ pub struct StatFs {
     pub block_size: u64,
     pub blocks: u64,
     pub free_blocks: u64,
+    /// Free blocks a file may take: all but the few kept for the extent
+    /// blocks that a hole punched in a full filesystem needs (`f_bavail`).
+    pub available_blocks: u64,
     pub files: u64,
     pub free_files: u64,
     pub name_max: u64,
@@ -324,6 +327,11 @@ struct State {
     handles: HashSet<u64>,
     next_handle: u64,
     orphan_head: Ino,
+    /// The predecessor of each orphan on the list (0: the head), so that
+    /// an orphan leaves the list without a walk of it (the on-media list
+    /// is singly linked, as ext4's). Built from the list when first
+    /// needed, and again after a change that failed.
+    orphan_prev: Option<HashMap<Ino, Ino>>,
     /// Inodes whose metadata is damaged or poisoned: never changed again.
     damaged: HashSet<Ino>,
     /// Poisoned pages of filesystem-wide structures (the journal, the
@@ -689,6 +697,7 @@ impl Fs {
                     handles: HashSet::default(),
                     next_handle: 1,
                     orphan_head,
+                    orphan_prev: None,
                     damaged,
                     damaged_areas: Vec::new(),
                     unmounted: false,
@@ -746,6 +755,7 @@ impl Fs {
             if !poisoned {
                 fs.change(|fs, st, stage| {
                     fs.set_orphan_head(st, stage, 0);
+                    st.orphan_prev = None;
                     Ok(())
                 })?;
             }
@@ -1017,6 +1027,7 @@ impl Fs {
                 st.free_inodes.extend(stage.taken_inodes);
                 if let Some(head) = stage.old_orphan_head {
                     st.orphan_head = head;
+                    st.orphan_prev = None;
                 }
                 Err(e)
             }
@@ -1191,6 +1202,7 @@ impl Fs {
             block_size: BLOCK,
             blocks: self.core.sb.total_blocks - self.core.sb.data_start,
             free_blocks: st.alloc.free_blocks(),
+            available_blocks: st.alloc.free_blocks().saturating_sub(crate::alloc::RESERVE),
             files: self.core.sb.inode_count,
             free_files: st.free_inodes.len() as u64,
             name_max: crate::format::NAME_MAX as u64,
@@ -1276,8 +1288,7 @@ impl Fs {
             st.alloc.free(block, 1);
         }
         while chain.len() < need {
-            let (block, _) = st.alloc.alloc(1).ok_or(Error::NoSpace)?;
-            chain.push(block);
+            chain.push(st.alloc.alloc_extent_block().ok_or(Error::NoSpace)?);
         }
         for (i, &block) in chain.iter().enumerate() {
             let part = &extents[INLINE_EXTENTS + i * OVERFLOW_EXTENTS..];
@@ -1460,34 +1471,66 @@ impl Fs {
     }
 
     fn add_orphan(&self, st: &mut State, stage: &mut Stage, ino: Ino, mut inode: Inode) {
-        inode.next_orphan = st.orphan_head;
+        let old_head = st.orphan_head;
+        inode.next_orphan = old_head;
         self.put_inode(st, stage, ino, inode);
         self.set_orphan_head(st, stage, ino);
+        if let Some(prev) = &mut st.orphan_prev {
+            prev.insert(ino, 0);
+            if old_head != 0 {
+                prev.insert(old_head, ino);
+            }
+        }
     }
 
+    /// Take `ino` off the orphan list: its predecessor (or the head) is
+    /// pointed past it.
     fn remove_orphan(&self, st: &mut State, stage: &mut Stage, ino: Ino) -> Result<()> {
         let next = self.inode(st, ino)?.next_orphan;
-        if st.orphan_head == ino {
-            self.set_orphan_head(st, stage, next);
-            return Ok(());
-        }
-        let mut at = st.orphan_head;
-        let mut hops = 0;
-        while at != 0 && hops <= self.core.sb.inode_count {
-            let mut inode = self.inode(st, at)?;
-            if inode.next_orphan == ino {
-                inode.next_orphan = next;
-                self.put_inode(st, stage, at, inode);
-                return Ok(());
+        let prev = match self.orphan_prev(st)?.remove(&ino) {
+            Some(prev) => prev,
+            None => {
+                return Err(Error::corrupt(
+                    "orphan list",
+                    self.core.sb.state_block * BLOCK,
+                    format!("inode {ino} is not on it"),
+                ))
             }
-            at = inode.next_orphan;
-            hops += 1;
+        };
+        if next != 0 {
+            self.orphan_prev(st)?.insert(next, prev);
         }
-        Err(Error::corrupt(
-            "orphan list",
-            self.core.sb.state_block * BLOCK,
-            format!("inode {ino} is not on it"),
-        ))
+        if prev == 0 {
+            self.set_orphan_head(st, stage, next);
+        } else {
+            let mut inode = self.inode(st, prev)?;
+            inode.next_orphan = next;
+            self.put_inode(st, stage, prev, inode);
+        }
+        Ok(())
+    }
+
+    /// The predecessor map of the orphan list, built by walking it when
+    /// there is none.
+    fn orphan_prev<'s>(&self, st: &'s mut State) -> Result<&'s mut HashMap<Ino, Ino>> {
+        if st.orphan_prev.is_none() {
+            let mut prev = HashMap::default();
+            let (mut before, mut at) = (0, st.orphan_head);
+            while at != 0 {
+                if prev.insert(at, before).is_some() || prev.len() as u64 > self.core.sb.inode_count
+                {
+                    return Err(Error::corrupt(
+                        "orphan list",
+                        self.core.sb.state_block * BLOCK,
+                        format!("it loops at inode {at}"),
+                    ));
+                }
+                before = at;
+                at = self.inode(st, at)?.next_orphan;
+            }
+            st.orphan_prev = Some(prev);
+        }
+        Ok(st.orphan_prev.as_mut().expect("built above"))
     }
 
     /// Free every orphan (files unlinked while open when the last mount
@@ -1536,9 +1579,11 @@ impl Fs {
             self.change(|fs, st, stage| match valid.last() {
                 None => {
                     fs.set_orphan_head(st, stage, 0);
+                    st.orphan_prev = None;
                     Ok(())
                 }
                 Some(&last) => {
+                    st.orphan_prev = None;
                     let mut inode = fs.inode(st, last)?;
                     inode.next_orphan = 0;
                     fs.put_inode(st, stage, last, inode);
@@ -1550,6 +1595,7 @@ impl Fs {
             self.change(|fs, st, stage| {
                 let next = fs.inode(st, ino)?.next_orphan;
                 fs.set_orphan_head(st, stage, next);
+                st.orphan_prev = None;
                 fs.free_inode(st, stage, ino)
             })?;
         }
