@@ -2280,3 +2280,51 @@ fn a_mount_right_after_an_unmount_with_10000_orphans_waits_and_loses_nothing() {
         fsck_clean(&img);
     }
 }
+
+/// `getfattr -d -m -` of `path` run by `nobody` (names and values), or by
+/// root: the attributes either can see.
+fn xattrs_seen(path: &Path, as_root: bool) -> String {
+    let mut cmd = if as_root {
+        Command::new("getfattr")
+    } else {
+        as_nobody("getfattr")
+    };
+    let out = cmd.args(["--absolute-names", "-d", "-m", "-"]).arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).replace(&path.display().to_string(), "PATH")
+}
+
+/// trusted.* and security.* attributes through the kernel, tmpfs the
+/// reference: root sets and reads all three namespaces; nobody cannot set
+/// a trusted one, and neither sees it nor finds it listed.
+#[test]
+fn trusted_and_security_xattrs_as_on_tmpfs() {
+    let m = Mounted::new("allow_other");
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let outcome = |root: &Path| {
+        let f = root.join("f");
+        fs::write(&f, b"x").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o666)).unwrap();
+        let set = |name: &str, value: &str, root_user: bool| {
+            let mut cmd = if root_user {
+                Command::new("setfattr")
+            } else {
+                as_nobody("setfattr")
+            };
+            cmd.args(["-n", name, "-v", value]).arg(&f).status().unwrap().success()
+        };
+        let made = (
+            set("trusted.overlay.opaque", "y", true),
+            set("security.label", "s0", true),
+            set("user.colour", "blue", true),
+            set("trusted.mine", "no", false),
+            set("user.theirs", "yes", false),
+        );
+        (made, xattrs_seen(&f, true), xattrs_seen(&f, false))
+    };
+    let theirs = outcome(tmp.path());
+    assert_eq!(theirs.0, (true, true, true, false, true), "tmpfs");
+    assert!(theirs.1.contains("trusted.overlay.opaque=\"y\""), "{}", theirs.1);
+    assert!(!theirs.2.contains("trusted."), "{}", theirs.2);
+    assert_eq!(outcome(&m.mnt), theirs);
+}

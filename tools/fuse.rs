@@ -746,12 +746,15 @@ impl fuser::Filesystem for DaxFuse {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         self.count();
         match self.fs.listxattr(ino.0) {
             Ok(names) => {
                 let mut list = Vec::new();
-                for name in names {
+                // trusted.* is listed to root only, as ext4 and tmpfs do
+                // (for the rest, the kernel refuses it before we see it).
+                let shown = |name: &Vec<u8>| req.uid() == 0 || !name.starts_with(b"trusted.");
+                for name in names.into_iter().filter(shown) {
                     list.extend_from_slice(&name);
                     list.push(0);
                 }

@@ -137,8 +137,13 @@ fn errnos_match_linux() {
     assert_eq!(errno(fs.rmdir(ROOT, b".")), libc::EINVAL);
     assert_eq!(errno(fs.getxattr(file.ino, b"user.none")), libc::ENODATA);
     assert_eq!(
-        errno(fs.setxattr(file.ino, b"trusted.x", b"v", false, false)),
+        errno(fs.setxattr(file.ino, b"system.x", b"v", false, false)),
         libc::EOPNOTSUPP
+    );
+    assert_eq!(
+        errno(fs.setxattr(file.ino, b"trusted.", b"v", false, false)),
+        libc::EOPNOTSUPP,
+        "a namespace with no name"
     );
     // Opening an existing file without O_EXCL returns it.
     let (again, created) = fs.create(ROOT, b"f", 0o644, 0, 0, false).unwrap();

@@ -534,7 +534,7 @@ impl Fs {
         Ok(out)
     }
 
-    // ---- extended attributes (user.* only) --------------------------------------
+    // ---- extended attributes (user.*, trusted.*, security.*) ------------------
 
     pub(super) fn xattrs(&self, st: &mut State, ino: Ino) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let inode = self.inode(st, ino)?;
@@ -633,9 +633,17 @@ impl Fs {
         Ok(())
     }
 
+    /// The namespaces kept: `user.*`, `trusted.*` (who may use it is the
+    /// caller's business: the kernel allows it to `CAP_SYS_ADMIN` only)
+    /// and `security.*` (labels, file capabilities).
     fn check_xattr_name(name: &[u8]) -> Result<()> {
-        if !name.starts_with(b"user.") {
-            return Err(Error::Unsupported("only user.* extended attributes"));
+        let known = [&b"user."[..], b"trusted.", b"security."]
+            .iter()
+            .any(|prefix| name.starts_with(prefix) && name.len() > prefix.len());
+        if !known {
+            return Err(Error::Unsupported(
+                "extended attributes other than user.*, trusted.* and security.*",
+            ));
         }
         if name.len() > 255 {
             return Err(Error::Range);
@@ -643,7 +651,7 @@ impl Fs {
         Ok(())
     }
 
-    /// Set `user.*` attribute `name`; `create` and `replace` as XATTR_CREATE
+    /// Set extended attribute `name`; `create` and `replace` as XATTR_CREATE
     /// and XATTR_REPLACE.
     pub fn setxattr(
         &self,
