@@ -2289,7 +2289,11 @@ fn xattrs_seen(path: &Path, as_root: bool) -> String {
     } else {
         as_nobody("getfattr")
     };
-    let out = cmd.args(["--absolute-names", "-d", "-m", "-"]).arg(path).output().unwrap();
+    let out = cmd
+        .args(["--absolute-names", "-d", "-m", "-"])
+        .arg(path)
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).replace(&path.display().to_string(), "PATH")
 }
 
@@ -2311,7 +2315,11 @@ fn trusted_and_security_xattrs_as_on_tmpfs() {
             } else {
                 as_nobody("setfattr")
             };
-            cmd.args(["-n", name, "-v", value]).arg(&f).status().unwrap().success()
+            cmd.args(["-n", name, "-v", value])
+                .arg(&f)
+                .status()
+                .unwrap()
+                .success()
         };
         let made = (
             set("trusted.overlay.opaque", "y", true),
@@ -2324,7 +2332,78 @@ fn trusted_and_security_xattrs_as_on_tmpfs() {
     };
     let theirs = outcome(tmp.path());
     assert_eq!(theirs.0, (true, true, true, false, true), "tmpfs");
-    assert!(theirs.1.contains("trusted.overlay.opaque=\"y\""), "{}", theirs.1);
+    assert!(
+        theirs.1.contains("trusted.overlay.opaque=\"y\""),
+        "{}",
+        theirs.1
+    );
     assert!(!theirs.2.contains("trusted."), "{}", theirs.2);
     assert_eq!(outcome(&m.mnt), theirs);
+}
+
+/// The access time of `path` (seconds, nanoseconds).
+fn atime_of(path: &Path) -> (i64, i64) {
+    let m = fs::metadata(path).unwrap();
+    (m.atime(), m.atime_nsec())
+}
+
+/// Access times through the kernel, tmpfs the reference (both relatime by
+/// default): a read after the file changed updates it, a second read does
+/// not, nor does a read of a file with chattr +A; listing a directory
+/// updates the directory's. With `-o noatime` nothing is updated, with
+/// `-o strictatime` every read is.
+#[test]
+fn access_times_follow_relatime_as_on_tmpfs() {
+    const OLD: i64 = 1_000_000_000;
+    let m = Mounted::new("");
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    let outcome = |root: &Path| {
+        let f = root.join("f");
+        fs::write(&f, b"some data").unwrap();
+        let d = root.join("d");
+        fs::create_dir(&d).unwrap();
+        let a = root.join("a");
+        fs::write(&a, b"flagged").unwrap();
+        for p in [&f, &d, &a] {
+            utimens(p, Some([OLD, OLD])).unwrap();
+        }
+        set_flags(&a, 0x80).unwrap(); // noatime
+        fs::read(&f).unwrap();
+        let first = atime_of(&f);
+        fs::read(&f).unwrap();
+        let second = atime_of(&f);
+        fs::read(&a).unwrap();
+        fs::read_dir(&d).unwrap().for_each(drop);
+        (
+            first.0 > OLD,
+            second == first,
+            atime_of(&a).0 == OLD,
+            atime_of(&d).0 > OLD,
+        )
+    };
+    let theirs = outcome(tmp.path());
+    assert_eq!(theirs, (true, true, true, true), "tmpfs, the reference");
+    assert_eq!(outcome(&m.mnt), theirs);
+    drop(m);
+
+    // An access time ahead of the clock: later than the file's changes and
+    // not a day old, so relatime leaves it, strictatime does not.
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 1000;
+    for (option, updated) in [("", false), ("noatime", false), ("strictatime", true)] {
+        let m = Mounted::new(option);
+        let f = m.path("f");
+        fs::write(&f, b"x").unwrap();
+        utimens(&f, Some([ahead, OLD])).unwrap();
+        fs::read(&f).unwrap();
+        assert_eq!(atime_of(&f).0 != ahead, updated, "-o {option}");
+        // The first read after a change updates it under relatime too.
+        fs::write(&f, b"y").unwrap();
+        utimens(&f, Some([OLD, OLD])).unwrap();
+        fs::read(&f).unwrap();
+        assert_eq!(atime_of(&f).0 != OLD, option != "noatime", "-o {option}");
+    }
 }

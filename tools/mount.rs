@@ -33,7 +33,9 @@ pub struct MountArgs {
     /// instead of direct I/O); `threads=N` (request threads, default 2);
     /// `nodefault_permissions` (no permission checks by the kernel); `dev`
     /// (device nodes on the mount open their devices) and `suid` (set-ID
-    /// bits take effect on exec), both off by default and root's only.
+    /// bits take effect on exec), both off by default and root's only;
+    /// `relatime` (the default), `noatime` or `strictatime`: when reads
+    /// update access times, as for any Linux filesystem.
     #[arg(short = 'o', value_delimiter = ',', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Stay in the foreground; Ctrl-C or SIGTERM unmounts.
@@ -61,6 +63,7 @@ struct Options {
     default_permissions: bool,
     dev: bool,
     suid: bool,
+    atime: daxfs::Atime,
 }
 
 fn parse_options(list: &[String]) -> Result<Options, String> {
@@ -72,6 +75,7 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
         default_permissions: true,
         dev: false,
         suid: false,
+        atime: daxfs::Atime::Relatime,
     };
     for opt in list.iter().filter(|s| !s.is_empty()) {
         match opt.split_once('=') {
@@ -83,6 +87,9 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
             None if opt == "nodefault_permissions" => o.default_permissions = false,
             None if opt == "dev" || opt == "nodev" => o.dev = opt == "dev",
             None if opt == "suid" || opt == "nosuid" => o.suid = opt == "suid",
+            None if opt == "relatime" => o.atime = daxfs::Atime::Relatime,
+            None if opt == "noatime" => o.atime = daxfs::Atime::NoAtime,
+            None if opt == "strictatime" => o.atime = daxfs::Atime::StrictAtime,
             Some(("threads", n)) => {
                 o.threads = n
                     .parse()
@@ -94,7 +101,7 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
                 return Err(format!(
                     "unknown mount option {opt:?} (known: ro, rw, allow_other, cache, \
                      threads=N, default_permissions, nodefault_permissions, dev, nodev, suid, \
-                     nosuid)"
+                     nosuid, relatime, noatime, strictatime)"
                 ))
             }
         }
@@ -362,6 +369,7 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let fs =
         Arc::new(Fs::mount(dev).map_err(|e| format!("{}: cannot mount: {e}", image.display()))?);
+    fs.set_atime(options.atime);
     for note in fs.mount_notes() {
         eprintln!("daxfs: {note}");
     }

@@ -187,7 +187,9 @@ fn orphans_closed_in_any_order_around_a_crash_are_all_reclaimed() {
     drop(fs); // a crash: 250 orphans still on the list
     let fs = Fs::mount(Device::open(&img.path, &DeviceOptions::new()).unwrap()).unwrap();
     assert!(
-        fs.mount_notes().iter().any(|n| n.contains("reclaimed 250 orphaned inodes")),
+        fs.mount_notes()
+            .iter()
+            .any(|n| n.contains("reclaimed 250 orphaned inodes")),
         "{:?}",
         fs.mount_notes()
     );

@@ -103,12 +103,17 @@ impl Fs {
     /// Read from `offset` into `buf`; returns the bytes read (0 at or past
     /// the end). Holes read as zeros. A read that reaches poison returns the
     /// bytes before it, or `EIO` if there are none.
+    /// The access time is updated as [`Fs::set_atime`] says.
     pub fn read(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let mut poison = None;
-        let got = self.read_data(ino, offset, buf, &mut poison);
+        let mut atime_due = false;
+        let got = self.read_data(ino, offset, buf, &mut poison, &mut atime_due);
         // Poison found on the way: memory failure, once the lock is free.
         if let Some(at) = poison {
             self.poison_found(at);
+        }
+        if atime_due && got.is_ok() {
+            self.touch_atime(ino);
         }
         got
     }
@@ -119,6 +124,7 @@ impl Fs {
         offset: u64,
         buf: &mut [u8],
         found: &mut Option<u64>,
+        atime_due: &mut bool,
     ) -> Result<usize> {
         // The destination may be an unfaulted DAX mapping: fault it in for
         // writing before taking the lock its fault needs.
@@ -130,6 +136,7 @@ impl Fs {
         let mut st = self.lock()?;
         let inode = self.inode(&mut st, ino)?;
         check_regular(&inode)?;
+        *atime_due = !buf.is_empty() && self.atime_due(&inode);
         if offset >= inode.size || buf.is_empty() {
             return Ok(0);
         }

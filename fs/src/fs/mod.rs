@@ -43,6 +43,7 @@
 //! and checked empty, and every later call fails with
 //! [`Error::Unmounted`].
 
+mod atime;
 mod check;
 mod claims;
 mod dax;
@@ -56,6 +57,7 @@ mod namespace;
 mod owner;
 mod shrink;
 
+pub use atime::Atime;
 pub use check::{fsck, FsckReport, Problem};
 pub use dax::{BusSignal, DaxStats, Fallback, MapOptions, Mapping};
 pub use failure::{FailureHandler, MemoryFailure};
@@ -402,6 +404,8 @@ struct Core {
     layout_cancel: AtomicU64,
     /// Calls waiting for pins to go (see `layout`).
     layout_waiting: AtomicU64,
+    /// When reads update access times (an [`Atime`] as a number).
+    atime: std::sync::atomic::AtomicU8,
     /// Memory failures handled and not cleared (see `failure`).
     failures: Mutex<Vec<failure::MemoryFailure>>,
     failure_handlers: Mutex<Vec<failure::FailureHandler>>,
@@ -711,6 +715,7 @@ impl Fs {
                 layout_timeout_ms: AtomicU64::new(layout::DEFAULT_LAYOUT_TIMEOUT.as_millis() as u64),
                 layout_cancel: AtomicU64::new(0),
                 layout_waiting: AtomicU64::new(0),
+                atime: Default::default(),
                 failures: Mutex::new(Vec::new()),
                 failure_handlers: Mutex::new(Vec::new()),
                 unmounted: AtomicBool::new(false),

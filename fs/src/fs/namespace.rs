@@ -502,7 +502,23 @@ impl Fs {
     }
 
     /// The entries of directory `ino` from `offset` on (0 starts with `.`).
+    /// A listing from the start updates the access time as a read does.
     pub fn readdir(&self, ino: Ino, offset: u64) -> Result<Vec<DirEntry>> {
+        let listed = self.readdir_from(ino, offset)?;
+        if offset == 0 {
+            let due = {
+                let mut st = self.lock()?;
+                let inode = self.inode(&mut st, ino)?;
+                self.atime_due(&inode)
+            };
+            if due {
+                self.touch_atime(ino);
+            }
+        }
+        Ok(listed)
+    }
+
+    fn readdir_from(&self, ino: Ino, offset: u64) -> Result<Vec<DirEntry>> {
         let mut st = self.lock()?;
         let parent = self.inode(&mut st, ino)?.parent;
         let dir = self.dir(&mut st, ino)?;
