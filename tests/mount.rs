@@ -2407,3 +2407,52 @@ fn access_times_follow_relatime_as_on_tmpfs() {
         assert_eq!(atime_of(&f).0 != OLD, option != "noatime", "-o {option}");
     }
 }
+
+/// `renameat2` with `flags`, relative to the current directory.
+fn rename2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
+    let (from, to) = (c_path(from), c_path(to));
+    // SAFETY: two valid C strings.
+    let r = unsafe {
+        libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), flags)
+    };
+    match r {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// RENAME_WHITEOUT (overlayfs's rename) through the kernel, tmpfs the
+/// reference: the file moves and a character device 0/0 takes its old
+/// name, over an existing target too; with RENAME_EXCHANGE it is EINVAL.
+#[test]
+fn rename_whiteout_as_on_tmpfs() {
+    let m = Mounted::new("");
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    let outcome = |root: &Path| {
+        let at = |name: &str| root.join(name);
+        fs::write(at("a"), b"moved").unwrap();
+        fs::write(at("c"), b"also").unwrap();
+        fs::write(at("d"), b"replaced").unwrap();
+        let results = (
+            errno_of(rename2(&at("a"), &at("b"), libc::RENAME_WHITEOUT)),
+            errno_of(rename2(&at("c"), &at("d"), libc::RENAME_WHITEOUT)),
+            errno_of(rename2(
+                &at("b"),
+                &at("d"),
+                libc::RENAME_WHITEOUT | libc::RENAME_EXCHANGE,
+            )),
+        );
+        let contents = (fs::read(at("b")).unwrap(), fs::read(at("d")).unwrap());
+        (results, contents, listing(root))
+    };
+    let theirs = outcome(tmp.path());
+    assert_eq!(theirs.0, (Ok(()), Ok(()), Err(libc::EINVAL)), "tmpfs");
+    assert!(theirs.2.iter().any(|l| l.starts_with("c \"a\"") && l.contains("rdev=0")), "{:?}", theirs.2);
+    let ours = outcome(&m.mnt);
+    assert_eq!((ours.0, ours.1), (theirs.0, theirs.1));
+    // (Times differ; type, mode, links and device numbers do not.)
+    let strip = |l: &Vec<String>| -> Vec<String> {
+        l.iter().map(|s| s.split(" owner=").next().unwrap().to_string()).collect()
+    };
+    assert_eq!(strip(&ours.2), strip(&theirs.2));
+}

@@ -417,13 +417,10 @@ impl fuser::Filesystem for DaxFuse {
         reply: ReplyEmpty,
     ) {
         self.count();
-        if flags.contains(fuser::RenameFlags::RENAME_WHITEOUT) {
-            reply.error(Errno::EINVAL);
-            return;
-        }
         let flags = daxfs::RenameFlags {
             noreplace: flags.contains(fuser::RenameFlags::RENAME_NOREPLACE),
             exchange: flags.contains(fuser::RenameFlags::RENAME_EXCHANGE),
+            whiteout: flags.contains(fuser::RenameFlags::RENAME_WHITEOUT),
         };
         self.empty(
             self.fs.rename(

@@ -171,6 +171,13 @@ fn ops() -> Vec<(&'static str, Step)> {
             )
             .unwrap()
         }),
+        ("rename-whiteout", |fs, _| {
+            let flags = RenameFlags {
+                whiteout: true,
+                ..Default::default()
+            };
+            fs.rename_path("/f2", "/b/f2", flags).unwrap()
+        }),
         ("rename-dir", |fs, _| {
             fs.rename_path("/a/sub", "/b/sub", RenameFlags::default())
                 .unwrap()

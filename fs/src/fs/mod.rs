@@ -227,6 +227,10 @@ pub struct RenameFlags {
     pub noreplace: bool,
     /// Swap source and target, which must both exist (`RENAME_EXCHANGE`).
     pub exchange: bool,
+    /// Leave a whiteout (a character device 0/0, as overlayfs marks a
+    /// deleted name) where the source was, in the same transaction
+    /// (`RENAME_WHITEOUT`). It has the moved file's owner.
+    pub whiteout: bool,
 }
 
 /// How `open_create` creates and opens.

@@ -375,8 +375,10 @@ impl Fs {
         new_name: &[u8],
         flags: RenameFlags,
     ) -> Result<()> {
-        if flags.exchange && flags.noreplace {
-            return Err(Error::Invalid("RENAME_EXCHANGE with RENAME_NOREPLACE"));
+        if flags.exchange && (flags.noreplace || flags.whiteout) {
+            return Err(Error::Invalid(
+                "RENAME_EXCHANGE with RENAME_NOREPLACE or RENAME_WHITEOUT",
+            ));
         }
         self.change(|fs, st, stage| {
             if is_dot(name) || is_dot(new_name) {
@@ -439,6 +441,11 @@ impl Fs {
                     }
                 }
                 None => fs.add_entry(st, stage, new_parent, new_name, src.ino, src.kind)?,
+            }
+            if flags.whiteout {
+                let mode = libc::S_IFCHR;
+                let whiteout = fs.new_inode(mode, src_inode.uid, src_inode.gid, parent);
+                fs.add_new(st, stage, parent, name, whiteout)?;
             }
             let now = Time::now();
             let mut moved = fs.inode(st, src.ino)?;
