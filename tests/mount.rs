@@ -2413,7 +2413,13 @@ fn rename2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
     let (from, to) = (c_path(from), c_path(to));
     // SAFETY: two valid C strings.
     let r = unsafe {
-        libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), flags)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
     };
     match r {
         0 => Ok(()),
@@ -2447,12 +2453,109 @@ fn rename_whiteout_as_on_tmpfs() {
     };
     let theirs = outcome(tmp.path());
     assert_eq!(theirs.0, (Ok(()), Ok(()), Err(libc::EINVAL)), "tmpfs");
-    assert!(theirs.2.iter().any(|l| l.starts_with("c \"a\"") && l.contains("rdev=0")), "{:?}", theirs.2);
+    assert!(
+        theirs
+            .2
+            .iter()
+            .any(|l| l.starts_with("c \"a\"") && l.contains("rdev=0")),
+        "{:?}",
+        theirs.2
+    );
     let ours = outcome(&m.mnt);
     assert_eq!((ours.0, ours.1), (theirs.0, theirs.1));
     // (Times differ; type, mode, links and device numbers do not.)
     let strip = |l: &Vec<String>| -> Vec<String> {
-        l.iter().map(|s| s.split(" owner=").next().unwrap().to_string()).collect()
+        l.iter()
+            .map(|s| s.split(" owner=").next().unwrap().to_string())
+            .collect()
     };
     assert_eq!(strip(&ours.2), strip(&theirs.2));
+}
+
+/// A file handle of `path` (name_to_handle_at): `struct file_handle` in a
+/// buffer of u32s (its alignment), 128 bytes of handle at most.
+fn handle_of(path: &Path) -> std::io::Result<Vec<u32>> {
+    let mut buf = vec![0u32; 2 + 32];
+    buf[0] = 128; // handle_bytes
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: a valid C string and a buffer laid out as struct file_handle
+    // with room for the 128 bytes it says.
+    let r = unsafe {
+        libc::name_to_handle_at(
+            libc::AT_FDCWD,
+            c_path(path).as_ptr(),
+            buf.as_mut_ptr().cast(),
+            &mut mount_id,
+            0,
+        )
+    };
+    match r {
+        0 => Ok(buf),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// Open the file `handle` names, on the filesystem mounted at `mnt`.
+fn open_handle(mnt: &Path, handle: &mut [u32], flags: i32) -> std::io::Result<File> {
+    let dir = File::open(mnt)?;
+    // SAFETY: an open directory and a struct file_handle made by
+    // name_to_handle_at.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            handle.as_mut_ptr().cast(),
+            flags,
+        )
+    };
+    match fd {
+        // SAFETY: a descriptor just opened, owned by nobody else.
+        fd if fd >= 0 => Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// Evict unused dentries and inodes from every kernel cache (root only).
+/// Twice: the first pass only takes the "recently used" mark off what was
+/// just used (the LRU's second chance), the second evicts it.
+fn drop_kernel_caches() {
+    for _ in 0..2 {
+        fs::write("/proc/sys/vm/drop_caches", "2").expect("write /proc/sys/vm/drop_caches as root");
+    }
+}
+
+/// File handles through the kernel, tmpfs the reference: a handle of a
+/// file and of a directory opens them again after the kernel has dropped
+/// them from its caches (the daemon answers the lookups of "." and ".."
+/// by number), and a handle of a file that is gone is ESTALE, also when
+/// its inode number has been given to a new file.
+#[test]
+fn file_handles_outlive_the_kernel_cache_as_on_tmpfs() {
+    let m = Mounted::new("");
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    let outcome = |root: &Path| {
+        fs::create_dir(root.join("d")).unwrap();
+        fs::write(root.join("d/f"), b"by handle").unwrap();
+        let mut file = handle_of(&root.join("d/f")).unwrap();
+        let mut dir = handle_of(&root.join("d")).unwrap();
+        drop_kernel_caches();
+        let mut read = String::new();
+        open_handle(root, &mut file, libc::O_RDONLY)
+            .unwrap()
+            .read_to_string(&mut read)
+            .unwrap();
+        let d = open_handle(root, &mut dir, libc::O_RDONLY | libc::O_DIRECTORY).unwrap();
+        let dir_ok = d.metadata().unwrap().is_dir();
+        fs::remove_file(root.join("d/f")).unwrap();
+        fs::write(root.join("d/g"), b"a new file").unwrap();
+        drop_kernel_caches();
+        let gone = errno_of(open_handle(root, &mut file, libc::O_RDONLY));
+        (read, dir_ok, gone)
+    };
+    let theirs = outcome(tmp.path());
+    assert_eq!(
+        theirs,
+        ("by handle".to_string(), true, Err(libc::ESTALE)),
+        "tmpfs"
+    );
+    assert_eq!(outcome(&m.mnt), theirs);
 }

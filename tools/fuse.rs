@@ -126,7 +126,7 @@ impl DaxFuse {
 
     fn made<T>(&self, result: daxfs::Result<T>, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match result.and_then(|_| self.fs.lookup_ref(parent.0, name.as_bytes())) {
-            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), generation(&attr)),
             Err(e) => reply.error(self.errno(e)),
         }
     }
@@ -183,6 +183,11 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// The generation the kernel puts in file handles of this inode.
+fn generation(a: &Attr) -> Generation {
+    Generation(a.generation as u64)
+}
+
 fn file_type(kind: FileKind) -> FileType {
     match kind {
         FileKind::File => FileType::RegularFile,
@@ -221,6 +226,9 @@ impl fuser::Filesystem for DaxFuse {
         let _ = config.add_capabilities(
             fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
         );
+        // File handles (name_to_handle_at, NFS export): lookups of "." and
+        // ".." by number; inode numbers and generations are stable.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_EXPORT_SUPPORT);
         // chattr and lsattr on directories too.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_HAS_IOCTL_DIR);
         Ok(())
@@ -242,8 +250,17 @@ impl fuser::Filesystem for DaxFuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.count();
+        // "." of any inode resolves a file handle (FUSE_EXPORT_SUPPORT):
+        // the inode by its number, ESTALE when it is gone.
+        if name.as_bytes() == b"." {
+            return match self.fs.lookup_ref_ino(parent.0) {
+                Ok(attr) => reply.entry(&TTL, &file_attr(&attr), generation(&attr)),
+                Err(daxfs::Error::NotFound) => reply.error(Errno::ESTALE),
+                Err(e) => reply.error(self.errno(e)),
+            };
+        }
         match self.fs.lookup_ref(parent.0, name.as_bytes()) {
-            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), generation(&attr)),
             // A negative entry (inode 0) the kernel may cache: every change
             // comes through it, so it learns when the name appears.
             Err(daxfs::Error::NotFound) => {
@@ -507,7 +524,7 @@ impl fuser::Filesystem for DaxFuse {
                 reply.created(
                     &TTL,
                     &file_attr(&attr),
-                    Generation(0),
+                    generation(&attr),
                     fh,
                     self.open_flags(),
                 );
@@ -664,7 +681,7 @@ impl fuser::Filesystem for DaxFuse {
                 name,
                 &TTL,
                 &file_attr(&attr),
-                Generation(0),
+                generation(&attr),
             ) {
                 if !dots {
                     let _ = self.fs.forget(attr.ino, 1);

@@ -182,6 +182,10 @@ pub struct Attr {
     pub rdev: u64,
     /// The attribute flags (`FS_IOC_GETFLAGS`'s `FS_*_FL`; see [`Fs::set_flags`]).
     pub flags: u32,
+    /// Tells this inode from earlier ones with the same number (file
+    /// handles carry it): new inodes take the next of a counter started
+    /// from the clock at mount.
+    pub generation: u32,
 }
 
 /// Changes for `setattr`; `None` leaves a field alone.
@@ -408,6 +412,8 @@ struct Core {
     layout_cancel: AtomicU64,
     /// Calls waiting for pins to go (see `layout`).
     layout_waiting: AtomicU64,
+    /// The generation the next new inode takes.
+    next_generation: std::sync::atomic::AtomicU32,
     /// When reads update access times (an [`Atime`] as a number).
     atime: std::sync::atomic::AtomicU8,
     /// Memory failures handled and not cleared (see `failure`).
@@ -720,6 +726,11 @@ impl Fs {
                 layout_cancel: AtomicU64::new(0),
                 layout_waiting: AtomicU64::new(0),
                 atime: Default::default(),
+                next_generation: {
+                    let now = crate::format::Time::now();
+                    (now.secs as u32).rotate_left(12) ^ now.nanos
+                }
+                .into(),
                 failures: Mutex::new(Vec::new()),
                 failure_handlers: Mutex::new(Vec::new()),
                 unmounted: AtomicBool::new(false),
@@ -1156,6 +1167,7 @@ impl Fs {
             ctime: inode.ctime,
             rdev: inode.rdev(),
             flags: inode.flags & crate::format::ATTR_FLAGS,
+            generation: inode.generation,
         }
     }
 
@@ -1356,6 +1368,20 @@ impl Fs {
         let mut st = self.lock()?;
         let ino = self.lookup_ino(&mut st, parent, name)?;
         let inode = self.inode(&mut st, ino)?;
+        st.refs.entry(ino).or_default().lookups += 1;
+        Ok(Fs::attr(ino, &inode))
+    }
+
+    /// `lookup_ref` by number (the FUSE protocol's lookup of "." that
+    /// resolves a file handle whose inode the kernel no longer caches):
+    /// `ino` if it is allocated and still named or referenced, `NotFound`
+    /// if it is gone (a stale handle).
+    pub fn lookup_ref_ino(&self, ino: Ino) -> Result<Attr> {
+        let mut st = self.lock()?;
+        let inode = self.inode(&mut st, ino)?;
+        if inode.nlink == 0 && !st.refs.contains_key(&ino) {
+            return Err(Error::NotFound);
+        }
         st.refs.entry(ino).or_default().lookups += 1;
         Ok(Fs::attr(ino, &inode))
     }

@@ -747,7 +747,10 @@ impl Fs {
             mtime: now,
             ctime: now,
             parent,
-            generation: 1,
+            generation: self
+                .core
+                .next_generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ..Inode::default()
         }
     }
