@@ -2559,3 +2559,71 @@ fn file_handles_outlive_the_kernel_cache_as_on_tmpfs() {
     );
     assert_eq!(outcome(&m.mnt), theirs);
 }
+
+/// POSIX ACLs through the kernel, tmpfs the reference: setfacl and getfacl
+/// work; an ACL entry lets nobody write where the mode alone would not;
+/// a default ACL is inherited by new files (cut to their mode, no umask)
+/// and new directories (as their default too); chmod moves the mask; an
+/// ACL removed leaves the mode.
+#[test]
+fn posix_acls_as_on_tmpfs() {
+    let m = Mounted::new("allow_other");
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let outcome = |root: &Path| {
+        let sh = |script: &str| {
+            let out = Command::new("sh")
+                .args(["-c", script])
+                .current_dir(root)
+                .output()
+                .unwrap();
+            format!(
+                "{}{}{}",
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr).replace(&root.display().to_string(), "ROOT")
+            )
+        };
+        let nobody = |script: &str| {
+            as_nobody("sh")
+                .args(["-c", script])
+                .current_dir(root)
+                .status()
+                .unwrap()
+                .success()
+        };
+        let mut seen = Vec::new();
+        seen.push(sh(
+            "mkdir d && chmod 755 d && setfacl -m u:nobody:rwx d && \
+                      setfacl -d -m u:nobody:rw,g::r,o::- d && getfacl --omit-header d",
+        ));
+        seen.push(sh(
+            "umask 022; echo x > d/f; mkdir d/sub; stat -c %a d/f d/sub; \
+                      getfacl --omit-header d/f d/sub",
+        ));
+        let nobody_writes = nobody("echo y >> d/f");
+        seen.push(sh("echo z > plain; chmod 644 plain; stat -c %a plain"));
+        let nobody_plain = nobody("echo y >> plain");
+        seen.push(sh(
+            "chmod 600 d/f && getfacl --omit-header d/f; stat -c %a d/f",
+        ));
+        let nobody_after_chmod = nobody("echo w >> d/f");
+        seen.push(sh(
+            "setfacl -b d/f && getfacl --omit-header d/f; stat -c %a d/f; \
+                      setfacl -m u:nobody:rw plain && stat -c %a plain",
+        ));
+        (seen, nobody_writes, nobody_plain, nobody_after_chmod)
+    };
+    let theirs = outcome(tmp.path());
+    assert_eq!(
+        (theirs.1, theirs.2, theirs.3),
+        (true, false, false),
+        "tmpfs: {:#?}",
+        theirs.0
+    );
+    let ours = outcome(&m.mnt);
+    for (a, b) in ours.0.iter().zip(&theirs.0) {
+        assert_eq!(a, b, "daxfs, then tmpfs");
+    }
+    assert_eq!((ours.1, ours.2, ours.3), (theirs.1, theirs.2, theirs.3));
+}

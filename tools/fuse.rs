@@ -40,19 +40,33 @@ pub struct DaxFuse {
     /// File data bypasses the kernel's page cache (DAX semantics) unless
     /// `-o cache` asked for it.
     direct_io: bool,
+    /// POSIX ACLs are on (`FUSE_POSIX_ACL`, with `default_permissions`).
+    acl: bool,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
     pub counters: Arc<Counters>,
 }
 
 impl DaxFuse {
-    pub fn new(fs: Arc<Fs>, direct_io: bool) -> DaxFuse {
+    /// `acl`: the kernel enforces POSIX ACLs (with default_permissions).
+    pub fn new(fs: Arc<Fs>, direct_io: bool, acl: bool) -> DaxFuse {
         DaxFuse {
             fs,
             direct_io,
+            acl,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             counters: Arc::default(),
+        }
+    }
+
+    /// The umask that applies to a file made in `parent`: none when the
+    /// directory has a default ACL (the ACL decides then, as Linux's
+    /// `posix_acl_create`).
+    fn umask(&self, parent: INodeNo, umask: u32) -> u32 {
+        match self.acl && self.fs.has_default_acl(parent.0).unwrap_or(false) {
+            true => 0,
+            false => umask,
         }
     }
 
@@ -229,6 +243,13 @@ impl fuser::Filesystem for DaxFuse {
         // File handles (name_to_handle_at, NFS export): lookups of "." and
         // ".." by number; inode numbers and generations are stable.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_EXPORT_SUPPORT);
+        // POSIX ACLs, enforced by the kernel; the umask is ours to apply
+        // (not with a default ACL).
+        if self.acl {
+            let _ = config.add_capabilities(
+                fuser::InitFlags::FUSE_POSIX_ACL | fuser::InitFlags::FUSE_DONT_MASK,
+            );
+        }
         // chattr and lsattr on directories too.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_HAS_IOCTL_DIR);
         Ok(())
@@ -358,7 +379,7 @@ impl fuser::Filesystem for DaxFuse {
         reply: ReplyEntry,
     ) {
         self.count();
-        let mode = mode & (libc::S_IFMT | (0o7777 & !umask));
+        let mode = mode & (libc::S_IFMT | (0o7777 & !self.umask(parent, umask)));
         self.made(
             self.fs.mknod(
                 parent.0,
@@ -384,7 +405,7 @@ impl fuser::Filesystem for DaxFuse {
         reply: ReplyEntry,
     ) {
         self.count();
-        let mode = mode & !umask & 0o7777;
+        let mode = mode & !self.umask(parent, umask) & 0o7777;
         self.made(
             self.fs
                 .mkdir(parent.0, name.as_bytes(), mode, req.uid(), req.gid()),
@@ -493,7 +514,7 @@ impl fuser::Filesystem for DaxFuse {
         let opts = CreateOptions {
             exclusive: flags & libc::O_EXCL != 0,
             truncate: flags & libc::O_TRUNC != 0,
-            mode: mode & !umask & 0o7777,
+            mode: mode & !self.umask(parent, umask) & 0o7777,
             uid: req.uid(),
             gid: req.gid(),
         };

@@ -402,7 +402,7 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
     if options.allow_other {
         config.acl = fuser::SessionACL::All;
     }
-    let adapter = DaxFuse::new(Arc::clone(&fs), !options.cache);
+    let adapter = DaxFuse::new(Arc::clone(&fs), !options.cache, options.default_permissions);
     let counters = Arc::clone(&adapter.counters);
     let mnt = args.mountpoint.clone();
     // The control socket first: no mount without it.

@@ -43,6 +43,7 @@
 //! and checked empty, and every later call fails with
 //! [`Error::Unmounted`].
 
+mod acl;
 mod atime;
 mod check;
 mod claims;
@@ -1212,6 +1213,13 @@ impl Fs {
             }
             inode.ctime = Time::now();
             fs.put_inode(st, stage, ino, inode.clone());
+            if let (Some(mode), true) = (set.mode, inode.xattr_block != 0) {
+                // An access ACL follows the mode (`posix_acl_chmod`).
+                let mut attrs = fs.xattrs(st, ino)?;
+                if Fs::chmod_acl(&mut attrs, mode) {
+                    fs.store_xattrs(st, stage, ino, &attrs)?;
+                }
+            }
             Ok(Fs::attr(ino, &inode))
         })
     }

@@ -612,7 +612,7 @@ impl Fs {
         Ok(out)
     }
 
-    fn store_xattrs(
+    pub(super) fn store_xattrs(
         &self,
         st: &mut State,
         stage: &mut Stage,
@@ -660,12 +660,15 @@ impl Fs {
     /// caller's business: the kernel allows it to `CAP_SYS_ADMIN` only)
     /// and `security.*` (labels, file capabilities).
     fn check_xattr_name(name: &[u8]) -> Result<()> {
+        if name == super::acl::ACCESS || name == super::acl::DEFAULT {
+            return Ok(());
+        }
         let known = [&b"user."[..], b"trusted.", b"security."]
             .iter()
             .any(|prefix| name.starts_with(prefix) && name.len() > prefix.len());
         if !known {
             return Err(Error::Unsupported(
-                "extended attributes other than user.*, trusted.* and security.*",
+                "extended attributes other than user.*, trusted.*, security.* and POSIX ACLs",
             ));
         }
         if name.len() > 255 {
@@ -690,11 +693,19 @@ impl Fs {
         }
         self.change(|fs, st, stage| {
             let mut attrs = fs.xattrs(st, ino)?;
-            match attrs.iter_mut().find(|(n, _)| n == name) {
-                Some(_) if create => return Err(Error::Exists),
-                Some((_, v)) => *v = value.to_vec(),
-                None if replace => return Err(Error::NoAttr),
-                None => attrs.push((name.to_vec(), value.to_vec())),
+            let exists = attrs.iter().any(|(n, _)| n == name);
+            match exists {
+                true if create => return Err(Error::Exists),
+                false if replace => return Err(Error::NoAttr),
+                _ => {}
+            }
+            if name == super::acl::ACCESS || name == super::acl::DEFAULT {
+                super::flags::unchangeable(&fs.inode(st, ino)?)?;
+                fs.set_acl(st, stage, ino, name, value, &mut attrs)?;
+            } else if let Some((_, v)) = attrs.iter_mut().find(|(n, _)| n == name) {
+                *v = value.to_vec();
+            } else {
+                attrs.push((name.to_vec(), value.to_vec()));
             }
             fs.store_xattrs(st, stage, ino, &attrs)
         })
@@ -781,10 +792,18 @@ impl Fs {
                 inode.mode |= libc::S_ISGID;
             }
         }
+        let inherited = match inode.kind() == libc::S_IFLNK || dir.xattr_block == 0 {
+            true => None,
+            false => self.inherit_acl(st, parent, &mut inode)?,
+        };
         let ino = self.take_inode(st, stage)?;
         let is_dir = inode.is_dir();
         let kind = dtype_of(inode.mode);
         self.put_inode(st, stage, ino, inode.clone());
+        if let Some(attrs) = inherited.filter(|a| !a.is_empty()) {
+            self.store_xattrs(st, stage, ino, &attrs)?;
+        }
+        let inode = self.inode(st, ino)?;
         self.add_entry(st, stage, parent, name, ino, kind)?;
         if is_dir {
             self.adjust_nlink(st, stage, parent, 1)?;
