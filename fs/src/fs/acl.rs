@@ -20,6 +20,9 @@ use super::{Fs, Ino, Stage, State};
 use crate::error::{Error, Result};
 use crate::format::Inode;
 
+/// An inode's extended attributes: (name, value) pairs.
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The attribute names.
 pub const ACCESS: &[u8] = b"system.posix_acl_access";
 pub const DEFAULT: &[u8] = b"system.posix_acl_default";
@@ -41,7 +44,7 @@ impl Acl {
     /// one (as `posix_acl_from_xattr` and `posix_acl_valid` say).
     pub(super) fn parse(bytes: &[u8]) -> Result<Acl> {
         let bad = || Error::Invalid("not a valid POSIX ACL");
-        if bytes.len() < 4 || (bytes.len() - 4) % 8 != 0 {
+        if bytes.len() < 4 || !(bytes.len() - 4).is_multiple_of(8) {
             return Err(bad());
         }
         if u32::from_le_bytes(bytes[..4].try_into().expect("4")) != VERSION {
@@ -146,7 +149,7 @@ impl Fs {
         ino: Ino,
         name: &[u8],
         value: &[u8],
-        attrs: &mut Vec<(Vec<u8>, Vec<u8>)>,
+        attrs: &mut Xattrs,
     ) -> Result<()> {
         let acl = Acl::parse(value)?;
         let mut inode = self.inode(st, ino)?;
@@ -185,7 +188,7 @@ impl Fs {
         st: &mut State,
         parent: Ino,
         inode: &mut Inode,
-    ) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>> {
+    ) -> Result<Option<Xattrs>> {
         let Some(default) = self.default_acl(st, parent)? else {
             return Ok(None);
         };
@@ -220,7 +223,7 @@ impl Fs {
 }
 
 /// Set (`Some`) or remove (`None`) attribute `name` in `attrs`.
-fn put(attrs: &mut Vec<(Vec<u8>, Vec<u8>)>, name: &[u8], value: Option<Vec<u8>>) {
+fn put(attrs: &mut Xattrs, name: &[u8], value: Option<Vec<u8>>) {
     attrs.retain(|(n, _)| n != name);
     if let Some(value) = value {
         attrs.push((name.to_vec(), value));
