@@ -78,6 +78,7 @@
 //!                                         96 next orphan u64    104 blocks in use u64
 //! 112 8 inline extents of 16 bytes (or, with FLAG_INLINE_LINK, the symlink target;
 //!     for a device node, its device number u64 as Linux encodes a dev_t)
+//! 240 birth time s i64    248 birth time ns u32 (0 and 0: made before it was kept)
 //! 252 crc32c of bytes 0..252
 //! ```
 //!
@@ -584,6 +585,8 @@ pub struct Inode {
     pub blocks: u64,
     /// The inline area: 8 extents, or an inline symlink target.
     pub inline: [u8; INLINE_LINK_MAX],
+    /// When the inode was made (zero: before daxfs kept it).
+    pub btime: Time,
 }
 
 impl Default for Inode {
@@ -606,6 +609,7 @@ impl Default for Inode {
             next_orphan: 0,
             blocks: 0,
             inline: [0; INLINE_LINK_MAX],
+            btime: Time::default(),
         }
     }
 }
@@ -680,6 +684,8 @@ impl Inode {
         put_u64(&mut b, 96, self.next_orphan);
         put_u64(&mut b, 104, self.blocks);
         b[112..112 + INLINE_LINK_MAX].copy_from_slice(&self.inline);
+        put_u64(&mut b, 240, self.btime.secs as u64);
+        put_u32(&mut b, 248, self.btime.nanos);
         let crc = crc32c::crc32c(&b[..252]);
         put_u32(&mut b, 252, crc);
         b
@@ -714,6 +720,7 @@ impl Inode {
             atime: now,
             mtime: now,
             ctime: now,
+            btime: now,
             parent: ROOT_INO,
             generation: 1,
             ..Inode::default()
@@ -788,6 +795,10 @@ impl Inode {
             next_orphan: u64_at(b, 96),
             blocks: u64_at(b, 104),
             inline,
+            btime: Time {
+                secs: u64_at(b, 240) as i64,
+                nanos: u32_at(b, 248),
+            },
         }
     }
 

@@ -928,3 +928,34 @@ fn punching_holes_in_a_full_filesystem_never_needs_space() {
     let (report, _) = daxfs::fsck(fs.into_device().unwrap(), false).unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
 }
+
+/// The birth time is set when an inode is made and never changes after:
+/// not by writes, new times, renames or a crash.
+#[test]
+fn birth_time_is_kept_from_creation() {
+    let (img, fs) = image(16 << 20);
+    let before = daxfs::Timestamp::now();
+    let f = fs.create_path("/f", 0o644, true).unwrap();
+    let d = fs.mkdir_path("/d", 0o755).unwrap();
+    let born = f.btime.expect("a birth time");
+    assert!(born >= before, "{born:?} < {before:?}");
+    assert!(d.btime.is_some());
+    fs.write(f.ino, 0, b"data").unwrap();
+    let old = daxfs::Timestamp {
+        secs: 1_000_000_000,
+        nanos: 0,
+    };
+    let times = SetAttr {
+        atime: Some(old),
+        mtime: Some(old),
+        ..Default::default()
+    };
+    fs.setattr(f.ino, &times).unwrap();
+    fs.rename(ROOT, b"f", d.ino, b"g", RenameFlags::default())
+        .unwrap();
+    let fs = crash_and_mount(&img, fs);
+    let after = fs.getattr(f.ino).unwrap();
+    assert_eq!(after.btime, Some(born));
+    assert_eq!(after.mtime, old);
+    assert!(fs.getattr(ROOT).unwrap().btime.is_some(), "mkfs's root");
+}

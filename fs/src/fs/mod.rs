@@ -187,6 +187,10 @@ pub struct Attr {
     /// handles carry it): new inodes take the next of a counter started
     /// from the clock at mount.
     pub generation: u32,
+    /// When the inode was made (statx's `btime`); `None` for an inode made
+    /// before daxfs kept it. (Not through the mount: the FUSE library in
+    /// use does not answer `FUSE_STATX`.)
+    pub btime: Option<Timestamp>,
 }
 
 /// Changes for `setattr`; `None` leaves a field alone.
@@ -1169,6 +1173,7 @@ impl Fs {
             rdev: inode.rdev(),
             flags: inode.flags & crate::format::ATTR_FLAGS,
             generation: inode.generation,
+            btime: (inode.btime != Timestamp::default()).then_some(inode.btime),
         }
     }
 

@@ -757,6 +757,7 @@ impl Fs {
             atime: now,
             mtime: now,
             ctime: now,
+            btime: now,
             parent,
             generation: self
                 .core
