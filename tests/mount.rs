@@ -2627,3 +2627,66 @@ fn posix_acls_as_on_tmpfs() {
     }
     assert_eq!((ours.1, ours.2, ours.3), (theirs.1, theirs.2, theirs.3));
 }
+
+/// Through the kernel: one file takes 1,000 attributes and a 64 KiB value
+/// (ext4 with large xattrs and XFS hold as much; daxfs held one block), and
+/// lists and reads them back after a remount.
+#[test]
+fn many_and_large_xattrs_through_the_kernel() {
+    let mut m = Mounted::new("");
+    let f = m.path("f");
+    fs::write(&f, b"x").unwrap();
+    let c = c_path(&f);
+    let set = |name: &str, value: &[u8]| {
+        let name = CString::new(name).unwrap();
+        // SAFETY: valid C strings and a value of the given length.
+        let r = unsafe {
+            libc::setxattr(
+                c.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        assert_eq!(r, 0, "{:?}: {}", name, std::io::Error::last_os_error());
+    };
+    for i in 0..1000 {
+        set(
+            &format!("user.attribute-{i:04}"),
+            format!("value {i}").as_bytes(),
+        );
+    }
+    let big: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    set("user.big", &big);
+    let (img, mnt) = (m.img.clone(), m.mnt.clone());
+    let out = m.umount();
+    assert!(out.status.success(), "{}", text(&out));
+    let again = Mounted::over(&img, &mnt, "");
+    let c = c_path(&again.path("f"));
+    let mut list = vec![0u8; 64 << 10];
+    // SAFETY: a valid C string and a buffer of the given length.
+    let n = unsafe { libc::listxattr(c.as_ptr(), list.as_mut_ptr().cast(), list.len()) };
+    assert!(n > 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(
+        list[..n as usize]
+            .split(|&b| b == 0)
+            .filter(|s| !s.is_empty())
+            .count(),
+        1001
+    );
+    let mut back = vec![0u8; 65536];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            c"user.big".as_ptr(),
+            back.as_mut_ptr().cast(),
+            back.len(),
+        )
+    };
+    assert_eq!(n, 65536, "{}", std::io::Error::last_os_error());
+    assert!(back == big);
+    drop(again);
+    fsck_clean(&img);
+}

@@ -72,7 +72,7 @@
 //!     target; 0x10 immutable, 0x20 append-only, 0x40 nodump, 0x80 noatime,
 //!     as FS_IOC_GETFLAGS gives them)
 //!  64 generation u32        68 extent count u32 (all extents, inline and overflow)
-//!  72 first overflow extent block u64    80 xattr block u64
+//!  72 first overflow extent block u64    80 first xattr block u64
 //!  88 parent inode u64 (directories); for a symlink whose target is in a
 //!     block: 1 << 32 | crc32c of the target (0: written before that)
 //!                                         96 next orphan u64    104 blocks in use u64
@@ -114,9 +114,12 @@
 //! checked, as every orphan list is, before anything on it is freed) and
 //! the next change writes the checksum.
 //!
-//! ## Xattr block
-//! `magic u32 "DXXA", count u32, used bytes u32, crc32c u32`, then entries
-//! `name length u8, value length u16, name, value`.
+//! ## Extended attributes
+//! A chain of blocks (`"DXXC"`, up to 256 KiB of names and values per
+//! inode), described in `fs/xattr.rs`. Images written before chains hold
+//! one block (`magic u32 "DXXA", count u32, used bytes u32, crc32c u32`,
+//! then entries `name length u8, value length u16, name, value`), still
+//! read; the next change of the inode's attributes writes a chain.
 //!
 //! ## Journal
 //! See [`crate::journal`].

@@ -212,6 +212,12 @@ fn ops() -> Vec<(&'static str, Step)> {
             fs.setxattr(ino(fs, "/f2"), b"user.k", b"v", false, false)
                 .unwrap()
         }),
+        ("setxattr-chain", |fs, _| {
+            // Three blocks of attributes: all or nothing.
+            let value = vec![9u8; 9_000];
+            fs.setxattr(ino(fs, "/f2"), b"user.big", &value, false, false)
+                .unwrap()
+        }),
         ("orphan-add", |fs, ctx| {
             ctx.handle = Some(fs.open(ino(fs, "/f2")).unwrap());
             fs.unlink_path("/f2").unwrap()

@@ -959,3 +959,67 @@ fn birth_time_is_kept_from_creation() {
     assert_eq!(after.mtime, old);
     assert!(fs.getattr(ROOT).unwrap().btime.is_some(), "mkfs's root");
 }
+
+/// One inode holds far more than a block of attributes: 600 of them
+/// (about 70 KiB) and a value of 64 KiB, the VFS's largest, all kept
+/// across a crash; past the limit (256 KiB) a set is ENOSPC and changes
+/// nothing;
+/// removing them gives every block back, and fsck is clean throughout.
+#[test]
+fn an_inode_holds_64k_of_xattrs_and_a_64k_value() {
+    let (img, fs) = image(32 << 20);
+    let f = fs.create_path("/f", 0o644, true).unwrap().ino;
+    let free = fs.statfs().free_blocks;
+    let value = |i: usize| format!("{i:0100}").into_bytes();
+    for i in 0..600 {
+        fs.setxattr(f, format!("user.k{i}").as_bytes(), &value(i), false, false)
+            .unwrap();
+    }
+    let big: Vec<u8> = (0..65536u32).map(|i| (i % 253) as u8).collect();
+    fs.setxattr(f, b"trusted.big", &big, false, false).unwrap();
+    assert_eq!(
+        errno(fs.setxattr(f, b"user.huge", &[0; 65537], false, false)),
+        libc::ERANGE
+    );
+    let fs = crash_and_mount(&img, fs);
+    assert_eq!(fs.listxattr(f).unwrap().len(), 601);
+    for i in [0, 299, 599] {
+        assert_eq!(
+            fs.getxattr(f, format!("user.k{i}").as_bytes()).unwrap(),
+            value(i)
+        );
+    }
+    assert!(fs.getxattr(f, b"trusted.big").unwrap() == big);
+    let blocks = fs.getattr(f).unwrap().blocks;
+    assert!(blocks >= 32, "a chain of blocks: {blocks}");
+    // Up to the limit (256 KiB), then ENOSPC, and nothing changed.
+    let more = vec![1u8; 60_000];
+    let mut added = 0;
+    let refused = loop {
+        match fs.setxattr(
+            f,
+            format!("user.more{added}").as_bytes(),
+            &more,
+            false,
+            false,
+        ) {
+            Ok(()) => added += 1,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(refused.errno(), libc::ENOSPC);
+    assert!((1..=3).contains(&added), "{added}");
+    assert_eq!(fs.listxattr(f).unwrap().len(), 601 + added);
+    for i in 0..600 {
+        fs.removexattr(f, format!("user.k{i}").as_bytes()).unwrap();
+    }
+    for i in 0..added {
+        fs.removexattr(f, format!("user.more{i}").as_bytes())
+            .unwrap();
+    }
+    fs.removexattr(f, b"trusted.big").unwrap();
+    assert_eq!(fs.getattr(f).unwrap().blocks, 0);
+    assert_eq!(fs.statfs().free_blocks, free, "every block back");
+    let (report, _) = daxfs::fsck(fs.into_device().unwrap(), false).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+}

@@ -547,3 +547,43 @@ fn special_files_are_checked_and_repaired() {
         [Fifo, CharDevice, BlockDevice, Socket]
     );
 }
+
+/// A chain of xattr blocks with a damaged block in its middle: fsck names
+/// the inode's xattrs, the repair drops them (the chain's blocks go back
+/// to the free space) and keeps the file; a second repair changes nothing.
+#[test]
+fn a_damaged_block_in_an_xattr_chain_is_named_and_dropped() {
+    let (img, fs) = common::image_with("daxfs-fsck-xattr", 16 * MIB, &rw());
+    let f = fs.create_path("/f", 0o644, true).unwrap().ino;
+    fs.write(f, 0, b"the data stays").unwrap();
+    fs.setxattr(f, b"user.big", &vec![7u8; 20_000], false, false)
+        .unwrap();
+    let free = fs.statfs().free_blocks;
+    fs.unmount().unwrap();
+    drop(fs);
+    let sb = Superblock::read(&open(&img, &ro()), 0).unwrap();
+    let raw = peek(&img, sb.inode_offset(f), 256);
+    let first = u64::from_le_bytes(raw[80..88].try_into().unwrap());
+    let second = u64::from_le_bytes(peek(&img, first * BLOCK + 8, 8).try_into().unwrap());
+    assert!(second != 0, "a chain");
+    let at = second * BLOCK + 100;
+    poke(&img, at, &[peek(&img, at, 1)[0] ^ 0x40]);
+    let report = fsck(&img, false);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.what.contains(&format!("xattr block of inode {f}"))),
+        "{:#?}",
+        report.problems
+    );
+    assert_repair_converges(&img);
+    let fs = Fs::mount(open(&img, &rw())).unwrap();
+    assert_eq!(fs.read_path("/f").unwrap(), b"the data stays");
+    assert!(fs.listxattr(f).unwrap().is_empty());
+    assert_eq!(
+        fs.statfs().free_blocks,
+        free + 5,
+        "the chain's blocks are free again"
+    );
+}

@@ -716,8 +716,8 @@ pub(super) struct Owned {
     pub extents: Vec<crate::format::Extent>,
     /// Its overflow extent blocks.
     pub chain: Vec<u64>,
-    /// Its xattr block.
-    pub xattr: Option<u64>,
+    /// Its xattr blocks.
+    pub xattr: Vec<u64>,
 }
 
 impl Owned {
@@ -727,7 +727,7 @@ impl Owned {
             .iter()
             .flat_map(|e| e.physical..e.physical + e.len as u64)
             .chain(self.chain.iter().copied())
-            .chain(self.xattr)
+            .chain(self.xattr.iter().copied())
     }
 }
 
@@ -747,7 +747,7 @@ pub(super) fn owned_blocks(fs: &Fs, st: &mut State, ino: Ino, inode: &Inode) -> 
     Ok(Owned {
         extents,
         chain,
-        xattr: (inode.xattr_block != 0).then_some(inode.xattr_block),
+        xattr: fs.xattr_blocks(inode.xattr_block),
     })
 }
 
@@ -779,11 +779,10 @@ pub(super) fn owned_by_all(
                     continue;
                 }
                 let inode = Inode::decode_unchecked(&raw);
-                let inside = |b: u64| b >= sb.data_start && b < sb.backup_block;
                 let blocks = readable_extents(fs, &inode)
                     .into_iter()
                     .flat_map(|e| e.physical..e.physical + e.len as u64)
-                    .chain(Some(inode.xattr_block).filter(|&b| inside(b)));
+                    .chain(fs.xattr_blocks(inode.xattr_block));
                 for block in blocks {
                     owner.entry(block).or_insert(ino);
                 }
@@ -949,7 +948,7 @@ fn apply(fs: &Fs, fix: Fix) -> Result<()> {
             inode.extent_count = 0;
             inode.extent_block = 0;
             inode.set_inline_extents(&[]);
-            inode.blocks = (inode.xattr_block != 0) as u64;
+            inode.blocks = fs.xattr_blocks(inode.xattr_block).len() as u64;
             st.damaged.remove(&ino);
             fs.forget_cached(st, ino);
             fs.put_inode(st, stage, ino, inode.clone());
@@ -964,8 +963,9 @@ fn apply(fs: &Fs, fix: Fix) -> Result<()> {
         }),
         Fix::DropXattrs(ino) => fs.change(|fs, st, stage| {
             let mut inode = fs.inode(st, ino)?;
+            let chain = fs.xattr_blocks(inode.xattr_block).len() as u64;
             inode.xattr_block = 0;
-            inode.blocks = inode.blocks.saturating_sub(1);
+            inode.blocks = inode.blocks.saturating_sub(chain);
             fs.put_inode(st, stage, ino, inode);
             Ok(())
         }),
@@ -980,9 +980,15 @@ fn apply(fs: &Fs, fix: Fix) -> Result<()> {
                 Ok(new)
             };
             let mut inode = fs.inode(st, ino)?;
-            if inode.xattr_block != 0 && shared.contains(&inode.xattr_block) {
-                inode.xattr_block = copy(st, inode.xattr_block)?;
+            let chain = fs.xattr_blocks(inode.xattr_block);
+            if chain.iter().any(|b| shared.contains(b)) {
+                // A new chain of the same attributes (none if they do not
+                // read); the shared blocks stay the other owner's.
+                let attrs = fs.xattrs(st, ino).unwrap_or_default();
+                inode.xattr_block = 0;
+                inode.blocks = inode.blocks.saturating_sub(chain.len() as u64);
                 fs.put_inode(st, stage, ino, inode);
+                fs.store_xattrs(st, stage, ino, &attrs)?;
             }
             let old = fs.extents(st, ino)?.clone();
             let mut new = Vec::new();

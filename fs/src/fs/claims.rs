@@ -114,7 +114,8 @@ impl<'a> Claims<'a> {
         };
         let mut runs = Vec::new();
         if inode.xattr_block != 0 {
-            runs.push((inode.xattr_block, 1));
+            let chain = super::xattr::chain_blocks(self.dev, sb, inode.xattr_block);
+            runs.extend(chain.into_iter().map(|b| (b, 1)));
         }
         if !inode.has_extents() {
             return runs.iter().all(|&(s, l)| inside(s, l)).then_some(runs);

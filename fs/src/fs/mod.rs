@@ -57,6 +57,7 @@ mod layout;
 mod namespace;
 mod owner;
 mod shrink;
+mod xattr;
 
 pub use atime::Atime;
 pub use check::{fsck, FsckReport, Problem};
@@ -1751,8 +1752,8 @@ impl Fs {
                 st.alloc.free(block, 1);
             }
         }
-        if inode.xattr_block != 0 {
-            st.alloc.free(inode.xattr_block, 1);
+        for block in self.xattr_blocks(inode.xattr_block) {
+            st.alloc.free(block, 1);
         }
         stage
             .tx

@@ -10,7 +10,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::format::{
     dtype_of, Dirent, Extent, Inode, Time, BLOCK, FLAG_INLINE_LINK, INLINE_LINK_MAX, NAME_MAX,
-    SLOT, SLOTS_PER_BLOCK, XATTR_MAGIC,
+    SLOT, SLOTS_PER_BLOCK,
 };
 use std::path::{Component, Path};
 
@@ -30,12 +30,6 @@ fn check_name(name: &[u8]) -> Result<()> {
         return Err(Error::NameTooLong);
     }
     Ok(())
-}
-
-/// The checksum of an xattr block's first `used` bytes (`block`): its
-/// header without the checksum field, then its entries.
-fn xattr_crc(block: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&block[..12]), &block[16..])
 }
 
 /// Whether `name` is `.` or `..`, which cannot be created or removed.
@@ -559,103 +553,6 @@ impl Fs {
 
     // ---- extended attributes (user.*, trusted.*, security.*) ------------------
 
-    pub(super) fn xattrs(&self, st: &mut State, ino: Ino) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let inode = self.inode(st, ino)?;
-        if inode.xattr_block == 0 {
-            return Ok(Vec::new());
-        }
-        let what = format!("xattr block of inode {ino}");
-        let sb = &self.core.sb;
-        if inode.xattr_block < sb.data_start || inode.xattr_block >= sb.backup_block {
-            return Err(Error::corrupt(
-                &what,
-                sb.inode_offset(ino),
-                format!("block {} lies outside the data area", inode.xattr_block),
-            ));
-        }
-        let offset = inode.xattr_block * BLOCK;
-        let mut raw = vec![0u8; BLOCK as usize];
-        crate::format::read_meta(&self.core.dev, offset, &mut raw, &what)?;
-        let bad = |why: &str| Error::corrupt(&what, offset, why);
-        let word = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().expect("4"));
-        if word(0) != XATTR_MAGIC {
-            return Err(bad("bad magic"));
-        }
-        let (count, used, crc) = (word(4) as usize, word(8) as usize, word(12));
-        // (Blocks written before the checksum covered the header have
-        // the checksum of the entries alone.)
-        if used < 16
-            || used > raw.len()
-            || (crc != xattr_crc(&raw[..used]) && crc != crc32c::crc32c(&raw[16..used]))
-        {
-            return Err(bad("checksum mismatch"));
-        }
-        let bad = || bad("malformed");
-        let mut out = Vec::new();
-        let mut at = 16;
-        for _ in 0..count {
-            if at + 3 > used {
-                return Err(bad());
-            }
-            let nl = raw[at] as usize;
-            let vl = u16::from_le_bytes([raw[at + 1], raw[at + 2]]) as usize;
-            at += 3;
-            if at + nl + vl > used {
-                return Err(bad());
-            }
-            out.push((
-                raw[at..at + nl].to_vec(),
-                raw[at + nl..at + nl + vl].to_vec(),
-            ));
-            at += nl + vl;
-        }
-        Ok(out)
-    }
-
-    pub(super) fn store_xattrs(
-        &self,
-        st: &mut State,
-        stage: &mut Stage,
-        ino: Ino,
-        attrs: &[(Vec<u8>, Vec<u8>)],
-    ) -> Result<()> {
-        let mut inode = self.inode(st, ino)?;
-        super::flags::unchangeable(&inode)?;
-        let mut body = Vec::new();
-        for (name, value) in attrs {
-            body.push(name.len() as u8);
-            body.extend_from_slice(&(value.len() as u16).to_le_bytes());
-            body.extend_from_slice(name);
-            body.extend_from_slice(value);
-        }
-        if 16 + body.len() > BLOCK as usize {
-            return Err(Error::NoSpace);
-        }
-        if attrs.is_empty() {
-            if inode.xattr_block != 0 {
-                st.alloc.free(inode.xattr_block, 1);
-                inode.xattr_block = 0;
-                inode.blocks = inode.blocks.saturating_sub(1);
-            }
-        } else {
-            if inode.xattr_block == 0 {
-                inode.xattr_block = st.alloc.alloc(1).ok_or(Error::NoSpace)?.0;
-                inode.blocks += 1;
-            }
-            let mut raw = vec![0u8; 16];
-            raw[0..4].copy_from_slice(&XATTR_MAGIC.to_le_bytes());
-            raw[4..8].copy_from_slice(&(attrs.len() as u32).to_le_bytes());
-            raw[8..12].copy_from_slice(&((16 + body.len()) as u32).to_le_bytes());
-            raw.extend_from_slice(&body);
-            let crc = xattr_crc(&raw);
-            raw[12..16].copy_from_slice(&crc.to_le_bytes());
-            stage.tx.write(inode.xattr_block * BLOCK, &raw);
-        }
-        inode.ctime = Time::now();
-        self.put_inode(st, stage, ino, inode);
-        Ok(())
-    }
-
     /// The namespaces kept: `user.*`, `trusted.*` (who may use it is the
     /// caller's business: the kernel allows it to `CAP_SYS_ADMIN` only)
     /// and `security.*` (labels, file capabilities).
@@ -688,10 +585,11 @@ impl Fs {
         replace: bool,
     ) -> Result<()> {
         Fs::check_xattr_name(name)?;
-        if value.len() > u16::MAX as usize {
+        if value.len() > super::xattr::MAX_VALUE {
             return Err(Error::Range);
         }
         self.change(|fs, st, stage| {
+            super::flags::unchangeable(&fs.inode(st, ino)?)?;
             let mut attrs = fs.xattrs(st, ino)?;
             let exists = attrs.iter().any(|(n, _)| n == name);
             match exists {
@@ -700,7 +598,6 @@ impl Fs {
                 _ => {}
             }
             if name == super::acl::ACCESS || name == super::acl::DEFAULT {
-                super::flags::unchangeable(&fs.inode(st, ino)?)?;
                 fs.set_acl(st, stage, ino, name, value, &mut attrs)?;
             } else if let Some((_, v)) = attrs.iter_mut().find(|(n, _)| n == name) {
                 *v = value.to_vec();
@@ -735,6 +632,7 @@ impl Fs {
     /// Remove attribute `name`.
     pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
         self.change(|fs, st, stage| {
+            super::flags::unchangeable(&fs.inode(st, ino)?)?;
             let mut attrs = fs.xattrs(st, ino)?;
             let before = attrs.len();
             attrs.retain(|(n, _)| n != name);

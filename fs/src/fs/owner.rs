@@ -147,7 +147,7 @@ impl Fs {
             let Ok(inode) = self.inode(&mut st, ino) else {
                 continue;
             };
-            if inode.xattr_block == block {
+            if inode.xattr_block != 0 && self.xattr_blocks(inode.xattr_block).contains(&block) {
                 return Ok(Owner::FileMetadata {
                     ino,
                     what: "extended attributes",
