@@ -2155,16 +2155,7 @@ fn the_control_socket_bounds_requests_and_idle_connections() {
     assert!(grown_kib < 16 << 10, "the daemon grew by {grown_kib} KiB");
 
     // A thousand idle connections (the descriptor limit raised for them).
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit read and write one struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max.min(8192);
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
+    raise_open_files(8192);
     let threads = proc_status(pid, "Threads");
     let idle: Vec<UnixStream> = (0..1000)
         .map(|_| UnixStream::connect(&socket).unwrap())
