@@ -246,13 +246,14 @@ impl Fs {
             blocks.push(st.alloc.alloc(1).ok_or(Error::NoSpace)?.0);
         }
         for (i, (&block, payload)) in blocks.iter().zip(stream.chunks(PAYLOAD)).enumerate() {
-            let mut raw = vec![0u8; BLOCK as usize];
+            // (Header and payload only: the rest of the block is never read.)
+            let mut raw = vec![0u8; HEADER + payload.len()];
             raw[0..4].copy_from_slice(&CHAIN_MAGIC.to_le_bytes());
             raw[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
             let next = blocks.get(i + 1).copied().unwrap_or(0);
             raw[8..16].copy_from_slice(&next.to_le_bytes());
             raw[16..20].copy_from_slice(&(i as u32).to_le_bytes());
-            raw[HEADER..HEADER + payload.len()].copy_from_slice(payload);
+            raw[HEADER..].copy_from_slice(payload);
             let crc = chain_crc(&raw, payload.len());
             raw[20..24].copy_from_slice(&crc.to_le_bytes());
             // Durable before the commit that points at it (its fence).
