@@ -2242,16 +2242,36 @@ fn a_mount_right_after_an_unmount_with_10000_orphans_waits_and_loses_nothing() {
     for plain in [true, false] {
         let mut m = Mounted::new("");
         let free_before = free_inodes(&m.mnt);
-        let files: Vec<File> = (0..10_000)
-            .map(|i| {
-                let path = m.path(&format!("f{i}"));
-                let f = File::create(&path).unwrap();
-                fs::remove_file(&path).unwrap();
-                f
-            })
-            .collect();
+        // The files are held by a child of its own, not this process: a
+        // process that another test spawns meanwhile copies this one's
+        // descriptor table, and would keep the mount busy until it execs.
+        let script = r#"
+            my @held;
+            for my $i (0..9999) {
+                open(my $h, ">", "$ARGV[0]/f$i") or die "f$i: $!";
+                unlink("$ARGV[0]/f$i") or die "unlink f$i: $!";
+                push @held, $h;
+            }
+            $| = 1; print scalar(@held), "\n";
+            my $go = <STDIN>;
+        "#;
+        let mut holder = Command::new("perl")
+            .args(["-e", script])
+            .arg(&m.mnt)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut held = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+            &mut held,
+        )
+        .unwrap();
+        assert_eq!(held.trim(), "10000");
         assert_eq!(free_inodes(&m.mnt), free_before - 10_000, "held while open");
-        drop(files);
+        drop(holder.stdin.take()); // it closes them all as it exits
+        assert!(holder.wait().unwrap().success());
         let (img, mnt) = (m.img.clone(), m.mnt.clone());
         if plain {
             let out = Command::new("umount").arg(&mnt).output().unwrap();
