@@ -146,6 +146,14 @@ fn as_nobody(program: &str) -> Command {
     cmd
 }
 
+/// The first line a child started with piped standard output writes.
+fn first_line(child: &mut std::process::Child) -> String {
+    let mut line = String::new();
+    let out = child.stdout.as_mut().expect("stdout piped");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).unwrap();
+    line
+}
+
 fn fsck_clean(img: &Path) {
     let out = daxfs(&["fsck".as_ref(), img.as_os_str()]);
     assert!(out.status.success(), "fsck: {}", text(&out));
@@ -2095,12 +2103,7 @@ fn a_squatter_can_neither_block_the_mount_nor_forge_its_answers() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut listening = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(squatter.stdout.as_mut().unwrap()),
-        &mut listening,
-    )
-    .unwrap();
+    let listening = first_line(&mut squatter);
     let result = std::panic::catch_unwind(|| {
         assert!(
             listening.trim() == "1" || listening.trim() == "2",
@@ -2262,12 +2265,7 @@ fn a_mount_right_after_an_unmount_with_10000_orphans_waits_and_loses_nothing() {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let mut held = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
-            &mut held,
-        )
-        .unwrap();
+        let held = first_line(&mut holder);
         assert_eq!(held.trim(), "10000");
         assert_eq!(free_inodes(&m.mnt), free_before - 10_000, "held while open");
         drop(holder.stdin.take()); // it closes them all as it exits

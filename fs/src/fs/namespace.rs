@@ -505,23 +505,20 @@ impl Fs {
     /// The entries of directory `ino` from `offset` on (0 starts with `.`).
     /// A listing from the start updates the access time as a read does.
     pub fn readdir(&self, ino: Ino, offset: u64) -> Result<Vec<DirEntry>> {
-        let listed = self.readdir_from(ino, offset)?;
-        if offset == 0 {
-            let due = {
-                let mut st = self.lock()?;
-                let inode = self.inode(&mut st, ino)?;
-                self.atime_due(&inode)
-            };
-            if due {
-                self.touch_atime(ino);
-            }
+        let (listed, atime_due) = self.readdir_from(ino, offset)?;
+        if atime_due {
+            self.touch_atime(ino);
         }
         Ok(listed)
     }
 
-    fn readdir_from(&self, ino: Ino, offset: u64) -> Result<Vec<DirEntry>> {
+    /// The entries, and whether the listing is due to update the access
+    /// time (one from the start), decided under the same lock.
+    fn readdir_from(&self, ino: Ino, offset: u64) -> Result<(Vec<DirEntry>, bool)> {
         let mut st = self.lock()?;
-        let parent = self.inode(&mut st, ino)?.parent;
+        let inode = self.inode(&mut st, ino)?;
+        let atime_due = offset == 0 && self.atime_due(&inode);
+        let parent = inode.parent;
         let dir = self.dir(&mut st, ino)?;
         let mut out = Vec::new();
         if offset == 0 {
@@ -548,7 +545,7 @@ impl Fs {
                 next: pos + FIRST_ENTRY + 1,
             });
         }
-        Ok(out)
+        Ok((out, atime_due))
     }
 
     // ---- extended attributes (user.*, trusted.*, security.*) ------------------
