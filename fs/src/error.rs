@@ -27,7 +27,7 @@ pub enum Error {
     #[error("no space left on device")]
     NoSpace,
     /// Past the largest file the format holds (`EFBIG`).
-    #[error("file too large: files end at 16 TiB")]
+    #[error("file too large: files end at 2^63 - 1 bytes")]
     FileTooBig,
     /// A bad argument (`EINVAL`), with what was wrong.
     #[error("invalid argument: {0}")]

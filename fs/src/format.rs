@@ -88,8 +88,15 @@
 //! number; FIFOs and sockets keep that field zero.
 //!
 //! ## Extent (16 bytes)
-//! `logical block u32, length in blocks u32, device block u64`. An inode's
-//! extents are sorted by logical block and never overlap. The first 8 are
+//! `logical block bits 0..32 u32, then a u32 holding the length in blocks
+//! (bits 0..29) and logical bits 48..51 (bits 29..32), then a u64 holding
+//! the device block (bits 0..48) and logical bits 32..48 (bits 48..64)`.
+//! Logical block numbers thus have 51 bits, enough for the 2^63 - 1 bytes
+//! Linux allows a file; lengths have 29 (2 TiB, longer runs take two
+//! extents) and device blocks 48 (1 EiB). The high logical bits sit where
+//! the first format kept zeros (devices under 2 TiB), so its images read
+//! unchanged. An inode's extents are sorted by logical block and never
+//! overlap. The first 8 are
 //! inline; the rest live in a chain of overflow blocks: `magic u32 "DXEX",
 //! count u32, next block u64, crc32c u32 of the whole block with this field
 //! zero, 12 bytes reserved`, then up to 254 extents.
@@ -141,8 +148,14 @@ pub const SLOT: usize = 32;
 pub const SLOTS_PER_BLOCK: usize = BLOCK as usize / SLOT;
 pub const DIRENT_HEADER: usize = 16;
 pub const NAME_MAX: usize = 255;
-/// The largest file: 2^32 - 1 blocks of 4 KiB (16 TiB).
-pub const MAX_FILE_SIZE: u64 = (u32::MAX as u64) * BLOCK;
+/// The largest file: 2^63 - 1 bytes, Linux's MAX_LFS_FILESIZE.
+pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
+/// One past the last logical block a file may map.
+pub const MAX_FILE_BLOCKS: u64 = MAX_FILE_SIZE.div_ceil(BLOCK);
+/// The longest extent, in blocks (2 TiB).
+pub const MAX_EXTENT_LEN: u64 = (1 << 29) - 1;
+/// The largest device, in blocks (1 EiB): what an extent can address.
+pub const MAX_DEVICE_BLOCKS: u64 = 1 << 48;
 /// The longest symlink target.
 pub const SYMLINK_MAX: usize = 4095;
 /// What the `parent` field of a symlink inode holds when its `target` is
@@ -254,6 +267,11 @@ impl Superblock {
         if data_start + HUGE_BLOCKS >= total_blocks {
             return Err(Error::Invalid("device too small for a filesystem"));
         }
+        if total_blocks > MAX_DEVICE_BLOCKS {
+            return Err(Error::Invalid(
+                "device too large for a filesystem (at most 1 EiB)",
+            ));
+        }
         Ok(Superblock {
             total_blocks,
             inode_count,
@@ -360,6 +378,12 @@ impl Superblock {
             bitmap_csum: u64_at(b, 152),
         };
         let device_blocks = device_size / BLOCK;
+        if sb.total_blocks > MAX_DEVICE_BLOCKS {
+            return Err(bad(format!(
+                "the filesystem spans {} blocks, more than a daxfs can address ({MAX_DEVICE_BLOCKS})",
+                sb.total_blocks
+            )));
+        }
         if sb.total_blocks != device_blocks {
             return Err(bad(format!(
                 "the filesystem spans {} blocks but the device holds {device_blocks} (truncated or resized image)",
@@ -509,27 +533,36 @@ impl StateBlock {
 /// block `physical`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
-    pub logical: u32,
+    pub logical: u64,
     pub len: u32,
     pub physical: u64,
 }
 
 impl Extent {
     pub fn end(&self) -> u64 {
-        self.logical as u64 + self.len as u64
+        self.logical + self.len as u64
+    }
+
+    /// Whether the fields fit their bits on media (what `encode` keeps).
+    pub fn fits(&self) -> bool {
+        self.end() <= MAX_FILE_BLOCKS
+            && self.len as u64 <= MAX_EXTENT_LEN
+            && self.physical < MAX_DEVICE_BLOCKS
     }
 
     fn encode(&self, b: &mut [u8]) {
-        put_u32(b, 0, self.logical);
-        put_u32(b, 4, self.len);
-        put_u64(b, 8, self.physical);
+        debug_assert!(self.fits(), "{self:?}");
+        put_u32(b, 0, self.logical as u32);
+        put_u32(b, 4, self.len | ((self.logical >> 48) as u32) << 29);
+        put_u64(b, 8, self.physical | (self.logical >> 32 & 0xffff) << 48);
     }
 
     fn decode(b: &[u8]) -> Extent {
+        let (low, len, physical) = (u32_at(b, 0), u32_at(b, 4), u64_at(b, 8));
         Extent {
-            logical: u32_at(b, 0),
-            len: u32_at(b, 4),
-            physical: u64_at(b, 8),
+            logical: low as u64 | (physical >> 48) << 32 | ((len >> 29) as u64) << 48,
+            len: len & MAX_EXTENT_LEN as u32,
+            physical: physical & (MAX_DEVICE_BLOCKS - 1),
         }
     }
 }
@@ -990,6 +1023,52 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("truncated"));
+    }
+
+    #[test]
+    fn extents_keep_51_logical_bits_and_read_the_first_format() {
+        let e = Extent {
+            logical: MAX_FILE_BLOCKS - 3,
+            len: 3,
+            physical: MAX_DEVICE_BLOCKS - 1,
+        };
+        assert!(e.fits());
+        let mut b = [0u8; 16];
+        e.encode(&mut b);
+        assert_eq!(Extent::decode(&b), e);
+        let e = Extent {
+            logical: 0x5_1234_5678_9abc,
+            len: MAX_EXTENT_LEN as u32,
+            physical: 0x1234_5678,
+        };
+        e.encode(&mut b);
+        assert_eq!(Extent::decode(&b), e);
+        // The first format: logical u32, length u32, device block u64.
+        let mut old = [0u8; 16];
+        put_u32(&mut old, 0, 0xffff_fff0);
+        put_u32(&mut old, 4, 12);
+        put_u64(&mut old, 8, 900);
+        let e = Extent::decode(&old);
+        assert_eq!((e.logical, e.len, e.physical), (0xffff_fff0, 12, 900));
+        // What cannot be stored is refused, not silently cut.
+        assert!(!Extent {
+            logical: MAX_FILE_BLOCKS,
+            len: 1,
+            physical: 9
+        }
+        .fits());
+        assert!(!Extent {
+            logical: 0,
+            len: 1 << 29,
+            physical: 9
+        }
+        .fits());
+        assert!(!Extent {
+            logical: 0,
+            len: 1,
+            physical: MAX_DEVICE_BLOCKS
+        }
+        .fits());
     }
 
     #[test]

@@ -768,6 +768,71 @@ fn past_the_largest_file_is_efbig_and_a_crossing_write_is_short() {
     fs.truncate(f, max).unwrap();
 }
 
+/// A file may be as large as Linux allows (2^63 - 1 bytes, the VFS's
+/// MAX_LFS_FILESIZE), sparse: blocks far past 16 TiB (whose block numbers
+/// need every bit of the logical field) are written, read back across a
+/// remount and a crash, punched and truncated away, and fsck stays clean.
+#[test]
+fn a_sparse_file_may_be_as_large_as_linux_allows() {
+    let (img, fs) = image(64 << 20);
+    let f = fs.create_path("/huge", 0o644, true).unwrap().ino;
+    let max = i64::MAX as u64;
+    assert_eq!(daxfs::format::MAX_FILE_SIZE, max);
+    fs.truncate(f, max).unwrap();
+    assert_eq!(fs.getattr(f).unwrap().size, max);
+    // Block numbers with bits set at 32, 47, 48 and 50, and the very last.
+    let at: Vec<u64> = vec![
+        0,
+        (1 << 32) * 4096,
+        ((1 << 47) + 5) * 4096 + 100,
+        ((1 << 48) + 3) * 4096,
+        (1 << 50) * 4096 + 7,
+        max - 5,
+    ];
+    for (i, &off) in at.iter().enumerate() {
+        let data = format!("block {i}");
+        let want = data.len().min((max - off) as usize);
+        assert_eq!(fs.write(f, off, data.as_bytes()).unwrap(), want, "{off}");
+    }
+    assert_eq!(fs.getattr(f).unwrap().size, max);
+    let check = |fs: &Fs| {
+        for (i, &off) in at.iter().enumerate() {
+            let data = format!("block {i}");
+            let want = data.len().min((max - off) as usize);
+            let mut back = vec![0u8; 16];
+            let n = 16.min(max - off) as usize;
+            assert_eq!(fs.read(f, off, &mut back).unwrap(), n, "{off}");
+            assert_eq!(&back[..want], &data.as_bytes()[..want], "at {off}");
+            assert!(back[want..n].iter().all(|&b| b == 0), "at {off}");
+        }
+        // A hole between them reads as zeros.
+        let mut hole = [1u8; 8];
+        assert_eq!(fs.read(f, (1 << 40) * 4096, &mut hole).unwrap(), 8);
+        assert_eq!(hole, [0; 8]);
+        assert_eq!(fs.getattr(f).unwrap().size, max);
+    };
+    check(&fs);
+    let fs = remount(&img, fs);
+    check(&fs);
+    let fs = crash_and_mount(&img, fs);
+    check(&fs);
+    let blocks = fs.getattr(f).unwrap().blocks;
+    fs.punch_hole(f, (1 << 48) * 4096, 16 * 4096).unwrap();
+    let mut back = [1u8; 7];
+    fs.read(f, ((1 << 48) + 3) * 4096, &mut back).unwrap();
+    assert_eq!(back, [0; 7], "punched");
+    assert!(fs.getattr(f).unwrap().blocks < blocks);
+    fs.truncate(f, (1 << 47) * 4096).unwrap();
+    fs.truncate(f, max).unwrap();
+    let mut back = [1u8; 7];
+    fs.read(f, (1 << 50) * 4096 + 7, &mut back).unwrap();
+    assert_eq!(back, [0; 7], "truncated away");
+    let fs = remount(&img, fs);
+    fs.unmount().unwrap();
+    let (report, _) = daxfs::fsck(fs.into_device().unwrap(), false).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+}
+
 /// A write that runs out of space writes what fits and returns the short
 /// count; only a write that can write nothing is ENOSPC. What was written
 /// reads back, and the filesystem checks clean.

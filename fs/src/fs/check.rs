@@ -885,9 +885,9 @@ fn readable_extents(fs: &Fs, inode: &Inode) -> Vec<Extent> {
             && e.physical
                 .checked_add(e.len as u64)
                 .is_some_and(|end| end <= sb.backup_block)
-            && e.end() <= u32::MAX as u64
-            && e.logical as u64 >= after;
-        if !inside || (inode.is_dir() && e.logical as u64 != after) {
+            && e.fits()
+            && e.logical >= after;
+        if !inside || (inode.is_dir() && e.logical != after) {
             if inode.is_dir() {
                 break;
             }
@@ -1003,7 +1003,7 @@ fn apply(fs: &Fs, fix: Fix) -> Result<()> {
                     super::file::insert_extent(
                         &mut new,
                         Extent {
-                            logical: e.logical + i,
+                            logical: e.logical + i as u64,
                             len: 1,
                             physical,
                         },

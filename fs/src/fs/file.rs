@@ -10,7 +10,7 @@
 
 use super::{Fs, Ino, Stage, State};
 use crate::error::{Error, Result};
-use crate::format::{Extent, Time, BLOCK, HUGE_BLOCKS};
+use crate::format::{Extent, Time, BLOCK, HUGE_BLOCKS, MAX_EXTENT_LEN};
 
 pub use crate::format::MAX_FILE_SIZE;
 
@@ -19,8 +19,8 @@ pub use crate::format::MAX_FILE_SIZE;
 pub(super) fn map(extents: &[Extent], lblock: u64) -> Option<(u64, u64)> {
     let i = extents.partition_point(|e| e.end() <= lblock);
     let e = extents.get(i)?;
-    (e.logical as u64 <= lblock).then(|| {
-        let skip = lblock - e.logical as u64;
+    (e.logical <= lblock).then(|| {
+        let skip = lblock - e.logical;
         (e.physical + skip, e.len as u64 - skip)
     })
 }
@@ -28,7 +28,7 @@ pub(super) fn map(extents: &[Extent], lblock: u64) -> Option<(u64, u64)> {
 /// The first logical block at or after `lblock` that is mapped.
 pub(super) fn next_mapped(extents: &[Extent], lblock: u64) -> Option<u64> {
     let i = extents.partition_point(|e| e.end() <= lblock);
-    extents.get(i).map(|e| (e.logical as u64).max(lblock))
+    extents.get(i).map(|e| e.logical.max(lblock))
 }
 
 /// Add a new extent (over a hole), merging with a contiguous neighbour.
@@ -36,9 +36,9 @@ pub(super) fn insert_extent(extents: &mut Vec<Extent>, new: Extent) {
     let i = extents.partition_point(|e| e.logical < new.logical);
     if i > 0 {
         let prev = &mut extents[i - 1];
-        if prev.end() == new.logical as u64
+        if prev.end() == new.logical
             && prev.physical + prev.len as u64 == new.physical
-            && prev.len as u64 + new.len as u64 <= u32::MAX as u64
+            && prev.len as u64 + new.len as u64 <= MAX_EXTENT_LEN
         {
             prev.len += new.len;
             return;
@@ -52,7 +52,7 @@ fn remove_range(extents: &mut Vec<Extent>, start: u64, end: u64) -> Vec<(u64, u6
     let mut freed = Vec::new();
     let mut kept = Vec::with_capacity(extents.len() + 1);
     for e in extents.drain(..) {
-        let (a, b) = (e.logical as u64, e.end());
+        let (a, b) = (e.logical, e.end());
         if b <= start || a >= end {
             kept.push(e);
             continue;
@@ -69,7 +69,7 @@ fn remove_range(extents: &mut Vec<Extent>, start: u64, end: u64) -> Vec<(u64, u6
         }
         if cut_b < b {
             kept.push(Extent {
-                logical: cut_b as u32,
+                logical: cut_b,
                 len: (b - cut_b) as u32,
                 physical: e.physical + (cut_b - a),
             });
@@ -539,7 +539,7 @@ impl Fs {
             insert_extent(
                 self.extents(st, ino)?,
                 Extent {
-                    logical: logical as u32,
+                    logical,
                     len: len as u32,
                     physical,
                 },
@@ -623,9 +623,9 @@ impl Fs {
             for e in self.extents(&mut st, ino)?.iter() {
                 all += e.len as u64;
                 // Whole aligned 2 MiB pieces, aligned in the file and on the device.
-                let mut l = e.logical as u64;
+                let mut l = e.logical;
                 while l + HUGE_BLOCKS <= e.end() {
-                    let p = e.physical + (l - e.logical as u64);
+                    let p = e.physical + (l - e.logical);
                     if l.is_multiple_of(HUGE_BLOCKS) && p.is_multiple_of(HUGE_BLOCKS) {
                         huge += HUGE_BLOCKS;
                         l += HUGE_BLOCKS;

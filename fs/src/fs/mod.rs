@@ -1289,8 +1289,8 @@ impl Fs {
                     && e.physical
                         .checked_add(e.len as u64)
                         .is_some_and(|end| end <= self.core.sb.backup_block)
-                    && e.end() <= u32::MAX as u64
-                    && e.logical as u64 >= last_end;
+                    && e.fits()
+                    && e.logical >= last_end;
                 if !inside {
                     st.damaged.insert(ino);
                     let offset = self.core.sb.inode_offset(ino);
@@ -1859,7 +1859,7 @@ impl Fs {
         let extents = self.extents(st, ino)?;
         let mut blocks = Vec::new();
         for e in extents.iter() {
-            if e.logical as usize != blocks.len() {
+            if e.logical != blocks.len() as u64 {
                 return Err(Error::corrupt(
                     "directory",
                     self.core.sb.inode_offset(ino),

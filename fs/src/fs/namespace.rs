@@ -765,7 +765,7 @@ impl Fs {
                 super::file::insert_extent(
                     self.extents(st, dir)?,
                     Extent {
-                        logical: blocks as u32,
+                        logical: blocks,
                         len: 1,
                         physical: block,
                     },

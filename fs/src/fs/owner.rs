@@ -103,7 +103,7 @@ impl Fs {
             .extents(&mut st, ino)?
             .iter()
             .map(|e| FileExtent {
-                file_offset: e.logical as u64 * BLOCK,
+                file_offset: e.logical * BLOCK,
                 device_offset: e.physical * BLOCK,
                 len: e.len as u64 * BLOCK,
             })
@@ -163,7 +163,7 @@ impl Fs {
                 .iter()
                 .find(|e| (e.physical..e.physical + e.len as u64).contains(&block))
             {
-                let offset = (e.logical as u64 + (block - e.physical)) * BLOCK + offset % BLOCK;
+                let offset = (e.logical + (block - e.physical)) * BLOCK + offset % BLOCK;
                 return Ok(Owner::File { ino, offset });
             }
             if self.cached(&mut st, ino)?.chain.contains(&block) {
