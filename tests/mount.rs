@@ -460,6 +460,24 @@ fn permissions_are_checked_for_another_user() {
     );
     let out = daxfs(&["stat".as_ref(), m.mnt.as_os_str()]);
     assert!(out.status.success(), "{}", text(&out));
+    // Without allow_other, another user may not even look (the kernel
+    // keeps them out: the daemon does not filter by uid).
+    let mine = Mounted::new("");
+    fs::write(mine.path("f"), b"x").unwrap();
+    fs::set_permissions(mine.path("f"), fs::Permissions::from_mode(0o644)).unwrap();
+    for script in ["ls mnt", "cat mnt/f", "stat mnt/f"] {
+        let out = as_nobody("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(mine.mnt.parent().unwrap())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{script}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("Permission denied"), "{script}: {err}");
+    }
+    let out = Command::new("cat").arg(mine.path("f")).output().unwrap();
+    assert_eq!(out.stdout, b"x", "the owner may");
 }
 
 /// A foreground daemon, started by a test; the guard unmounts (lazily if
@@ -2292,6 +2310,205 @@ fn the_largest_file_linux_allows_as_on_tmpfs() {
     let mut back = [0u8; 6];
     f.read_at(&mut back, (1 << 47) * 4096 + 9).unwrap();
     assert_eq!(&back, b"spot 2", "kept across the remount");
+}
+
+/// An idmapped bind mount of `source` at `target` (the mount API:
+/// open_tree, mount_setattr with MOUNT_ATTR_IDMAP, move_mount) mapping ids
+/// `0..1000` of the filesystem to `10000..11000`; detached when dropped.
+struct Idmapped {
+    target: PathBuf,
+}
+
+impl Idmapped {
+    fn new(source: &Path, target: &Path) -> std::io::Result<Idmapped> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        fs::create_dir_all(target).unwrap();
+        // A user namespace holding the mapping: a shell that says when it
+        // is in it, and waits on its standard input.
+        let mut ns = Command::new("unshare")
+            .args(["--user", "sh", "-c", "echo in; exec cat"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert_eq!(first_line(&mut ns), "in\n");
+        for map in ["uid_map", "gid_map"] {
+            fs::write(format!("/proc/{}/{map}", ns.id()), "0 10000 1000\n").unwrap();
+        }
+        let userns = File::open(format!("/proc/{}/ns/user", ns.id())).unwrap();
+        drop(ns.stdin.take());
+        ns.wait().unwrap();
+        let last = || std::io::Error::last_os_error();
+        let (src, dst) = (c_path(source), c_path(target));
+        // SAFETY: a valid C string; the call returns a new descriptor or -1.
+        let tree = unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                src.as_ptr(),
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as u32,
+            )
+        };
+        if tree < 0 {
+            return Err(last());
+        }
+        // SAFETY: a descriptor open_tree just returned, owned here alone.
+        let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_IDMAP,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: userns.as_raw_fd() as u64,
+        };
+        // SAFETY: an open descriptor, an empty C string, and a mount_attr
+        // of the size passed, which the call only reads.
+        let set = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if set < 0 {
+            return Err(last());
+        }
+        // SAFETY: an open descriptor and valid C strings, only read.
+        let moved = unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                dst.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        };
+        if moved < 0 {
+            return Err(last());
+        }
+        Ok(Idmapped {
+            target: target.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Idmapped {
+    fn drop(&mut self) {
+        let c = c_path(&self.target);
+        // SAFETY: a valid C string; detaching a mount this test made.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+const OPEN_TREE_CLONE: u32 = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: u32 = 4;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+/// The kernel's `struct mount_attr`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Idmapped mounts (FUSE_ALLOW_IDMAP, Linux 6.12 and later): owners seen
+/// through the mount are mapped, files a mapped user makes there are
+/// stored with the filesystem's ids, ACL entries and chown are mapped,
+/// permissions follow the mapped owner, an unmapped caller may not create,
+/// and a write there drops set-user-ID; tmpfs doing the same steps is the
+/// reference. What was stored is kept across a remount, and fsck is clean.
+#[test]
+fn idmapped_mounts_map_owners_as_on_tmpfs() {
+    let mut m = Mounted::new("allow_other");
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    let maps = tempfile::tempdir_in("/dev/shm").unwrap();
+    let outcome = |root: &Path, mapped: &Path| {
+        let base = root.join("base");
+        fs::create_dir(&base).unwrap();
+        fs::write(base.join("root-file"), b"secret").unwrap();
+        fs::set_permissions(base.join("root-file"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(base.join("user5"), b"x").unwrap();
+        std::os::unix::fs::chown(base.join("user5"), Some(5), Some(6)).unwrap();
+        fs::write(base.join("setuid"), b"x").unwrap();
+        fs::set_permissions(base.join("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
+        let view = Idmapped::new(&base, mapped).expect("an idmapped mount");
+        let owner = |p: &Path| {
+            fs::symlink_metadata(p)
+                .map(|m| (m.uid(), m.gid()))
+                .map_err(|e| e.raw_os_error())
+        };
+        let as_mapped_root = |script: &str| {
+            let out = Command::new("setpriv")
+                .args(["--reuid=10000", "--regid=10000", "--clear-groups"])
+                .args(["sh", "-c", script])
+                .current_dir(mapped)
+                .output()
+                .unwrap();
+            format!(
+                "{} {}",
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout)
+            )
+        };
+        let mut seen = vec![
+            format!("{:?}", owner(&mapped.join("root-file"))),
+            format!("{:?}", owner(&mapped.join("user5"))),
+            // Through the mount, host uid 10000 is the owner of what uid 0
+            // owns: it may read the 0600 file, and may not without it.
+            as_mapped_root("cat root-file"),
+            as_mapped_root(&format!("cat {}", base.join("root-file").display())),
+            as_mapped_root("touch made && mkdir dir && ln -s made link && mkfifo fifo && echo ok"),
+            as_mapped_root("setfacl -m u:10005:r made && echo ok"),
+            as_mapped_root("printf y >> setuid && echo ok"),
+        ];
+        for name in ["made", "dir", "link", "fifo"] {
+            seen.push(format!("{name} {:?}", owner(&base.join(name))));
+            seen.push(format!("{name} {:?}", owner(&mapped.join(name))));
+        }
+        let acl = Command::new("getfacl")
+            .args(["-n", "--omit-header"])
+            .arg(base.join("made"))
+            .output()
+            .unwrap();
+        seen.push(String::from_utf8_lossy(&acl.stdout).into_owned());
+        seen.push(format!(
+            "{:o}",
+            fs::metadata(base.join("setuid")).unwrap().mode() & 0o7777
+        ));
+        // Root chowns through the mount: stored mapped back; an id with no
+        // mapping is refused, and root (unmapped there) may not create.
+        let chown = |uid| {
+            std::os::unix::fs::chown(mapped.join("made"), Some(uid), Some(uid))
+                .map_err(|e| e.raw_os_error())
+        };
+        seen.push(format!(
+            "{:?} {:?}",
+            chown(10007),
+            owner(&base.join("made"))
+        ));
+        seen.push(format!("{:?} {:?}", chown(7), owner(&base.join("made"))));
+        seen.push(format!(
+            "{:?}",
+            File::create(mapped.join("by-root")).map_err(|e| e.raw_os_error())
+        ));
+        drop(view);
+        seen
+    };
+    let theirs = outcome(tmp.path(), &maps.path().join("tmpfs"));
+    assert_eq!(theirs[0], "Ok((10000, 10000))", "tmpfs, the reference");
+    let ours = outcome(&m.mnt, &maps.path().join("daxfs"));
+    assert_eq!(ours, theirs, "daxfs, then tmpfs");
+    let out = m.umount();
+    assert!(out.status.success(), "{}", text(&out));
+    fsck_clean(&m.img);
+    m.mount("");
+    assert_eq!(fs::metadata(m.path("base/made")).unwrap().uid(), 7);
+    assert_eq!(fs::metadata(m.path("base/dir")).unwrap().uid(), 0);
 }
 
 /// Raise this process's soft limit of open files to the hard limit (at

@@ -40,31 +40,45 @@ pub struct DaxFuse {
     /// File data bypasses the kernel's page cache (DAX semantics) unless
     /// `-o cache` asked for it.
     direct_io: bool,
-    /// POSIX ACLs are on (`FUSE_POSIX_ACL`, with `default_permissions`).
-    acl: bool,
+    /// The kernel checks permissions (`default_permissions`): POSIX ACLs
+    /// are on (`FUSE_POSIX_ACL`).
+    kernel_checks: bool,
+    /// Idmapped mounts are allowed (`FUSE_ALLOW_IDMAP`, which needs
+    /// `kernel_checks`).
+    idmap: bool,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
     pub counters: Arc<Counters>,
 }
 
 impl DaxFuse {
-    /// `acl`: the kernel enforces POSIX ACLs (with default_permissions).
-    pub fn new(fs: Arc<Fs>, direct_io: bool, acl: bool) -> DaxFuse {
+    /// `kernel_checks`: the mount has `default_permissions`, so the
+    /// kernel enforces permissions and POSIX ACLs, and may idmap the mount.
+    pub fn new(fs: Arc<Fs>, direct_io: bool, kernel_checks: bool) -> DaxFuse {
         DaxFuse {
             fs,
             direct_io,
-            acl,
+            kernel_checks,
+            idmap: false,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             counters: Arc::default(),
         }
     }
 
+    /// Allow idmapped mounts where the kernel checks permissions. Then
+    /// most requests name no caller (see `Caller`): not for a session
+    /// that filters requests by their caller's uid.
+    pub fn with_idmap(mut self) -> DaxFuse {
+        self.idmap = self.kernel_checks;
+        self
+    }
+
     /// The umask that applies to a file made in `parent`: none when the
     /// directory has a default ACL (the ACL decides then, as Linux's
     /// `posix_acl_create`).
     fn umask(&self, parent: INodeNo, umask: u32) -> u32 {
-        match self.acl && self.fs.has_default_acl(parent.0).unwrap_or(false) {
+        match self.kernel_checks && self.fs.has_default_acl(parent.0).unwrap_or(false) {
             true => 0,
             false => umask,
         }
@@ -245,10 +259,17 @@ impl fuser::Filesystem for DaxFuse {
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_EXPORT_SUPPORT);
         // POSIX ACLs, enforced by the kernel; the umask is ours to apply
         // (not with a default ACL).
-        if self.acl {
+        if self.kernel_checks {
             let _ = config.add_capabilities(
                 fuser::InitFlags::FUSE_POSIX_ACL | fuser::InitFlags::FUSE_DONT_MASK,
             );
+        }
+        // Idmapped mounts (Linux 6.12 and later, with the kernel checking
+        // permissions): requests that make an inode carry the caller's ids
+        // mapped through the mount's idmap, every other request
+        // FUSE_INVALID_UIDGID (see `Caller`).
+        if self.idmap {
+            let _ = config.add_capabilities(fuser::InitFlags::FUSE_ALLOW_IDMAP);
         }
         // chattr and lsattr on directories too.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_HAS_IOCTL_DIR);
@@ -580,19 +601,20 @@ impl fuser::Filesystem for DaxFuse {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: fuser::WriteFlags,
+        write_flags: fuser::WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
         self.count();
-        // A write by anyone but root (CAP_FSETID) drops set-user-ID, and
-        // set-group-ID where it means "run as the group" (group-execute
-        // set), as Linux's file_remove_privs does: the kernel does it for
-        // cached writes, not for direct I/O ones, which come here.
-        if req.uid() != 0 {
-            let in_group = |gid| req.gid() == gid || supplementary_groups(req.pid()).contains(&gid);
-            if let Err(e) = self.fs.drop_setid(ino.0, in_group) {
+        // A write by a process without CAP_FSETID drops set-user-ID, and
+        // set-group-ID unless it is a locking mark kept for a member of
+        // the group, as Linux's file_remove_privs does: the kernel does it
+        // for cached writes, and for direct I/O ones (which come here)
+        // says so with FUSE_WRITE_KILL_SUIDGID.
+        if write_flags.contains(fuser::WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            let caller = Caller::of(req);
+            if let Err(e) = self.fs.drop_setid(ino.0, |gid| caller.in_group(gid)) {
                 return reply.error(self.errno(e));
             }
         }
@@ -788,8 +810,9 @@ impl fuser::Filesystem for DaxFuse {
                 let mut list = Vec::new();
                 // trusted.* is listed to root only, as ext4 and tmpfs do
                 // (for the rest, the kernel refuses it before we see it).
-                let shown = |name: &Vec<u8>| req.uid() == 0 || !name.starts_with(b"trusted.");
-                for name in names.into_iter().filter(shown) {
+                let trusted = |name: &Vec<u8>| name.starts_with(b"trusted.");
+                let root = names.iter().any(trusted) && Caller::of(req).is_root();
+                for name in names.into_iter().filter(|name| root || !trusted(name)) {
                     list.extend_from_slice(&name);
                     list.push(0);
                 }
@@ -951,9 +974,12 @@ impl DaxFuse {
         let attr = self.fs.getattr(ino).map_err(fail)?;
         let set = |flags: u32| {
             // The kernel checks the owner and CAP_LINUX_IMMUTABLE before
-            // sending this; checked again, as far as a uid tells.
+            // sending this (vfs_fileattr_set); checked again where the
+            // request names its caller (an idmapped mount's ids are the
+            // kernel's to compare).
             let privileged = (attr.flags ^ flags) & (FS_IMMUTABLE_FL | FS_APPEND_FL) != 0;
-            if req.uid() != 0 && (req.uid() != attr.uid || privileged) {
+            let uid = req.uid();
+            if uid != FUSE_INVALID_UIDGID && uid != 0 && (uid != attr.uid || privileged) {
                 return Err(Errno::EPERM);
             }
             self.fs.set_flags(ino, flags).map(drop).map_err(fail)
@@ -1030,20 +1056,61 @@ fn sized(reply: ReplyXattr, bytes: &[u8], size: u32) {
     }
 }
 
-/// The supplementary groups of process `pid` (FUSE passes only the
-/// caller's uid, gid and pid), from `/proc/PID/status`; none if it is gone.
-fn supplementary_groups(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status.lines().find_map(|line| {
-                line.strip_prefix("Groups:").map(|groups| {
-                    groups
-                        .split_whitespace()
-                        .filter_map(|g| g.parse().ok())
-                        .collect()
+/// What a request's header holds for its caller's ids where the mount
+/// takes idmapped mounts and the request makes no inode.
+const FUSE_INVALID_UIDGID: u32 = u32::MAX;
+
+/// Who made a request, for the few decisions the kernel leaves to us.
+/// The header names the caller's filesystem uid and gid, except where the
+/// mount takes idmapped mounts (`FUSE_ALLOW_IDMAP`): there only requests
+/// that make an inode carry ids (mapped through the mount's idmap), the
+/// rest `FUSE_INVALID_UIDGID`, and the ids are read from
+/// `/proc/PID/status` (the process's own, not mapped). Supplementary
+/// groups always come from there: FUSE does not pass them.
+struct Caller {
+    uid: Option<u32>,
+    gid: Option<u32>,
+    pid: u32,
+}
+
+impl Caller {
+    fn of(req: &Request) -> Caller {
+        let known = |id: u32| (id != FUSE_INVALID_UIDGID).then_some(id);
+        Caller {
+            uid: known(req.uid()),
+            gid: known(req.gid()),
+            pid: req.pid(),
+        }
+    }
+
+    /// A field of the caller's `/proc/PID/status` line `key` (its
+    /// filesystem id for `Uid:` and `Gid:`, the fourth).
+    fn status(&self, key: &str) -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .ok()
+            .and_then(|status| {
+                status.lines().find_map(|line| {
+                    line.strip_prefix(key).map(|ids| {
+                        ids.split_whitespace()
+                            .filter_map(|g| g.parse().ok())
+                            .collect()
+                    })
                 })
             })
-        })
-        .unwrap_or_default()
+            .unwrap_or_default()
+    }
+
+    fn is_root(&self) -> bool {
+        match self.uid {
+            Some(uid) => uid == 0,
+            None => self.status("Uid:").get(3) == Some(&0),
+        }
+    }
+
+    /// Whether `gid` is the caller's filesystem group or one of its
+    /// supplementary groups (none known if the process is gone).
+    fn in_group(&self, gid: u32) -> bool {
+        let fsgid = self.gid.or_else(|| self.status("Gid:").get(3).copied());
+        fsgid == Some(gid) || self.status("Groups:").contains(&gid)
+    }
 }

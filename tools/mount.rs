@@ -410,7 +410,11 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
     let (session, mut unmounter) = match kernel_mount(&image, &mnt, options) {
         // As root: the mount system call, with type fuse.daxfs.
         Ok(fd) => {
-            let session = fuser::Session::from_fd(adapter, fd, config.acl, config)
+            // The kernel keeps other users out unless allow_other
+            // (fuse_allow_current_process), so fuser need not filter by the
+            // request's uid, which idmapped mounts leave out of most.
+            let adapter = adapter.with_idmap();
+            let session = fuser::Session::from_fd(adapter, fd, fuser::SessionACL::All, config)
                 .map_err(|e| format!("{}: FUSE handshake failed: {e}", mnt.display()))?;
             (session, None)
         }
