@@ -222,6 +222,13 @@ fn ops() -> Vec<(&'static str, Step)> {
             ctx.handle = Some(fs.open(ino(fs, "/f2")).unwrap());
             fs.unlink_path("/f2").unwrap()
         }),
+        ("tmpfile-link", |fs, ctx| {
+            // O_TMPFILE: made unnamed (an orphan), written, then named.
+            let (a, handle) = fs.tmpfile(ino(fs, "/a"), 0o640, 0, 0, true).unwrap();
+            let _ = fs.write(a.ino, 0, &[5u8; 6000]).unwrap();
+            let _ = fs.link(a.ino, ROOT, b"was-tmp").unwrap();
+            ctx.handle = Some(handle);
+        }),
         ("orphan-remove", |fs, ctx| {
             let handle = fs.open(ino(fs, "/f2")).unwrap();
             fs.unlink_path("/f2").unwrap();

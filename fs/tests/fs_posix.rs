@@ -833,6 +833,67 @@ fn a_sparse_file_may_be_as_large_as_linux_allows() {
     assert!(report.is_clean(), "{:?}", report.problems);
 }
 
+/// `open(O_TMPFILE)`: an unnamed file (link count 0) is freed at its last
+/// close, or named by `link` and kept; made exclusive (`O_EXCL`) it may
+/// never be named, nor may an open file whose names were all removed (both
+/// ENOENT, as Linux's `vfs_link`). It takes a set-group-ID directory's
+/// group. A crash reclaims the unnamed ones and keeps the named one, and
+/// fsck is clean.
+#[test]
+fn an_unnamed_file_is_freed_at_its_last_close_or_named_by_link() {
+    let (img, fs) = image(64 << 20);
+    let d = fs.mkdir(ROOT, b"d", 0o2755, 0, 50).unwrap().ino;
+    let free = fs.statfs().free_files;
+    // Never named: gone at its last close.
+    let (a, h) = fs.tmpfile(d, 0o600, 7, 8, true).unwrap();
+    assert_eq!(
+        (a.nlink, a.kind, a.mode & 0o7777, a.uid, a.gid),
+        (0, FileKind::File, 0o600, 7, 50)
+    );
+    fs.write(a.ino, 0, b"scratch").unwrap();
+    assert_eq!(fs.readdir(d, 2).unwrap().len(), 0, "no name");
+    assert_eq!(fs.statfs().free_files, free - 1);
+    fs.close(h).unwrap();
+    assert_eq!(fs.statfs().free_files, free, "freed at its last close");
+    assert_eq!(errno(fs.getattr(a.ino)), libc::ENOENT);
+    // Named by link: an ordinary file from then on, kept with its data.
+    let (b, h) = fs.tmpfile(d, 0o644, 0, 0, true).unwrap();
+    fs.write(b.ino, 0, b"kept").unwrap();
+    assert_eq!(fs.link(b.ino, d, b"named").unwrap().nlink, 1);
+    assert_eq!(fs.link(b.ino, ROOT, b"second").unwrap().nlink, 2);
+    fs.unlink(ROOT, b"second").unwrap();
+    fs.close(h).unwrap();
+    assert_eq!(fs.read_path("/d/named").unwrap(), b"kept");
+    // O_TMPFILE | O_EXCL: never linkable.
+    let (c, _hc) = fs.tmpfile(d, 0o644, 0, 0, false).unwrap();
+    assert_eq!(errno(fs.link(c.ino, d, b"no")), libc::ENOENT);
+    // An open file whose names are gone stays unnamed.
+    let e = fs.create(d, b"e", 0o644, 0, 0, true).unwrap().0.ino;
+    let _he = fs.open(e).unwrap();
+    fs.unlink(d, b"e").unwrap();
+    assert_eq!(errno(fs.link(e, d, b"back")), libc::ENOENT);
+    assert_eq!(errno(fs.lookup(d, b"back")), libc::ENOENT);
+    // Not in a file, nor in a removed directory.
+    assert_eq!(errno(fs.tmpfile(b.ino, 0o644, 0, 0, true)), libc::ENOTDIR);
+    let gone = fs.mkdir(ROOT, b"gone", 0o755, 0, 0).unwrap().ino;
+    let _hg = fs.open(gone).unwrap();
+    fs.rmdir(ROOT, b"gone").unwrap();
+    assert_eq!(errno(fs.tmpfile(gone, 0o644, 0, 0, true)), libc::ENOENT);
+    let (f, _hf) = fs.tmpfile(d, 0o644, 0, 0, true).unwrap();
+    fs.write(f.ino, 0, &[9u8; 100_000]).unwrap();
+    // A crash with c, e, f and the removed directory open.
+    let fs = crash_and_mount(&img, fs);
+    assert_eq!(fs.read_path("/d/named").unwrap(), b"kept");
+    assert_eq!(
+        fs.statfs().free_files,
+        free - 1,
+        "only the named file is left"
+    );
+    fs.unmount().unwrap();
+    let (report, _) = daxfs::fsck(fs.into_device().unwrap(), false).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+}
+
 /// A write that runs out of space writes what fits and returns the short
 /// count; only a write that can write nothing is ENOSPC. What was written
 /// reads back, and the filesystem checks clean.

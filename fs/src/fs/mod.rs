@@ -348,6 +348,9 @@ struct State {
     /// is singly linked, as ext4's). Built from the list when first
     /// needed, and again after a change that failed.
     orphan_prev: Option<HashMap<Ino, Ino>>,
+    /// Unnamed files made by `tmpfile` that `link` may name (Linux's
+    /// `I_LINKABLE`): an `O_TMPFILE` without `O_EXCL`, until named.
+    linkable: HashSet<Ino>,
     /// Inodes whose metadata is damaged or poisoned: never changed again.
     damaged: HashSet<Ino>,
     /// Poisoned pages of filesystem-wide structures (the journal, the
@@ -718,6 +721,7 @@ impl Fs {
                     next_handle: 1,
                     orphan_head,
                     orphan_prev: None,
+                    linkable: HashSet::default(),
                     damaged,
                     damaged_areas: Vec::new(),
                     unmounted: false,
@@ -1742,6 +1746,7 @@ impl Fs {
     /// Free an inode with no links and no handles: its blocks, extent
     /// blocks, xattr block, and the inode itself.
     fn free_inode(&self, st: &mut State, stage: &mut Stage, ino: Ino) -> Result<()> {
+        st.linkable.remove(&ino);
         let inode = self.inode(st, ino)?;
         if inode.has_extents() {
             let extents = self.extents(st, ino)?.clone();

@@ -207,6 +207,32 @@ impl Fs {
         })
     }
 
+    /// Create an unnamed regular file in directory `parent` and open it,
+    /// as `open(O_TMPFILE)`: its link count is 0 and it waits on the orphan
+    /// list, so its last close frees it (and so does the next mount, after
+    /// a crash), unless `link` names it first, which it may only if
+    /// `linkable` (`O_TMPFILE` without `O_EXCL`). It takes its group and a
+    /// default ACL from `parent` as a file created there would.
+    pub fn tmpfile(
+        &self,
+        parent: Ino,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        linkable: bool,
+    ) -> Result<(Attr, Handle)> {
+        self.change(|fs, st, stage| {
+            let mut inode = fs.new_inode(libc::S_IFREG | (mode & 0o7777), uid, gid, parent);
+            inode.nlink = 0;
+            let (ino, inode) = fs.init_new(st, stage, parent, inode)?;
+            fs.add_orphan(st, stage, ino, inode.clone());
+            if linkable {
+                st.linkable.insert(ino);
+            }
+            Ok((Fs::attr(ino, &inode), Fs::new_handle(st, ino)))
+        })
+    }
+
     /// Create a directory.
     pub fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
         self.change(|fs, st, stage| {
@@ -298,13 +324,20 @@ impl Fs {
         Ok(target)
     }
 
-    /// Give `ino` (not a directory) another name.
+    /// Give `ino` (not a directory) another name. A file without one is
+    /// named only if `tmpfile` made it linkable (then it leaves the orphan
+    /// list); one whose names were all removed is `ENOENT`, as Linux's
+    /// `vfs_link` says.
     pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
         self.change(|fs, st, stage| {
             check_name(name)?;
             let mut inode = fs.inode(st, ino)?;
             if inode.is_dir() {
                 return Err(Error::Unsupported("hard links to directories"));
+            }
+            let unnamed = inode.nlink == 0;
+            if unnamed && !st.linkable.contains(&ino) {
+                return Err(Error::NotFound);
             }
             super::flags::unchangeable(&inode)?;
             fs.may_add(st, parent)?;
@@ -314,10 +347,17 @@ impl Fs {
             if fs.dir(st, parent)?.get(name).is_some() {
                 return Err(Error::Exists);
             }
+            if unnamed {
+                fs.remove_orphan(st, stage, ino)?;
+                inode.next_orphan = 0;
+            }
             inode.nlink += 1;
             inode.ctime = Time::now();
             fs.put_inode(st, stage, ino, inode.clone());
             fs.add_entry(st, stage, parent, name, ino, dtype_of(inode.mode))?;
+            if unnamed {
+                st.linkable.remove(&ino);
+            }
             Ok(Fs::attr(ino, &inode))
         })
     }
@@ -672,11 +712,32 @@ impl Fs {
         stage: &mut Stage,
         parent: Ino,
         name: &[u8],
-        mut inode: Inode,
+        inode: Inode,
     ) -> Result<(Ino, Inode)> {
         if self.dir(st, parent)?.get(name).is_some() {
             return Err(Error::Exists);
         }
+        let kind = dtype_of(inode.mode);
+        let (ino, inode) = self.init_new(st, stage, parent, inode)?;
+        self.add_entry(st, stage, parent, name, ino, kind)?;
+        if inode.is_dir() {
+            self.adjust_nlink(st, stage, parent, 1)?;
+        }
+        Ok((ino, inode))
+    }
+
+    /// Take an inode for `inode`, to be made in directory `parent` (not
+    /// yet named there): the directory's group, and set-group-ID bit, in a
+    /// set-group-ID directory, and its default ACL. Returns the number and
+    /// the inode as made.
+    fn init_new(
+        &self,
+        st: &mut State,
+        stage: &mut Stage,
+        parent: Ino,
+        mut inode: Inode,
+    ) -> Result<(Ino, Inode)> {
+        self.dir(st, parent)?;
         let dir = self.inode(st, parent)?;
         if dir.nlink == 0 {
             return Err(Error::NotFound); // a removed directory takes no new entries
@@ -693,18 +754,11 @@ impl Fs {
             false => self.inherit_acl(st, parent, &mut inode)?,
         };
         let ino = self.take_inode(st, stage)?;
-        let is_dir = inode.is_dir();
-        let kind = dtype_of(inode.mode);
-        self.put_inode(st, stage, ino, inode.clone());
+        self.put_inode(st, stage, ino, inode);
         if let Some(attrs) = inherited.filter(|a| !a.is_empty()) {
             self.store_xattrs(st, stage, ino, &attrs)?;
         }
-        let inode = self.inode(st, ino)?;
-        self.add_entry(st, stage, parent, name, ino, kind)?;
-        if is_dir {
-            self.adjust_nlink(st, stage, parent, 1)?;
-        }
-        Ok((ino, inode))
+        Ok((ino, self.inode(st, ino)?))
     }
 
     pub(super) fn adjust_nlink(
