@@ -2511,6 +2511,160 @@ fn idmapped_mounts_map_owners_as_on_tmpfs() {
     assert_eq!(fs::metadata(m.path("base/dir")).unwrap().uid(), 0);
 }
 
+/// `open(O_TMPFILE)` through the kernel, tmpfs doing the same the
+/// reference: an unnamed file (link count 0) that `linkat` names with
+/// what was written to it; `O_EXCL` keeps it unnamed (ENOENT); not in a
+/// file (ENOTDIR), not read-only (EINVAL), not where the caller may not
+/// write (EACCES). What was named is kept across a remount; what was not
+/// is freed, and fsck is clean.
+#[test]
+fn o_tmpfile_and_linkat_as_on_tmpfs() {
+    let mut m = Mounted::new("allow_other");
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let before = free_inodes(&m.mnt);
+    let outcome = |root: &Path| {
+        let open_tmp = |dir: &Path, flags: i32| {
+            let c = c_path(dir);
+            // SAFETY: a valid C string; open returns a descriptor or -1.
+            let fd = unsafe { libc::open(c.as_ptr(), libc::O_TMPFILE | flags, 0o640) };
+            match fd {
+                -1 => Err(std::io::Error::last_os_error().raw_os_error()),
+                // SAFETY: a descriptor open just returned, owned here alone.
+                fd => Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }),
+            }
+        };
+        let link = |f: &File, to: &Path| {
+            let from = CString::new(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap();
+            let to = c_path(to);
+            // SAFETY: valid C strings, only read.
+            let r = unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    from.as_ptr(),
+                    libc::AT_FDCWD,
+                    to.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            };
+            match r {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error().raw_os_error()),
+            }
+        };
+        use std::os::fd::AsRawFd;
+        let mut seen = Vec::new();
+        let f = open_tmp(root, libc::O_RDWR).unwrap();
+        f.write_all_at(b"made unnamed", 0).unwrap();
+        let meta = f.metadata().unwrap();
+        seen.push(format!("{} {:o} {}", meta.nlink(), meta.mode(), meta.len()));
+        seen.push(format!("{:?}", link(&f, &root.join("named"))));
+        seen.push(format!(
+            "{:?}",
+            fs::read(root.join("named")).map_err(|e| e.kind())
+        ));
+        seen.push(format!("{}", f.metadata().unwrap().nlink()));
+        seen.push(format!("{:?}", link(&f, &root.join("again"))));
+        let unnamed = open_tmp(root, libc::O_RDWR).unwrap();
+        unnamed.write_all_at(&[3u8; 100_000], 0).unwrap();
+        let excl = open_tmp(root, libc::O_RDWR | libc::O_EXCL).unwrap();
+        seen.push(format!("{:?}", link(&excl, &root.join("excl"))));
+        seen.push(format!(
+            "{:?}",
+            open_tmp(&root.join("named"), libc::O_RDWR).err()
+        ));
+        seen.push(format!("{:?}", open_tmp(root, libc::O_RDONLY).err()));
+        let out = as_nobody("sh")
+            .arg("-c")
+            .arg("exec 3<>/dev/null; perl -e 'use Fcntl; sysopen(F, \".\", 0x410000|O_RDWR) or die \"$!\\n\"'")
+            .current_dir(root)
+            .output()
+            .unwrap();
+        seen.push(String::from_utf8_lossy(&out.stderr).into_owned());
+        let mut names: Vec<String> = fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "lost+found")
+            .collect();
+        names.sort();
+        seen.push(names.join(" "));
+        seen
+    };
+    let theirs = outcome(tmp.path());
+    assert_eq!(theirs[0], "0 100640 12", "tmpfs, the reference");
+    assert_eq!(outcome(&m.mnt), theirs, "daxfs, then tmpfs");
+    let out = m.umount();
+    assert!(out.status.success(), "{}", text(&out));
+    fsck_clean(&m.img);
+    m.mount("");
+    assert_eq!(fs::read(m.path("named")).unwrap(), b"made unnamed");
+    assert_eq!(fs::metadata(m.path("named")).unwrap().nlink(), 2);
+    assert_eq!(
+        free_inodes(&m.mnt),
+        before - 1,
+        "the unnamed files are freed"
+    );
+}
+
+/// statx(2)'s birth time: set when a file is made, unchanged by writes,
+/// chmod and rename, kept across a remount; tmpfs reports it too.
+#[test]
+fn statx_reports_the_birth_time_as_tmpfs_does() {
+    let mut m = Mounted::new("");
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    let btime = |path: &Path| {
+        let c = c_path(path);
+        // SAFETY: an all-zero statx is a valid value; statx fills it.
+        let mut st: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid C string and a statx to fill.
+        let r = unsafe {
+            libc::statx(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                0,
+                libc::STATX_BASIC_STATS | libc::STATX_BTIME,
+                &mut st,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        assert_eq!(
+            st.stx_mask & libc::STATX_BTIME,
+            libc::STATX_BTIME,
+            "{}",
+            path.display()
+        );
+        (st.stx_btime.tv_sec, st.stx_btime.tv_nsec)
+    };
+    // In nanoseconds; the kernel's clock (tmpfs's) is coarse, a tick behind.
+    let nanos = |(s, n): (i64, u32)| s as i128 * 1_000_000_000 + n as i128;
+    let now = || {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        t.as_nanos() as i128
+    };
+    for root in [tmp.path(), m.mnt.as_path()] {
+        let start = now() - 50_000_000;
+        fs::write(root.join("f"), b"x").unwrap();
+        fs::create_dir(root.join("d")).unwrap();
+        let end = now();
+        let born = btime(&root.join("f"));
+        let made = (start..=end).contains(&nanos(born));
+        assert!(made, "{born:?} not in {start}..{end}: {}", root.display());
+        assert!((start..=end).contains(&nanos(btime(&root.join("d")))));
+        std::thread::sleep(Duration::from_millis(20));
+        fs::write(root.join("f"), b"changed").unwrap();
+        fs::set_permissions(root.join("f"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::rename(root.join("f"), root.join("g")).unwrap();
+        assert_eq!(btime(&root.join("g")), born, "{}", root.display());
+    }
+    let born = btime(&m.path("g"));
+    let out = m.umount();
+    assert!(out.status.success(), "{}", text(&out));
+    m.mount("");
+    assert_eq!(btime(&m.path("g")), born, "kept across a remount");
+}
+
 /// Raise this process's soft limit of open files to the hard limit (at
 /// most `want`).
 fn raise_open_files(want: u64) {

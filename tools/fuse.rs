@@ -11,7 +11,7 @@ use daxfs::{Attr, CreateOptions, FileKind, Fs, Handle, SetAttr, Timestamp};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
     OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    ReplyOpen, ReplyStatfs, ReplyStatx, ReplyWrite, ReplyXattr, Request, TimeOrNow,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -199,7 +199,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         atime: time(a.atime),
         mtime: time(a.mtime),
         ctime: time(a.ctime),
-        crtime: time(a.ctime),
+        crtime: a.btime.map_or(UNIX_EPOCH, time),
         kind: file_type(a.kind),
         perm: (a.mode & 0o7777) as u16,
         nlink: a.nlink,
@@ -339,6 +339,25 @@ impl fuser::Filesystem for DaxFuse {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.count();
         self.attr(self.fs.getattr(ino.0), reply)
+    }
+
+    /// statx(2) asking for the birth time (the kernel answers the basic
+    /// fields from `getattr`): as `getattr`, with the time the inode was
+    /// made (none for inodes from before it was kept).
+    fn statx(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: Option<FileHandle>,
+        _flags: u32,
+        _mask: u32,
+        reply: ReplyStatx,
+    ) {
+        self.count();
+        match self.fs.getattr(ino.0) {
+            Ok(attr) => reply.statx(&TTL, &file_attr(&attr), attr.btime.map(time)),
+            Err(e) => reply.error(self.errno(e)),
+        }
     }
 
     fn setattr(
@@ -557,6 +576,44 @@ impl fuser::Filesystem for DaxFuse {
             Ok((attr, handle)) => {
                 // The handle holds the inode, so counting the kernel's lookup
                 // cannot race an unlink.
+                if let Err(e) = self.fs.remember(attr.ino) {
+                    let _ = self.fs.close(handle);
+                    reply.error(self.errno(e));
+                    return;
+                }
+                let fh = self.add_handle(handle);
+                reply.created(
+                    &TTL,
+                    &file_attr(&attr),
+                    generation(&attr),
+                    fh,
+                    self.open_flags(),
+                );
+            }
+            Err(e) => reply.error(self.errno(e)),
+        }
+    }
+
+    /// open(O_TMPFILE): an unnamed file in `parent`, open; linkat names it
+    /// unless it was opened with O_EXCL.
+    fn tmpfile(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        self.count();
+        let mode = mode & !self.umask(parent, umask) & 0o7777;
+        let linkable = flags & libc::O_EXCL == 0;
+        let made = self
+            .fs
+            .tmpfile(parent.0, mode, req.uid(), req.gid(), linkable);
+        match made {
+            Ok((attr, handle)) => {
+                // The kernel counts this reply as a lookup, as create's.
                 if let Err(e) = self.fs.remember(attr.ino) {
                     let _ = self.fs.close(handle);
                     reply.error(self.errno(e));

@@ -990,7 +990,7 @@ pub trait Filesystem: Send + Sync + 'static {
 
     /// daxfs: get file attributes for `statx(2)` when the caller asks for
     /// more than `stat(2)` gives (the birth time): reply with
-    /// [`ReplyStatx::statx`], whose birth time is the attributes' `crtime`.
+    /// [`ReplyStatx::statx`], the attributes and the birth time if known.
     /// `ENOSYS` (the default) makes the kernel use [`Filesystem::getattr`]
     /// from then on, without a birth time.
     fn statx(

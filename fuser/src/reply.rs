@@ -11,7 +11,6 @@ use std::ffi::OsStr;
 use std::io::IoSlice;
 use std::os::fd::BorrowedFd;
 use std::time::Duration;
-#[cfg(target_os = "macos")]
 use std::time::SystemTime;
 
 use log::error;
@@ -322,9 +321,10 @@ impl Reply for ReplyStatx {
 }
 
 impl ReplyStatx {
-    /// Reply with the attributes, `crtime` the birth time.
-    pub fn statx(self, ttl: &Duration, attr: &FileAttr) {
-        self.reply.send_ll(&ll::ResponseStruct::new_statx(ttl, attr));
+    /// Reply with the attributes and the birth time, if known.
+    pub fn statx(self, ttl: &Duration, attr: &FileAttr, btime: Option<SystemTime>) {
+        self.reply
+            .send_ll(&ll::ResponseStruct::new_statx(ttl, attr, btime));
     }
 
     /// Reply to a request with the given error code

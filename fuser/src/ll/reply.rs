@@ -135,9 +135,14 @@ impl ResponseStruct<abi::fuse_getxtimes_out> {
 
 // daxfs: statx (ABI 7.39).
 impl ResponseStruct<abi::fuse_statx_out> {
-    pub(crate) fn new_statx(ttl: &Duration, attr: &crate::FileAttr) -> Self {
-        /// What `statx(2)` fills: `STATX_BASIC_STATS` and `STATX_BTIME`.
-        const MASK: u32 = 0x7ff | 0x800;
+    pub(crate) fn new_statx(
+        ttl: &Duration,
+        attr: &crate::FileAttr,
+        btime: Option<SystemTime>,
+    ) -> Self {
+        /// What `statx(2)` fills: `STATX_BASIC_STATS`, and `STATX_BTIME`.
+        const BASIC: u32 = 0x7ff;
+        const BTIME: u32 = 0x800;
         let time = |t: &SystemTime| {
             let (tv_sec, tv_nsec) = time_from_system_time(t);
             abi::fuse_sx_time {
@@ -154,7 +159,7 @@ impl ResponseStruct<abi::fuse_statx_out> {
             flags: 0,
             spare: [0; 2],
             stat: abi::fuse_statx {
-                mask: MASK,
+                mask: BASIC | if btime.is_some() { BTIME } else { 0 },
                 blksize: attr.blksize,
                 nlink: attr.nlink,
                 uid: attr.uid,
@@ -164,7 +169,7 @@ impl ResponseStruct<abi::fuse_statx_out> {
                 size: attr.size,
                 blocks: attr.blocks,
                 atime: time(&attr.atime),
-                btime: time(&attr.crtime),
+                btime: btime.as_ref().map(time).unwrap_or_default(),
                 ctime: time(&attr.ctime),
                 mtime: time(&attr.mtime),
                 // (The FUSE attribute's device number, as the kernel's
