@@ -208,4 +208,32 @@ impl CrashPoint<'_> {
         }
         Ok(())
     }
+
+    /// Turn the device file at `path`, written by
+    /// [`write_image`](Self::write_image) at this point (with any
+    /// `persisted`), into the image `persisted` leaves: only the pending
+    /// lines are written. A point with many subsets to check costs one
+    /// whole image and then a few lines per subset.
+    pub fn rewrite_image(&self, persisted: &[u64], path: &Path) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        for &offset in persisted {
+            if !self.state.lines.contains_key(&offset) {
+                return Err(Error::NotPending { offset });
+            }
+        }
+        let io = |e| Error::io(path, "rewrite the crash image", e);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io)?;
+        let mut line = [0u8; CACHE_LINE];
+        for (&offset, pending) in &self.state.lines {
+            match persisted.contains(&offset) {
+                true => (self.current)(offset, &mut line),
+                false => line = pending.durable,
+            }
+            file.write_all_at(&line, offset).map_err(io)?;
+        }
+        Ok(())
+    }
 }

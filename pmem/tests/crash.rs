@@ -153,6 +153,30 @@ fn a_crash_image_opens_as_a_device() {
     assert_eq!(buf, [0; 8]);
 }
 
+/// An image rewritten for another subset of pending lines is the image
+/// that subset leaves, whichever subset it was written for before.
+#[test]
+fn a_rewritten_image_is_the_image_of_its_subset() {
+    let (dir, dev) = tracked();
+    dev.memcpy_persist(0, &[1; 256]).unwrap();
+    dev.write(0, &[2; 64]).unwrap(); // pending, over a durable line
+    dev.write(4096, &[3; 64]).unwrap(); // pending, over zeros
+    dev.write(8192 + 64, &[4; 64]).unwrap();
+    let path = dir.path().join("scratch.img");
+    dev.with_crash_point(|p| {
+        let lines: Vec<u64> = p.pending().iter().map(|l| l.offset).collect();
+        assert_eq!(lines, [0, 4096, 8256]);
+        p.write_image(&lines, &path).unwrap();
+        for subset in [vec![], vec![4096], vec![0, 8256], lines.clone(), vec![0]] {
+            p.rewrite_image(&subset, &path).unwrap();
+            let want = p.image(&subset).unwrap();
+            assert!(std::fs::read(&path).unwrap() == want, "{subset:?}");
+        }
+        assert!(p.rewrite_image(&[64], &path).is_err(), "not pending");
+    })
+    .unwrap();
+}
+
 #[test]
 fn untracked_devices_have_no_crash_point() {
     let dir = common::shm_dir();
