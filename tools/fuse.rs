@@ -152,6 +152,23 @@ impl DaxFuse {
         self.fs.may_open_for_write(ino, flags & libc::O_APPEND != 0)
     }
 
+    /// Answer a create or an O_TMPFILE open: the kernel counts the reply
+    /// as a lookup. The handle holds the inode, so counting it cannot race
+    /// an unlink.
+    fn created(&self, opened: daxfs::Result<(Attr, Handle)>, reply: ReplyCreate) {
+        let (attr, handle) = match opened {
+            Ok(opened) => opened,
+            Err(e) => return reply.error(self.errno(e)),
+        };
+        if let Err(e) = self.fs.remember(attr.ino) {
+            let _ = self.fs.close(handle);
+            return reply.error(self.errno(e));
+        }
+        let fh = self.add_handle(handle);
+        let flags = self.open_flags();
+        reply.created(&TTL, &file_attr(&attr), generation(&attr), fh, flags);
+    }
+
     fn made<T>(&self, result: daxfs::Result<T>, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match result.and_then(|_| self.fs.lookup_ref(parent.0, name.as_bytes())) {
             Ok(attr) => reply.entry(&TTL, &file_attr(&attr), generation(&attr)),
@@ -572,26 +589,7 @@ impl fuser::Filesystem for DaxFuse {
                 },
             }
         });
-        match opened {
-            Ok((attr, handle)) => {
-                // The handle holds the inode, so counting the kernel's lookup
-                // cannot race an unlink.
-                if let Err(e) = self.fs.remember(attr.ino) {
-                    let _ = self.fs.close(handle);
-                    reply.error(self.errno(e));
-                    return;
-                }
-                let fh = self.add_handle(handle);
-                reply.created(
-                    &TTL,
-                    &file_attr(&attr),
-                    generation(&attr),
-                    fh,
-                    self.open_flags(),
-                );
-            }
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.created(opened, reply)
     }
 
     /// open(O_TMPFILE): an unnamed file in `parent`, open; linkat names it
@@ -611,25 +609,7 @@ impl fuser::Filesystem for DaxFuse {
         let made = self
             .fs
             .tmpfile(parent.0, mode, req.uid(), req.gid(), linkable);
-        match made {
-            Ok((attr, handle)) => {
-                // The kernel counts this reply as a lookup, as create's.
-                if let Err(e) = self.fs.remember(attr.ino) {
-                    let _ = self.fs.close(handle);
-                    reply.error(self.errno(e));
-                    return;
-                }
-                let fh = self.add_handle(handle);
-                reply.created(
-                    &TTL,
-                    &file_attr(&attr),
-                    generation(&attr),
-                    fh,
-                    self.open_flags(),
-                );
-            }
-            Err(e) => reply.error(self.errno(e)),
-        }
+        self.created(made, reply)
     }
 
     fn read(

@@ -877,3 +877,113 @@ fn lock_faults_in_and_locks_and_pages_mapped_later_stay_locked() {
     drop(map);
     fs.unmount().unwrap();
 }
+
+/// Reads into, and writes from, DAX mappings through buffers that start
+/// inside a page and straddle pages: of another file and of the same file,
+/// over data and over a hole, down to two bytes across a page boundary.
+/// Nothing of the buffer may fault while the filesystem's lock is held
+/// (the fault needs that lock: the thread would wait for itself). A
+/// watchdog fails the test if the calls do not return.
+#[test]
+fn buffers_in_mappings_at_any_alignment_neither_hang_nor_lose_bytes() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (_img, fs) = common::image("daxfs-dax");
+        let src = common::pattern_file(&fs, "src", 64 * 1024);
+        let want = |at: u64, len: usize| (at..at + len as u64).map(pattern).collect::<Vec<u8>>();
+        // (offset in the mapping, length): inside a page, across three
+        // pages and into a fourth, two bytes across a boundary.
+        let cases = [(100usize, 3 * 4096usize), (4095, 2), (4000, 8192 + 200)];
+        for (i, &(at, len)) in cases.iter().enumerate() {
+            // Read into a fresh mapping of another file: data, then a hole.
+            let data = common::pattern_file(&fs, &format!("data{i}"), 64 * 1024);
+            let hole = fs.create(ROOT, format!("hole{i}").as_bytes(), 0o644, 0, 0, true);
+            let hole = hole.unwrap().0.ino;
+            fs.truncate(hole, 64 * 1024).unwrap();
+            for dst in [data, hole] {
+                // SAFETY: nothing else changes `dst` while it is mapped.
+                let mut map = unsafe { fs.mmap(dst, 0, 64 * 1024, MapOptions::default()) }.unwrap();
+                assert_eq!(fs.read(src, 7, &mut map[at..at + len]).unwrap(), len);
+                assert!(
+                    map[at..at + len] == want(7, len)[..],
+                    "read into {dst} at {at}"
+                );
+            }
+            // Write from a fresh, read-only mapping of another file.
+            let out = fs.create(ROOT, format!("out{i}").as_bytes(), 0o644, 0, 0, true);
+            let out = out.unwrap().0.ino;
+            let read_only = MapOptions {
+                write: false,
+                ..MapOptions::default()
+            };
+            // SAFETY: nothing changes `src` while it is mapped.
+            let map = unsafe { fs.mmap(src, 0, 64 * 1024, read_only) }.unwrap();
+            assert_eq!(fs.write(out, 0, &map[at..at + len]).unwrap(), len);
+            let mut back = vec![0u8; len];
+            fs.read(out, 0, &mut back).unwrap();
+            assert!(back == want(at as u64, len), "write from a mapping at {at}");
+            drop(map);
+            // The same file: its second half mapped, its first half read
+            // into it and written back from it.
+            let same = common::pattern_file(&fs, &format!("same{i}"), 64 * 1024);
+            // SAFETY: only these calls change `same` while it is mapped.
+            let map = unsafe { fs.mmap(same, 32 * 1024, 32 * 1024, MapOptions::default()) };
+            let mut map = map.unwrap();
+            assert_eq!(fs.read(same, 0, &mut map[at..at + len]).unwrap(), len);
+            assert!(map[at..at + len] == want(0, len)[..], "same file at {at}");
+            assert_eq!(fs.write(same, 1, &map[at..at + len]).unwrap(), len);
+            drop(map);
+            let mut back = vec![0u8; len];
+            fs.read(same, 1, &mut back).unwrap();
+            assert!(back == want(0, len), "same file written back at {at}");
+        }
+        // Names, a path, a symlink target and an attribute value that lie
+        // in (fresh, unfaulted) mappings, across page boundaries.
+        let words = fs.create(ROOT, b"words", 0o644, 0, 0, true).unwrap().0.ino;
+        fs.truncate(words, 16 * 1024).unwrap();
+        fs.write(words, 4090, b"mapped-name").unwrap();
+        fs.write(words, 8190, b"/a-dir").unwrap();
+        fs.write(words, 12285, b"link-target").unwrap();
+        let read_only = MapOptions {
+            write: false,
+            ..MapOptions::default()
+        };
+        // SAFETY: nothing changes `words` while it is mapped.
+        let fresh = || unsafe { fs.mmap(words, 0, 16 * 1024, read_only) }.unwrap();
+        fs.create(ROOT, &fresh()[4090..4101], 0o644, 0, 0, true)
+            .unwrap();
+        assert!(fs.lookup(ROOT, &fresh()[4090..4101]).is_ok());
+        fn path(bytes: &[u8]) -> &std::path::Path {
+            std::path::Path::new(
+                <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(bytes),
+            )
+        }
+        fs.mkdir_path(path(&fresh()[8190..8196]), 0o755).unwrap();
+        assert!(fs.resolve(path(&fresh()[8190..8196])).is_ok());
+        let link = fs
+            .symlink(ROOT, b"sl", &fresh()[12285..12296], 0, 0)
+            .unwrap();
+        assert_eq!(fs.readlink(link.ino).unwrap(), b"link-target");
+        fs.setxattr(src, b"user.v", &fresh()[4000..4400], false, false)
+            .unwrap();
+        assert!(fs.getxattr(src, b"user.v").unwrap() == fresh()[4000..4400]);
+        fs.rename(
+            ROOT,
+            &fresh()[4090..4101],
+            ROOT,
+            b"renamed",
+            Default::default(),
+        )
+        .unwrap();
+        fs.unlink(ROOT, b"renamed").unwrap();
+        fs.unmount().unwrap();
+        tx.send(()).unwrap();
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+        Ok(()) => {}
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("a read or write with a buffer in a mapping did not return in 120 s")
+        }
+        Err(e) => panic!("the test thread failed: {e}"),
+    }
+}

@@ -23,14 +23,14 @@
 //! the access is retried. (userfaultfd would run faults in a thread of our
 //! own, but it registers anonymous and shmem memory only, and our pieces
 //! are mappings of the device file; the handler keeps one code path for
-//! every backing.) A fault runs inside the faulting thread, which may hold
-//! locks of ours: the filesystem's write path copies from the caller's
-//! buffer, which may be an unfaulted daxfs mapping, so [`Fs::write`] touches
-//! every page of its source before it takes a lock (Linux's
-//! `fault_in_readable`). The routine allocates memory and takes locks, which
-//! a signal handler may do only because the interrupted code was a load or
-//! a store to a daxfs mapping, never the allocator or our own lock holders
-//! (they never touch mappings). Addresses that are not ours go to the
+//! every backing.) A fault runs inside the faulting thread, so that thread
+//! must hold no lock of ours: caller memory, which may be an unfaulted
+//! daxfs mapping, is copied before our locks are taken and filled after
+//! they are released (see `user`, which also checks the rule). The routine
+//! allocates memory and takes locks, which a signal handler may do only
+//! because the interrupted code was a load or a store to a daxfs mapping,
+//! never the allocator or our own lock holders (they never touch
+//! mappings). Addresses that are not ours go to the
 //! handler that was there before.
 //!
 //! An unfaulted page is an inaccessible reservation, which `mlock(2)`
@@ -1256,10 +1256,19 @@ fn unregister(inner: &Arc<Inner>) {
     LIVE.store(list.len(), Ordering::Release);
 }
 
-/// Whether any DAX mapping exists in this process: if none, no buffer a
-/// caller passes can be one, and the data path need not fault it in.
-pub(super) fn any_mapping() -> bool {
-    LIVE.load(Ordering::Acquire) > 0
+/// Whether any of `bytes` lie in a DAX mapping of this process (of any
+/// filesystem), whose faults take filesystem locks (see `user`).
+pub(super) fn overlaps_mapping(bytes: &[u8]) -> bool {
+    if LIVE.load(Ordering::Acquire) == 0 || bytes.is_empty() {
+        return false;
+    }
+    let (start, end) = (
+        bytes.as_ptr() as usize,
+        bytes.as_ptr() as usize + bytes.len(),
+    );
+    let list = MAPPINGS.read().unwrap_or_else(|e| e.into_inner());
+    list.iter()
+        .any(|m| start < m.base + (m.pages * PAGE) as usize && m.base < end)
 }
 
 /// The empty memory file whose pages raise SIGBUS.
@@ -1325,6 +1334,13 @@ extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, context: *mut li
             // A store to a read-only mapping: SIGSEGV, below.
             return deliver(signal, info, context);
         }
+        // What `user` keeps: caller memory is never touched under our locks,
+        // where this fault would wait for its own thread.
+        debug_assert_eq!(
+            super::user::locks_held(),
+            0,
+            "a fault at {addr:#x} under a filesystem lock"
+        );
         match m.fault(page, write) {
             Ok(()) => return,
             // A fault that cannot be served (no space, a media error): the

@@ -105,6 +105,36 @@ impl Fs {
     /// bytes before it, or `EIO` if there are none.
     /// The access time is updated as [`Fs::set_atime`] says.
     pub fn read(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if super::dax::overlaps_mapping(buf) {
+            return self.read_into_mapping(ino, offset, buf);
+        }
+        self.read_direct(ino, offset, buf)
+    }
+
+    /// `read` into a buffer that lies in a DAX mapping, whose faults take
+    /// our lock: through memory of our own, a piece at a time, each copied
+    /// out with no lock held (see `user`).
+    fn read_into_mapping(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut bounce = vec![0u8; buf.len().min(super::user::BOUNCE)];
+        let mut done = 0;
+        while done < buf.len() {
+            let want = (buf.len() - done).min(bounce.len());
+            match self.read_direct(ino, offset + done as u64, &mut bounce[..want]) {
+                Ok(n) => {
+                    buf[done..done + n].copy_from_slice(&bounce[..n]);
+                    done += n;
+                    if n < want {
+                        break;
+                    }
+                }
+                Err(e) if done == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(done)
+    }
+
+    fn read_direct(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let mut poison = None;
         let mut atime_due = false;
         let got = self.read_data(ino, offset, buf, &mut poison, &mut atime_due);
@@ -126,13 +156,6 @@ impl Fs {
         found: &mut Option<u64>,
         atime_due: &mut bool,
     ) -> Result<usize> {
-        // The destination may be an unfaulted DAX mapping: fault it in for
-        // writing before taking the lock its fault needs.
-        if super::dax::any_mapping() {
-            for page in buf.chunks_mut(4096) {
-                page[0] = std::hint::black_box(page[0]);
-            }
-        }
         let mut st = self.lock()?;
         let inode = self.inode(&mut st, ino)?;
         check_regular(&inode)?;
@@ -221,13 +244,10 @@ impl Fs {
 
     fn write_once(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<usize> {
         let end = offset + data.len() as u64;
-        // The source may be an unfaulted DAX mapping, whose fault takes the
-        // locks taken below: fault it in first (`fault_in_readable`).
-        if super::dax::any_mapping() {
-            for page in data.chunks(4096) {
-                std::hint::black_box(page[0]);
-            }
-        }
+        // The source may lie in a DAX mapping, whose faults take the locks
+        // taken below: copied first if so (see `user`).
+        let data = super::user::unmapped(data);
+        let data = &*data;
         let dax = self.dax_of(ino);
         let _filling = self.dax_fill_holes(&dax, offset / BLOCK, end.div_ceil(BLOCK))?;
         self.change(|fs, st, stage| {

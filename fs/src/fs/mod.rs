@@ -57,6 +57,7 @@ mod layout;
 mod namespace;
 mod owner;
 mod shrink;
+mod user;
 mod xattr;
 
 pub use atime::Atime;
@@ -364,6 +365,36 @@ struct State {
     cache_cost: usize,
     /// Above this (inodes and dentries together) the shrinker runs.
     cache_budget: usize,
+}
+
+/// The held state lock; counted as held by this thread (see `user`).
+struct StateGuard<'a> {
+    guard: MutexGuard<'a, State>,
+    _held: user::Held,
+}
+
+impl StateGuard<'_> {
+    /// Release the lock until `condvar` is notified or `timeout` passes.
+    fn wait_timeout(mut self, condvar: &Condvar, timeout: std::time::Duration) -> Self {
+        self.guard = condvar
+            .wait_timeout(self.guard, timeout)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+        self
+    }
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.guard
+    }
 }
 
 /// The changes of one call, and how to undo them in memory if it fails.
@@ -937,12 +968,7 @@ impl Fs {
             if now >= deadline {
                 return Err(Error::Busy(busy_inodes(&st)));
             }
-            st = self
-                .core
-                .closed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            st = st.wait_timeout(&self.core.closed, deadline - now);
             if st.unmounted {
                 return Err(Error::Unmounted);
             }
@@ -985,7 +1011,7 @@ impl Fs {
     }
 
     /// The state, for a call on a mounted filesystem.
-    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+    fn lock(&self) -> Result<StateGuard<'_>> {
         let st = self.lock_any();
         if st.unmounted {
             return Err(Error::Unmounted);
@@ -994,8 +1020,11 @@ impl Fs {
     }
 
     /// The state, mounted or not.
-    fn lock_any(&self) -> MutexGuard<'_, State> {
-        self.core.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_any(&self) -> StateGuard<'_> {
+        StateGuard {
+            guard: self.core.state.lock().unwrap_or_else(|e| e.into_inner()),
+            _held: user::Held::new(),
+        }
     }
 
     /// Run a changing call: `f` stages its changes; they commit if it
@@ -1383,6 +1412,7 @@ impl Fs {
     /// count): the inode stays referenced until [`Fs::forget`] gives the
     /// lookups back, and an unlinked one stays usable until then.
     pub fn lookup_ref(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        let name: &[u8] = &user::unmapped(name);
         let mut st = self.lock()?;
         let ino = self.lookup_ino(&mut st, parent, name)?;
         let inode = self.inode(&mut st, ino)?;

@@ -4,6 +4,7 @@
 use super::dcache::Dentry;
 use super::dir::Slot;
 use super::file::map;
+use super::user::{unmapped, unmapped_path};
 use super::{
     Attr, CreateOptions, DirEntry, FileKind, Fs, Handle, Ino, RenameFlags, Stage, State, ROOT,
 };
@@ -40,6 +41,7 @@ fn is_dot(name: &[u8]) -> bool {
 impl Fs {
     /// The attributes of `name` in directory `parent`.
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        let name: &[u8] = &unmapped(name);
         let mut st = self.lock()?;
         let ino = self.lookup_ino(&mut st, parent, name)?;
         let inode = self.inode(&mut st, ino)?;
@@ -88,6 +90,7 @@ impl Fs {
         name: &[u8],
         opts: &CreateOptions,
     ) -> Result<(Attr, Handle, bool)> {
+        let name: &[u8] = &unmapped(name);
         // O_TRUNC of a file that was DAX-mapped must first break its
         // mappings (outside the state lock: see `dax`); the name is looked up
         // for that, and if a racing rename put another mapped file there
@@ -154,6 +157,7 @@ impl Fs {
         gid: u32,
         exclusive: bool,
     ) -> Result<(Attr, bool)> {
+        let name: &[u8] = &unmapped(name);
         self.change(|fs, st, stage| {
             check_name(name)?;
             if let Some(existing) = fs.dir(st, parent)?.get(name).map(|s| s.ino) {
@@ -187,6 +191,7 @@ impl Fs {
         uid: u32,
         gid: u32,
     ) -> Result<Attr> {
+        let name: &[u8] = &unmapped(name);
         let kind = mode & libc::S_IFMT;
         match kind {
             0 | libc::S_IFREG => {
@@ -235,6 +240,7 @@ impl Fs {
 
     /// Create a directory.
     pub fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
+        let name: &[u8] = &unmapped(name);
         self.change(|fs, st, stage| {
             check_name(name)?;
             let mut inode = fs.new_inode(libc::S_IFDIR | (mode & 0o7777), uid, gid, parent);
@@ -253,6 +259,8 @@ impl Fs {
         uid: u32,
         gid: u32,
     ) -> Result<Attr> {
+        let name: &[u8] = &unmapped(name);
+        let target: &[u8] = &unmapped(target);
         if target.is_empty() || target.len() > SYMLINK_MAX {
             return Err(if target.is_empty() {
                 Error::NotFound
@@ -329,6 +337,7 @@ impl Fs {
     /// list); one whose names were all removed is `ENOENT`, as Linux's
     /// `vfs_link` says.
     pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Attr> {
+        let name: &[u8] = &unmapped(name);
         self.change(|fs, st, stage| {
             check_name(name)?;
             let mut inode = fs.inode(st, ino)?;
@@ -364,6 +373,7 @@ impl Fs {
 
     /// Remove the name of a non-directory.
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        let name: &[u8] = &unmapped(name);
         self.change(|fs, st, stage| {
             if is_dot(name) {
                 return Err(Error::IsDir);
@@ -381,6 +391,7 @@ impl Fs {
 
     /// Remove an empty directory.
     pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        let name: &[u8] = &unmapped(name);
         self.change(|fs, st, stage| {
             match name {
                 b"." => return Err(Error::Invalid("cannot remove .")),
@@ -409,6 +420,8 @@ impl Fs {
         new_name: &[u8],
         flags: RenameFlags,
     ) -> Result<()> {
+        let name: &[u8] = &unmapped(name);
+        let new_name: &[u8] = &unmapped(new_name);
         if flags.exchange && (flags.noreplace || flags.whiteout) {
             return Err(Error::Invalid(
                 "RENAME_EXCHANGE with RENAME_NOREPLACE or RENAME_WHITEOUT",
@@ -621,6 +634,8 @@ impl Fs {
         create: bool,
         replace: bool,
     ) -> Result<()> {
+        let name: &[u8] = &unmapped(name);
+        let value: &[u8] = &unmapped(value);
         Fs::check_xattr_name(name)?;
         if value.len() > super::xattr::MAX_VALUE {
             return Err(Error::Range);
@@ -647,6 +662,7 @@ impl Fs {
 
     /// The value of attribute `name`.
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        let name: &[u8] = &unmapped(name);
         let mut st = self.lock()?;
         let attrs = self.xattrs(&mut st, ino)?;
         attrs
@@ -668,6 +684,7 @@ impl Fs {
 
     /// Remove attribute `name`.
     pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        let name: &[u8] = &unmapped(name);
         self.change(|fs, st, stage| {
             super::flags::unchangeable(&fs.inode(st, ino)?)?;
             let mut attrs = fs.xattrs(st, ino)?;
@@ -952,7 +969,7 @@ impl Fs {
     /// miss, a symbolic link or a racing rename sends it down the locked
     /// path, which fills the cache for the next one.
     pub fn resolve(&self, path: impl AsRef<Path>) -> Result<Ino> {
-        let path = path.as_ref();
+        let path: &Path = &unmapped_path(path.as_ref());
         if let Some(answer) = self.resolve_cached(path, false) {
             return answer;
         }
@@ -1003,6 +1020,7 @@ impl Fs {
     /// The directory a path names, following a symbolic link in the last
     /// component too (as the parent of a new name is resolved).
     fn resolve_dir(&self, path: &Path) -> Result<Ino> {
+        let path: &Path = &unmapped_path(path);
         if let Some(answer) = self.resolve_cached(path, true) {
             return answer;
         }
