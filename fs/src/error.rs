@@ -68,6 +68,11 @@ pub enum Error {
     /// The filesystem is busy (`EBUSY`): what is still in use.
     #[error("filesystem is busy: {0}")]
     Busy(String),
+    /// A call that frees blocks found the file mapped after it looked
+    /// (`EBUSY`); it runs again, breaking the mappings first, so no public
+    /// call returns it.
+    #[error("the file was mapped meanwhile")]
+    MappedMeanwhile,
     /// The filesystem is marked as needing a check (`EUCLEAN`): damage was
     /// found (a damaged journal); mount refuses until `fsck --repair` has
     /// run.
@@ -100,7 +105,7 @@ impl Error {
             Error::NotPermitted(_) => libc::EPERM,
             Error::Unsupported(_) => libc::EOPNOTSUPP,
             Error::MediaError { .. } | Error::Corrupt { .. } => libc::EIO,
-            Error::Busy(_) => libc::EBUSY,
+            Error::Busy(_) | Error::MappedMeanwhile => libc::EBUSY,
             Error::NeedsCheck(_) => libc::EUCLEAN,
             Error::Unmounted => libc::EIO,
             Error::Device(pmem::Error::Poisoned { .. })

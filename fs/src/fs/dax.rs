@@ -157,16 +157,6 @@ pub(super) struct FileDax {
     beyond: AtomicBool,
 }
 
-/// The error a call that frees a mapped file's blocks without holding its
-/// invalidate lock gets (the file was mapped after the call looked); the
-/// public calls catch it and run again, this time breaking the mappings.
-pub(super) const MAPPED_MEANWHILE: &str = "the file was mapped meanwhile";
-
-/// Whether `e` is [`MAPPED_MEANWHILE`].
-pub(super) fn mapped_meanwhile(e: &Error) -> bool {
-    matches!(e, Error::Busy(m) if m == MAPPED_MEANWHILE)
-}
-
 /// The invalidate lock held exclusive, while the blocks of a mapped file
 /// change (see `FileDax`).
 pub(super) struct Breaking<'a> {
@@ -515,13 +505,14 @@ impl Fs {
     }
 
     /// Under the state lock, before freeing blocks of `ino`: refuse (with
-    /// [`MAPPED_MEANWHILE`]) if the file has DAX state whose mappings the
+    /// [`Error::MappedMeanwhile`], which the public calls catch to run
+    /// again, breaking the mappings) if the file has DAX state whose mappings the
     /// caller did not break. (Mappings are made under the state lock, so
     /// none can appear between this check and the commit.)
     pub(super) fn check_broken(&self, ino: Ino) -> Result<()> {
         match self.dax_of(ino) {
             Some(dax) if !dax.breaking.load(Ordering::Acquire) => {
-                Err(Error::Busy(MAPPED_MEANWHILE.into()))
+                Err(Error::MappedMeanwhile)
             }
             _ => Ok(()),
         }

@@ -352,7 +352,7 @@ impl Fs {
             let dax = self.dax_of(ino);
             let _broken = self.dax_invalidate(&dax, first, end)?;
             match f() {
-                Err(e) if super::dax::mapped_meanwhile(&e) => continue,
+                Err(Error::MappedMeanwhile) => continue,
                 result => return result,
             }
         }

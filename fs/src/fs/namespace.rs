@@ -103,7 +103,7 @@ impl Fs {
             let dax = target.and_then(|ino| self.dax_of(ino));
             let _broken = self.dax_invalidate(&dax, 0, u64::MAX)?;
             match self.open_create_once(parent, name, opts) {
-                Err(e) if super::dax::mapped_meanwhile(&e) => continue,
+                Err(Error::MappedMeanwhile) => continue,
                 result => return result,
             }
         }
