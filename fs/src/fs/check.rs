@@ -1000,7 +1000,7 @@ fn apply(fs: &Fs, fix: Fix) -> Result<()> {
                     } else {
                         block
                     };
-                    super::file::insert_extent(
+                    super::extents::insert_extent(
                         &mut new,
                         Extent {
                             logical: e.logical + i as u64,

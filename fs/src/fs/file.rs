@@ -1,5 +1,4 @@
-//! The data path: extent mapping, read, write, truncate, fallocate, punch
-//! hole.
+//! The data path: read, write, truncate, fallocate, punch hole.
 //!
 //! Allocation follows the 2 MiB policy of [`crate::alloc`]: a hole that is a
 //! whole aligned 2 MiB chunk of the file gets a whole aligned 2 MiB region
@@ -8,76 +7,12 @@
 //! blocks that the call does not write are zeroed before the metadata that
 //! points at them commits.
 
+use super::extents::{insert_extent, map, next_mapped, remove_range};
 use super::{Fs, Ino, Stage, State};
 use crate::error::{Error, Result};
-use crate::format::{Extent, Time, BLOCK, HUGE_BLOCKS, MAX_EXTENT_LEN};
+use crate::format::{Extent, Time, BLOCK, HUGE_BLOCKS};
 
 pub use crate::format::MAX_FILE_SIZE;
-
-/// The device block of logical block `lblock`, and how many blocks the
-/// mapping continues for.
-pub(super) fn map(extents: &[Extent], lblock: u64) -> Option<(u64, u64)> {
-    let i = extents.partition_point(|e| e.end() <= lblock);
-    let e = extents.get(i)?;
-    (e.logical <= lblock).then(|| {
-        let skip = lblock - e.logical;
-        (e.physical + skip, e.len as u64 - skip)
-    })
-}
-
-/// The first logical block at or after `lblock` that is mapped.
-pub(super) fn next_mapped(extents: &[Extent], lblock: u64) -> Option<u64> {
-    let i = extents.partition_point(|e| e.end() <= lblock);
-    extents.get(i).map(|e| e.logical.max(lblock))
-}
-
-/// Add a new extent (over a hole), merging with a contiguous neighbour.
-pub(super) fn insert_extent(extents: &mut Vec<Extent>, new: Extent) {
-    let i = extents.partition_point(|e| e.logical < new.logical);
-    if i > 0 {
-        let prev = &mut extents[i - 1];
-        if prev.end() == new.logical
-            && prev.physical + prev.len as u64 == new.physical
-            && prev.len as u64 + new.len as u64 <= MAX_EXTENT_LEN
-        {
-            prev.len += new.len;
-            return;
-        }
-    }
-    extents.insert(i, new);
-}
-
-/// Unmap logical blocks `[start, end)`; returns the device runs freed.
-fn remove_range(extents: &mut Vec<Extent>, start: u64, end: u64) -> Vec<(u64, u64)> {
-    let mut freed = Vec::new();
-    let mut kept = Vec::with_capacity(extents.len() + 1);
-    for e in extents.drain(..) {
-        let (a, b) = (e.logical, e.end());
-        if b <= start || a >= end {
-            kept.push(e);
-            continue;
-        }
-        let cut_a = a.max(start);
-        let cut_b = b.min(end);
-        freed.push((e.physical + (cut_a - a), cut_b - cut_a));
-        if a < cut_a {
-            kept.push(Extent {
-                logical: e.logical,
-                len: (cut_a - a) as u32,
-                physical: e.physical,
-            });
-        }
-        if cut_b < b {
-            kept.push(Extent {
-                logical: cut_b,
-                len: (b - cut_b) as u32,
-                physical: e.physical + (cut_b - a),
-            });
-        }
-    }
-    *extents = kept;
-    freed
-}
 
 /// File data calls take regular files only: `EISDIR` for a directory,
 /// `EINVAL` for a symbolic link (a path call never gets here with one).
@@ -322,7 +257,7 @@ impl Fs {
         // Stores through DAX mappings are not: write back their dirty
         // entries (as `Mapping::sync` does).
         match self.dax_of(ino) {
-            Some(dax) => self.dax_writeback(&dax),
+            Some(dax) => dax.writeback(&self.core.dev),
             None => {
                 self.core.dev.drain();
                 Ok(())
@@ -660,65 +595,5 @@ impl Fs {
         } else {
             huge as f64 / all as f64
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn extents_map_merge_and_split() {
-        let mut ex = Vec::new();
-        insert_extent(
-            &mut ex,
-            Extent {
-                logical: 0,
-                len: 2,
-                physical: 100,
-            },
-        );
-        insert_extent(
-            &mut ex,
-            Extent {
-                logical: 2,
-                len: 3,
-                physical: 102,
-            },
-        );
-        assert_eq!(ex.len(), 1, "contiguous extents merge");
-        insert_extent(
-            &mut ex,
-            Extent {
-                logical: 10,
-                len: 1,
-                physical: 50,
-            },
-        );
-        assert_eq!(map(&ex, 3), Some((103, 2)));
-        assert_eq!(map(&ex, 6), None);
-        assert_eq!(next_mapped(&ex, 6), Some(10));
-        let freed = remove_range(&mut ex, 1, 4);
-        assert_eq!(freed, vec![(101, 3)]);
-        assert_eq!(
-            ex,
-            vec![
-                Extent {
-                    logical: 0,
-                    len: 1,
-                    physical: 100
-                },
-                Extent {
-                    logical: 4,
-                    len: 1,
-                    physical: 104
-                },
-                Extent {
-                    logical: 10,
-                    len: 1,
-                    physical: 50
-                },
-            ]
-        );
     }
 }

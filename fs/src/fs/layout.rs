@@ -19,7 +19,7 @@
 //! no call that frees blocks can take meanwhile, so they need no pin.
 
 use super::dax::FileDax;
-use super::{FileExtent, Fs, Ino, Refs};
+use super::{FileExtent, Fs, Ino, InodeRef};
 use crate::error::{Error, Result};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,6 +36,8 @@ pub struct Pin {
     fs: Fs,
     ino: Ino,
     dax: Arc<FileDax>,
+    /// The inode stays in memory while pinned (dropped after the rest).
+    _hold: InodeRef,
     /// The pinned file pages.
     pages: (u64, u64),
     extents: Vec<FileExtent>,
@@ -94,7 +96,6 @@ impl Drop for Pin {
         }
         self.dax.unpinned.notify_all();
         self.fs.dax_release(&self.dax, self.ino, None);
-        let _ = self.fs.put_ref(self.ino, |r: &mut Refs| r.holds -= 1);
     }
 }
 
@@ -110,20 +111,20 @@ impl Fs {
         let pages = (offset / PAGE, end.div_ceil(PAGE));
         // The DAX state is made under the state lock, as for a mapping, so
         // that a call freeing blocks sees it when it checks.
-        let dax = {
+        let (dax, hold) = {
             let mut st = self.lock()?;
             let inode = self.inode(&mut st, ino)?;
             if inode.kind() != libc::S_IFREG {
                 return Err(Error::Invalid("only regular files can be pinned"));
             }
-            st.refs.entry(ino).or_default().holds += 1;
-            self.file_dax(ino)
+            (self.file_dax(ino), InodeRef::take(self, &mut st, ino))
         };
         // Made first, so that an error below unpins and drops the hold.
         let mut pin = Pin {
             fs: self.view(),
             ino,
             dax: Arc::clone(&dax),
+            _hold: hold,
             pages,
             extents: Vec::new(),
         };

@@ -50,6 +50,7 @@ mod claims;
 mod dax;
 mod dcache;
 mod dir;
+mod extents;
 mod failure;
 mod file;
 mod flags;
@@ -514,17 +515,35 @@ pub struct Shrunk {
 /// that fails, the orphan is reclaimed at the next mount).
 #[derive(Debug)]
 pub struct Hold<'a> {
-    fs: &'a Fs,
-    ino: Ino,
+    inode: InodeRef,
+    _fs: std::marker::PhantomData<&'a Fs>,
 }
 
 impl Hold<'_> {
     pub fn ino(&self) -> Ino {
-        self.ino
+        self.inode.ino
     }
 }
 
-impl Drop for Hold<'_> {
+/// One hold on an in-memory inode ([`Refs::holds`]), given back when
+/// dropped: the inode stays in memory (an unlinked one is freed at its
+/// last reference) and unmount waits for it. A [`Hold`], a DAX mapping and
+/// a [`Pin`] each own one.
+#[derive(Debug)]
+pub(super) struct InodeRef {
+    fs: Fs,
+    ino: Ino,
+}
+
+impl InodeRef {
+    /// Take a hold on `ino`, which the caller found, under the state lock.
+    fn take(fs: &Fs, st: &mut State, ino: Ino) -> InodeRef {
+        st.refs.entry(ino).or_default().holds += 1;
+        InodeRef { fs: fs.view(), ino }
+    }
+}
+
+impl Drop for InodeRef {
     fn drop(&mut self) {
         let _ = self.fs.put_ref(self.ino, |r| r.holds -= 1);
     }
@@ -1491,8 +1510,10 @@ impl Fs {
     pub fn hold(&self, ino: Ino) -> Result<Hold<'_>> {
         let mut st = self.lock()?;
         self.inode(&mut st, ino)?;
-        st.refs.entry(ino).or_default().holds += 1;
-        Ok(Hold { fs: self, ino })
+        Ok(Hold {
+            inode: InodeRef::take(self, &mut st, ino),
+            _fs: std::marker::PhantomData,
+        })
     }
 
     /// Drop one reference (`put` changes the counts; the caller checked it

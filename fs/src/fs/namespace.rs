@@ -3,7 +3,7 @@
 
 use super::dcache::Dentry;
 use super::dir::Slot;
-use super::file::map;
+use super::extents::map;
 use super::user::{unmapped, unmapped_path};
 use super::{
     Attr, CreateOptions, DirEntry, FileKind, Fs, Handle, Ino, RenameFlags, Stage, State, ROOT,
@@ -833,7 +833,7 @@ impl Fs {
                 let blocks = self.dir(st, dir)?.blocks() as u64;
                 let (block, _) = st.alloc.alloc(1).ok_or(Error::NoSpace)?;
                 self.core.dev.memset_nodrain(block * BLOCK, 0, BLOCK)?;
-                super::file::insert_extent(
+                super::extents::insert_extent(
                     self.extents(st, dir)?,
                     Extent {
                         logical: blocks,

@@ -115,7 +115,7 @@ impl Fs {
     pub fn device_offset(&self, ino: Ino, offset: u64) -> Result<Option<u64>> {
         let mut st = self.lock()?;
         let extents = self.extents(&mut st, ino)?;
-        Ok(super::file::map(extents, offset / BLOCK)
+        Ok(super::extents::map(extents, offset / BLOCK)
             .map(|(physical, _)| physical * BLOCK + offset % BLOCK))
     }
 

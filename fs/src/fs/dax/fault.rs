@@ -1,0 +1,230 @@
+//! The fault routine: what a load or store to a page of a mapping that
+//! shows nothing yet maps there, PMD first, else PTE (see the module docs
+//! of `dax` for the pieces and entries). It reaches the filesystem only
+//! through the mapping's [`Layout`](super::Layout).
+
+use super::layout::Blocks;
+use super::pieces::NONE;
+use super::{Counters, Fallback, Inner, PAGE};
+use crate::error::{Error, Result};
+use crate::index::{Entry, Order, PMD_PAGES};
+use std::sync::atomic::Ordering;
+
+impl Inner {
+    /// Fault in every page not mapped yet (`MAP_POPULATE`).
+    pub(super) fn populate(&self) -> Result<()> {
+        for page in 0..self.pages {
+            if self.state[page as usize].load(Ordering::Acquire) == NONE {
+                self.fault(page, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn os_error(&self, op: &'static str) -> Error {
+        Error::Device(pmem::Error::Io {
+            path: self.layout.device().path().to_path_buf(),
+            op,
+            source: std::io::Error::last_os_error(),
+        })
+    }
+
+    /// The fault routine: make page `page` of the mapping accessible for a
+    /// load, or a store if `write`.
+    pub(super) fn fault(&self, page: u64, write: bool) -> Result<()> {
+        let _shared = self
+            .dax
+            .invalidate
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let fs = &*self.layout;
+        let counters = fs.counters();
+        let fpage = self.first_page + page;
+        let size = fs.size(self.ino)?;
+        if fpage * PAGE >= size {
+            Counters::count(&counters.beyond);
+            return self.map_beyond(page);
+        }
+        if write && !self.opts.write {
+            return Err(Error::Invalid("store to a read-only mapping"));
+        }
+        let chunk = fpage / PMD_PAGES * PMD_PAGES;
+        let fallback =
+            if chunk < self.first_page || chunk + PMD_PAGES > self.first_page + self.pages {
+                Some(Fallback::Misaligned)
+            } else if (chunk + PMD_PAGES) * PAGE > size {
+                Some(Fallback::PastEof)
+            } else if write && !self.opts.shared {
+                Some(Fallback::PrivateWrite)
+            } else {
+                self.pmd_fault(chunk, write)?
+            };
+        match fallback {
+            None => {
+                Counters::count(&counters.pmd);
+                Ok(())
+            }
+            Some(reason) => {
+                Counters::count(&counters.fallback[reason as usize]);
+                Counters::count(&counters.pte);
+                self.pte_fault(fpage, write)
+            }
+        }
+    }
+
+    /// Try a PMD fault for the 2 MiB at file page `chunk`; `Some(reason)`
+    /// when it must fall back.
+    pub(super) fn pmd_fault(&self, chunk: u64, write: bool) -> Result<Option<Fallback>> {
+        let fs = &*self.layout;
+        let mut guard = match self.dax.index.lock_entry(chunk, Order::Pmd) {
+            Ok(guard) => guard,
+            Err(_) => return Ok(Some(Fallback::PteInRange)),
+        };
+        let entry = guard.entry();
+        if entry.order() != Order::Pmd {
+            return Ok(Some(Fallback::PteInRange));
+        }
+        let page = chunk - self.first_page;
+        if entry.is_mapped() && fs.is_poisoned(entry.pfn(), PMD_PAGES) {
+            return Ok(Some(Fallback::Poisoned));
+        }
+        if entry.is_mapped() {
+            self.map_data(page, PMD_PAGES, entry.pfn(), write)?;
+            if write {
+                let _ = self.dax.index.mark_dirty(chunk);
+            }
+            return Ok(None);
+        }
+        let mut blocks = fs.blocks(self.ino, chunk, PMD_PAGES)?;
+        if matches!(blocks, Blocks::Hole) && !write {
+            if entry.is_empty() {
+                guard.set(Entry::zero(Order::Pmd)).ok();
+            }
+            Counters::count(&fs.counters().zero);
+            self.map_zero(page, PMD_PAGES)?;
+            return Ok(None);
+        }
+        if matches!(blocks, Blocks::Hole) {
+            fs.allocate(self.ino, chunk, PMD_PAGES)?;
+            blocks = fs.blocks(self.ino, chunk, PMD_PAGES)?;
+        }
+        match blocks {
+            Blocks::Run(pfn) if pfn.is_multiple_of(PMD_PAGES) && fs.is_poisoned(pfn, PMD_PAGES) => {
+                if entry.is_empty() {
+                    guard.erase();
+                }
+                Ok(Some(Fallback::Poisoned))
+            }
+            Blocks::Run(pfn) if pfn.is_multiple_of(PMD_PAGES) => {
+                guard
+                    .set(Entry::new(Order::Pmd, pfn))
+                    .map_err(|_| Error::Invalid("entry changed order"))?;
+                // Other mappings may show the zero page here: no more.
+                self.unmap_everywhere(chunk, PMD_PAGES);
+                self.map_data(page, PMD_PAGES, pfn, write)?;
+                if write {
+                    drop(guard);
+                    let _ = self.dax.index.mark_dirty(chunk);
+                }
+                Ok(None)
+            }
+            _ => {
+                if entry.is_empty() {
+                    guard.erase();
+                }
+                Ok(Some(Fallback::NotHugeExtent))
+            }
+        }
+    }
+
+    pub(super) fn pte_fault(&self, fpage: u64, write: bool) -> Result<()> {
+        let fs = &*self.layout;
+        let page = fpage - self.first_page;
+        let private_write = write && !self.opts.shared;
+        let mut guard = match self.dax.index.lock_entry(fpage, Order::Pte) {
+            Ok(guard) => guard,
+            Err(_) => return Err(Error::Invalid("entry index conflict on a PTE fault")),
+        };
+        let mut entry = guard.entry();
+        if entry.order() == Order::Pmd
+            && entry.is_mapped()
+            && fs.is_poisoned(entry.pfn() + (fpage - guard.base()), 1)
+        {
+            // Only the poisoned page may become inaccessible: split.
+            guard = guard
+                .split(fpage)
+                .map_err(|_| Error::Invalid("cannot split a PMD entry"))?;
+            entry = guard.entry();
+        }
+        if entry.order() == Order::Pmd {
+            if entry.is_mapped() {
+                // A real PMD that this mapping cannot map whole.
+                let pfn = entry.pfn() + (fpage - guard.base());
+                self.map_data(page, 1, pfn, write)?;
+                drop(guard);
+                if write && self.opts.shared {
+                    let _ = self.dax.index.mark_dirty(fpage);
+                }
+                return Ok(());
+            }
+            if !write {
+                Counters::count(&fs.counters().zero);
+                return self.map_zero(page, 1);
+            }
+            // A store into a zero (or empty) PMD: downgrade to a PTE.
+            guard = guard
+                .downgrade(fpage)
+                .map_err(|_| Error::Invalid("cannot downgrade a PMD entry"))?;
+            entry = guard.entry();
+        }
+        if entry.is_mapped() && (entry.is_poisoned() || fs.is_poisoned(entry.pfn(), 1)) {
+            guard.set(entry.poisoned()).ok();
+            return self.map_poison(page);
+        }
+        if entry.is_mapped() {
+            self.map_data(page, 1, entry.pfn(), write)?;
+            drop(guard);
+            if write && self.opts.shared {
+                let _ = self.dax.index.mark_dirty(fpage);
+            }
+            return Ok(());
+        }
+        if private_write {
+            // A private store to a hole copies nothing: anonymous memory.
+            drop(guard);
+            return self.map_anon(page);
+        }
+        let mut blocks = fs.blocks(self.ino, fpage, 1)?;
+        if matches!(blocks, Blocks::Hole) {
+            if !write {
+                if entry.is_empty() {
+                    guard.set(Entry::zero(Order::Pte)).ok();
+                }
+                Counters::count(&fs.counters().zero);
+                return self.map_zero(page, 1);
+            }
+            fs.allocate(self.ino, fpage, 1)?;
+            blocks = fs.blocks(self.ino, fpage, 1)?;
+        }
+        let Blocks::Run(pfn) = blocks else {
+            return Err(Error::Invalid("a block vanished under a fault"));
+        };
+        if fs.is_poisoned(pfn, 1) {
+            guard
+                .set(Entry::new(Order::Pte, pfn).poisoned())
+                .map_err(|_| Error::Invalid("entry changed order"))?;
+            self.unmap_everywhere(fpage, 1);
+            return self.map_poison(page);
+        }
+        guard
+            .set(Entry::new(Order::Pte, pfn))
+            .map_err(|_| Error::Invalid("entry changed order"))?;
+        self.unmap_everywhere(fpage, 1);
+        self.map_data(page, 1, pfn, write)?;
+        drop(guard);
+        if write && self.opts.shared {
+            let _ = self.dax.index.mark_dirty(fpage);
+        }
+        Ok(())
+    }
+}

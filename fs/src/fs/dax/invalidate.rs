@@ -1,0 +1,203 @@
+//! The invalidate protocol: before the blocks behind a mapped range change
+//! (truncate, punch, an allocating write, `O_TRUNC`), the range is unmapped
+//! from every mapping and its entries dropped under the file's invalidate
+//! lock, held until the change commits, so no fault maps a block about to
+//! be freed; pins are waited for (see `layout`). Also writeback (flush the
+//! pages of dirty entries, write-protect them again) and memory failure of
+//! one page.
+
+use super::{live, FileDax, Fs, Ino, HUGE, PAGE};
+use crate::error::{Error, Result};
+use crate::index::{Order, Tag, PMD_PAGES};
+use pmem::Device;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The invalidate lock held exclusive, while the blocks of a mapped file
+/// change (see `FileDax`).
+pub(in crate::fs) struct Breaking<'a> {
+    dax: &'a FileDax,
+    _guard: std::sync::RwLockWriteGuard<'a, ()>,
+}
+
+impl Drop for Breaking<'_> {
+    fn drop(&mut self) {
+        self.dax.breaking.store(false, Ordering::Release);
+    }
+}
+
+pub(in crate::fs) type Invalidation<'a> = Option<Breaking<'a>>;
+
+impl Fs {
+    /// Before the blocks of file pages `[first, end)` of `ino` change: if
+    /// the file has DAX state, take its invalidate lock, unmap the range
+    /// from every mapping (the next access faults again) and drop its
+    /// entries. Hold the returned guard until the change is done.
+    pub(in crate::fs) fn dax_invalidate<'a>(
+        &self,
+        dax: &'a Option<Arc<FileDax>>,
+        first: u64,
+        end: u64,
+    ) -> Result<Invalidation<'a>> {
+        self.dax_break(dax, first, end, false)
+    }
+
+    /// Before a write or fallocate fills holes in `[first, end)`: as
+    /// [`dax_invalidate`](Self::dax_invalidate), but only the zero-page
+    /// entries go (data entries stay mapped: their blocks do not change).
+    pub(in crate::fs) fn dax_fill_holes<'a>(
+        &self,
+        dax: &'a Option<Arc<FileDax>>,
+        first: u64,
+        end: u64,
+    ) -> Result<Invalidation<'a>> {
+        self.dax_break(dax, first, end, true)
+    }
+
+    fn dax_break<'a>(
+        &self,
+        dax: &'a Option<Arc<FileDax>>,
+        first: u64,
+        end: u64,
+        holes_only: bool,
+    ) -> Result<Invalidation<'a>> {
+        let Some(dax) = dax.as_ref() else {
+            return Ok(None);
+        };
+        let guard = dax.invalidate.write().unwrap_or_else(|e| e.into_inner());
+        dax.breaking.store(true, Ordering::Release);
+        let breaking = Breaking { dax, _guard: guard };
+        let pinned = (first, end);
+        // Whole PMDs: an entry that overlaps the range goes entirely.
+        let first = first / PMD_PAGES * PMD_PAGES;
+        let end = end.saturating_add(PMD_PAGES - 1) / PMD_PAGES * PMD_PAGES;
+        let doomed: Vec<(u64, Order)> = dax
+            .index
+            .range(first..end)
+            .filter(|(_, e)| !holes_only || !e.is_mapped() || e.is_poisoned())
+            .map(|(at, e)| (at, e.order()))
+            .collect();
+        let mappings = live(dax);
+        if !holes_only {
+            for m in &mappings {
+                m.unmap(first, end - first);
+            }
+        }
+        // The file may grow: pages shown past its end must fault again.
+        if dax.beyond.swap(false, Ordering::AcqRel) {
+            for m in &mappings {
+                m.unmap_beyond();
+            }
+        }
+        for (at, order) in doomed {
+            if holes_only {
+                for m in &mappings {
+                    m.unmap(at, order.pages());
+                }
+            }
+            // Faults are shut out, so nobody holds these for long.
+            if let Ok(guard) = dax.index.lock_entry(at, order) {
+                guard.erase();
+            }
+        }
+        if !holes_only {
+            // The blocks may go: wait until no direct I/O uses them.
+            self.wait_for_pins(dax, pinned.0, pinned.1)?;
+        }
+        Ok(Some(breaking))
+    }
+
+    /// Under the state lock, before freeing blocks of `ino`: refuse (with
+    /// [`Error::MappedMeanwhile`], which the public calls catch to run
+    /// again, breaking the mappings) if the file has DAX state whose mappings the
+    /// caller did not break. (Mappings are made under the state lock, so
+    /// none can appear between this check and the commit.)
+    pub(in crate::fs) fn check_broken(&self, ino: Ino) -> Result<()> {
+        match self.dax_of(ino) {
+            Some(dax) if !dax.breaking.load(Ordering::Acquire) => Err(Error::MappedMeanwhile),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl FileDax {
+    /// Writeback of a file's dirty entries: flush their pages, clear the
+    /// tags, and write-protect them in every mapping.
+    pub(in crate::fs) fn writeback(&self, dev: &Device) -> Result<()> {
+        let mut at = 0;
+        while let Some((first, entry)) = self.index.find_next_tagged(at, Tag::Dirty) {
+            let pages = entry.order().pages();
+            if let Ok(guard) = self.index.lock_entry(first, entry.order()) {
+                let e = guard.entry();
+                if e.is_mapped() {
+                    self.index.set_tag(first, Tag::Towrite);
+                    dev.flush(e.pfn() * PAGE, pages * PAGE)?;
+                    self.index.clear_tag(first, Tag::Dirty);
+                    self.index.clear_tag(first, Tag::Towrite);
+                    for m in live(self) {
+                        m.protect(first, pages);
+                    }
+                }
+            }
+            at = first + pages;
+        }
+        dev.drain();
+        Ok(())
+    }
+}
+
+impl Fs {
+    /// Memory failure of file page `fpage` (see `failure`): lock the entry
+    /// that covers it (a PMD is split first, so that only this page goes),
+    /// make the page inaccessible in every mapping, mark the entry poisoned,
+    /// unlock. Returns the addresses where a mapping showed the page, and
+    /// whether a PMD entry was split.
+    pub(in crate::fs) fn dax_poison(&self, dax: &FileDax, fpage: u64) -> (Vec<usize>, bool) {
+        // Shared, as a fault: no break runs meanwhile.
+        let _shared = dax.invalidate.read().unwrap_or_else(|e| e.into_inner());
+        let Ok(mut guard) = dax.index.lock_entry(fpage, Order::Pte) else {
+            return (Vec::new(), false);
+        };
+        let mut split = false;
+        let entry = guard.entry();
+        if entry.order() == Order::Pmd && entry.is_mapped() {
+            // The split drops the PMD's tags: write its stores back first.
+            if dax.index.get_tag(guard.base(), Tag::Dirty) {
+                let _ = self.core.dev.flush(entry.pfn() * PAGE, HUGE);
+                self.core.dev.drain();
+            }
+            guard = match guard.split(fpage) {
+                Ok(pte) => {
+                    split = true;
+                    pte
+                }
+                Err((pmd, _)) => pmd,
+            };
+        }
+        let mappings = live(dax);
+        let mut shown = Vec::new();
+        let entry = guard.entry();
+        if entry.order() == Order::Pte && entry.is_mapped() {
+            guard.set(entry.poisoned()).ok();
+            for m in &mappings {
+                if let Some(addr) = m.shows(fpage) {
+                    shown.push(addr);
+                    // MAP_FIXED over one page of a huge mapping: the kernel
+                    // splits its PMD and the other 511 pages stay mapped.
+                    let _ = m.map_poison(fpage - m.first_page);
+                }
+            }
+        } else {
+            // Not mapped as data anywhere (or a stale hole entry): the next
+            // fault finds the poison on the device.
+            for m in &mappings {
+                shown.extend(m.shows(fpage));
+                m.unmap(fpage, 1);
+            }
+            if entry.is_empty() {
+                guard.erase();
+            }
+        }
+        (shown, split)
+    }
+}

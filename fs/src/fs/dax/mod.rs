@@ -1,0 +1,492 @@
+//! DAX mappings: a file mapped through the library is made of the device's
+//! own pages (`mmap` of the device file at the blocks' offsets), so a store
+//! lands on the (emulated) pmem with no page cache and no copy.
+//!
+//! ## Pieces and entries
+//!
+//! [`Fs::mmap`] reserves a virtual range (`PROT_NONE`) placed so that every
+//! 2 MiB-aligned file offset falls on a 2 MiB-aligned address, and fills it
+//! piece by piece with `MAP_FIXED` mappings: a 2 MiB piece (a PMD) when the
+//! file range is 2 MiB aligned, wholly inside the file and the mapping,
+//! backed by one aligned 2 MiB device extent and free of PTE entries; else
+//! 4 KiB pieces (PTEs). Holes read as the zero page (anonymous memory,
+//! read-only), pages past the end of the file as a page of an empty memory
+//! file, which raises `SIGBUS` as Linux does. Every piece is an entry in the
+//! file's [`EntryIndex`](crate::index::EntryIndex), installed under its entry
+//! lock, so two threads faulting one page install it once.
+//!
+//! ## Faults: lazily, in the faulting thread
+//!
+//! Pieces are made by one fault routine, either for every page at `mmap`
+//! time (`populate`) or on first access: a `SIGSEGV` handler finds the
+//! mapping that holds the address, runs the fault routine, and returns, and
+//! the access is retried. (userfaultfd would run faults in a thread of our
+//! own, but it registers anonymous and shmem memory only, and our pieces
+//! are mappings of the device file; the handler keeps one code path for
+//! every backing.) A fault runs inside the faulting thread, so that thread
+//! must hold no lock of ours: caller memory, which may be an unfaulted
+//! daxfs mapping, is copied before our locks are taken and filled after
+//! they are released (see `user`, which also checks the rule). The routine
+//! allocates memory and takes locks, which a signal handler may do only
+//! because the interrupted code was a load or a store to a daxfs mapping,
+//! never the allocator or our own lock holders (they never touch
+//! mappings). Addresses that are not ours go to the
+//! handler that was there before.
+//!
+//! An unfaulted page is an inaccessible reservation, which `mlock(2)`
+//! refuses (`ENOMEM`); [`Mapping::lock`] faults every page in first and
+//! locks the pieces mapped later as they are mapped.
+//!
+//! ## Writes, sync and writeback
+//!
+//! A write fault on a hole allocates (a whole aligned 2 MiB extent where the
+//! range allows), zeroes it durably and commits the metadata before the page
+//! is mapped, which is `MAP_SYNC`'s promise: once a write fault returns the
+//! block mapping is durable, and the application needs only CPU flushes.
+//! In a shared writable mapping a read fault maps data read-only and the
+//! first store write-faults: the entry is tagged dirty and the piece made
+//! writable. [`Mapping::sync`] flushes exactly the pages of dirty entries and
+//! write-protects them again, so the next store faults and re-dirties (as
+//! `dax_writeback_mapping_range` does).
+//!
+//! ## Where each piece lives
+//!
+//! * `layout`: the [`Layout`] interface through which faults reach the
+//!   filesystem (size, block map, allocation, poison, release), and its
+//!   implementation by [`Fs`];
+//! * `fault`: the fault routine (PMD faults, PTE faults and fallbacks),
+//!   written against [`Layout`] alone;
+//! * `pieces`: the reservation and the `MAP_FIXED` pieces that fill it;
+//! * `invalidate`: the invalidate protocol (breaking mappings before blocks
+//!   change, writeback, memory failure of one page);
+//! * `signal`: the `SIGSEGV` handler and its registry of live mappings, and
+//!   the `SIGBUS` encoding of memory failures.
+
+mod fault;
+mod invalidate;
+mod layout;
+mod pieces;
+mod signal;
+
+pub(super) use layout::Layout;
+pub use signal::BusSignal;
+use signal::{install_handler, register, unregister};
+pub(super) use signal::{overlaps_mapping, raise_mce, McErr};
+
+use super::{Fs, Ino, InodeRef};
+use crate::error::{Error, Result};
+use crate::index::{EntryIndex, Tag, PMD_PAGES};
+use pieces::{Reservation, NONE};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+
+const PAGE: u64 = 4096;
+const HUGE: u64 = PAGE * PMD_PAGES;
+
+/// How [`Fs::mmap`] maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapOptions {
+    /// Stores allowed (`PROT_WRITE`).
+    pub write: bool,
+    /// Shared (`MAP_SHARED`): stores reach the file. Otherwise private:
+    /// a store copies the page, and the file never changes.
+    pub shared: bool,
+    /// Map every page now instead of on first access.
+    pub populate: bool,
+}
+
+impl Default for MapOptions {
+    fn default() -> MapOptions {
+        MapOptions {
+            write: true,
+            shared: true,
+            populate: false,
+        }
+    }
+}
+
+/// Why a fault that could have been a PMD fault was not (the order is the
+/// order of the counters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// The 2 MiB around the page is not wholly inside the mapping.
+    Misaligned,
+    /// The 2 MiB around the page reaches past the end of the file.
+    PastEof,
+    /// The blocks are not one 2 MiB extent aligned on the device.
+    NotHugeExtent,
+    /// A PTE entry is already in the range.
+    PteInRange,
+    /// A store into a private mapping (copied page by page).
+    PrivateWrite,
+    /// A page of the 2 MiB is poisoned (only it must become inaccessible).
+    Poisoned,
+}
+
+/// Fault counters (see [`Fs::dax_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DaxStats {
+    pub pmd_faults: u64,
+    pub pte_faults: u64,
+    /// Holes mapped to the zero page (PMD- or PTE-sized).
+    pub zero_maps: u64,
+    pub fallback_misaligned: u64,
+    pub fallback_past_eof: u64,
+    pub fallback_not_huge_extent: u64,
+    pub fallback_pte_in_range: u64,
+    pub fallback_private_write: u64,
+    pub fallback_poisoned: u64,
+    /// Pages mapped inaccessible because they are poisoned (an access
+    /// raises `SIGBUS` with `BUS_MCEERR_AR`).
+    pub poisoned_maps: u64,
+    /// Accesses past the end of the file (which raise `SIGBUS`).
+    pub beyond_eof: u64,
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pmd: AtomicU64,
+    pte: AtomicU64,
+    zero: AtomicU64,
+    fallback: [AtomicU64; 6],
+    beyond: AtomicU64,
+    poisoned: AtomicU64,
+}
+
+impl Counters {
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The DAX state of one file: its entry index and its live mappings.
+pub(super) struct FileDax {
+    index: EntryIndex,
+    mappings: Mutex<Vec<Weak<Inner>>>,
+    /// File page ranges pinned for direct I/O (see `layout`), one per pin.
+    pub(super) pins: Mutex<Vec<(u64, u64)>>,
+    /// Signalled when a pin goes.
+    pub(super) unpinned: Condvar,
+    /// Faults hold it shared; a call that changes which blocks back the
+    /// file (truncate, punch, allocating writes) holds it exclusive while
+    /// it unmaps the range, drops its entries and changes the blocks, so no
+    /// fault can map a block that is about to be freed (Linux's
+    /// `invalidate_lock`). Lock order: this, then entry locks, then the
+    /// filesystem's state lock.
+    pub(super) invalidate: RwLock<()>,
+    /// Whether the invalidate lock is held exclusive now (by a `Breaking`).
+    breaking: AtomicBool,
+    /// Whether some mapping shows a page past the end of the file (which
+    /// raises `SIGBUS`); a call that may grow the file unmaps them.
+    beyond: AtomicBool,
+}
+
+/// A DAX mapping of a file. Dereferences to its bytes; unmapped on drop.
+pub struct Mapping {
+    inner: Arc<Inner>,
+    /// The inode stays in memory while mapped (dropped after the rest).
+    _hold: InodeRef,
+}
+
+pub(super) struct Inner {
+    /// The filesystem, as the fault routine sees it.
+    layout: Arc<dyn Layout>,
+    ino: Ino,
+    dax: Arc<FileDax>,
+    /// File page of the mapping's first byte.
+    first_page: u64,
+    pages: u64,
+    /// Address of the first byte.
+    base: usize,
+    /// The address space the pieces fill, released when the last user of
+    /// the mapping goes (so no piece is ever mapped over a released range).
+    _reservation: Reservation,
+    opts: MapOptions,
+    state: Box<[AtomicU8]>,
+    /// Locked in memory ([`Mapping::lock`]): pieces mapped later are too.
+    locked: AtomicBool,
+}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping")
+            .field("ino", &self.inner.ino)
+            .field("offset", &(self.inner.first_page * PAGE))
+            .field("len", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mapping {
+    /// The first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.inner.base as *mut u8
+    }
+
+    pub fn len(&self) -> usize {
+        (self.inner.pages * PAGE) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.pages == 0
+    }
+
+    /// Make the stores to `[offset, offset + len)` of the mapping durable
+    /// by CPU cache flushes alone (what a `MAP_SYNC` application does with
+    /// `pmem_persist`): the block mapping is durable already, since the write
+    /// fault committed it.
+    pub fn persist(&self, offset: usize, len: usize) -> Result<()> {
+        let end = (offset + len).min(self.len());
+        let dev = self.inner.layout.device();
+        let mut at = offset;
+        while at < end {
+            let page = (at as u64) / PAGE;
+            let upto = (((page + 1) * PAGE) as usize).min(end);
+            let fpage = self.inner.first_page + page;
+            if let Some(e) = self.inner.dax.index.load(fpage).filter(|e| e.is_mapped()) {
+                let pfn = e.pfn() + (fpage - e.order().align(fpage));
+                dev.flush(pfn * PAGE + at as u64 % PAGE, (upto - at) as u64)?;
+            }
+            at = upto;
+        }
+        dev.drain();
+        Ok(())
+    }
+
+    /// Make the stores so far durable: flush the pages of dirty entries,
+    /// clear their tags and write-protect them again (`msync`).
+    pub fn sync(&self) -> Result<()> {
+        self.inner.dax.writeback(self.inner.layout.device())
+    }
+
+    /// Lock the mapping's pages in memory, as `mlock(2)` does for a DAX
+    /// mapping in Linux: every page is faulted in, then locked; pages
+    /// mapped again later (after a truncate, a punch or poison) are locked
+    /// as they are mapped. Call this rather than `mlock(2)` itself, which
+    /// refuses (`ENOMEM`) an unfaulted page: until its first access a page
+    /// of a library mapping is an inaccessible reservation.
+    pub fn lock(&self) -> Result<()> {
+        self.inner.locked.store(true, Ordering::Release);
+        self.inner.populate()?;
+        // SAFETY: the mapping's own pages; mlock changes no contents.
+        let rc = unsafe { libc::mlock(self.as_ptr().cast(), self.len()) };
+        if rc != 0 {
+            self.inner.locked.store(false, Ordering::Release);
+            return Err(self.inner.os_error("lock in memory a DAX mapping of"));
+        }
+        Ok(())
+    }
+
+    /// Undo [`lock`](Self::lock) (`munlock(2)`).
+    pub fn unlock(&self) -> Result<()> {
+        self.inner.locked.store(false, Ordering::Release);
+        // SAFETY: the mapping's own pages; munlock changes no contents.
+        let rc = unsafe { libc::munlock(self.as_ptr().cast(), self.len()) };
+        if rc != 0 {
+            return Err(self.inner.os_error("unlock a DAX mapping of"));
+        }
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Mapping {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the reservation is ours for the mapping's life; the
+        // caller of `Fs::mmap` promised no conflicting mutable access.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len()) }
+    }
+}
+
+impl std::ops::DerefMut for Mapping {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`; stores to a read-only mapping fault.
+        unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), self.len()) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // Out of the handler's sight first; the address space goes with the
+        // last reference to `Inner`.
+        unregister(&self.inner);
+        let inner = &self.inner;
+        inner.layout.release(&inner.dax, inner.ino, inner);
+    }
+}
+
+impl Fs {
+    /// The DAX state of `ino`, made on first use (call it under the state
+    /// lock: see `check_broken`).
+    pub(super) fn file_dax(&self, ino: Ino) -> Arc<FileDax> {
+        self.core.dax_used.store(true, Ordering::Release);
+        let mut files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(files.entry(ino).or_insert_with(|| {
+            Arc::new(FileDax {
+                index: EntryIndex::new(),
+                mappings: Mutex::new(Vec::new()),
+                pins: Mutex::new(Vec::new()),
+                unpinned: Condvar::new(),
+                invalidate: RwLock::new(()),
+                breaking: AtomicBool::new(false),
+                beyond: AtomicBool::new(false),
+            })
+        }))
+    }
+
+    /// Map `len` bytes of regular file `ino` from `offset` (a multiple of
+    /// 4 KiB). The mapping holds the inode (unmount is refused meanwhile).
+    /// A shared writable mapping of an immutable or append-only file is
+    /// refused (`EPERM`).
+    ///
+    /// # Safety
+    ///
+    /// Like any shared mapping of a file (memmap2's contract): while a slice
+    /// borrowed from the mapping lives, nothing else (another mapping, a
+    /// write, a truncate) may change the bytes it covers.
+    pub unsafe fn mmap(
+        &self,
+        ino: Ino,
+        offset: u64,
+        len: u64,
+        opts: MapOptions,
+    ) -> Result<Mapping> {
+        if !offset.is_multiple_of(PAGE) || len == 0 {
+            return Err(Error::Invalid(
+                "mmap offset must be 4 KiB aligned, length not 0",
+            ));
+        }
+        let attr = self.getattr(ino)?;
+        if attr.kind != super::FileKind::File {
+            return Err(Error::Invalid("only regular files can be mapped"));
+        }
+        if opts.write && opts.shared {
+            // (As a write open: stores could go anywhere in the file.)
+            self.may_open_for_write(ino, false)?;
+        }
+        let pages = len.div_ceil(PAGE);
+        let reservation = Reservation::new(pages, offset)?;
+        // The DAX state is made under the state lock, so that a call that
+        // frees blocks (and checks for it under that lock) cannot miss it.
+        let (dax, hold) = {
+            let mut st = self.lock()?;
+            (self.file_dax(ino), InodeRef::take(self, &mut st, ino))
+        };
+        install_handler();
+        let inner = Arc::new(Inner {
+            layout: Arc::new(self.view()),
+            ino,
+            dax: Arc::clone(&dax),
+            first_page: offset / PAGE,
+            pages,
+            base: reservation.base(),
+            _reservation: reservation,
+            opts,
+            state: (0..pages).map(|_| AtomicU8::new(NONE)).collect(),
+            locked: AtomicBool::new(false),
+        });
+        dax.mappings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&inner));
+        register(&inner);
+        let mapping = Mapping { inner, _hold: hold };
+        if opts.populate {
+            mapping.inner.populate()?;
+        }
+        Ok(mapping)
+    }
+
+    /// The DAX state of `ino` if it was ever mapped.
+    pub(super) fn dax_of(&self, ino: Ino) -> Option<Arc<FileDax>> {
+        // The write path asks on every call: no lock until a file is mapped.
+        if !self.core.dax_used.load(Ordering::Acquire) {
+            return None;
+        }
+        let files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+        files.get(&ino).cloned()
+    }
+
+    /// After a mapping (`gone`) or a pin of file `ino` went: if nothing
+    /// else maps or pins the file, write back the dirty entries and forget
+    /// its DAX state, so that what a file costs in memory lasts only while
+    /// it is mapped or pinned. (A new mapping starts a new state; a call
+    /// that was breaking the old one finds the new one when it checks under
+    /// the state lock, and runs again.)
+    pub(super) fn dax_release(&self, dax: &Arc<FileDax>, ino: Ino, gone: Option<&Inner>) {
+        let in_use = |dax: &FileDax| {
+            let mapped = live(dax)
+                .iter()
+                .any(|m| gone.is_none_or(|g| !std::ptr::eq(Arc::as_ptr(m), g)));
+            mapped
+                || !dax
+                    .pins
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_empty()
+        };
+        if in_use(dax) {
+            return;
+        }
+        let _ = dax.writeback(&self.core.dev);
+        // Mappings and pins are made under the state lock: none can appear
+        // meanwhile.
+        let Ok(_st) = self.lock() else { return };
+        let mut files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+        let current = files.get(&ino).is_some_and(|d| Arc::ptr_eq(d, dax));
+        if current && !in_use(dax) && dax.index.find_next_tagged(0, Tag::Dirty).is_none() {
+            files.remove(&ino);
+        }
+    }
+
+    /// How many files have DAX state now (mapped, or being unmapped).
+    pub fn dax_files(&self) -> usize {
+        self.core
+            .dax
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Forget the DAX state of a freed inode (no mapping can hold it: a
+    /// mapping holds its inode).
+    pub(super) fn dax_forget(&self, ino: Ino) {
+        let mut files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+        files.remove(&ino);
+    }
+
+    /// The fault counters of every mapping so far.
+    pub fn dax_stats(&self) -> DaxStats {
+        let c = &self.core.dax_counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DaxStats {
+            pmd_faults: get(&c.pmd),
+            pte_faults: get(&c.pte),
+            zero_maps: get(&c.zero),
+            fallback_misaligned: get(&c.fallback[Fallback::Misaligned as usize]),
+            fallback_past_eof: get(&c.fallback[Fallback::PastEof as usize]),
+            fallback_not_huge_extent: get(&c.fallback[Fallback::NotHugeExtent as usize]),
+            fallback_pte_in_range: get(&c.fallback[Fallback::PteInRange as usize]),
+            fallback_private_write: get(&c.fallback[Fallback::PrivateWrite as usize]),
+            fallback_poisoned: get(&c.fallback[Fallback::Poisoned as usize]),
+            poisoned_maps: get(&c.poisoned),
+            beyond_eof: get(&c.beyond),
+        }
+    }
+}
+
+fn live(dax: &FileDax) -> Vec<Arc<Inner>> {
+    let mut list = dax.mappings.lock().unwrap_or_else(|e| e.into_inner());
+    list.retain(|m| m.strong_count() > 0);
+    list.iter().filter_map(Weak::upgrade).collect()
+}
+
+impl Fs {
+    /// A second handle on the same mounted filesystem (no worker of its own).
+    pub(super) fn view(&self) -> Fs {
+        Fs {
+            core: Arc::clone(&self.core),
+            worker: Mutex::new(None),
+        }
+    }
+}

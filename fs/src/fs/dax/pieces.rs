@@ -1,0 +1,275 @@
+//! The pieces of a mapping: an inaccessible reservation, placed so that
+//! 2 MiB-aligned file offsets fall on 2 MiB-aligned addresses, filled with
+//! `MAP_FIXED` mappings of device pages, the zero page, anonymous memory,
+//! a page that raises `SIGBUS`, or nothing (the next access faults). Each
+//! page's state says which.
+
+use super::{live, Counters, Inner, HUGE, PAGE};
+use crate::error::{Error, Result};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+
+/// Address space for a mapping of `pages` pages from file page
+/// `offset / PAGE`, inaccessible until pieces fill it, placed so that
+/// 2 MiB-aligned file offsets fall on 2 MiB-aligned addresses (a PMD piece
+/// can then be a huge page). Released when dropped.
+pub(super) struct Reservation {
+    start: usize,
+    len: usize,
+    base: usize,
+}
+
+impl Reservation {
+    pub(super) fn new(pages: u64, offset: u64) -> Result<Reservation> {
+        let huge = HUGE as usize;
+        // 2 MiB more than the pages, to choose where they start.
+        let len = (pages * PAGE) as usize + huge;
+        // SAFETY: a new anonymous, inaccessible mapping, ours alone.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(Error::NoSpace);
+        }
+        let start = raw as usize;
+        let want = (offset % HUGE) as usize;
+        let base = (start + huge - want).next_multiple_of(huge) - huge + want;
+        let base = if base < start { base + huge } else { base };
+        Ok(Reservation { start, len, base })
+    }
+
+    /// The address of the mapping's first byte.
+    pub(super) fn base(&self) -> usize {
+        self.base
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: the range `new` mapped, which only this owns; pieces
+        // mapped into it (MAP_FIXED) go with it.
+        unsafe { libc::munmap(self.start as *mut libc::c_void, self.len) };
+    }
+}
+
+/// What a page of a mapping shows now.
+pub(super) const NONE: u8 = 0;
+pub(super) const ZERO: u8 = 1;
+pub(super) const READ: u8 = 2;
+pub(super) const WRITE: u8 = 3;
+pub(super) const BEYOND: u8 = 4;
+pub(super) const POISON: u8 = 5;
+
+impl Inner {
+    pub(super) fn addr(&self, page: u64) -> *mut libc::c_void {
+        (self.base + (page * PAGE) as usize) as *mut libc::c_void
+    }
+
+    pub(super) fn set_state(&self, page: u64, pages: u64, state: u8) {
+        for p in page..(page + pages).min(self.pages) {
+            self.state[p as usize].store(state, Ordering::Release);
+        }
+    }
+
+    /// Map device pages `pfn..` at mapping page `page`. Shared writable
+    /// mappings get data read-only until a store faults (dirty tracking).
+    pub(super) fn map_data(&self, page: u64, pages: u64, pfn: u64, write: bool) -> Result<()> {
+        let prot = if self.opts.write && (write || !self.opts.shared) {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        let share = if self.opts.shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+        let fd = self.layout.device().as_fd().as_raw_fd();
+        self.map(page, pages, prot, share, fd, pfn * PAGE)?;
+        self.set_state(
+            page,
+            pages,
+            if prot & libc::PROT_WRITE != 0 {
+                WRITE
+            } else {
+                READ
+            },
+        );
+        Ok(())
+    }
+
+    pub(super) fn map_zero(&self, page: u64, pages: u64) -> Result<()> {
+        self.map(
+            page,
+            pages,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )?;
+        self.set_state(page, pages, ZERO);
+        Ok(())
+    }
+
+    pub(super) fn map_anon(&self, page: u64) -> Result<()> {
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        self.map(
+            page,
+            1,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )?;
+        self.set_state(page, 1, WRITE);
+        Ok(())
+    }
+
+    pub(super) fn map_beyond(&self, page: u64) -> Result<()> {
+        let fd = sigbus_fd().ok_or(Error::NoSpace)?;
+        self.map(page, 1, libc::PROT_READ, libc::MAP_SHARED, fd, 0)?;
+        self.set_state(page, 1, BEYOND);
+        self.dax.beyond.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Make page `page` inaccessible because it is poisoned: an access
+    /// faults, and the handler raises `SIGBUS` with `BUS_MCEERR_AR`.
+    pub(super) fn map_poison(&self, page: u64) -> Result<()> {
+        self.map(
+            page,
+            1,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )?;
+        self.set_state(page, 1, POISON);
+        Counters::count(&self.layout.counters().poisoned);
+        Ok(())
+    }
+
+    /// Whether this mapping shows file page `fpage` (mapped from the
+    /// device: data read or written), and at which address.
+    pub(super) fn shows(&self, fpage: u64) -> Option<usize> {
+        let page = fpage
+            .checked_sub(self.first_page)
+            .filter(|&p| p < self.pages)?;
+        matches!(
+            self.state[page as usize].load(Ordering::Acquire),
+            READ | WRITE
+        )
+        .then(|| self.base + (page * PAGE) as usize)
+    }
+
+    /// Make the pages shown past the end of the file fault again.
+    pub(super) fn unmap_beyond(&self) {
+        for page in 0..self.pages {
+            if self.state[page as usize].load(Ordering::Acquire) == BEYOND {
+                self.unmap(self.first_page + page, 1);
+            }
+        }
+    }
+
+    pub(super) fn map(
+        &self,
+        page: u64,
+        pages: u64,
+        prot: i32,
+        flags: i32,
+        fd: i32,
+        offset: u64,
+    ) -> Result<()> {
+        let pages = pages.min(self.pages - page);
+        // SAFETY: the range lies inside our reservation (`page + pages` is at
+        // most the mapping's page count), which MAP_FIXED replaces.
+        let got = unsafe {
+            libc::mmap(
+                self.addr(page),
+                (pages * PAGE) as usize,
+                prot,
+                flags | libc::MAP_FIXED,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if got == libc::MAP_FAILED {
+            return Err(self.os_error("map a DAX piece of"));
+        }
+        if prot != libc::PROT_NONE && self.locked.load(Ordering::Acquire) {
+            // Best effort, as for mlock's own population: a page past the
+            // end of the file cannot be locked (it raises SIGBUS).
+            // SAFETY: the piece just mapped; mlock changes no contents.
+            unsafe { libc::mlock(got, (pages * PAGE) as usize) };
+        }
+        Ok(())
+    }
+
+    /// Make file pages `[fpage, fpage + n)` of this mapping inaccessible, so
+    /// the next access faults again.
+    pub(super) fn unmap(&self, fpage: u64, n: u64) {
+        let start = fpage.max(self.first_page);
+        let end = (fpage + n).min(self.first_page + self.pages);
+        if start >= end {
+            return;
+        }
+        let page = start - self.first_page;
+        let _ = self.map(
+            page,
+            end - start,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        self.set_state(page, end - start, NONE);
+    }
+
+    /// Unmap file pages from every other mapping of the file that shows
+    /// them (it would show a stale zero page).
+    pub(super) fn unmap_everywhere(&self, fpage: u64, n: u64) {
+        for m in live(&self.dax) {
+            if !std::ptr::eq(Arc::as_ptr(&m), self) {
+                m.unmap(fpage, n);
+            }
+        }
+    }
+
+    /// Write-protect file pages that writeback cleaned.
+    pub(super) fn protect(&self, fpage: u64, n: u64) {
+        if !self.opts.shared || !self.opts.write {
+            return;
+        }
+        let start = fpage.max(self.first_page);
+        let end = (fpage + n).min(self.first_page + self.pages);
+        for f in start..end {
+            let page = f - self.first_page;
+            if self.state[page as usize].load(Ordering::Acquire) == WRITE {
+                // SAFETY: a page of our reservation, mapped by us.
+                unsafe { libc::mprotect(self.addr(page), PAGE as usize, libc::PROT_READ) };
+                self.state[page as usize].store(READ, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// The empty memory file whose pages raise SIGBUS.
+pub(super) fn sigbus_fd() -> Option<i32> {
+    static FD: OnceLock<Option<OwnedFd>> = OnceLock::new();
+    FD.get_or_init(|| {
+        // SAFETY: memfd_create takes a NUL-terminated name and flags.
+        let fd = unsafe { libc::memfd_create(c"daxfs-beyond-eof".as_ptr(), libc::MFD_CLOEXEC) };
+        // SAFETY: a new descriptor that nothing else owns.
+        (fd >= 0).then(|| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+    })
+    .as_ref()
+    .map(|fd| fd.as_raw_fd())
+}
