@@ -100,7 +100,7 @@ fn socket_name(mountpoint: &Path) -> Result<String, String> {
 /// The owner of the daxfs mount at `mountpoint` (its `user_id`), and the
 /// sockets where its daemon may listen.
 fn sockets_of(mountpoint: &Path) -> Result<(u32, Vec<PathBuf>), String> {
-    let owner = crate::mount::owner_of(mountpoint)
+    let owner = crate::mounts::owner_of(mountpoint)
         .ok_or_else(|| format!("{}: not a daxfs mount", mountpoint.display()))?;
     let name = socket_name(mountpoint)?;
     let dirs = runtime_dirs(owner).into_iter();
@@ -140,7 +140,7 @@ pub fn locate(path: &Path) -> Result<(PathBuf, String), String> {
     let canonical = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut at = canonical.as_path();
     loop {
-        if crate::mount::image_of(at).is_some() {
+        if crate::mounts::image_of(at).is_some() {
             let inside = canonical.strip_prefix(at).expect("a prefix");
             return Ok((at.to_path_buf(), format!("/{}", inside.display())));
         }

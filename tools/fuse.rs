@@ -888,15 +888,16 @@ impl fuser::Filesystem for DaxFuse {
         let Ok(offset) = u64::try_from(offset) else {
             return reply.error(Errno::ENXIO);
         };
-        let found = match whence {
-            libc::SEEK_DATA => self.seek(ino.0, offset, true),
-            libc::SEEK_HOLE => self.seek(ino.0, offset, false),
+        let what = match whence {
+            libc::SEEK_DATA => daxfs::Seek::Data,
+            libc::SEEK_HOLE => daxfs::Seek::Hole,
             // The kernel handles SEEK_SET, SEEK_CUR and SEEK_END itself.
-            _ => Err(Errno::EINVAL),
+            _ => return reply.error(Errno::EINVAL),
         };
-        match found {
-            Ok(at) => reply.offset(at as i64),
-            Err(e) => reply.error(e),
+        match self.fs.seek(ino.0, offset, what) {
+            Ok(Some(at)) => reply.offset(at as i64),
+            Ok(None) => reply.error(Errno::ENXIO),
+            Err(e) => reply.error(self.errno(e)),
         }
     }
 
@@ -1039,44 +1040,6 @@ impl DaxFuse {
                 set(flags).map(|()| Vec::new())
             }
             _ => Err(Errno::from_i32(libc::ENOTTY)),
-        }
-    }
-
-    /// `lseek` with `SEEK_DATA` or `SEEK_HOLE`: the next data or hole at or
-    /// after `offset`, from the file's extents (ENXIO past the end).
-    fn seek(&self, ino: u64, offset: u64, data: bool) -> Result<u64, Errno> {
-        let size = self.fs.getattr(ino).map_err(|e| self.errno(e))?.size;
-        if offset >= size {
-            return Err(Errno::ENXIO);
-        }
-        let extents = self.fs.file_extents(ino).map_err(|e| self.errno(e))?;
-        let mut at = offset;
-        for e in &extents {
-            let end = e.file_offset + e.len;
-            if end <= at {
-                continue;
-            }
-            if e.file_offset > at {
-                // A hole at `at`, data from the extent on.
-                return if data {
-                    if e.file_offset < size {
-                        Ok(e.file_offset)
-                    } else {
-                        Err(Errno::ENXIO)
-                    }
-                } else {
-                    Ok(at)
-                };
-            }
-            if data {
-                return Ok(at);
-            }
-            at = end; // inside data: the hole starts after it (or the next)
-        }
-        if data {
-            Err(Errno::ENXIO)
-        } else {
-            Ok(at.min(size))
         }
     }
 }

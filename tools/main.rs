@@ -6,6 +6,7 @@ mod fuse;
 mod huge;
 mod layout;
 mod mount;
+mod mounts;
 mod populate;
 mod size;
 
@@ -287,7 +288,7 @@ fn run(command: Command) -> Outcome {
             Ok(())
         }
         Command::InjectError(args) => inject(args),
-        Command::List(args) if mount::image_of(&args.image).is_some() => control::print(
+        Command::List(args) if mounts::image_of(&args.image).is_some() => control::print(
             &args.image,
             json!({ "op": "list", "media_errors": args.media_errors }),
         ),
@@ -499,7 +500,7 @@ fn inject(args: InjectArgs) -> Outcome {
         .count
         .checked_mul(SECTOR)
         .ok_or_else(|| format!("--count {} is too large", args.count))?;
-    if let Some(mountpoint) = mount::image_of(&args.image).map(|_| args.image.clone()) {
+    if let Some(mountpoint) = mounts::image_of(&args.image).map(|_| args.image.clone()) {
         let request = match (&args.file, args.offset, args.block) {
             (Some(file), Some(offset), _) => json!({
                 "op": "inject_file", "path": control::inside(&mountpoint, file)?,
@@ -565,7 +566,7 @@ fn clear(args: ClearArgs) -> Outcome {
         )),
         _ => unreachable!("clap requires --offset with --count, or --all"),
     };
-    if mount::image_of(&args.image).is_some() {
+    if mounts::image_of(&args.image).is_some() {
         let request = match range {
             None => json!({ "op": "clear_all" }),
             Some((offset, len)) => json!({ "op": "clear", "offset": offset, "len": len }),
@@ -606,7 +607,7 @@ pub(crate) fn clear_on(
 }
 
 fn scrub(image: &Path) -> Outcome {
-    if mount::image_of(image).is_some() {
+    if mounts::image_of(image).is_some() {
         return control::print(image, json!({ "op": "scrub" }));
     }
     let dev = open(image)?;

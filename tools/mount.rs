@@ -9,6 +9,7 @@
 //! session, whose loop then ends; the filesystem is then unmounted cleanly.
 
 use crate::fuse::DaxFuse;
+use crate::mounts::{image_of, mounted_at};
 use clap::Args;
 use daxfs::pmem::{Device, DeviceOptions};
 use daxfs::Fs;
@@ -109,77 +110,10 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
     Ok(o)
 }
 
-/// Where `image` is mounted now, if it is (a `fuse.daxfs` mount whose source
-/// is the image).
-fn mounted_at(image: &Path) -> Option<PathBuf> {
-    let image = std::fs::canonicalize(image).ok()?;
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split(' ');
-        let (source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "fuse.daxfs" && unescape(source) == image.as_os_str().to_string_lossy())
-            .then(|| PathBuf::from(unescape(target)))
-    })
-}
-
 /// Whether `at` is a FUSE mount whose daemon is gone (the kernel answers
 /// "transport endpoint is not connected").
 fn is_dead_mount(at: &Path) -> bool {
     std::fs::metadata(at).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
-}
-
-/// The source of the `fuse.daxfs` mount at `mountpoint`.
-pub fn image_of(mountpoint: &Path) -> Option<PathBuf> {
-    let target = std::fs::canonicalize(mountpoint).ok()?;
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split(' ');
-        let (source, at, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "fuse.daxfs" && unescape(at) == target.as_os_str().to_string_lossy())
-            .then(|| PathBuf::from(unescape(source)))
-    })
-}
-
-/// The owner (`user_id`) of the `fuse.daxfs` mount at `mountpoint`, from
-/// /proc/self/mountinfo: `ID PARENT DEV ROOT MOUNTPOINT OPTIONS [TAGS] -
-/// TYPE SOURCE SUPER-OPTIONS`.
-pub fn owner_of(mountpoint: &Path) -> Option<u32> {
-    let target = std::fs::canonicalize(mountpoint).ok()?;
-    let target = target.as_os_str().to_string_lossy();
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        let (mount, fs) = line.split_once(" - ")?;
-        let at = mount.split(' ').nth(4)?;
-        let mut fs = fs.split(' ');
-        let (fstype, _source, options) = (fs.next()?, fs.next()?, fs.next()?);
-        if fstype != "fuse.daxfs" || unescape(at) != target {
-            return None;
-        }
-        options
-            .split(',')
-            .find_map(|o| o.strip_prefix("user_id=")?.parse().ok())
-    })
-}
-
-/// /proc/mounts escapes space, tab, newline and backslash as octal.
-fn unescape(field: &str) -> String {
-    let mut out = String::new();
-    let mut chars = field.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            let code: String = chars.by_ref().take(3).collect();
-            match u8::from_str_radix(&code, 8) {
-                Ok(b) => out.push(b as char),
-                Err(_) => {
-                    out.push('\\');
-                    out.push_str(&code);
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 pub fn mount(args: MountArgs) -> Result<(), String> {

@@ -28,7 +28,7 @@ pub use error::{Error, Result};
 pub use fs::{
     from_xflags, fsck, to_xflags, Atime, Attr, BusSignal, CacheUsage, CreateOptions, DaxStats,
     DirEntry, FailureHandler, Fallback, FileExtent, FileKind, Fs, FsckReport, Handle, Hold, Ino,
-    MapOptions, Mapping, MemoryFailure, Owner, Pin, Problem, RenameFlags, SetAttr, Shrunk, StatFs,
-    Timestamp, DEFAULT_CACHE_BUDGET, DEFAULT_LAYOUT_TIMEOUT, ROOT,
+    MapOptions, Mapping, MemoryFailure, Owner, Pin, Problem, RenameFlags, Seek, SetAttr, Shrunk,
+    StatFs, Timestamp, DEFAULT_CACHE_BUDGET, DEFAULT_LAYOUT_TIMEOUT, ROOT,
 };
 pub use pmem;

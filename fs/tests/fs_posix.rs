@@ -894,6 +894,43 @@ fn an_unnamed_file_is_freed_at_its_last_close_or_named_by_link() {
     assert!(report.is_clean(), "{:?}", report.problems);
 }
 
+/// SEEK_DATA and SEEK_HOLE: data from where blocks are mapped, holes
+/// where none are and at the end of the file, None (ENXIO) at or past the
+/// end and for data when only a hole is left; on an empty file and a
+/// symlink too.
+#[test]
+fn seek_finds_data_and_holes_as_lseek_does() {
+    use daxfs::Seek::{Data, Hole};
+    let (_img, fs) = image(64 << 20);
+    let f = fs.create_path("/f", 0o644, true).unwrap().ino;
+    // Blocks 2..4 and 10 hold data; the size ends inside a hole after them.
+    fs.write(f, 2 * 4096, &[1u8; 2 * 4096]).unwrap();
+    fs.write(f, 10 * 4096 + 100, b"x").unwrap();
+    fs.truncate(f, 20 * 4096 + 5).unwrap();
+    let seek = |at: u64, what| fs.seek(f, at, what).unwrap();
+    assert_eq!(seek(0, Data), Some(2 * 4096));
+    assert_eq!(seek(0, Hole), Some(0));
+    assert_eq!(seek(2 * 4096 + 7, Data), Some(2 * 4096 + 7));
+    assert_eq!(seek(2 * 4096 + 7, Hole), Some(4 * 4096));
+    assert_eq!(seek(5 * 4096, Data), Some(10 * 4096));
+    assert_eq!(seek(10 * 4096, Hole), Some(11 * 4096));
+    assert_eq!(seek(11 * 4096, Data), None, "only a hole is left");
+    assert_eq!(seek(11 * 4096, Hole), Some(11 * 4096));
+    assert_eq!(seek(20 * 4096 + 5, Data), None, "at the end");
+    assert_eq!(seek(20 * 4096 + 5, Hole), None);
+    assert_eq!(seek(u64::MAX, Hole), None);
+    // Data up to the end: the hole is the end.
+    let g = fs.create_path("/g", 0o644, true).unwrap().ino;
+    fs.write(g, 0, &[2u8; 5000]).unwrap();
+    assert_eq!(fs.seek(g, 10, Hole).unwrap(), Some(5000));
+    assert_eq!(fs.seek(g, 4999, Data).unwrap(), Some(4999));
+    let empty = fs.create_path("/e", 0o644, true).unwrap().ino;
+    assert_eq!(fs.seek(empty, 0, Data).unwrap(), None);
+    assert_eq!(fs.seek(empty, 0, Hole).unwrap(), None);
+    let link = fs.symlink_path("/l", b"f").unwrap().ino;
+    assert_eq!(fs.seek(link, 0, Hole).unwrap(), Some(0));
+}
+
 /// A write that runs out of space writes what fits and returns the short
 /// count; only a write that can write nothing is ENOSPC. What was written
 /// reads back, and the filesystem checks clean.

@@ -14,6 +14,15 @@ use crate::format::{Extent, Time, BLOCK, HUGE_BLOCKS};
 
 pub use crate::format::MAX_FILE_SIZE;
 
+/// What [`Fs::seek`] looks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seek {
+    /// `SEEK_DATA`.
+    Data,
+    /// `SEEK_HOLE`.
+    Hole,
+}
+
 /// File data calls take regular files only: `EISDIR` for a directory,
 /// `EINVAL` for a symbolic link (a path call never gets here with one).
 fn check_regular(inode: &crate::format::Inode) -> Result<()> {
@@ -374,6 +383,45 @@ impl Fs {
             inode.ctime = Time::now();
             fs.put_inode(st, stage, ino, inode);
             Ok(())
+        })
+    }
+
+    /// `lseek`'s `SEEK_DATA` or `SEEK_HOLE` from `offset`: where the next
+    /// data, or the next hole, at or after it begins, or `None` (`ENXIO`)
+    /// at or past the end of the file, and for data when only a hole is
+    /// left. The end of the file counts as a hole; allocated blocks count
+    /// as data (zeroed ones too, as the VFS allows).
+    pub fn seek(&self, ino: Ino, offset: u64, what: Seek) -> Result<Option<u64>> {
+        let mut st = self.lock()?;
+        let inode = self.inode(&mut st, ino)?;
+        if offset >= inode.size {
+            return Ok(None);
+        }
+        let none = Vec::new();
+        let extents = match inode.has_extents() {
+            true => &*self.extents(&mut st, ino)?,
+            false => &none,
+        };
+        let block = offset / BLOCK;
+        Ok(match what {
+            Seek::Data => match map(extents, block) {
+                Some(_) => Some(offset),
+                None => next_mapped(extents, block)
+                    .map(|b| b * BLOCK)
+                    .filter(|&at| at < inode.size),
+            },
+            Seek::Hole => {
+                // Past the mapped blocks that run on from `offset`.
+                let mut at = block;
+                while let Some((_, run)) = map(extents, at) {
+                    at += run;
+                }
+                Some(if at == block {
+                    offset
+                } else {
+                    (at * BLOCK).min(inode.size)
+                })
+            }
         })
     }
 

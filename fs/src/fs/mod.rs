@@ -65,6 +65,7 @@ pub use atime::Atime;
 pub use check::{fsck, FsckReport, Problem};
 pub use dax::{BusSignal, DaxStats, Fallback, MapOptions, Mapping};
 pub use failure::{FailureHandler, MemoryFailure};
+pub use file::Seek;
 pub use flags::{from_xflags, to_xflags};
 pub use layout::{Pin, DEFAULT_LAYOUT_TIMEOUT};
 pub use owner::{FileExtent, Owner};
