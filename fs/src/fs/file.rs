@@ -489,7 +489,7 @@ impl Fs {
         first: u64,
         end: u64,
     ) -> Result<Option<crate::format::Inode>> {
-        self.check_broken(ino)?;
+        self.check_broken(st, ino)?;
         let freed = remove_range(self.extents(st, ino)?, first, end);
         if freed.is_empty() {
             return Ok(None);

@@ -117,7 +117,10 @@ impl Fs {
             if inode.kind() != libc::S_IFREG {
                 return Err(Error::Invalid("only regular files can be pinned"));
             }
-            (self.file_dax(ino), InodeRef::take(self, &mut st, ino))
+            (
+                self.file_dax(&mut st, ino),
+                InodeRef::take(self, &mut st, ino),
+            )
         };
         // Made first, so that an error below unpins and drops the hold.
         let mut pin = Pin {

@@ -6,7 +6,7 @@
 //! pages of dirty entries, write-protect them again) and memory failure of
 //! one page.
 
-use super::{live, FileDax, Fs, Ino, HUGE, PAGE};
+use super::{live, FileDax, Fs, Ino, State, HUGE, PAGE};
 use crate::error::{Error, Result};
 use crate::index::{Order, Tag, PMD_PAGES};
 use pmem::Device;
@@ -107,12 +107,12 @@ impl Fs {
         Ok(Some(breaking))
     }
 
-    /// Under the state lock, before freeing blocks of `ino`: refuse (with
-    /// [`Error::MappedMeanwhile`], which the public calls catch to run
-    /// again, breaking the mappings) if the file has DAX state whose mappings the
-    /// caller did not break. (Mappings are made under the state lock, so
-    /// none can appear between this check and the commit.)
-    pub(in crate::fs) fn check_broken(&self, ino: Ino) -> Result<()> {
+    /// Under the state lock (`_locked`), before freeing blocks of `ino`:
+    /// refuse (with [`Error::MappedMeanwhile`], which the public calls catch
+    /// to run again, breaking the mappings) if the file has DAX state whose
+    /// mappings the caller did not break. (Mappings are made under the
+    /// state lock, so none can appear between this check and the commit.)
+    pub(in crate::fs) fn check_broken(&self, _locked: &State, ino: Ino) -> Result<()> {
         match self.dax_of(ino) {
             Some(dax) if !dax.breaking.load(Ordering::Acquire) => Err(Error::MappedMeanwhile),
             _ => Ok(()),

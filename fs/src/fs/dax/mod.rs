@@ -73,7 +73,7 @@ pub use signal::BusSignal;
 use signal::{install_handler, register, unregister};
 pub(super) use signal::{overlaps_mapping, raise_mce, McErr};
 
-use super::{Fs, Ino, InodeRef};
+use super::{Fs, Ino, InodeRef, State};
 use crate::error::{Error, Result};
 use crate::index::{EntryIndex, Tag, PMD_PAGES};
 use pieces::{Reservation, NONE};
@@ -316,9 +316,9 @@ impl Drop for Mapping {
 }
 
 impl Fs {
-    /// The DAX state of `ino`, made on first use (call it under the state
-    /// lock: see `check_broken`).
-    pub(super) fn file_dax(&self, ino: Ino) -> Arc<FileDax> {
+    /// The DAX state of `ino`, made on first use, under the state lock
+    /// (`_locked` says the caller holds it: see `check_broken`).
+    pub(super) fn file_dax(&self, _locked: &mut State, ino: Ino) -> Arc<FileDax> {
         self.core.dax_used.store(true, Ordering::Release);
         let mut files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(files.entry(ino).or_insert_with(|| {
@@ -370,7 +370,10 @@ impl Fs {
         // frees blocks (and checks for it under that lock) cannot miss it.
         let (dax, hold) = {
             let mut st = self.lock()?;
-            (self.file_dax(ino), InodeRef::take(self, &mut st, ino))
+            (
+                self.file_dax(&mut st, ino),
+                InodeRef::take(self, &mut st, ino),
+            )
         };
         install_handler();
         let inner = Arc::new(Inner {
