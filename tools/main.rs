@@ -1,6 +1,7 @@
 //! The `daxfs` command: create, describe, poison and scrub pmem devices.
 
 mod control;
+mod daemon;
 mod dax_tests;
 mod fuse;
 mod huge;

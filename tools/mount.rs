@@ -361,7 +361,7 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
         }
         Err(e) => return Err(format!("{}: cannot mount: {e}", mnt.display())),
     };
-    let daemon = Arc::new(crate::control::Daemon {
+    let daemon = Arc::new(crate::daemon::Daemon {
         fs: Arc::clone(&fs),
         image: image.clone(),
         notifier: Some(session.notifier()),
