@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::lock::lock;
 use crate::mapping::{MapMode, Mapping, Window, HUGE_PAGE};
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -271,7 +271,7 @@ impl Device {
             kernel,
             all: BadBlocks::default(),
             sidecar,
-            sigbus_file: sigbus_file()
+            sigbus_file: crate::mapping::sigbus_file(c"daxfs-poison")
                 .map_err(|e| Error::io(path, "create the poison stand-in", e))?,
         };
         poison.rebuild();
@@ -973,17 +973,6 @@ fn msync(ptr: *mut u8, len: usize) {
     // SAFETY: the pages lie in one of our shared mappings (the device or a
     // window), which `msync` only writes back.
     unsafe { libc::msync(start as *mut libc::c_void, end - start, libc::MS_SYNC) };
-}
-
-/// An empty memory file: its pages, mapped, all lie past its end.
-fn sigbus_file() -> std::io::Result<OwnedFd> {
-    // SAFETY: memfd_create takes a NUL-terminated name and flags.
-    let fd = unsafe { libc::memfd_create(c"daxfs-poison".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The kernel's badblocks of a device-dax, translated to device sectors.

@@ -57,4 +57,4 @@ pub use device::{
 };
 pub use error::{Error, Result};
 pub use lock::{device_holder, device_in_use};
-pub use mapping::HUGE_PAGE;
+pub use mapping::{sigbus_file, Reservation, HUGE_PAGE};

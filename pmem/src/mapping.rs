@@ -1,15 +1,108 @@
-//! Virtual memory: the device's 2 MiB-aligned shared mapping, the swapping of
-//! single pages for an inaccessible stand-in (the emulation of poison), and
-//! short-lived windows onto a page.
+//! Virtual memory: reservations of address space at a chosen alignment,
+//! the device's 2 MiB-aligned shared mapping, the swapping of single pages
+//! for an inaccessible stand-in (the emulation of poison), and short-lived
+//! windows onto a page.
 //!
 //! All `mmap` and `munmap` calls of the crate live here.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
 /// 2 MiB: the size of a PMD mapping and the alignment of the device mapping.
 pub const HUGE_PAGE: u64 = 2 << 20;
+
+/// Address space reserved (mapped `PROT_NONE`, reserving no memory) with
+/// a spot of `len` bytes in it whose address lies `phase` bytes past a
+/// multiple of `align`, for mappings put there with `MAP_FIXED` (the
+/// device's own, or a DAX mapping's pieces, where 2 MiB-aligned file
+/// offsets must fall on 2 MiB-aligned addresses). The whole reservation
+/// goes when this is dropped, with whatever was mapped into it, unless
+/// [`keep_spot`](Self::keep_spot) kept the spot.
+#[derive(Debug)]
+pub struct Reservation {
+    start: usize,
+    len: usize,
+    spot: usize,
+}
+
+impl Reservation {
+    /// Reserve `len` bytes at `phase` past a multiple of `align` (a power
+    /// of two).
+    pub fn new(len: usize, align: usize, phase: usize) -> io::Result<Reservation> {
+        debug_assert!(align.is_power_of_two() && phase < align);
+        let reserve_len = len
+            .checked_add(align)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: an anonymous PROT_NONE reservation at an address of the
+        // kernel's choosing touches no existing mapping.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserve_len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let start = raw as usize;
+        let spot = (start + align - phase).next_multiple_of(align) - align + phase;
+        let spot = if spot < start { spot + align } else { spot };
+        Ok(Reservation {
+            start,
+            len: reserve_len,
+            spot,
+        })
+    }
+
+    /// The address of the spot.
+    pub fn spot(&self) -> usize {
+        self.spot
+    }
+
+    /// Give back the slack around the spot, and the spot itself to the
+    /// caller, who now owns `[spot, spot + spot_len)` (and must unmap it).
+    fn keep_spot(self, spot_len: usize) -> usize {
+        let this = std::mem::ManuallyDrop::new(self);
+        let (head, tail_start) = (this.spot - this.start, this.spot + spot_len);
+        let tail = this.start + this.len - tail_start;
+        // SAFETY: the head and tail slack are parts of our own reservation.
+        unsafe {
+            if head > 0 {
+                libc::munmap(this.start as *mut libc::c_void, head);
+            }
+            if tail > 0 {
+                libc::munmap(tail_start as *mut libc::c_void, tail);
+            }
+        }
+        this.spot
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: the range `new` mapped, which only this owns; what was
+        // mapped into it with MAP_FIXED goes with it.
+        unsafe { libc::munmap(self.start as *mut libc::c_void, self.len) };
+    }
+}
+
+/// An empty memory file: its pages, mapped, all lie past its end, so any
+/// access to them raises `SIGBUS` (the stand-in for poison, and for pages
+/// past the end of a file).
+pub fn sigbus_file(name: &std::ffi::CStr) -> io::Result<OwnedFd> {
+    // SAFETY: memfd_create takes a NUL-terminated name and flags.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
 
 /// How the device file is mapped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,26 +160,8 @@ impl Mapping {
         };
         let mode = if private { MapMode::Private } else { shared };
         debug_assert!(align.is_power_of_two() && align >= HUGE_PAGE as usize);
-        let reserve_len = len
-            .checked_add(align)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        // SAFETY: an anonymous PROT_NONE reservation at an address of the
-        // kernel's choosing touches no existing mapping.
-        let reserve = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                reserve_len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if reserve == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let start = reserve as usize;
-        let aligned = (start + align - 1) & !(align - 1);
+        let reservation = Reservation::new(len, align, 0)?;
+        let aligned = reservation.spot();
         // SAFETY: [aligned, aligned + len) lies inside the reservation made
         // above, which this function owns, so MAP_FIXED replaces nothing else.
         let mapped = unsafe {
@@ -99,23 +174,10 @@ impl Mapping {
                 0,
             )
         };
-        let err = io::Error::last_os_error();
-        let head = aligned - start;
-        let tail_start = aligned + len;
-        let tail = start + reserve_len - tail_start;
-        // SAFETY: the head and tail slack are parts of our own reservation.
-        unsafe {
-            if mapped == libc::MAP_FAILED {
-                libc::munmap(reserve, reserve_len);
-                return Err(err);
-            }
-            if head > 0 {
-                libc::munmap(reserve, head);
-            }
-            if tail > 0 {
-                libc::munmap(tail_start as *mut libc::c_void, tail);
-            }
+        if mapped == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
         }
+        let aligned = reservation.keep_spot(len);
         let base = NonNull::new(aligned as *mut u8).expect("an aligned mapping is never at 0");
         Ok((Mapping { base, len, mode }, shared))
     }
@@ -296,4 +358,34 @@ fn probe_map_sync(fd: BorrowedFd<'_>, len: usize) -> io::Result<bool> {
     // SAFETY: the probe mapping made just above.
     unsafe { libc::munmap(ptr, probe_len) };
     Ok(true)
+}
+
+#[cfg(test)]
+mod reservation_tests {
+    use super::*;
+
+    /// The spot lies at the phase asked for, inside the reservation, which
+    /// takes MAP_FIXED pieces there.
+    #[test]
+    fn a_reservation_places_its_spot_at_the_phase_asked() {
+        let align = HUGE_PAGE as usize;
+        for phase in [0, 4096, align - 4096] {
+            let r = Reservation::new(3 * align, align, phase).unwrap();
+            assert_eq!(r.spot() % align, phase);
+            assert!(r.spot() >= r.start && r.spot() + 3 * align <= r.start + r.len);
+            // SAFETY: a page inside our own reservation, replaced by an
+            // anonymous readable one.
+            let page = unsafe {
+                libc::mmap(
+                    r.spot() as *mut libc::c_void,
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            assert_eq!(page as usize, r.spot());
+        }
+    }
 }

@@ -76,7 +76,8 @@ pub(super) use signal::{overlaps_mapping, raise_mce, McErr};
 use super::{Fs, Ino, InodeRef, State};
 use crate::error::{Error, Result};
 use crate::index::{EntryIndex, Tag, PMD_PAGES};
-use pieces::{Reservation, NONE};
+use pieces::NONE;
+use pmem::Reservation;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 
@@ -365,7 +366,7 @@ impl Fs {
             self.may_open_for_write(ino, false)?;
         }
         let pages = len.div_ceil(PAGE);
-        let reservation = Reservation::new(pages, offset)?;
+        let reservation = pieces::reserve(pages, offset)?;
         // The DAX state is made under the state lock, so that a call that
         // frees blocks (and checks for it under that lock) cannot miss it.
         let (dax, hold) = {
@@ -382,7 +383,7 @@ impl Fs {
             dax: Arc::clone(&dax),
             first_page: offset / PAGE,
             pages,
-            base: reservation.base(),
+            base: reservation.spot(),
             _reservation: reservation,
             opts,
             state: (0..pages).map(|_| AtomicU8::new(NONE)).collect(),

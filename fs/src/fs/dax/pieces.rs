@@ -6,58 +6,22 @@
 
 use super::{live, Counters, Inner, HUGE, PAGE};
 use crate::error::{Error, Result};
+use pmem::Reservation;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
-/// Address space for a mapping of `pages` pages from file page
-/// `offset / PAGE`, inaccessible until pieces fill it, placed so that
-/// 2 MiB-aligned file offsets fall on 2 MiB-aligned addresses (a PMD piece
-/// can then be a huge page). Released when dropped.
-pub(super) struct Reservation {
-    start: usize,
-    len: usize,
-    base: usize,
-}
-
-impl Reservation {
-    pub(super) fn new(pages: u64, offset: u64) -> Result<Reservation> {
-        let huge = HUGE as usize;
-        // 2 MiB more than the pages, to choose where they start.
-        let len = (pages * PAGE) as usize + huge;
-        // SAFETY: a new anonymous, inaccessible mapping, ours alone.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return Err(Error::NoSpace);
-        }
-        let start = raw as usize;
-        let want = (offset % HUGE) as usize;
-        let base = (start + huge - want).next_multiple_of(huge) - huge + want;
-        let base = if base < start { base + huge } else { base };
-        Ok(Reservation { start, len, base })
-    }
-
-    /// The address of the mapping's first byte.
-    pub(super) fn base(&self) -> usize {
-        self.base
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        // SAFETY: the range `new` mapped, which only this owns; pieces
-        // mapped into it (MAP_FIXED) go with it.
-        unsafe { libc::munmap(self.start as *mut libc::c_void, self.len) };
-    }
+/// Address space for a mapping of `pages` pages from file offset
+/// `offset`, inaccessible until pieces fill it, placed so that 2 MiB-aligned
+/// file offsets fall on 2 MiB-aligned addresses (a PMD piece can then be a
+/// huge page). Released when dropped.
+pub(super) fn reserve(pages: u64, offset: u64) -> Result<Reservation> {
+    Reservation::new(
+        (pages * PAGE) as usize,
+        HUGE as usize,
+        (offset % HUGE) as usize,
+    )
+    .map_err(|_| Error::NoSpace)
 }
 
 /// What a page of a mapping shows now.
@@ -264,12 +228,7 @@ impl Inner {
 /// The empty memory file whose pages raise SIGBUS.
 pub(super) fn sigbus_fd() -> Option<i32> {
     static FD: OnceLock<Option<OwnedFd>> = OnceLock::new();
-    FD.get_or_init(|| {
-        // SAFETY: memfd_create takes a NUL-terminated name and flags.
-        let fd = unsafe { libc::memfd_create(c"daxfs-beyond-eof".as_ptr(), libc::MFD_CLOEXEC) };
-        // SAFETY: a new descriptor that nothing else owns.
-        (fd >= 0).then(|| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
-    })
-    .as_ref()
-    .map(|fd| fd.as_raw_fd())
+    FD.get_or_init(|| pmem::sigbus_file(c"daxfs-beyond-eof").ok())
+        .as_ref()
+        .map(|fd| fd.as_raw_fd())
 }
