@@ -123,7 +123,23 @@ impl Daemon {
 
 impl Handler for Daemon {
     fn handle(&self, request: &Value) -> Result<String, String> {
-        handle(self, request)
+        match request["op"].as_str().unwrap_or("") {
+            "inject" => {
+                let (offset, len) = (number(request, "offset")?, number(request, "len")?);
+                inject(self, offset, len)
+            }
+            "inject_file" => self.inject_file(request),
+            "clear" => {
+                let (offset, len) = (number(request, "offset")?, number(request, "len")?);
+                clear(self, Some((offset, len)))
+            }
+            "clear_all" => clear(self, None),
+            "scrub" => self.scrub(),
+            "list" => self.list(request["media_errors"].as_bool().unwrap_or(false)),
+            "extents" => self.extents(request),
+            "stat" => self.stat(),
+            op => Err(format!("bad request: unknown op {op:?}")),
+        }
     }
 }
 
@@ -133,160 +149,146 @@ fn number(request: &Value, key: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("bad request: no {key}"))
 }
 
-fn handle(daemon: &Daemon, request: &Value) -> Result<String, String> {
-    let dev = daemon.fs.device();
-    let label = &daemon.image;
-    match request["op"].as_str().unwrap_or("") {
-        "inject" => {
-            let (offset, len) = (number(request, "offset")?, number(request, "len")?);
-            inject(daemon, offset, len)
+fn path(request: &Value) -> Result<&str, String> {
+    request["path"]
+        .as_str()
+        .ok_or_else(|| "bad request: no path".to_string())
+}
+
+impl Daemon {
+    /// Poison bytes of a file, by path and offset in it.
+    fn inject_file(&self, request: &Value) -> Result<String, String> {
+        let path = path(request)?;
+        let (offset, len) = (number(request, "offset")?, number(request, "len")?);
+        let at_path = |e: daxfs::Error| format!("{path}: {e}");
+        let ino = self.fs.resolve(path).map_err(at_path)?;
+        let size = self.fs.getattr(ino).map_err(at_path)?.size;
+        if offset >= size {
+            return Err(format!(
+                "{path}: offset {offset} is past the end ({size} bytes)"
+            ));
         }
-        "inject_file" => {
-            let path = request["path"].as_str().ok_or("bad request: no path")?;
-            let (offset, len) = (number(request, "offset")?, number(request, "len")?);
-            let ino = daemon
-                .fs
-                .resolve(path)
-                .map_err(|e| format!("{path}: {e}"))?;
-            let size = daemon
-                .fs
-                .getattr(ino)
-                .map_err(|e| format!("{path}: {e}"))?
-                .size;
-            if offset >= size {
-                return Err(format!(
-                    "{path}: offset {offset} is past the end ({size} bytes)"
-                ));
-            }
-            let at = daemon
-                .fs
-                .device_offset(ino, offset)
-                .map_err(|e| format!("{path}: {e}"))?
-                .ok_or_else(|| {
-                    format!("{path}: offset {offset} is in a hole, which has no block to poison")
-                })?;
-            let at = at / pmem::SECTOR * pmem::SECTOR;
-            inject(daemon, at, len)
+        let at = self
+            .fs
+            .device_offset(ino, offset)
+            .map_err(at_path)?
+            .ok_or_else(|| {
+                format!("{path}: offset {offset} is in a hole, which has no block to poison")
+            })?;
+        inject(self, at / pmem::SECTOR * pmem::SECTOR, len)
+    }
+
+    /// Read the whole device; memory failure for the poison found that
+    /// nobody had handled yet.
+    fn scrub(&self) -> Result<String, String> {
+        let mut out = crate::scrub_on(self.fs.device(), &self.image, false)?;
+        for f in self.fs.poison_found_in(&self.fs.device().badblocks()) {
+            out += &format!("  new: device offset {:#x}: {}\n", f.offset, f.owner);
         }
-        "clear" => {
-            let (offset, len) = (number(request, "offset")?, number(request, "len")?);
-            clear(daemon, Some((offset, len)))
-        }
-        "clear_all" => clear(daemon, None),
-        "scrub" => {
-            let mut out = crate::scrub_on(dev, label, false)?;
-            // Memory failure for the poison the scrub found and nobody had
-            // handled yet.
-            for f in daemon.fs.poison_found_in(&dev.badblocks()) {
-                out += &format!("  new: device offset {:#x}: {}\n", f.offset, f.owner);
-            }
-            daemon.wait_invalidated();
-            Ok(out)
-        }
-        "list" => {
-            let badblocks = request["media_errors"]
-                .as_bool()
-                .unwrap_or(false)
-                .then(|| dev.badblocks());
-            let value = crate::device_json(&dev.info(), badblocks.as_deref());
-            Ok(format!(
-                "{}\n",
-                serde_json::to_string_pretty(&value).expect("JSON")
-            ))
-        }
-        "extents" => {
-            let path = request["path"].as_str().ok_or("bad request: no path")?;
-            let ino = daemon
-                .fs
-                .resolve(path)
-                .map_err(|e| format!("{path}: {e}"))?;
-            let extents = daemon
-                .fs
-                .file_extents(ino)
-                .map_err(|e| format!("{path}: {e}"))?;
-            if request["json"].as_bool().unwrap_or(false) {
-                let list: Vec<Value> = extents
-                    .iter()
-                    .map(|e| {
-                        json!({
-                            "file_offset": e.file_offset,
-                            "device_offset": e.device_offset,
-                            "length": e.len,
-                            "aligned_2mib": e.is_huge_aligned(),
-                        })
+        self.wait_invalidated();
+        Ok(out)
+    }
+
+    /// The device, as `daxfs list` shows it.
+    fn list(&self, media_errors: bool) -> Result<String, String> {
+        let dev = self.fs.device();
+        let badblocks = media_errors.then(|| dev.badblocks());
+        let value = crate::device_json(&dev.info(), badblocks.as_deref());
+        Ok(format!(
+            "{}\n",
+            serde_json::to_string_pretty(&value).expect("JSON")
+        ))
+    }
+
+    /// A file's extents, as a table or JSON.
+    fn extents(&self, request: &Value) -> Result<String, String> {
+        let path = path(request)?;
+        let at_path = |e: daxfs::Error| format!("{path}: {e}");
+        let ino = self.fs.resolve(path).map_err(at_path)?;
+        let extents = self.fs.file_extents(ino).map_err(at_path)?;
+        if request["json"].as_bool().unwrap_or(false) {
+            let list: Vec<Value> = extents
+                .iter()
+                .map(|e| {
+                    json!({
+                        "file_offset": e.file_offset,
+                        "device_offset": e.device_offset,
+                        "length": e.len,
+                        "aligned_2mib": e.is_huge_aligned(),
                     })
-                    .collect();
-                return Ok(format!(
-                    "{}\n",
-                    serde_json::to_string_pretty(&list).expect("JSON")
-                ));
-            }
-            let mut out = format!(
-                "{path}: {} extent{}\n{:>14} {:>14} {:>12}  aligned 2 MiB\n",
-                extents.len(),
-                if extents.len() == 1 { "" } else { "s" },
-                "file offset",
-                "device offset",
-                "length"
-            );
-            for e in extents {
-                out += &format!(
-                    "{:>14} {:>14} {:>12}  {}\n",
-                    e.file_offset,
-                    format!("{:#x}", e.device_offset),
-                    e.len,
-                    if e.is_huge_aligned() { "yes" } else { "no" }
-                );
-            }
-            Ok(out)
+                })
+                .collect();
+            return Ok(format!(
+                "{}\n",
+                serde_json::to_string_pretty(&list).expect("JSON")
+            ));
         }
-        "stat" => {
-            let c = &daemon.counters;
-            let events = daemon.events.lock().unwrap_or_else(|e| e.into_inner());
-            let usage = daemon.fs.cache_usage().map_err(|e| e.to_string())?;
-            let mut out = format!(
-                "control socket:  {}\nrequests:        {}\nerrors returned: {}\n\
-                 leaked inodes:   {}\ncached inodes:   {} ({} referenced), {} cached names\n\
-                 poison events:   {}\n",
-                daemon.control_socket.display(),
-                c.requests.load(Ordering::Relaxed),
-                c.errors.load(Ordering::Relaxed),
-                c.leaked.load(Ordering::Relaxed),
-                usage.inodes,
-                usage.referenced,
-                usage.dentries,
-                events.len()
-            );
-            for e in events.iter() {
-                out += &format!(
-                    "  device offset {:#x}, {} bytes: {}\n",
-                    e.offset, e.len, e.owner
-                );
-            }
-            // Library DAX mappings in this process (mmap through the mount
-            // itself goes through the kernel's page cache, not these).
-            let d = daemon.fs.dax_stats();
+        let mut out = format!(
+            "{path}: {} extent{}\n{:>14} {:>14} {:>12}  aligned 2 MiB\n",
+            extents.len(),
+            if extents.len() == 1 { "" } else { "s" },
+            "file offset",
+            "device offset",
+            "length"
+        );
+        for e in extents {
             out += &format!(
-                "DAX faults:      {} PMD, {} PTE, {} zero-page maps, {} past EOF\n\
-                 PMD fallbacks:   {} misaligned, {} past EOF, {} extent not 2 MiB, \
-                 {} PTE in range, {} private write, {} poisoned\n\
-                 poisoned pages:  {} mapped inaccessible, {} not cleared\n",
-                d.pmd_faults,
-                d.pte_faults,
-                d.zero_maps,
-                d.beyond_eof,
-                d.fallback_misaligned,
-                d.fallback_past_eof,
-                d.fallback_not_huge_extent,
-                d.fallback_pte_in_range,
-                d.fallback_private_write,
-                d.fallback_poisoned,
-                d.poisoned_maps,
-                daemon.fs.memory_failures().len()
+                "{:>14} {:>14} {:>12}  {}\n",
+                e.file_offset,
+                format!("{:#x}", e.device_offset),
+                e.len,
+                if e.is_huge_aligned() { "yes" } else { "no" }
             );
-            Ok(out)
         }
-        op => Err(format!("bad request: unknown op {op:?}")),
+        Ok(out)
+    }
+
+    /// The daemon's counters, cache, poison events and DAX faults.
+    fn stat(&self) -> Result<String, String> {
+        let c = &self.counters;
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let usage = self.fs.cache_usage().map_err(|e| e.to_string())?;
+        let mut out = format!(
+            "control socket:  {}\nrequests:        {}\nerrors returned: {}\n\
+             leaked inodes:   {}\ncached inodes:   {} ({} referenced), {} cached names\n\
+             poison events:   {}\n",
+            self.control_socket.display(),
+            c.requests.load(Ordering::Relaxed),
+            c.errors.load(Ordering::Relaxed),
+            c.leaked.load(Ordering::Relaxed),
+            usage.inodes,
+            usage.referenced,
+            usage.dentries,
+            events.len()
+        );
+        for e in events.iter() {
+            out += &format!(
+                "  device offset {:#x}, {} bytes: {}\n",
+                e.offset, e.len, e.owner
+            );
+        }
+        // Library DAX mappings in this process (mmap through the mount
+        // itself goes through the kernel's page cache, not these).
+        let d = self.fs.dax_stats();
+        out += &format!(
+            "DAX faults:      {} PMD, {} PTE, {} zero-page maps, {} past EOF\n\
+             PMD fallbacks:   {} misaligned, {} past EOF, {} extent not 2 MiB, \
+             {} PTE in range, {} private write, {} poisoned\n\
+             poisoned pages:  {} mapped inaccessible, {} not cleared\n",
+            d.pmd_faults,
+            d.pte_faults,
+            d.zero_maps,
+            d.beyond_eof,
+            d.fallback_misaligned,
+            d.fallback_past_eof,
+            d.fallback_not_huge_extent,
+            d.fallback_pte_in_range,
+            d.fallback_private_write,
+            d.fallback_poisoned,
+            d.poisoned_maps,
+            self.fs.memory_failures().len()
+        );
+        Ok(out)
     }
 }
 

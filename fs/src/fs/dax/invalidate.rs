@@ -18,6 +18,8 @@ use std::sync::Arc;
 pub(in crate::fs) struct Breaking<'a> {
     dax: &'a FileDax,
     _guard: std::sync::RwLockWriteGuard<'a, ()>,
+    /// A fault of this thread would wait for the lock (see `user`).
+    _held: crate::fs::user::Held,
 }
 
 impl Drop for Breaking<'_> {
@@ -66,7 +68,11 @@ impl Fs {
         };
         let guard = dax.invalidate.write().unwrap_or_else(|e| e.into_inner());
         dax.breaking.store(true, Ordering::Release);
-        let breaking = Breaking { dax, _guard: guard };
+        let breaking = Breaking {
+            dax,
+            _guard: guard,
+            _held: crate::fs::user::Held::new(),
+        };
         let pinned = (first, end);
         // Whole PMDs: an entry that overlaps the range goes entirely.
         let first = first / PMD_PAGES * PMD_PAGES;
