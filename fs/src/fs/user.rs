@@ -8,9 +8,9 @@
 //! not enough: another thread may write-protect or unmap a page between
 //! that fault and the copy, and the copy would fault under the lock.
 //!
-//! The rule is checked: every hold of the state lock, and of a file's
-//! invalidate lock held exclusive, counts itself in a thread-local
-//! ([`Held`]), and in debug builds the fault handler asserts that its
+//! The rule is checked: every hold of the state lock, of a file's
+//! invalidate lock held exclusive, and of an entry lock outside the fault
+//! routine, counts itself in a thread-local ([`Held`]), and in debug builds the fault handler asserts that its
 //! thread holds none, so a path that breaks the rule aborts with a message
 //! in the tests instead of hanging.
 

@@ -8,6 +8,7 @@
 
 use super::{live, FileDax, Fs, Ino, State, HUGE, PAGE};
 use crate::error::{Error, Result};
+use crate::fs::user::Held;
 use crate::index::{Order, Tag, PMD_PAGES};
 use pmem::Device;
 use std::sync::atomic::Ordering;
@@ -19,7 +20,7 @@ pub(in crate::fs) struct Breaking<'a> {
     dax: &'a FileDax,
     _guard: std::sync::RwLockWriteGuard<'a, ()>,
     /// A fault of this thread would wait for the lock (see `user`).
-    _held: crate::fs::user::Held,
+    _held: Held,
 }
 
 impl Drop for Breaking<'_> {
@@ -71,7 +72,7 @@ impl Fs {
         let breaking = Breaking {
             dax,
             _guard: guard,
-            _held: crate::fs::user::Held::new(),
+            _held: Held::new(),
         };
         let pinned = (first, end);
         // Whole PMDs: an entry that overlaps the range goes entirely.
@@ -103,6 +104,7 @@ impl Fs {
             }
             // Faults are shut out, so nobody holds these for long.
             if let Ok(guard) = dax.index.lock_entry(at, order) {
+                let _held = Held::new();
                 guard.erase();
             }
         }
@@ -134,6 +136,7 @@ impl FileDax {
         while let Some((first, entry)) = self.index.find_next_tagged(at, Tag::Dirty) {
             let pages = entry.order().pages();
             if let Ok(guard) = self.index.lock_entry(first, entry.order()) {
+                let _held = Held::new();
                 let e = guard.entry();
                 if e.is_mapped() {
                     self.index.set_tag(first, Tag::Towrite);
@@ -164,6 +167,7 @@ impl Fs {
         let Ok(mut guard) = dax.index.lock_entry(fpage, Order::Pte) else {
             return (Vec::new(), false);
         };
+        let _held = Held::new();
         let mut split = false;
         let entry = guard.entry();
         if entry.order() == Order::Pmd && entry.is_mapped() {
