@@ -10,9 +10,10 @@
 //!
 //! The rule is checked: every hold of the state lock, of a file's
 //! invalidate lock held exclusive, and of an entry lock outside the fault
-//! routine, counts itself in a thread-local ([`Held`]), and in debug builds the fault handler asserts that its
-//! thread holds none, so a path that breaks the rule aborts with a message
-//! in the tests instead of hanging.
+//! routine, counts itself in a thread-local ([`Held`]), and in debug
+//! builds the fault handler asserts that its thread holds none, so a path
+//! that breaks the rule aborts with a message in the tests instead of
+//! hanging.
 
 use std::borrow::Cow;
 use std::cell::Cell;
