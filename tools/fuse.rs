@@ -1083,34 +1083,40 @@ impl Caller {
         }
     }
 
-    /// A field of the caller's `/proc/PID/status` line `key` (its
-    /// filesystem id for `Uid:` and `Gid:`, the fourth).
-    fn status(&self, key: &str) -> Vec<u32> {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .ok()
-            .and_then(|status| {
-                status.lines().find_map(|line| {
-                    line.strip_prefix(key).map(|ids| {
-                        ids.split_whitespace()
-                            .filter_map(|g| g.parse().ok())
-                            .collect()
-                    })
-                })
-            })
-            .unwrap_or_default()
+    /// The caller's `/proc/PID/status` (empty if the process is gone).
+    fn status(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default()
     }
 
     fn is_root(&self) -> bool {
         match self.uid {
             Some(uid) => uid == 0,
-            None => self.status("Uid:").get(3) == Some(&0),
+            None => ids(&self.status(), "Uid:").get(3) == Some(&0),
         }
     }
 
     /// Whether `gid` is the caller's filesystem group or one of its
     /// supplementary groups (none known if the process is gone).
     fn in_group(&self, gid: u32) -> bool {
-        let fsgid = self.gid.or_else(|| self.status("Gid:").get(3).copied());
-        fsgid == Some(gid) || self.status("Groups:").contains(&gid)
+        if self.gid == Some(gid) {
+            return true;
+        }
+        let status = self.status();
+        (self.gid.is_none() && ids(&status, "Gid:").get(3) == Some(&gid))
+            || ids(&status, "Groups:").contains(&gid)
     }
+}
+
+/// The ids on line `key` of a `/proc/PID/status` (for `Uid:` and `Gid:`
+/// the filesystem id is the fourth).
+fn ids(status: &str, key: &str) -> Vec<u32> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(key))
+        .map(|ids| {
+            ids.split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -397,10 +397,9 @@ impl Fs {
         if offset >= inode.size {
             return Ok(None);
         }
-        let none = Vec::new();
-        let extents = match inode.has_extents() {
-            true => &*self.extents(&mut st, ino)?,
-            false => &none,
+        let extents: &[Extent] = match inode.has_extents() {
+            true => self.extents(&mut st, ino)?,
+            false => &[],
         };
         let block = offset / BLOCK;
         Ok(match what {

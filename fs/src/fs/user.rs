@@ -41,7 +41,8 @@ pub(super) fn unmapped_path(path: &Path) -> Cow<'_, Path> {
 pub(super) const BOUNCE: usize = 1 << 20;
 
 thread_local! {
-    /// Filesystem locks this thread holds.
+    /// Filesystem locks this thread holds (counted in debug builds only,
+    /// where the fault handler checks it).
     static HELD: Cell<u32> = const { Cell::new(0) };
 }
 
@@ -50,18 +51,22 @@ pub(super) struct Held(());
 
 impl Held {
     pub(super) fn new() -> Held {
-        HELD.with(|h| h.set(h.get() + 1));
+        if cfg!(debug_assertions) {
+            HELD.with(|h| h.set(h.get() + 1));
+        }
         Held(())
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        HELD.with(|h| h.set(h.get() - 1));
+        if cfg!(debug_assertions) {
+            HELD.with(|h| h.set(h.get() - 1));
+        }
     }
 }
 
-/// How many filesystem locks this thread holds.
+/// How many filesystem locks this thread holds (0 in release builds).
 pub(super) fn locks_held() -> u32 {
     HELD.with(Cell::get)
 }
