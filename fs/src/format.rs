@@ -579,12 +579,24 @@ impl Time {
     /// coarse clock), this reads `CLOCK_REALTIME_COARSE`: a few nanoseconds
     /// instead of a full clock read, at the resolution of the timer tick.
     pub fn now() -> Time {
+        Time::read_clock(libc::CLOCK_REALTIME_COARSE)
+    }
+
+    /// The time to the nanosecond, for a stamp that must come after
+    /// stamps taken by [`Time::now`] within the same tick: the access time
+    /// a read leaves must be later than the change it follows, or relatime
+    /// would take every later read for the first one after the change.
+    pub fn precise() -> Time {
+        Time::read_clock(libc::CLOCK_REALTIME)
+    }
+
+    fn read_clock(clock: libc::clockid_t) -> Time {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
         // SAFETY: clock_gettime writes one timespec, which we own.
-        if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
+        if unsafe { libc::clock_gettime(clock, &mut ts) } == 0 {
             return Time {
                 secs: ts.tv_sec,
                 nanos: ts.tv_nsec as u32,

@@ -1186,3 +1186,34 @@ fn an_inode_holds_64k_of_xattrs_and_a_64k_value() {
     let (report, _) = daxfs::fsck(fs.into_device().unwrap(), false).unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
 }
+
+/// Under relatime the first read after a change updates the access time and
+/// the reads right after it do not, even within one tick of the coarse clock
+/// that stamped the change (the stamp a read leaves must be later than the
+/// change it follows, or every read of a just-changed file is a transaction).
+#[test]
+fn relatime_updates_once_after_a_change_even_within_a_clock_tick() {
+    let (_img, fs) = image(16 << 20);
+    let f = fs.create_path("/f", 0o644, true).unwrap().ino;
+    let old = daxfs::Timestamp {
+        secs: 1_000_000_000,
+        nanos: 0,
+    };
+    let mut buf = [0u8; 8];
+    for round in 0..200 {
+        fs.write(f, 0, b"data").unwrap();
+        let times = SetAttr {
+            atime: Some(old),
+            mtime: Some(old),
+            ..Default::default()
+        };
+        fs.setattr(f, &times).unwrap();
+        fs.read(f, 0, &mut buf).unwrap();
+        let first = fs.getattr(f).unwrap();
+        assert!(first.atime > old, "round {round}: the first read updates");
+        assert!(first.atime > first.ctime, "round {round}: {first:?}");
+        fs.read(f, 0, &mut buf).unwrap();
+        let second = fs.getattr(f).unwrap();
+        assert_eq!(second.atime, first.atime, "round {round}: the second read");
+    }
+}

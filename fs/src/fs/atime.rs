@@ -64,7 +64,7 @@ impl Fs {
         let _ = self.change(|fs, st, stage| {
             let mut inode = fs.inode(st, ino)?;
             if fs.atime_due(&inode) {
-                inode.atime = Time::now();
+                inode.atime = Time::precise();
                 fs.put_inode(st, stage, ino, inode);
             }
             Ok(())
