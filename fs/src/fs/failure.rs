@@ -245,7 +245,7 @@ impl Fs {
     /// The owner of a page, files with DAX state (mapped or pinned) first.
     fn owner_for_failure(&self, offset: u64) -> Result<Owner> {
         let candidates: Vec<Ino> = {
-            let files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+            let files = self.dax_table();
             files.keys().copied().collect()
         };
         for ino in candidates {

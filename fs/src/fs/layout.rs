@@ -132,7 +132,7 @@ impl Fs {
             extents: Vec::new(),
         };
         // Shared, as a fault: waits while a break of this file is running.
-        let _shared = dax.invalidate.read().unwrap_or_else(|e| e.into_inner());
+        let _shared = dax.shared();
         dax.pins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -171,7 +171,7 @@ impl Fs {
     pub fn cancel_layout_breaks(&self) {
         self.core.layout_cancel.fetch_add(1, Ordering::AcqRel);
         let files: Vec<Arc<FileDax>> = {
-            let files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+            let files = self.dax_table();
             files.values().cloned().collect()
         };
         for dax in files {

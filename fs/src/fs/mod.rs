@@ -370,34 +370,7 @@ struct State {
 }
 
 /// The held state lock; counted as held by this thread (see `user`).
-struct StateGuard<'a> {
-    guard: MutexGuard<'a, State>,
-    _held: user::Held,
-}
-
-impl StateGuard<'_> {
-    /// Release the lock until `condvar` is notified or `timeout` passes.
-    fn wait_timeout(mut self, condvar: &Condvar, timeout: std::time::Duration) -> Self {
-        self.guard = condvar
-            .wait_timeout(self.guard, timeout)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
-        self
-    }
-}
-
-impl std::ops::Deref for StateGuard<'_> {
-    type Target = State;
-    fn deref(&self) -> &State {
-        &self.guard
-    }
-}
-
-impl std::ops::DerefMut for StateGuard<'_> {
-    fn deref_mut(&mut self) -> &mut State {
-        &mut self.guard
-    }
-}
+type StateGuard<'a> = user::Counted<MutexGuard<'a, State>>;
 
 /// The changes of one call, and how to undo them in memory if it fails.
 struct Stage {
@@ -1041,10 +1014,7 @@ impl Fs {
 
     /// The state, mounted or not.
     fn lock_any(&self) -> StateGuard<'_> {
-        StateGuard {
-            guard: self.core.state.lock().unwrap_or_else(|e| e.into_inner()),
-            _held: user::Held::new(),
-        }
+        user::Counted::new(self.core.state.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Run a changing call: `f` stages its changes; they commit if it

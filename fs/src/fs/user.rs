@@ -8,9 +8,10 @@
 //! not enough: another thread may write-protect or unmap a page between
 //! that fault and the copy, and the copy would fault under the lock.
 //!
-//! The rule is checked: every hold of the state lock, of a file's
-//! invalidate lock held exclusive, and of an entry lock outside the fault
-//! routine, counts itself in a thread-local ([`Held`]), and in debug
+//! The rule is checked: every hold of the state lock, of the table of
+//! files with DAX state, of a file's invalidate lock (shared or exclusive)
+//! and of an entry lock outside the fault routine counts itself in a
+//! thread-local ([`Held`], [`Counted`]), and in debug
 //! builds the fault handler asserts that its thread holds none, so a path
 //! that breaks the rule aborts with a message in the tests instead of
 //! hanging.
@@ -18,8 +19,11 @@
 use std::borrow::Cow;
 use std::cell::Cell;
 use std::ffi::OsString;
+use std::ops::{Deref, DerefMut};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, MutexGuard};
+use std::time::Duration;
 
 /// `bytes`, or, if any of them lie in a DAX mapping, a copy made now.
 pub(super) fn unmapped(bytes: &[u8]) -> Cow<'_, [u8]> {
@@ -63,6 +67,45 @@ impl Drop for Held {
         if cfg!(debug_assertions) {
             HELD.with(|h| h.set(h.get() - 1));
         }
+    }
+}
+
+/// A lock guard whose hold counts as one of this thread's ([`Held`]).
+pub(super) struct Counted<G> {
+    guard: G,
+    _held: Held,
+}
+
+impl<G> Counted<G> {
+    pub(super) fn new(guard: G) -> Counted<G> {
+        Counted {
+            guard,
+            _held: Held::new(),
+        }
+    }
+}
+
+impl<'a, T> Counted<MutexGuard<'a, T>> {
+    /// Release the lock until `condvar` is notified or `timeout` passes.
+    pub(super) fn wait_timeout(mut self, condvar: &Condvar, timeout: Duration) -> Self {
+        self.guard = condvar
+            .wait_timeout(self.guard, timeout)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+        self
+    }
+}
+
+impl<G: Deref> Deref for Counted<G> {
+    type Target = G::Target;
+    fn deref(&self) -> &G::Target {
+        &self.guard
+    }
+}
+
+impl<G: DerefMut> DerefMut for Counted<G> {
+    fn deref_mut(&mut self) -> &mut G::Target {
+        &mut self.guard
     }
 }
 

@@ -32,15 +32,11 @@ impl Inner {
     /// The fault routine: make page `page` of the mapping accessible for a
     /// load, or a store if `write`.
     pub(super) fn fault(&self, page: u64, write: bool) -> Result<()> {
-        let _shared = self
-            .dax
-            .invalidate
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
+        let _shared = self.dax.shared();
         let fs = &*self.layout;
         let counters = fs.counters();
         let fpage = self.first_page + page;
-        let size = fs.size(self.ino)?;
+        let size = fs.size()?;
         if fpage * PAGE >= size {
             Counters::count(&counters.beyond);
             return self.map_beyond(page);
@@ -95,7 +91,7 @@ impl Inner {
             }
             return Ok(None);
         }
-        let mut blocks = fs.blocks(self.ino, chunk, PMD_PAGES)?;
+        let mut blocks = fs.blocks(chunk, PMD_PAGES)?;
         if matches!(blocks, Blocks::Hole) && !write {
             if entry.is_empty() {
                 guard.set(Entry::zero(Order::Pmd)).ok();
@@ -105,8 +101,8 @@ impl Inner {
             return Ok(None);
         }
         if matches!(blocks, Blocks::Hole) {
-            fs.allocate(self.ino, chunk, PMD_PAGES)?;
-            blocks = fs.blocks(self.ino, chunk, PMD_PAGES)?;
+            fs.allocate(chunk, PMD_PAGES)?;
+            blocks = fs.blocks(chunk, PMD_PAGES)?;
         }
         match blocks {
             Blocks::Run(pfn) if pfn.is_multiple_of(PMD_PAGES) && fs.is_poisoned(pfn, PMD_PAGES) => {
@@ -194,7 +190,7 @@ impl Inner {
             drop(guard);
             return self.map_anon(page);
         }
-        let mut blocks = fs.blocks(self.ino, fpage, 1)?;
+        let mut blocks = fs.blocks(fpage, 1)?;
         if matches!(blocks, Blocks::Hole) {
             if !write {
                 if entry.is_empty() {
@@ -203,8 +199,8 @@ impl Inner {
                 Counters::count(&fs.counters().zero);
                 return self.map_zero(page, 1);
             }
-            fs.allocate(self.ino, fpage, 1)?;
-            blocks = fs.blocks(self.ino, fpage, 1)?;
+            fs.allocate(fpage, 1)?;
+            blocks = fs.blocks(fpage, 1)?;
         }
         let Blocks::Run(pfn) = blocks else {
             return Err(Error::Invalid("a block vanished under a fault"));

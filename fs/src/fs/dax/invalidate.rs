@@ -8,19 +8,18 @@
 
 use super::{live, FileDax, Fs, Ino, State, HUGE, PAGE};
 use crate::error::{Error, Result};
-use crate::fs::user::Held;
+use crate::fs::user::{Counted, Held};
 use crate::index::{Order, Tag, PMD_PAGES};
 use pmem::Device;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLockWriteGuard};
 
 /// The invalidate lock held exclusive, while the blocks of a mapped file
 /// change (see `FileDax`).
 pub(in crate::fs) struct Breaking<'a> {
     dax: &'a FileDax,
-    _guard: std::sync::RwLockWriteGuard<'a, ()>,
-    /// A fault of this thread would wait for the lock (see `user`).
-    _held: Held,
+    /// Counted: a fault of this thread would wait for the lock (see `user`).
+    _guard: Counted<RwLockWriteGuard<'a, ()>>,
 }
 
 impl Drop for Breaking<'_> {
@@ -71,8 +70,7 @@ impl Fs {
         dax.breaking.store(true, Ordering::Release);
         let breaking = Breaking {
             dax,
-            _guard: guard,
-            _held: Held::new(),
+            _guard: Counted::new(guard),
         };
         let pinned = (first, end);
         // Whole PMDs: an entry that overlaps the range goes entirely.
@@ -163,7 +161,7 @@ impl Fs {
     /// whether a PMD entry was split.
     pub(in crate::fs) fn dax_poison(&self, dax: &FileDax, fpage: u64) -> (Vec<usize>, bool) {
         // Shared, as a fault: no break runs meanwhile.
-        let _shared = dax.invalidate.read().unwrap_or_else(|e| e.into_inner());
+        let _shared = dax.shared();
         let Ok(mut guard) = dax.index.lock_entry(fpage, Order::Pte) else {
             return (Vec::new(), false);
         };

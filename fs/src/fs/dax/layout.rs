@@ -15,12 +15,13 @@
 //! blocks of a mapped file breaks its mappings under that lock held
 //! exclusive first (see `invalidate`).
 //!
-//! [`Fs`] implements it in-process; a client in another process would
-//! implement it over the control socket, with the device mapped itself.
+//! [`FileLayout`] implements it in-process; a client in another process
+//! would implement it over the control socket, with the device mapped
+//! itself.
 
 use super::{Counters, FileDax, Inner};
 use crate::error::Result;
-use crate::fs::{Fs, Ino};
+use crate::fs::{Fs, Ino, InodeRef};
 use pmem::Device;
 use std::sync::Arc;
 
@@ -32,36 +33,53 @@ pub(in crate::fs) enum Blocks {
     Mixed,
 }
 
-/// What the fault machinery needs of a filesystem (see the module docs).
+/// What the fault machinery needs of the filesystem, for one file (see the
+/// module docs). The mapping owns it and drops it last, after its address
+/// space: whatever keeps the file (and its blocks) alive goes in here.
 pub(in crate::fs) trait Layout: Send + Sync {
     /// The file's size in bytes.
-    fn size(&self, ino: Ino) -> Result<u64>;
+    fn size(&self) -> Result<u64>;
     /// Where file pages `[page, page + n)` live.
-    fn blocks(&self, ino: Ino, page: u64, n: u64) -> Result<Blocks>;
+    fn blocks(&self, page: u64, n: u64) -> Result<Blocks>;
     /// Give the holes in `[page, page + n)` zeroed blocks, durable with
     /// the metadata that maps them when this returns (`MAP_SYNC`'s promise).
-    fn allocate(&self, ino: Ino, page: u64, n: u64) -> Result<()>;
+    fn allocate(&self, page: u64, n: u64) -> Result<()>;
     /// Whether device pages `[pfn, pfn + n)` hold poison.
     fn is_poisoned(&self, pfn: u64, n: u64) -> bool;
     /// The device whose pages are mapped (and flushed).
     fn device(&self) -> &Device;
     /// Where faults are counted.
     fn counters(&self) -> &Counters;
-    /// A mapping of `ino` (`gone`) went: if nothing maps or pins the file
-    /// any more, write back its dirty entries and forget its DAX state.
-    fn release(&self, dax: &Arc<FileDax>, ino: Ino, gone: &Inner);
+    /// A mapping of the file (`gone`) went: if nothing maps or pins the
+    /// file any more, write back its dirty entries and forget its DAX state.
+    fn release(&self, dax: &Arc<FileDax>, gone: &Inner);
 }
 
-impl Layout for Fs {
-    fn size(&self, ino: Ino) -> Result<u64> {
-        Ok(self.getattr(ino)?.size)
+/// The layout of one file of an in-process [`Fs`]: a hold on its inode,
+/// which keeps it in memory (and unmount waiting) while it is mapped.
+pub(in crate::fs) struct FileLayout(pub(in crate::fs) InodeRef);
+
+impl FileLayout {
+    fn fs(&self) -> &Fs {
+        &self.0.fs
     }
 
-    /// Where file pages `[page, page + n)` of `ino` live (pages and blocks
-    /// are both 4 KiB).
-    fn blocks(&self, ino: Ino, page: u64, n: u64) -> Result<Blocks> {
-        let mut st = self.lock()?;
-        let extents = self.extents(&mut st, ino)?;
+    fn ino(&self) -> Ino {
+        self.0.ino
+    }
+}
+
+impl Layout for FileLayout {
+    fn size(&self) -> Result<u64> {
+        Ok(self.fs().getattr(self.ino())?.size)
+    }
+
+    /// Where file pages `[page, page + n)` live (pages and blocks are both
+    /// 4 KiB).
+    fn blocks(&self, page: u64, n: u64) -> Result<Blocks> {
+        let fs = self.fs();
+        let mut st = fs.lock()?;
+        let extents = fs.extents(&mut st, self.ino())?;
         Ok(match crate::fs::extents::map(extents, page) {
             Some((physical, run)) if run >= n => Blocks::Run(physical),
             Some(_) => Blocks::Mixed,
@@ -74,26 +92,26 @@ impl Layout for Fs {
         })
     }
 
-    fn allocate(&self, ino: Ino, page: u64, n: u64) -> Result<()> {
-        self.fallocate_blocks(ino, page * super::PAGE, n * super::PAGE, true)
+    fn allocate(&self, page: u64, n: u64) -> Result<()> {
+        self.fs()
+            .fallocate_blocks(self.ino(), page * super::PAGE, n * super::PAGE, true)
     }
 
     fn is_poisoned(&self, pfn: u64, n: u64) -> bool {
-        self.core
-            .dev
+        self.device()
             .first_poison(pfn * super::PAGE, n * super::PAGE)
             .is_some()
     }
 
     fn device(&self) -> &Device {
-        &self.core.dev
+        &self.fs().core.dev
     }
 
     fn counters(&self) -> &Counters {
-        &self.core.dax_counters
+        &self.fs().core.dax_counters
     }
 
-    fn release(&self, dax: &Arc<FileDax>, ino: Ino, gone: &Inner) {
-        self.dax_release(dax, ino, Some(gone));
+    fn release(&self, dax: &Arc<FileDax>, gone: &Inner) {
+        self.fs().dax_release(dax, self.ino(), Some(gone));
     }
 }

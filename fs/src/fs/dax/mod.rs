@@ -52,8 +52,8 @@
 //! ## Where each piece lives
 //!
 //! * `layout`: the [`Layout`] interface through which faults reach the
-//!   filesystem (size, block map, allocation, poison, release), and its
-//!   implementation by [`Fs`];
+//!   file (size, block map, allocation, poison, release), and its
+//!   in-process implementation (a hold on the inode of an [`Fs`]);
 //! * `fault`: the fault routine (PMD faults, PTE faults and fallbacks),
 //!   written against [`Layout`] alone;
 //! * `pieces`: the reservation and the `MAP_FIXED` pieces that fill it;
@@ -68,18 +68,19 @@ mod layout;
 mod pieces;
 mod signal;
 
-pub(super) use layout::Layout;
+use layout::{FileLayout, Layout};
 pub use signal::BusSignal;
 use signal::{install_handler, register, unregister};
 pub(super) use signal::{overlaps_mapping, raise_mce, McErr};
 
-use super::{Fs, Ino, InodeRef, State};
+use super::user::Counted;
+use super::{Fs, HashMap, Ino, InodeRef, State};
 use crate::error::{Error, Result};
 use crate::index::{EntryIndex, Tag, PMD_PAGES};
 use pieces::NONE;
 use pmem::Reservation;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, Weak};
 
 const PAGE: u64 = 4096;
 const HUGE: u64 = PAGE * PMD_PAGES;
@@ -185,14 +186,9 @@ pub(super) struct FileDax {
 /// A DAX mapping of a file. Dereferences to its bytes; unmapped on drop.
 pub struct Mapping {
     inner: Arc<Inner>,
-    /// The inode stays in memory while mapped (dropped after the rest).
-    _hold: InodeRef,
 }
 
 pub(super) struct Inner {
-    /// The filesystem, as the fault routine sees it.
-    layout: Arc<dyn Layout>,
-    ino: Ino,
     dax: Arc<FileDax>,
     /// File page of the mapping's first byte.
     first_page: u64,
@@ -206,12 +202,15 @@ pub(super) struct Inner {
     state: Box<[AtomicU8]>,
     /// Locked in memory ([`Mapping::lock`]): pieces mapped later are too.
     locked: AtomicBool,
+    /// The file, as the fault routine sees it. Declared last, so dropped
+    /// after the address space: what it holds keeps the file's blocks
+    /// alive, and none may be reused while a piece could still show them.
+    layout: Box<dyn Layout>,
 }
 
 impl std::fmt::Debug for Mapping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mapping")
-            .field("ino", &self.inner.ino)
             .field("offset", &(self.inner.first_page * PAGE))
             .field("len", &self.len())
             .finish_non_exhaustive()
@@ -312,7 +311,7 @@ impl Drop for Mapping {
         // last reference to `Inner`.
         unregister(&self.inner);
         let inner = &self.inner;
-        inner.layout.release(&inner.dax, inner.ino, inner);
+        inner.layout.release(&inner.dax, inner);
     }
 }
 
@@ -321,7 +320,7 @@ impl Fs {
     /// (`_locked` says the caller holds it: see `check_broken`).
     pub(super) fn file_dax(&self, _locked: &mut State, ino: Ino) -> Arc<FileDax> {
         self.core.dax_used.store(true, Ordering::Release);
-        let mut files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+        let mut files = self.dax_table();
         Arc::clone(files.entry(ino).or_insert_with(|| {
             Arc::new(FileDax {
                 index: EntryIndex::new(),
@@ -378,8 +377,6 @@ impl Fs {
         };
         install_handler();
         let inner = Arc::new(Inner {
-            layout: Arc::new(self.view()),
-            ino,
             dax: Arc::clone(&dax),
             first_page: offset / PAGE,
             pages,
@@ -388,17 +385,23 @@ impl Fs {
             opts,
             state: (0..pages).map(|_| AtomicU8::new(NONE)).collect(),
             locked: AtomicBool::new(false),
+            layout: Box::new(FileLayout(hold)),
         });
         dax.mappings
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Arc::downgrade(&inner));
         register(&inner);
-        let mapping = Mapping { inner, _hold: hold };
+        let mapping = Mapping { inner };
         if opts.populate {
             mapping.inner.populate()?;
         }
         Ok(mapping)
+    }
+
+    /// The table of files with DAX state.
+    pub(super) fn dax_table(&self) -> Counted<MutexGuard<'_, HashMap<Ino, Arc<FileDax>>>> {
+        Counted::new(self.core.dax.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The DAX state of `ino` if it was ever mapped.
@@ -407,7 +410,7 @@ impl Fs {
         if !self.core.dax_used.load(Ordering::Acquire) {
             return None;
         }
-        let files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+        let files = self.dax_table();
         files.get(&ino).cloned()
     }
 
@@ -436,7 +439,7 @@ impl Fs {
         // Mappings and pins are made under the state lock: none can appear
         // meanwhile.
         let Ok(_st) = self.lock() else { return };
-        let mut files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+        let mut files = self.dax_table();
         let current = files.get(&ino).is_some_and(|d| Arc::ptr_eq(d, dax));
         if current && !in_use(dax) && dax.index.find_next_tagged(0, Tag::Dirty).is_none() {
             files.remove(&ino);
@@ -455,7 +458,7 @@ impl Fs {
     /// Forget the DAX state of a freed inode (no mapping can hold it: a
     /// mapping holds its inode).
     pub(super) fn dax_forget(&self, ino: Ino) {
-        let mut files = self.core.dax.lock().unwrap_or_else(|e| e.into_inner());
+        let mut files = self.dax_table();
         files.remove(&ino);
     }
 
@@ -479,6 +482,13 @@ impl Fs {
     }
 }
 
+impl FileDax {
+    /// The invalidate lock held shared, as a fault holds it.
+    pub(super) fn shared(&self) -> Counted<RwLockReadGuard<'_, ()>> {
+        Counted::new(self.invalidate.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 fn live(dax: &FileDax) -> Vec<Arc<Inner>> {
     let mut list = dax.mappings.lock().unwrap_or_else(|e| e.into_inner());
     list.retain(|m| m.strong_count() > 0);
@@ -492,5 +502,156 @@ impl Fs {
             core: Arc::clone(&self.core),
             worker: Mutex::new(None),
         }
+    }
+}
+
+#[cfg(all(test, debug_assertions))]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    const CHILD: &str = "DAXFS_TEST_FAULT_UNDER";
+
+    /// A fault taken while this thread holds one of our locks would wait
+    /// for its own thread. In debug builds the handler says so and the
+    /// process dies at once, for every kind of lock; the fault runs in a
+    /// child process, which the failed assertion ends.
+    #[test]
+    fn a_fault_under_any_filesystem_lock_fails_loudly() {
+        if let Ok(lock) = std::env::var(CHILD) {
+            return fault_under(&lock);
+        }
+        let me = std::env::current_exe().unwrap();
+        for lock in [
+            "state",
+            "dax table",
+            "invalidate shared",
+            "invalidate exclusive",
+        ] {
+            let mut child = Command::new(&me)
+                .args([
+                    "--exact",
+                    "fs::dax::tests::a_fault_under_any_filesystem_lock_fails_loudly",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, lock)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // A watchdog, not synchronisation: a missing check hangs.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                if Instant::now() > deadline {
+                    child.kill().unwrap();
+                    child.wait().unwrap();
+                    panic!("a fault under the {lock} lock hung");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+            assert!(!status.success(), "{lock}: {stderr}");
+            assert!(
+                stderr.contains("under a filesystem lock"),
+                "{lock}: {stderr}"
+            );
+        }
+    }
+
+    /// Whether any mapping of this process covers `[base, base + len)`.
+    fn reserved(base: usize, len: usize) -> bool {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines().any(|line| {
+            let range = line.split_whitespace().next().unwrap();
+            let (a, b) = range.split_once('-').unwrap();
+            let a = usize::from_str_radix(a, 16).unwrap();
+            let b = usize::from_str_radix(b, 16).unwrap();
+            a < base + len && base < b
+        })
+    }
+
+    /// A break (or fault) that found a mapping just before it was dropped
+    /// still maps pieces into its address space with `MAP_FIXED`: that
+    /// space stays reserved until the last such user is done, never handed
+    /// back while a piece could land in it (where it would clobber whatever
+    /// the process mapped there meanwhile).
+    #[test]
+    fn the_address_space_outlives_every_user_of_a_dropped_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = pmem::Device::create(
+            dir.path().join("img"),
+            16 << 20,
+            &pmem::DeviceOptions::new(),
+        )
+        .unwrap();
+        let fs = Fs::format(dev).unwrap();
+        let ino = fs.create_path("/f", 0o644, true).unwrap().ino;
+        fs.write(ino, 0, &[7; 16384]).unwrap();
+        let opts = MapOptions {
+            populate: true,
+            ..MapOptions::default()
+        };
+        // SAFETY: nothing else changes the file while the slice lives.
+        let map = unsafe { fs.mmap(ino, 0, 16384, opts) }.unwrap();
+        assert_eq!(map[4096], 7);
+        let (base, len) = (map.as_ptr() as usize, map.len());
+        let dax = fs.dax_of(ino);
+        // What a break running beside the drop holds (see `live`).
+        let racing = live(dax.as_ref().unwrap());
+        assert_eq!(racing.len(), 1);
+        drop(map);
+        assert!(reserved(base, len), "released under a racing break");
+        // The break goes on: its pieces land in the reservation.
+        fs.truncate(ino, 4096).unwrap();
+        racing[0].unmap(0, 4);
+        assert!(reserved(base, len));
+        drop(racing);
+        assert!(!reserved(base, len), "never released");
+    }
+
+    /// In the child: map a file, take `lock`, touch the mapping.
+    fn fault_under(lock: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = pmem::Device::create(
+            dir.path().join("img"),
+            16 << 20,
+            &pmem::DeviceOptions::new(),
+        )
+        .unwrap();
+        let fs = Fs::format(dev).unwrap();
+        let ino = fs.create_path("/f", 0o644, true).unwrap().ino;
+        fs.write(ino, 0, &[7; 8192]).unwrap();
+        // SAFETY: loads only, and nothing else changes the file.
+        let map = unsafe { fs.mmap(ino, 0, 8192, MapOptions::default()) }.unwrap();
+        let dax = fs.dax_of(ino);
+        let touch = || {
+            // SAFETY: the mapping's first byte, mapped and unfaulted.
+            unsafe { std::ptr::read_volatile(map.as_ptr()) }
+        };
+        match lock {
+            "state" => {
+                let _st = fs.lock().unwrap();
+                touch();
+            }
+            "dax table" => {
+                let _table = fs.dax_table();
+                touch();
+            }
+            "invalidate shared" => {
+                let _shared = dax.as_ref().unwrap().shared();
+                touch();
+            }
+            _ => {
+                let _breaking = fs.dax_invalidate(&dax, 0, 1).unwrap();
+                touch();
+            }
+        };
+        eprintln!("the fault under the {lock} lock went unnoticed");
     }
 }
