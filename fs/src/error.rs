@@ -73,6 +73,11 @@ pub enum Error {
     /// call returns it.
     #[error("the file was mapped meanwhile")]
     MappedMeanwhile,
+    /// The layout of the range is being recalled (`EAGAIN`): a break of
+    /// the file's mappings is running. A fault drops its locks and runs
+    /// again (see `dax`), so no mapping sees it.
+    #[error("the layout is being recalled")]
+    Recalled,
     /// The filesystem is marked as needing a check (`EUCLEAN`): damage was
     /// found (a damaged journal); mount refuses until `fsck --repair` has
     /// run.
@@ -106,6 +111,7 @@ impl Error {
             Error::Unsupported(_) => libc::EOPNOTSUPP,
             Error::MediaError { .. } | Error::Corrupt { .. } => libc::EIO,
             Error::Busy(_) | Error::MappedMeanwhile => libc::EBUSY,
+            Error::Recalled => libc::EAGAIN,
             Error::NeedsCheck(_) => libc::EUCLEAN,
             Error::Unmounted => libc::EIO,
             Error::Device(pmem::Error::Poisoned { .. })

@@ -32,3 +32,16 @@ pub use fs::{
     StatFs, Timestamp, DEFAULT_CACHE_BUDGET, DEFAULT_LAYOUT_TIMEOUT, ROOT,
 };
 pub use pmem;
+
+/// DAX mappings made outside the filesystem's process: what a client that
+/// maps a file's device pages itself (the preload library) builds on. It
+/// brings a [`Layout`](dax::Layout) of the file (over a channel to the
+/// filesystem's process) and keeps a [`FileDax`](dax::FileDax) per file;
+/// [`map`](dax::map) does the rest, with the same fault routine, pieces and
+/// signal handling as [`Fs::mmap`].
+pub mod dax {
+    pub use crate::fs::{
+        map, Blocks, Breaking, DaxCounters, DevicePages, FileDax, Layout, MapOptions, Mapping,
+        Recall, RecallKind,
+    };
+}

@@ -205,3 +205,58 @@ fn pinned_blocks_are_never_reused_while_pinned() {
     assert!(reads > 0, "no pinned read ({holes} holes)");
     fs.unmount().unwrap();
 }
+
+/// A lease is a pin whose holder is told when its range is about to change:
+/// a truncate recalls it (Freeing) and waits until it is dropped; a lease
+/// asked for while that break runs is refused at once (`Recalled`), never
+/// waited for (its holder may be the one the break waits for); a write that
+/// fills a hole in a leased range recalls it as FillingHoles without
+/// waiting; a lease of a range nothing touches is not recalled.
+#[test]
+fn a_lease_is_recalled_before_its_blocks_change_and_the_change_waits_for_it() {
+    use daxfs::dax::{Recall, RecallKind};
+    use std::sync::mpsc;
+    use std::sync::Arc;
+    let (_img, fs) = common::image("daxfs-lease");
+    let f = file(&fs, "f", 0x33, 4 * MIB);
+    let g = file(&fs, "g", 0x44, MIB);
+    let (told, recalls) = mpsc::channel::<(&'static str, RecallKind)>();
+    let recall = |name: &'static str| -> Recall {
+        let told = std::sync::Mutex::new(told.clone());
+        Arc::new(move |why| told.lock().unwrap().send((name, why)).unwrap())
+    };
+    let lease = fs.lease(f, 2 * MIB, 4096, recall("f")).unwrap();
+    assert_eq!(lease.extents().len(), 1);
+    let other = fs.lease(g, 0, MIB, recall("g")).unwrap();
+    let truncated = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            fs.truncate(f, MIB).unwrap();
+            truncated.store(true, Ordering::SeqCst);
+        });
+        assert_eq!(
+            recalls.recv_timeout(Duration::from_secs(60)).unwrap(),
+            ("f", RecallKind::Freeing)
+        );
+        assert!(!truncated.load(Ordering::SeqCst), "freed under the lease");
+        match fs.lease(f, 0, 4096, recall("again")) {
+            Err(Error::Recalled) => {}
+            other => panic!("a lease during the break: {other:?}"),
+        }
+        drop(lease);
+    });
+    assert!(truncated.load(Ordering::SeqCst));
+    assert_eq!(fs.getattr(f).unwrap().size, MIB);
+
+    // Filling a hole of a leased range: told, nothing waits.
+    fs.truncate(f, 4 * MIB).unwrap();
+    let hole = fs.lease(f, 2 * MIB, MIB, recall("hole")).unwrap();
+    assert!(hole.extents().is_empty(), "{:?}", hole.extents());
+    fs.write(f, 2 * MIB + 4096, b"fills").unwrap();
+    assert_eq!(
+        recalls.try_recv().unwrap(),
+        ("hole", RecallKind::FillingHoles)
+    );
+    assert!(recalls.try_recv().is_err(), "g was never touched");
+    drop((hole, other));
+}

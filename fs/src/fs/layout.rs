@@ -30,14 +30,44 @@ pub const DEFAULT_LAYOUT_TIMEOUT: Duration = Duration::from_secs(30);
 
 const PAGE: u64 = 4096;
 
-/// Device pages of a file pinned for direct I/O (see the module docs).
-/// Unpinned on drop.
+/// What a break of a leased range tells the lease's holder (see
+/// [`Fs::lease`]): the range's blocks are about to be freed or moved
+/// (`freeing`: the break waits until the lease is dropped), or holes in it
+/// are being filled (only pages shown as holes are stale; nothing waits).
+pub type Recall = Arc<dyn Fn(RecallKind) + Send + Sync>;
+
+/// Why a lease is recalled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecallKind {
+    /// Blocks of the range are about to be freed or moved: drop the lease.
+    Freeing,
+    /// Holes of the range are being given blocks: pages shown as holes
+    /// must fault again.
+    FillingHoles,
+}
+
+/// One pin or lease of a file's pages, as its file's DAX state lists it.
+pub(super) struct PinSlot {
+    id: u64,
+    pages: (u64, u64),
+    recall: Option<Recall>,
+}
+
+impl PinSlot {
+    fn overlaps(&self, first: u64, end: u64) -> bool {
+        self.pages.0 < end && first < self.pages.1
+    }
+}
+
+/// Device pages of a file pinned for direct I/O (see the module docs), or
+/// leased to a client that maps them ([`Fs::lease`]). Unpinned on drop.
 pub struct Pin {
     fs: Fs,
     ino: Ino,
     dax: Arc<FileDax>,
     /// The inode stays in memory while pinned (dropped after the rest).
     _hold: InodeRef,
+    id: u64,
     /// The pinned file pages.
     pages: (u64, u64),
     extents: Vec<FileExtent>,
@@ -90,12 +120,10 @@ impl Drop for Pin {
     fn drop(&mut self) {
         {
             let mut pins = self.dax.pins.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = pins.iter().position(|&p| p == self.pages) {
-                pins.swap_remove(i);
-            }
+            pins.retain(|p| p.id != self.id);
         }
         self.dax.unpinned.notify_all();
-        self.fs.dax_release(&self.dax, self.ino, None);
+        self.fs.dax_release(&self.dax, self.ino);
     }
 }
 
@@ -104,6 +132,24 @@ impl Fs {
     /// `ino` for direct I/O: until the pin is dropped, no call frees or
     /// moves them (it waits), and unmount is refused.
     pub fn pin(&self, ino: Ino, offset: u64, len: u64) -> Result<Pin> {
+        self.pin_with(ino, offset, len, None)
+    }
+
+    /// Lease the layout of `[offset, offset + len)` of regular file `ino`
+    /// to a client that maps its device pages itself (in another process):
+    /// a [`Pin`] whose holder is told (`recall`, which must not block) when
+    /// a call is about to free or move its blocks, or fill its holes. A
+    /// call that frees waits until the lease is dropped, as for a pin (and
+    /// gives up with `EBUSY` after the layout timeout). A lease asked for
+    /// while a break of the file runs is refused at once with
+    /// [`Error::Recalled`], since the holder may be the one the break waits
+    /// for: ask again once the recall is answered.
+    pub fn lease(&self, ino: Ino, offset: u64, len: u64, recall: Recall) -> Result<Pin> {
+        self.pin_with(ino, offset, len, Some(recall))
+    }
+
+    fn pin_with(&self, ino: Ino, offset: u64, len: u64, recall: Option<Recall>) -> Result<Pin> {
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let end = offset
             .checked_add(len)
             .filter(|_| len > 0)
@@ -128,15 +174,24 @@ impl Fs {
             ino,
             dax: Arc::clone(&dax),
             _hold: hold,
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             pages,
             extents: Vec::new(),
         };
-        // Shared, as a fault: waits while a break of this file is running.
-        let _shared = dax.shared();
+        // Shared, as a fault: a pin waits while a break of this file is
+        // running; a lease does not (see `lease`).
+        let _shared = match recall {
+            None => dax.shared(),
+            Some(_) => dax.try_shared().ok_or(Error::Recalled)?,
+        };
         dax.pins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(pages);
+            .push(PinSlot {
+                id: pin.id,
+                pages,
+                recall,
+            });
         pin.extents = self
             .file_extents(ino)?
             .into_iter()
@@ -183,9 +238,25 @@ impl Fs {
     }
 
     /// With the file's invalidate lock held exclusive and its range
+    /// unmapped: tell the holders of leases of `[first, end)` why.
+    pub(super) fn recall_leases(dax: &FileDax, first: u64, end: u64, why: RecallKind) {
+        let recalls: Vec<Recall> = dax
+            .pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|p| p.overlaps(first, end))
+            .filter_map(|p| p.recall.clone())
+            .collect();
+        for recall in recalls {
+            recall(why);
+        }
+    }
+
+    /// With the file's invalidate lock held exclusive and its range
     /// unmapped: wait until no page of `[first, end)` is pinned.
     pub(super) fn wait_for_pins(&self, dax: &FileDax, first: u64, end: u64) -> Result<()> {
-        let overlaps = |pins: &[(u64, u64)]| pins.iter().any(|&(a, b)| a < end && first < b);
+        let overlaps = |pins: &[PinSlot]| pins.iter().any(|p| p.overlaps(first, end));
         let mut pins = dax.pins.lock().unwrap_or_else(|e| e.into_inner());
         if !overlaps(&pins) {
             return Ok(());
@@ -200,8 +271,8 @@ impl Fs {
             if cancelled || now >= deadline {
                 let held: Vec<String> = pins
                     .iter()
-                    .filter(|&&(a, b)| a < end && first < b)
-                    .map(|&(a, b)| format!("{}..{}", a * PAGE, b * PAGE))
+                    .filter(|p| p.overlaps(first, end))
+                    .map(|p| format!("{}..{}", p.pages.0 * PAGE, p.pages.1 * PAGE))
                     .collect();
                 return Err(Error::Busy(format!(
                     "blocks of the file are pinned for direct I/O (bytes {}); {}",

@@ -63,11 +63,14 @@ mod xattr;
 
 pub use atime::Atime;
 pub use check::{fsck, FsckReport, Problem};
-pub use dax::{BusSignal, DaxStats, Fallback, MapOptions, Mapping};
+pub use dax::{
+    map, Blocks, Breaking, BusSignal, DaxCounters, DaxStats, DevicePages, Fallback, FileDax,
+    Layout, MapOptions, Mapping,
+};
 pub use failure::{FailureHandler, MemoryFailure};
 pub use file::Seek;
 pub use flags::{from_xflags, to_xflags};
-pub use layout::{Pin, DEFAULT_LAYOUT_TIMEOUT};
+pub use layout::{Pin, Recall, RecallKind, DEFAULT_LAYOUT_TIMEOUT};
 pub use owner::{FileExtent, Owner};
 
 use crate::alloc::Allocator;
@@ -420,7 +423,7 @@ struct Core {
     /// Set (under the state lock) when the first file is mapped; until
     /// then the data path skips `dax`.
     dax_used: AtomicBool,
-    dax_counters: dax::Counters,
+    dax_counters: dax::DaxCounters,
     /// How long a call that frees pinned blocks waits (see `layout`).
     layout_timeout_ms: AtomicU64,
     /// Bumped by `cancel_layout_breaks`.
@@ -755,7 +758,7 @@ impl Fs {
                 names: Dcache::new(),
                 dax: Mutex::new(HashMap::default()),
                 dax_used: AtomicBool::new(false),
-                dax_counters: dax::Counters::default(),
+                dax_counters: dax::DaxCounters::default(),
                 layout_timeout_ms: AtomicU64::new(layout::DEFAULT_LAYOUT_TIMEOUT.as_millis() as u64),
                 layout_cancel: AtomicU64::new(0),
                 layout_waiting: AtomicU64::new(0),

@@ -5,7 +5,7 @@
 
 use super::layout::Blocks;
 use super::pieces::NONE;
-use super::{Counters, Fallback, Inner, PAGE};
+use super::{DaxCounters, Fallback, Inner, PAGE};
 use crate::error::{Error, Result};
 use crate::index::{Entry, Order, PMD_PAGES};
 use std::sync::atomic::Ordering;
@@ -30,15 +30,26 @@ impl Inner {
     }
 
     /// The fault routine: make page `page` of the mapping accessible for a
-    /// load, or a store if `write`.
+    /// load, or a store if `write`. A layout being recalled (by a break in
+    /// the filesystem's process, which waits for this process to answer)
+    /// is asked again once this fault has let go of its locks.
     pub(super) fn fault(&self, page: u64, write: bool) -> Result<()> {
+        loop {
+            match self.fault_once(page, write) {
+                Err(Error::Recalled) => std::thread::sleep(std::time::Duration::from_micros(100)),
+                done => return done,
+            }
+        }
+    }
+
+    fn fault_once(&self, page: u64, write: bool) -> Result<()> {
         let _shared = self.dax.shared();
         let fs = &*self.layout;
         let counters = fs.counters();
         let fpage = self.first_page + page;
         let size = fs.size()?;
         if fpage * PAGE >= size {
-            Counters::count(&counters.beyond);
+            DaxCounters::count(&counters.beyond);
             return self.map_beyond(page);
         }
         if write && !self.opts.write {
@@ -57,12 +68,12 @@ impl Inner {
             };
         match fallback {
             None => {
-                Counters::count(&counters.pmd);
+                DaxCounters::count(&counters.pmd);
                 Ok(())
             }
             Some(reason) => {
-                Counters::count(&counters.fallback[reason as usize]);
-                Counters::count(&counters.pte);
+                DaxCounters::count(&counters.fallback[reason as usize]);
+                DaxCounters::count(&counters.pte);
                 self.pte_fault(fpage, write)
             }
         }
@@ -96,7 +107,7 @@ impl Inner {
             if entry.is_empty() {
                 guard.set(Entry::zero(Order::Pmd)).ok();
             }
-            Counters::count(&fs.counters().zero);
+            DaxCounters::count(&fs.counters().zero);
             self.map_zero(page, PMD_PAGES)?;
             return Ok(None);
         }
@@ -164,7 +175,7 @@ impl Inner {
                 return Ok(());
             }
             if !write {
-                Counters::count(&fs.counters().zero);
+                DaxCounters::count(&fs.counters().zero);
                 return self.map_zero(page, 1);
             }
             // A store into a zero (or empty) PMD: downgrade to a PTE.
@@ -196,7 +207,7 @@ impl Inner {
                 if entry.is_empty() {
                     guard.set(Entry::zero(Order::Pte)).ok();
                 }
-                Counters::count(&fs.counters().zero);
+                DaxCounters::count(&fs.counters().zero);
                 return self.map_zero(page, 1);
             }
             fs.allocate(fpage, 1)?;

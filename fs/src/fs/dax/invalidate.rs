@@ -6,17 +6,18 @@
 //! pages of dirty entries, write-protect them again) and memory failure of
 //! one page.
 
+use super::layout::DevicePages;
 use super::{live, FileDax, Fs, Ino, State, HUGE, PAGE};
 use crate::error::{Error, Result};
+use crate::fs::layout::RecallKind;
 use crate::fs::user::{Counted, Held};
 use crate::index::{Order, Tag, PMD_PAGES};
-use pmem::Device;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLockWriteGuard};
 
 /// The invalidate lock held exclusive, while the blocks of a mapped file
 /// change (see `FileDax`).
-pub(in crate::fs) struct Breaking<'a> {
+pub struct Breaking<'a> {
     dax: &'a FileDax,
     /// Counted: a fault of this thread would wait for the lock (see `user`).
     _guard: Counted<RwLockWriteGuard<'a, ()>>,
@@ -66,13 +67,52 @@ impl Fs {
         let Some(dax) = dax.as_ref() else {
             return Ok(None);
         };
+        let breaking = dax.break_range(first, end, holes_only);
+        if holes_only {
+            Fs::recall_leases(dax, first, end, RecallKind::FillingHoles);
+        } else {
+            // The blocks may go: wait until no direct I/O or client uses
+            // them.
+            Fs::recall_leases(dax, first, end, RecallKind::Freeing);
+            self.wait_for_pins(dax, first, end)?;
+        }
+        Ok(Some(breaking))
+    }
+
+    /// Under the state lock (`_locked`), before freeing blocks of `ino`:
+    /// refuse (with [`Error::MappedMeanwhile`], which the public calls catch
+    /// to run again, breaking the mappings) if the file has DAX state whose
+    /// mappings the caller did not break. (Mappings are made under the
+    /// state lock, so none can appear between this check and the commit.)
+    pub(in crate::fs) fn check_broken(&self, _locked: &State, ino: Ino) -> Result<()> {
+        match self.dax_of(ino) {
+            Some(dax) if !dax.breaking.load(Ordering::Acquire) => Err(Error::MappedMeanwhile),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl FileDax {
+    /// Recall file pages `[first, end)` from this process's mappings (a
+    /// client's answer to a lease recall): take the invalidate lock
+    /// exclusive (waiting for faults in flight), unmap the range from every
+    /// mapping (the next access faults again) and drop its entries. Faults
+    /// of the file wait until the returned guard is dropped.
+    pub fn recall(&self, first: u64, end: u64) -> Breaking<'_> {
+        self.break_range(first, end, false)
+    }
+
+    /// Take the invalidate lock exclusive and unmap `[first, end)` from
+    /// every mapping, dropping its entries (or, `holes_only`, only the
+    /// entries of holes, whose pages are about to get blocks).
+    fn break_range(&self, first: u64, end: u64, holes_only: bool) -> Breaking<'_> {
+        let dax = self;
         let guard = dax.invalidate.write().unwrap_or_else(|e| e.into_inner());
         dax.breaking.store(true, Ordering::Release);
         let breaking = Breaking {
             dax,
             _guard: Counted::new(guard),
         };
-        let pinned = (first, end);
         // Whole PMDs: an entry that overlaps the range goes entirely.
         let first = first / PMD_PAGES * PMD_PAGES;
         let end = end.saturating_add(PMD_PAGES - 1) / PMD_PAGES * PMD_PAGES;
@@ -106,30 +146,12 @@ impl Fs {
                 guard.erase();
             }
         }
-        if !holes_only {
-            // The blocks may go: wait until no direct I/O uses them.
-            self.wait_for_pins(dax, pinned.0, pinned.1)?;
-        }
-        Ok(Some(breaking))
+        breaking
     }
 
-    /// Under the state lock (`_locked`), before freeing blocks of `ino`:
-    /// refuse (with [`Error::MappedMeanwhile`], which the public calls catch
-    /// to run again, breaking the mappings) if the file has DAX state whose
-    /// mappings the caller did not break. (Mappings are made under the
-    /// state lock, so none can appear between this check and the commit.)
-    pub(in crate::fs) fn check_broken(&self, _locked: &State, ino: Ino) -> Result<()> {
-        match self.dax_of(ino) {
-            Some(dax) if !dax.breaking.load(Ordering::Acquire) => Err(Error::MappedMeanwhile),
-            _ => Ok(()),
-        }
-    }
-}
-
-impl FileDax {
     /// Writeback of a file's dirty entries: flush their pages, clear the
     /// tags, and write-protect them in every mapping.
-    pub(in crate::fs) fn writeback(&self, dev: &Device) -> Result<()> {
+    pub fn writeback(&self, dev: &dyn DevicePages) -> Result<()> {
         let mut at = 0;
         while let Some((first, entry)) = self.index.find_next_tagged(at, Tag::Dirty) {
             let pages = entry.order().pages();

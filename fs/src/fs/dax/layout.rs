@@ -19,24 +19,29 @@
 //! would implement it over the control socket, with the device mapped
 //! itself.
 
-use super::{Counters, FileDax, Inner};
+use super::{DaxCounters, FileDax};
 use crate::error::Result;
 use crate::fs::{Fs, Ino, InodeRef};
 use pmem::Device;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
 use std::sync::Arc;
 
 /// Where the blocks of `[page, page + n)` of a file are: one device page
 /// frame run, a hole, or something else (partly allocated, not contiguous).
-pub(in crate::fs) enum Blocks {
+pub enum Blocks {
+    /// One run of device pages, from this page frame number.
     Run(u64),
+    /// No blocks: a hole.
     Hole,
+    /// Partly allocated, or not contiguous.
     Mixed,
 }
 
 /// What the fault machinery needs of the filesystem, for one file (see the
 /// module docs). The mapping owns it and drops it last, after its address
 /// space: whatever keeps the file (and its blocks) alive goes in here.
-pub(in crate::fs) trait Layout: Send + Sync {
+pub trait Layout: Send + Sync {
     /// The file's size in bytes.
     fn size(&self) -> Result<u64>;
     /// Where file pages `[page, page + n)` live.
@@ -47,12 +52,45 @@ pub(in crate::fs) trait Layout: Send + Sync {
     /// Whether device pages `[pfn, pfn + n)` hold poison.
     fn is_poisoned(&self, pfn: u64, n: u64) -> bool;
     /// The device whose pages are mapped (and flushed).
-    fn device(&self) -> &Device;
+    fn device(&self) -> &dyn DevicePages;
     /// Where faults are counted.
-    fn counters(&self) -> &Counters;
-    /// A mapping of the file (`gone`) went: if nothing maps or pins the
-    /// file any more, write back its dirty entries and forget its DAX state.
-    fn release(&self, dax: &Arc<FileDax>, gone: &Inner);
+    fn counters(&self) -> &DaxCounters;
+    /// A mapping of the file went (it is no longer among `file`'s): if
+    /// nothing maps or pins the file any more, write back its dirty entries
+    /// and forget its DAX state.
+    fn release(&self, file: &Arc<FileDax>);
+}
+
+/// The device as a mapping needs it: the file whose pages pieces map, and
+/// the flushes that make stores to them durable.
+pub trait DevicePages: Send + Sync {
+    /// The device file (pieces map it at `pfn * 4096`).
+    fn fd(&self) -> BorrowedFd<'_>;
+    /// Write back the cache lines of `[offset, offset + len)` of the device
+    /// (durable at the next [`drain`](Self::drain)).
+    fn flush(&self, offset: u64, len: u64) -> Result<()>;
+    /// Wait until every earlier flush is durable.
+    fn drain(&self);
+    /// The device's path, for messages.
+    fn path(&self) -> &Path;
+}
+
+impl DevicePages for Device {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.as_fd()
+    }
+
+    fn flush(&self, offset: u64, len: u64) -> Result<()> {
+        Ok(Device::flush(self, offset, len)?)
+    }
+
+    fn drain(&self) {
+        Device::drain(self)
+    }
+
+    fn path(&self) -> &Path {
+        Device::path(self)
+    }
 }
 
 /// The layout of one file of an in-process [`Fs`]: a hold on its inode,
@@ -98,20 +136,22 @@ impl Layout for FileLayout {
     }
 
     fn is_poisoned(&self, pfn: u64, n: u64) -> bool {
-        self.device()
+        self.fs()
+            .core
+            .dev
             .first_poison(pfn * super::PAGE, n * super::PAGE)
             .is_some()
     }
 
-    fn device(&self) -> &Device {
+    fn device(&self) -> &dyn DevicePages {
         &self.fs().core.dev
     }
 
-    fn counters(&self) -> &Counters {
+    fn counters(&self) -> &DaxCounters {
         &self.fs().core.dax_counters
     }
 
-    fn release(&self, dax: &Arc<FileDax>, gone: &Inner) {
-        self.fs().dax_release(dax, self.ino(), Some(gone));
+    fn release(&self, file: &Arc<FileDax>) {
+        self.fs().dax_release(file, self.ino());
     }
 }

@@ -68,7 +68,9 @@ mod layout;
 mod pieces;
 mod signal;
 
-use layout::{FileLayout, Layout};
+pub use invalidate::Breaking;
+use layout::FileLayout;
+pub use layout::{Blocks, DevicePages, Layout};
 pub use signal::BusSignal;
 use signal::{install_handler, register, unregister};
 pub(super) use signal::{overlaps_mapping, raise_mce, McErr};
@@ -145,8 +147,9 @@ pub struct DaxStats {
     pub beyond_eof: u64,
 }
 
-#[derive(Default)]
-pub(super) struct Counters {
+/// Where a filesystem (or a client of one) counts its faults.
+#[derive(Debug, Default)]
+pub struct DaxCounters {
     pmd: AtomicU64,
     pte: AtomicU64,
     zero: AtomicU64,
@@ -155,18 +158,38 @@ pub(super) struct Counters {
     poisoned: AtomicU64,
 }
 
-impl Counters {
+impl DaxCounters {
     fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// The counts so far.
+    pub fn stats(&self) -> DaxStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DaxStats {
+            pmd_faults: get(&self.pmd),
+            pte_faults: get(&self.pte),
+            zero_maps: get(&self.zero),
+            fallback_misaligned: get(&self.fallback[Fallback::Misaligned as usize]),
+            fallback_past_eof: get(&self.fallback[Fallback::PastEof as usize]),
+            fallback_not_huge_extent: get(&self.fallback[Fallback::NotHugeExtent as usize]),
+            fallback_pte_in_range: get(&self.fallback[Fallback::PteInRange as usize]),
+            fallback_private_write: get(&self.fallback[Fallback::PrivateWrite as usize]),
+            fallback_poisoned: get(&self.fallback[Fallback::Poisoned as usize]),
+            poisoned_maps: get(&self.poisoned),
+            beyond_eof: get(&self.beyond),
+        }
+    }
 }
 
-/// The DAX state of one file: its entry index and its live mappings.
-pub(super) struct FileDax {
+/// The DAX state of one file in one process: its entry index and its live
+/// mappings. A filesystem keeps one per mapped or pinned file; a client
+/// that maps files of a filesystem in another process keeps its own.
+pub struct FileDax {
     index: EntryIndex,
     mappings: Mutex<Vec<Weak<Inner>>>,
-    /// File page ranges pinned for direct I/O (see `layout`), one per pin.
-    pub(super) pins: Mutex<Vec<(u64, u64)>>,
+    /// File page ranges pinned for direct I/O or leased (see `layout`).
+    pub(super) pins: Mutex<Vec<super::layout::PinSlot>>,
     /// Signalled when a pin goes.
     pub(super) unpinned: Condvar,
     /// Faults hold it shared; a call that changes which blocks back the
@@ -311,8 +334,96 @@ impl Drop for Mapping {
         // last reference to `Inner`.
         unregister(&self.inner);
         let inner = &self.inner;
-        inner.layout.release(&inner.dax, inner);
+        inner
+            .dax
+            .mappings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|m| !std::ptr::eq(m.as_ptr(), Arc::as_ptr(inner)));
+        inner.layout.release(&inner.dax);
     }
+}
+
+impl FileDax {
+    /// The DAX state of a file not mapped yet in this process.
+    pub fn new() -> Arc<FileDax> {
+        Arc::new(FileDax {
+            index: EntryIndex::new(),
+            mappings: Mutex::new(Vec::new()),
+            pins: Mutex::new(Vec::new()),
+            unpinned: Condvar::new(),
+            invalidate: RwLock::new(()),
+            breaking: AtomicBool::new(false),
+            beyond: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether a mapping or a pin uses the file.
+    pub fn in_use(&self) -> bool {
+        !live(self).is_empty()
+            || !self
+                .pins
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+    }
+
+    /// Whether some entry is tagged dirty (stores not written back).
+    pub fn is_dirty(&self) -> bool {
+        self.index.find_next_tagged(0, Tag::Dirty).is_some()
+    }
+}
+
+fn check_range(offset: u64, len: u64) -> Result<()> {
+    match offset.is_multiple_of(PAGE) && len > 0 {
+        true => Ok(()),
+        false => Err(Error::Invalid(
+            "mmap offset must be 4 KiB aligned, length not 0",
+        )),
+    }
+}
+
+/// Map `len` bytes of the file whose layout is `layout` and whose DAX
+/// state in this process is `file`, from `offset` (a multiple of 4 KiB),
+/// faulting through `layout` (see the module docs). [`Fs::mmap`] is this
+/// with an in-process layout; a client of a filesystem in another process
+/// brings its own.
+///
+/// # Safety
+///
+/// As [`Fs::mmap`].
+pub unsafe fn map(
+    layout: Box<dyn Layout>,
+    file: Arc<FileDax>,
+    offset: u64,
+    len: u64,
+    opts: MapOptions,
+) -> Result<Mapping> {
+    check_range(offset, len)?;
+    let pages = len.div_ceil(PAGE);
+    let reservation = pieces::reserve(pages, offset)?;
+    install_handler();
+    let inner = Arc::new(Inner {
+        dax: Arc::clone(&file),
+        first_page: offset / PAGE,
+        pages,
+        base: reservation.spot(),
+        _reservation: reservation,
+        opts,
+        state: (0..pages).map(|_| AtomicU8::new(NONE)).collect(),
+        locked: AtomicBool::new(false),
+        layout,
+    });
+    file.mappings
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Arc::downgrade(&inner));
+    register(&inner);
+    let mapping = Mapping { inner };
+    if opts.populate {
+        mapping.inner.populate()?;
+    }
+    Ok(mapping)
 }
 
 impl Fs {
@@ -321,17 +432,7 @@ impl Fs {
     pub(super) fn file_dax(&self, _locked: &mut State, ino: Ino) -> Arc<FileDax> {
         self.core.dax_used.store(true, Ordering::Release);
         let mut files = self.dax_table();
-        Arc::clone(files.entry(ino).or_insert_with(|| {
-            Arc::new(FileDax {
-                index: EntryIndex::new(),
-                mappings: Mutex::new(Vec::new()),
-                pins: Mutex::new(Vec::new()),
-                unpinned: Condvar::new(),
-                invalidate: RwLock::new(()),
-                breaking: AtomicBool::new(false),
-                beyond: AtomicBool::new(false),
-            })
-        }))
+        Arc::clone(files.entry(ino).or_insert_with(FileDax::new))
     }
 
     /// Map `len` bytes of regular file `ino` from `offset` (a multiple of
@@ -351,11 +452,7 @@ impl Fs {
         len: u64,
         opts: MapOptions,
     ) -> Result<Mapping> {
-        if !offset.is_multiple_of(PAGE) || len == 0 {
-            return Err(Error::Invalid(
-                "mmap offset must be 4 KiB aligned, length not 0",
-            ));
-        }
+        check_range(offset, len)?;
         let attr = self.getattr(ino)?;
         if attr.kind != super::FileKind::File {
             return Err(Error::Invalid("only regular files can be mapped"));
@@ -364,8 +461,6 @@ impl Fs {
             // (As a write open: stores could go anywhere in the file.)
             self.may_open_for_write(ino, false)?;
         }
-        let pages = len.div_ceil(PAGE);
-        let reservation = pieces::reserve(pages, offset)?;
         // The DAX state is made under the state lock, so that a call that
         // frees blocks (and checks for it under that lock) cannot miss it.
         let (dax, hold) = {
@@ -375,28 +470,7 @@ impl Fs {
                 InodeRef::take(self, &mut st, ino),
             )
         };
-        install_handler();
-        let inner = Arc::new(Inner {
-            dax: Arc::clone(&dax),
-            first_page: offset / PAGE,
-            pages,
-            base: reservation.spot(),
-            _reservation: reservation,
-            opts,
-            state: (0..pages).map(|_| AtomicU8::new(NONE)).collect(),
-            locked: AtomicBool::new(false),
-            layout: Box::new(FileLayout(hold)),
-        });
-        dax.mappings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Arc::downgrade(&inner));
-        register(&inner);
-        let mapping = Mapping { inner };
-        if opts.populate {
-            mapping.inner.populate()?;
-        }
-        Ok(mapping)
+        map(Box::new(FileLayout(hold)), dax, offset, len, opts)
     }
 
     /// The table of files with DAX state.
@@ -414,25 +488,14 @@ impl Fs {
         files.get(&ino).cloned()
     }
 
-    /// After a mapping (`gone`) or a pin of file `ino` went: if nothing
-    /// else maps or pins the file, write back the dirty entries and forget
-    /// its DAX state, so that what a file costs in memory lasts only while
-    /// it is mapped or pinned. (A new mapping starts a new state; a call
-    /// that was breaking the old one finds the new one when it checks under
-    /// the state lock, and runs again.)
-    pub(super) fn dax_release(&self, dax: &Arc<FileDax>, ino: Ino, gone: Option<&Inner>) {
-        let in_use = |dax: &FileDax| {
-            let mapped = live(dax)
-                .iter()
-                .any(|m| gone.is_none_or(|g| !std::ptr::eq(Arc::as_ptr(m), g)));
-            mapped
-                || !dax
-                    .pins
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .is_empty()
-        };
-        if in_use(dax) {
+    /// After a mapping or a pin of file `ino` went: if nothing else maps
+    /// or pins the file, write back the dirty entries and forget its DAX
+    /// state, so that what a file costs in memory lasts only while it is
+    /// mapped or pinned. (A new mapping starts a new state; a call that was
+    /// breaking the old one finds the new one when it checks under the
+    /// state lock, and runs again.)
+    pub(super) fn dax_release(&self, dax: &Arc<FileDax>, ino: Ino) {
+        if dax.in_use() {
             return;
         }
         let _ = dax.writeback(&self.core.dev);
@@ -441,7 +504,7 @@ impl Fs {
         let Ok(_st) = self.lock() else { return };
         let mut files = self.dax_table();
         let current = files.get(&ino).is_some_and(|d| Arc::ptr_eq(d, dax));
-        if current && !in_use(dax) && dax.index.find_next_tagged(0, Tag::Dirty).is_none() {
+        if current && !dax.in_use() && !dax.is_dirty() {
             files.remove(&ino);
         }
     }
@@ -464,25 +527,23 @@ impl Fs {
 
     /// The fault counters of every mapping so far.
     pub fn dax_stats(&self) -> DaxStats {
-        let c = &self.core.dax_counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        DaxStats {
-            pmd_faults: get(&c.pmd),
-            pte_faults: get(&c.pte),
-            zero_maps: get(&c.zero),
-            fallback_misaligned: get(&c.fallback[Fallback::Misaligned as usize]),
-            fallback_past_eof: get(&c.fallback[Fallback::PastEof as usize]),
-            fallback_not_huge_extent: get(&c.fallback[Fallback::NotHugeExtent as usize]),
-            fallback_pte_in_range: get(&c.fallback[Fallback::PteInRange as usize]),
-            fallback_private_write: get(&c.fallback[Fallback::PrivateWrite as usize]),
-            fallback_poisoned: get(&c.fallback[Fallback::Poisoned as usize]),
-            poisoned_maps: get(&c.poisoned),
-            beyond_eof: get(&c.beyond),
-        }
+        self.core.dax_counters.stats()
     }
 }
 
 impl FileDax {
+    /// The invalidate lock held shared, unless a break holds it.
+    pub(super) fn try_shared(&self) -> Option<Counted<RwLockReadGuard<'_, ()>>> {
+        if self.breaking.load(Ordering::Acquire) {
+            return None;
+        }
+        match self.invalidate.try_read() {
+            Ok(guard) => Some(Counted::new(guard)),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(Counted::new(e.into_inner())),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// The invalidate lock held shared, as a fault holds it.
     pub(super) fn shared(&self) -> Counted<RwLockReadGuard<'_, ()>> {
         Counted::new(self.invalidate.read().unwrap_or_else(|e| e.into_inner()))

@@ -4,10 +4,10 @@
 //! a page that raises `SIGBUS`, or nothing (the next access faults). Each
 //! page's state says which.
 
-use super::{live, Counters, Inner, HUGE, PAGE};
+use super::{live, DaxCounters, Inner, HUGE, PAGE};
 use crate::error::{Error, Result};
 use pmem::Reservation;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
@@ -56,7 +56,7 @@ impl Inner {
         } else {
             libc::MAP_PRIVATE
         };
-        let fd = self.layout.device().as_fd().as_raw_fd();
+        let fd = self.layout.device().fd().as_raw_fd();
         self.map(page, pages, prot, share, fd, pfn * PAGE)?;
         self.set_state(
             page,
@@ -117,7 +117,7 @@ impl Inner {
             0,
         )?;
         self.set_state(page, 1, POISON);
-        Counters::count(&self.layout.counters().poisoned);
+        DaxCounters::count(&self.layout.counters().poisoned);
         Ok(())
     }
 
