@@ -1,14 +1,5 @@
-//! The control channel of a running mount.
-//!
-//! The daemon listens on a Unix socket named after the mount point (a hash
-//! of its canonical path) in a directory private to the user who mounted
-//! it (`/run/daxfs` for root, `/run/user/UID/daxfs` for others, or
-//! `/tmp/daxfs-UID`; mode 0700, as systemd's runtime directories), so that
-//! no other user can take its name first or answer in its place. Both
-//! ends check: the daemon serves only the mount's owner and root (its
-//! peer's `SO_PEERCRED`, looked at before anything is read), and the
-//! `daxfs` command talks only to a socket in a directory private to the
-//! mount's owner (its `user_id`), served by that owner or root.
+//! The control channel of a running mount: where its socket is and who
+//! may use it are in `daxfs_client::socket`.
 //!
 //! A request is one line of JSON of at most 4 KiB, sent within 10 seconds;
 //! the answer one line of JSON: `{"output": TEXT}` to print, or `{"error":
@@ -19,9 +10,11 @@
 //! The channel is protocol only: what a request does is the business of
 //! its [`Handler`] (the daemon's, in `daemon`).
 
+use daxfs_client::mounts;
+use daxfs_client::socket::{check_private, peer_is, runtime_dirs, socket_name};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
@@ -30,6 +23,9 @@ use std::time::{Duration, Instant};
 /// What carries out a request: its text to print, or the error.
 pub trait Handler: Send + Sync {
     fn handle(&self, request: &Value) -> Result<String, String>;
+    /// Take over `stream` for a session of the layout-lease protocol
+    /// (`daxfs_client::lease`), in the calling thread, until it closes.
+    fn session(&self, stream: UnixStream);
 }
 
 /// The longest request line; a longer one is refused unread.
@@ -43,101 +39,13 @@ const IDLE: Duration = Duration::from_secs(10);
 /// Threads that carry out requests (a scrub must not hold up a stat).
 const WORKERS: usize = 2;
 
-/// Where the control sockets of `uid`'s mounts may live, in order: a
-/// directory only `uid` can write to, in /run (as systemd's runtime
-/// directories), and /tmp for a machine without one.
-fn runtime_dirs(uid: u32) -> Vec<PathBuf> {
-    let first = match uid {
-        0 => PathBuf::from("/run/daxfs"),
-        _ => PathBuf::from(format!("/run/user/{uid}/daxfs")),
-    };
-    vec![first, PathBuf::from(format!("/tmp/daxfs-{uid}"))]
-}
-
-/// Whether `dir` is private to `uid`: a directory (not a symlink) that
-/// `uid` owns and nobody else may enter or change. Then only `uid` and
-/// root can have made a socket in it.
-fn check_private(dir: &Path, uid: u32) -> Result<(), String> {
-    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    if !meta.is_dir() {
-        return Err(format!("{}: not a directory", dir.display()));
-    }
-    if meta.uid() != uid {
-        return Err(format!(
-            "{} belongs to uid {}, not {uid}: remove it",
-            dir.display(),
-            meta.uid()
-        ));
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(format!(
-            "{} is open to others (mode {:o}): it must be 0700",
-            dir.display(),
-            meta.mode() & 0o7777
-        ));
-    }
-    Ok(())
-}
-
-/// The socket's file name for `mountpoint`: a hash of its canonical path
-/// (FNV-1a, stable across runs, unlike the std hasher).
-fn socket_name(mountpoint: &Path) -> Result<String, String> {
-    let canonical =
-        std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
-    let hash = canonical
-        .as_os_str()
-        .as_encoded_bytes()
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
-    Ok(format!("{hash:016x}.sock"))
-}
-
-/// The owner of the daxfs mount at `mountpoint` (its `user_id`), and the
-/// sockets where its daemon may listen.
-fn sockets_of(mountpoint: &Path) -> Result<(u32, Vec<PathBuf>), String> {
-    let owner = crate::mounts::owner_of(mountpoint)
-        .ok_or_else(|| format!("{}: not a daxfs mount", mountpoint.display()))?;
-    let name = socket_name(mountpoint)?;
-    let dirs = runtime_dirs(owner).into_iter();
-    Ok((owner, dirs.map(|d| d.join(&name)).collect()))
-}
-
-/// The pid of a daemon of ours that still answers on the control socket
-/// of `mountpoint` (one that is finishing an unmount, when nothing is
-/// mounted there).
-pub fn daemon_at(mountpoint: &Path) -> Option<u32> {
-    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    let uid = nix::unistd::getuid().as_raw();
-    let name = socket_name(mountpoint).ok()?;
-    runtime_dirs(uid)
-        .into_iter()
-        .filter(|dir| check_private(dir, uid).is_ok())
-        .find_map(|dir| {
-            let stream = UnixStream::connect(dir.join(&name)).ok()?;
-            let cred = getsockopt(&stream, PeerCredentials).ok()?;
-            (cred.uid() == uid).then_some(cred.pid() as u32)
-        })
-}
-
-/// Whether the peer of `stream` is `owner` or root (`SO_PEERCRED`).
-fn peer_is(stream: &UnixStream, owner: u32) -> Result<(), u32> {
-    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    match getsockopt(stream, PeerCredentials) {
-        Ok(cred) if cred.uid() == 0 || cred.uid() == owner => Ok(()),
-        Ok(cred) => Err(cred.uid()),
-        Err(_) => Err(u32::MAX),
-    }
-}
-
 /// The mount point holding `path` (a file or directory inside a daxfs
 /// mount, or the mount point itself), and `path` relative to it.
 pub fn locate(path: &Path) -> Result<(PathBuf, String), String> {
     let canonical = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut at = canonical.as_path();
     loop {
-        if crate::mounts::image_of(at).is_some() {
+        if mounts::image_of(at).is_some() {
             let inside = canonical.strip_prefix(at).expect("a prefix");
             return Ok((at.to_path_buf(), format!("/{}", inside.display())));
         }
@@ -186,56 +94,20 @@ pub fn output(mountpoint: &Path, request: &Value) -> Result<String, String> {
 }
 
 fn ask(mountpoint: &Path, request: &Value) -> Result<Value, String> {
-    let (owner, sockets) = sockets_of(mountpoint)?;
-    let me = nix::unistd::getuid().as_raw();
-    if me != 0 && me != owner {
-        return Err(format!(
-            "{}: permission denied: the mount belongs to uid {owner}; only it and root may \
-             control it",
-            mountpoint.display()
-        ));
-    }
-    // Only a socket in a directory private to the mount's owner is its
-    // daemon's: anything else is someone else's.
-    let socket = sockets
-        .iter()
-        .find(|s| s.parent().is_some_and(|d| check_private(d, owner).is_ok()) && s.exists())
-        .ok_or_else(|| {
-            format!(
-                "{}: no control socket of this mount (looked for {}); is it a daxfs mount of \
-                 this version?",
-                mountpoint.display(),
-                sockets[0].display()
-            )
-        })?;
-    ask_at(socket, owner, request).map_err(|e| format!("{}: {e}", mountpoint.display()))
-}
-
-/// Send `request` to the socket at `socket`, whose daemon must run as
-/// `owner` (or root); its answer.
-fn ask_at(socket: &Path, owner: u32, request: &Value) -> Result<Value, String> {
-    let stream = UnixStream::connect(socket).map_err(|e| {
-        format!(
-            "cannot reach the daemon of this mount at {} ({e})",
-            socket.display()
-        )
-    })?;
-    peer_is(&stream, owner).map_err(|uid| {
-        format!(
-            "the control socket {} is served by uid {uid}, not the mount's owner ({owner}): \
-             its answers are not trusted",
-            socket.display()
-        )
-    })?;
+    let stream = daxfs_client::socket::connect(mountpoint)?;
     let _ = stream.set_write_timeout(Some(IDLE));
     let mut writer = &stream;
-    writeln!(writer, "{request}").map_err(|e| e.to_string())?;
+    writeln!(writer, "{request}").map_err(|e| format!("{}: {e}", mountpoint.display()))?;
     let mut line = String::new();
     BufReader::new(&stream)
         .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    serde_json::from_str(&line)
-        .map_err(|_| "the daemon closed the control channel without an answer".to_string())
+        .map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    serde_json::from_str(&line).map_err(|_| {
+        format!(
+            "{}: the daemon closed the control channel without an answer",
+            mountpoint.display()
+        )
+    })
 }
 
 /// The daemon's control socket, bound before the filesystem is mounted
@@ -323,6 +195,13 @@ impl Control {
                 .spawn(move || loop {
                     let next = requests.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok((stream, line)) = next else { return };
+                    if is_session(&line) {
+                        let handler = Arc::clone(&handler);
+                        let _ = std::thread::Builder::new()
+                            .name("daxfs-lease".into())
+                            .spawn(move || handler.session(stream));
+                        continue;
+                    }
                     // (A request that panics costs its answer, not a worker.)
                     let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         serde_json::from_slice::<Value>(&line)
@@ -350,6 +229,12 @@ impl Drop for Control {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Whether a request line starts a lease session.
+fn is_session(line: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(line)
+        .is_ok_and(|v| v["op"] == daxfs_client::lease::SESSION)
 }
 
 /// Answer on `stream` (blocking, within the idle limit) and close it.

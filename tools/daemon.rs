@@ -40,6 +40,8 @@ pub struct Daemon {
     pub invalidations: Mutex<Option<std::sync::mpsc::Sender<Invalidation>>>,
     /// Where the control socket is (shown by `stat`).
     pub control_socket: PathBuf,
+    /// Whether file data goes through the kernel's page cache (`-o cache`).
+    pub cached: bool,
 }
 
 /// Work for the thread that drops the kernel's cached pages.
@@ -122,6 +124,15 @@ impl Daemon {
 }
 
 impl Handler for Daemon {
+    fn session(&self, stream: std::os::unix::net::UnixStream) {
+        let refuse = self.cached.then(|| {
+            "this mount keeps file data in the kernel's page cache (-o cache), which \
+             mappings of the device's pages would bypass"
+                .to_string()
+        });
+        crate::leases::serve(Arc::clone(&self.fs), stream, refuse);
+    }
+
     fn handle(&self, request: &Value) -> Result<String, String> {
         match request["op"].as_str().unwrap_or("") {
             "inject" => {

@@ -6,12 +6,13 @@ mod dax_tests;
 mod fuse;
 mod huge;
 mod layout;
+mod leases;
 mod mount;
-mod mounts;
 mod populate;
 mod size;
 
 use clap::{Args, Parser, Subcommand};
+use daxfs_client::mounts;
 use pmem::{BadRange, Device, DeviceInfo, DeviceKind, DeviceOptions, SECTOR};
 use serde_json::json;
 use size::{human, parse_size};

@@ -9,7 +9,7 @@
 //! session, whose loop then ends; the filesystem is then unmounted cleanly.
 
 use crate::fuse::DaxFuse;
-use crate::mounts::{image_of, mounted_at};
+use daxfs_client::mounts::{image_of, mounted_at};
 use clap::Args;
 use daxfs::pmem::{Device, DeviceOptions};
 use daxfs::Fs;
@@ -180,7 +180,7 @@ fn wait_for_previous_daemon(args: &MountArgs) -> Result<(), String> {
         false => None,
     };
     let by_mountpoint = match args.mountpoint.is_dir() && image_of(&args.mountpoint).is_none() {
-        true => crate::control::daemon_at(&args.mountpoint),
+        true => daxfs_client::socket::daemon_at(&args.mountpoint),
         false => None,
     };
     for pid in [by_image, by_mountpoint].into_iter().flatten() {
@@ -369,6 +369,7 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
         events: Default::default(),
         invalidations: Default::default(),
         control_socket: control.path().to_path_buf(),
+        cached: options.cache,
     });
     daemon.watch_failures()?;
     control.serve(daemon)?;

@@ -336,7 +336,7 @@ impl MountDir {
     }
 
     fn make_dir(mountpoint: &Path) -> Result<PathBuf, String> {
-        if crate::mounts::image_of(mountpoint).is_none() {
+        if daxfs_client::mounts::image_of(mountpoint).is_none() {
             return Err(format!("{}: not a daxfs mount point", mountpoint.display()));
         }
         let dir = mountpoint.join(format!("dax-tests.{}", std::process::id()));
@@ -399,7 +399,7 @@ struct TemporaryMount {
 
 impl Drop for TemporaryMount {
     fn drop(&mut self) {
-        if crate::mounts::image_of(&self.mnt).is_some() {
+        if daxfs_client::mounts::image_of(&self.mnt).is_some() {
             let unmounted = std::env::current_exe()
                 .and_then(|exe| {
                     Command::new(exe)

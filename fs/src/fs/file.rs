@@ -342,6 +342,19 @@ impl Fs {
         self.fallocate_blocks(ino, offset, len, keep_size)
     }
 
+    /// Give the holes of `[offset, offset + len)` zeroed blocks, the size
+    /// unchanged, for the holder of a lease of the range (see
+    /// [`Fs::lease`]) whose store faulted there: durable with the metadata
+    /// when this returns (`MAP_SYNC`). Fails at once with
+    /// [`Error::Recalled`] while a break of the file runs (ask again once
+    /// the recall is answered).
+    pub fn allocate_leased(&self, ino: Ino, offset: u64, len: u64) -> Result<()> {
+        let dax = self.dax_of(ino);
+        let end = offset.saturating_add(len).div_ceil(BLOCK);
+        let _filling = self.dax_fill_holes_nowait(&dax, offset / BLOCK, end)?;
+        self.fallocate_blocks(ino, offset, len, true)
+    }
+
     /// `fallocate` for a caller that holds the file's invalidate lock (a
     /// DAX write fault).
     pub(super) fn fallocate_blocks(

@@ -42,7 +42,7 @@ impl Fs {
         first: u64,
         end: u64,
     ) -> Result<Invalidation<'a>> {
-        self.dax_break(dax, first, end, false)
+        self.dax_break(dax, first, end, false, true)
     }
 
     /// Before a write or fallocate fills holes in `[first, end)`: as
@@ -54,7 +54,20 @@ impl Fs {
         first: u64,
         end: u64,
     ) -> Result<Invalidation<'a>> {
-        self.dax_break(dax, first, end, true)
+        self.dax_break(dax, first, end, true, true)
+    }
+
+    /// [`dax_fill_holes`](Self::dax_fill_holes) for a lease holder's store
+    /// fault: a break running on the file makes it fail at once with
+    /// [`Error::Recalled`] instead of waiting, since the holder may be
+    /// what that break waits for.
+    pub(in crate::fs) fn dax_fill_holes_nowait<'a>(
+        &self,
+        dax: &'a Option<Arc<FileDax>>,
+        first: u64,
+        end: u64,
+    ) -> Result<Invalidation<'a>> {
+        self.dax_break(dax, first, end, true, false)
     }
 
     fn dax_break<'a>(
@@ -63,11 +76,14 @@ impl Fs {
         first: u64,
         end: u64,
         holes_only: bool,
+        wait: bool,
     ) -> Result<Invalidation<'a>> {
         let Some(dax) = dax.as_ref() else {
             return Ok(None);
         };
-        let breaking = dax.break_range(first, end, holes_only);
+        let breaking = dax
+            .break_range(first, end, holes_only, wait)
+            .ok_or(Error::Recalled)?;
         if holes_only {
             Fs::recall_leases(dax, first, end, RecallKind::FillingHoles);
         } else {
@@ -99,15 +115,30 @@ impl FileDax {
     /// mapping (the next access faults again) and drop its entries. Faults
     /// of the file wait until the returned guard is dropped.
     pub fn recall(&self, first: u64, end: u64) -> Breaking<'_> {
-        self.break_range(first, end, false)
+        self.break_range(first, end, false, true)
+            .expect("a break that waits always takes the lock")
     }
 
     /// Take the invalidate lock exclusive and unmap `[first, end)` from
     /// every mapping, dropping its entries (or, `holes_only`, only the
-    /// entries of holes, whose pages are about to get blocks).
-    fn break_range(&self, first: u64, end: u64, holes_only: bool) -> Breaking<'_> {
+    /// entries of holes, whose pages are about to get blocks). Unless
+    /// `wait`, nothing if the lock is held now.
+    fn break_range(
+        &self,
+        first: u64,
+        end: u64,
+        holes_only: bool,
+        wait: bool,
+    ) -> Option<Breaking<'_>> {
         let dax = self;
-        let guard = dax.invalidate.write().unwrap_or_else(|e| e.into_inner());
+        let guard = match wait {
+            true => dax.invalidate.write().unwrap_or_else(|e| e.into_inner()),
+            false => match dax.invalidate.try_write() {
+                Ok(guard) => guard,
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return None,
+            },
+        };
         dax.breaking.store(true, Ordering::Release);
         let breaking = Breaking {
             dax,
@@ -146,7 +177,7 @@ impl FileDax {
                 guard.erase();
             }
         }
-        breaking
+        Some(breaking)
     }
 
     /// Writeback of a file's dirty entries: flush their pages, clear the

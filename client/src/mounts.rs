@@ -16,6 +16,8 @@ pub struct DaxfsMount {
     pub image: PathBuf,
     /// The user who mounted it (`user_id=`).
     pub owner: Option<u32>,
+    /// The device number of its files (`st_dev`).
+    pub dev: u64,
 }
 
 /// Every `fuse.daxfs` mount now.
@@ -26,7 +28,10 @@ pub fn daxfs_mounts() -> Vec<DaxfsMount> {
     info.lines()
         .filter_map(|line| {
             let (mount, fs) = line.split_once(" - ")?;
-            let at = mount.split(' ').nth(4)?;
+            let mut fields = mount.split(' ');
+            let (major, minor) = fields.nth(2)?.split_once(':')?;
+            let dev = libc::makedev(major.parse().ok()?, minor.parse().ok()?);
+            let at = fields.nth(1)?;
             let mut fs = fs.split(' ');
             let (fstype, source, options) = (fs.next()?, fs.next()?, fs.next()?);
             (fstype == "fuse.daxfs").then(|| DaxfsMount {
@@ -35,9 +40,15 @@ pub fn daxfs_mounts() -> Vec<DaxfsMount> {
                 owner: options
                     .split(',')
                     .find_map(|o| o.strip_prefix("user_id=")?.parse().ok()),
+                dev,
             })
         })
         .collect()
+}
+
+/// The daxfs mount whose files have device number `dev` (`st_dev`).
+pub fn with_dev(dev: u64) -> Option<DaxfsMount> {
+    daxfs_mounts().into_iter().find(|m| m.dev == dev)
 }
 
 /// The mount of the mount point `at`, if it is a daxfs mount point.

@@ -1,0 +1,170 @@
+//! The daemon's end of the layout-lease protocol (see
+//! `daxfs_client::lease`): a session per client process that maps device
+//! pages itself (the preload library), holding its leases as
+//! [`Fs::lease`] pins.
+//!
+//! Each session has three threads: one reads the client's lines and gives
+//! leases back at once (`release`, `recalled`: a break may be waiting for
+//! exactly that), one carries out requests in order (which may wait for
+//! the filesystem), and one writes answers and recalls (so that a recall,
+//! sent from inside a break, never waits for the socket). When the client
+//! goes, its leases go with the reader.
+
+use daxfs::dax::{Recall, RecallKind};
+use daxfs::{Error, Fs, Pin};
+use daxfs_client::lease::{recall_line, Extent, Grant, Hello, Reply, Request};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+
+const PAGE: u64 = 4096;
+
+/// Serve a client's session on `stream` (its `dax-session` request was
+/// read) until it closes. `refuse` says why this mount cannot hand out
+/// its device pages, if it cannot.
+pub fn serve(fs: Arc<Fs>, stream: UnixStream, refuse: Option<String>) {
+    let _ = stream.set_nonblocking(false);
+    if let Some(why) = refuse {
+        let mut writer = &stream;
+        let _ = writeln!(writer, "{}", serde_json::json!({ "error": why }));
+        return;
+    }
+    let dev = fs.device();
+    let hello = Hello {
+        device: dev.path().to_path_buf(),
+        size: dev.size(),
+        msync: dev.persistence().mode == pmem::PersistenceMode::Msync,
+    };
+    if hello.send(&stream, dev.as_fd().as_raw_fd()).is_err() {
+        return;
+    }
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let (out, lines) = channel::<String>();
+    let _ = std::thread::Builder::new()
+        .name("daxfs-lease-out".into())
+        .spawn(move || {
+            let mut w = std::io::BufWriter::new(write_half);
+            for line in lines {
+                if writeln!(w, "{line}").and_then(|_| w.flush()).is_err() {
+                    return;
+                }
+            }
+        });
+    let session = Arc::new(Session {
+        fs,
+        out,
+        leases: Mutex::new(HashMap::new()),
+    });
+    let (work, requests) = channel::<(u64, Request)>();
+    let worker = Arc::clone(&session);
+    let _ = std::thread::Builder::new()
+        .name("daxfs-lease-work".into())
+        .spawn(move || {
+            for (id, request) in requests {
+                let reply = worker.carry_out(request);
+                let _ = worker.out.send(reply.to_line(id));
+            }
+        });
+    for line in BufReader::new(&stream).lines() {
+        let Ok(line) = line else { break };
+        match Request::parse(&line) {
+            Ok((_, Request::Release { lease } | Request::Recalled { lease })) => {
+                session.give_back(lease);
+            }
+            Ok((id, request)) => {
+                let _ = work.send((id, request));
+            }
+            Err(e) => {
+                let failed = Reply::Failed {
+                    errno: libc::EINVAL,
+                    message: e,
+                };
+                let _ = session.out.send(failed.to_line(0));
+            }
+        }
+    }
+    // The client is gone: so are its leases.
+    session.leases.lock().unwrap_or_else(|e| e.into_inner()).clear();
+}
+
+struct Session {
+    fs: Arc<Fs>,
+    /// Lines for the writer thread.
+    out: Sender<String>,
+    leases: Mutex<HashMap<u64, Pin>>,
+}
+
+impl Session {
+    fn carry_out(&self, request: Request) -> Reply {
+        let done = match request {
+            Request::Lease { ino, first, end } => self.lease(ino, first, end).map(Reply::Granted),
+            Request::Allocate { ino, first, end } => self
+                .fs
+                .allocate_leased(ino, first * PAGE, (end - first) * PAGE)
+                .map(|()| Reply::Done),
+            Request::Size { ino } => self.fs.getattr(ino).map(|a| Reply::Size(a.size)),
+            Request::Release { .. } | Request::Recalled { .. } => Ok(Reply::Done),
+        };
+        done.unwrap_or_else(|e| Reply::Failed {
+            errno: e.errno(),
+            message: e.to_string(),
+        })
+    }
+
+    fn lease(&self, ino: u64, first: u64, end: u64) -> daxfs::Result<Grant> {
+        static IDS: AtomicU64 = AtomicU64::new(1);
+        let lease = IDS.fetch_add(1, Ordering::Relaxed);
+        let out = Mutex::new(self.out.clone());
+        let recall: Recall = Arc::new(move |_why: RecallKind| {
+            let _ = out
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(recall_line(lease));
+        });
+        let len = (end - first)
+            .checked_mul(PAGE)
+            .ok_or(Error::Invalid("lease range too large"))?;
+        let pin = self.fs.lease(ino, first * PAGE, len, recall)?;
+        let size = self.fs.getattr(ino)?.size;
+        let dev = self.fs.device();
+        let extents: Vec<Extent> = pin
+            .extents()
+            .iter()
+            .map(|e| Extent {
+                page: e.file_offset / PAGE,
+                pfn: e.device_offset / PAGE,
+                pages: e.len / PAGE,
+            })
+            .collect();
+        let poisoned = extents
+            .iter()
+            .flat_map(|e| (e.pfn..e.pfn + e.pages).map(|pfn| (pfn, 1)))
+            .filter(|&(pfn, _)| dev.first_poison(pfn * PAGE, PAGE).is_some())
+            .collect();
+        self.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(lease, pin);
+        Ok(Grant {
+            lease,
+            size,
+            extents,
+            poisoned,
+        })
+    }
+
+    fn give_back(&self, lease: u64) {
+        let pin = self
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&lease);
+        drop(pin);
+    }
+}
