@@ -233,8 +233,7 @@ impl Drop for Control {
 
 /// Whether a request line starts a lease session.
 fn is_session(line: &[u8]) -> bool {
-    serde_json::from_slice::<Value>(line)
-        .is_ok_and(|v| v["op"] == daxfs_client::lease::SESSION)
+    serde_json::from_slice::<Value>(line).is_ok_and(|v| v["op"] == daxfs_client::lease::SESSION)
 }
 
 /// Answer on `stream` (blocking, within the idle limit) and close it.
@@ -339,94 +338,5 @@ fn listen(listener: &UnixListener, owner: u32, queue: &mpsc::SyncSender<(UnixStr
                 Err(_) => break,
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A server run as `nobody` (through setpriv and perl, both in every
-    /// Debian) that answers every connection to `socket` with a forged
-    /// reply; killed when dropped.
-    struct Forger(std::process::Child);
-
-    impl Forger {
-        fn start(socket: &Path) -> Forger {
-            let script = r#"
-                use IO::Socket::UNIX; $SIG{PIPE} = "IGNORE";
-                my $s = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Local => $ARGV[0], Listen => 8)
-                    or die "bind: $!";
-                $| = 1; print "ready\n";
-                while (my $c = $s->accept) { my $l = <$c>; print $c "{\"output\":\"forged\\n\"}\n"; close $c; }
-            "#;
-            let mut child = std::process::Command::new("setpriv")
-                .args([
-                    "--reuid=65534",
-                    "--regid=65534",
-                    "--clear-groups",
-                    "perl",
-                    "-e",
-                    script,
-                ])
-                .arg(socket)
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut line = String::new();
-            BufReader::new(child.stdout.as_mut().unwrap())
-                .read_line(&mut line)
-                .unwrap();
-            assert_eq!(line, "ready\n");
-            Forger(child)
-        }
-    }
-
-    impl Drop for Forger {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    /// The command trusts only a daemon of the mount's owner or root: a
-    /// reply from another user's socket is refused, naming who served it.
-    #[test]
-    fn a_reply_forged_by_another_user_is_refused() {
-        if !nix::unistd::getuid().is_root() {
-            return; // (setpriv needs root)
-        }
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o777),
-        )
-        .unwrap();
-        let socket = dir.path().join("forged.sock");
-        let _forger = Forger::start(&socket);
-        let err = ask_at(&socket, 0, &json!({ "op": "stat" })).unwrap_err();
-        assert!(err.contains("served by uid 65534"), "{err}");
-        // The same socket, were nobody the mount's owner: answered.
-        let answer = ask_at(&socket, 65534, &json!({ "op": "stat" })).unwrap();
-        assert_eq!(answer["output"], "forged\n");
-    }
-
-    /// A directory that others may write to, or that another user owns,
-    /// is not private: a socket in it is not trusted.
-    #[test]
-    fn only_a_private_directory_is_trusted() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let me = nix::unistd::getuid().as_raw();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        check_private(dir.path(), me).unwrap();
-        let err = check_private(dir.path(), me + 1).unwrap_err();
-        assert!(err.contains(&format!("belongs to uid {me}")), "{err}");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
-        let err = check_private(dir.path(), me).unwrap_err();
-        assert!(err.contains("open to others"), "{err}");
-        let link = dir.path().join("link");
-        std::os::unix::fs::symlink("/", &link).unwrap();
-        assert!(check_private(&link, 0).is_err(), "a symlink");
     }
 }

@@ -90,7 +90,11 @@ pub fn serve(fs: Arc<Fs>, stream: UnixStream, refuse: Option<String>) {
         }
     }
     // The client is gone: so are its leases.
-    session.leases.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    session
+        .leases
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
 }
 
 struct Session {

@@ -9,10 +9,10 @@
 //! session, whose loop then ends; the filesystem is then unmounted cleanly.
 
 use crate::fuse::DaxFuse;
-use daxfs_client::mounts::{image_of, mounted_at};
 use clap::Args;
 use daxfs::pmem::{Device, DeviceOptions};
 use daxfs::Fs;
+use daxfs_client::mounts::{image_of, mounted_at};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

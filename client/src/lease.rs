@@ -279,8 +279,7 @@ impl Hello {
         let n = msg.bytes;
         let line = std::str::from_utf8(&buf[..n]).map_err(|e| e.to_string())?;
         let v: Value = serde_json::from_str(line.trim_end()).map_err(|e| {
-            format!("the daemon refused the session: {}", line.trim_end())
-                + &format!(" ({e})")
+            format!("the daemon refused the session: {}", line.trim_end()) + &format!(" ({e})")
         })?;
         if let Some(error) = v["error"].as_str() {
             return Err(format!("the daemon refused the session: {error}"));
@@ -302,8 +301,16 @@ mod tests {
     #[test]
     fn every_message_reads_back_as_it_was_written() {
         let requests = [
-            Request::Lease { ino: 7, first: 0, end: 512 },
-            Request::Allocate { ino: 7, first: 3, end: 4 },
+            Request::Lease {
+                ino: 7,
+                first: 0,
+                end: 512,
+            },
+            Request::Allocate {
+                ino: 7,
+                first: 3,
+                end: 4,
+            },
             Request::Size { ino: 9 },
             Request::Release { lease: 4 },
             Request::Recalled { lease: 5 },
@@ -311,7 +318,10 @@ mod tests {
         for r in requests {
             let (id, back) = Request::parse(&r.to_line(11)).unwrap();
             assert_eq!(back, r);
-            if matches!(r, Request::Lease { .. } | Request::Allocate { .. } | Request::Size { .. }) {
+            if matches!(
+                r,
+                Request::Lease { .. } | Request::Allocate { .. } | Request::Size { .. }
+            ) {
                 assert_eq!(id, 11);
             }
         }
@@ -319,14 +329,21 @@ mod tests {
         let grant = Grant {
             lease: 3,
             size: 1 << 30,
-            extents: vec![Extent { page: 0, pfn: 512, pages: 1024 }],
+            extents: vec![Extent {
+                page: 0,
+                pfn: 512,
+                pages: 1024,
+            }],
             poisoned: vec![(513, 1)],
         };
         let replies = [
             Reply::Granted(grant),
             Reply::Done,
             Reply::Size(0),
-            Reply::Failed { errno: 11, message: "busy".into() },
+            Reply::Failed {
+                errno: 11,
+                message: "busy".into(),
+            },
         ];
         for r in replies {
             assert_eq!(
@@ -334,6 +351,9 @@ mod tests {
                 Event::Reply { id: 2, reply: r }
             );
         }
-        assert_eq!(Event::parse(&recall_line(8)).unwrap(), Event::Recall { lease: 8 });
+        assert_eq!(
+            Event::parse(&recall_line(8)).unwrap(),
+            Event::Recall { lease: 8 }
+        );
     }
 }

@@ -1,1 +1,442 @@
-//! placeholder
+//! `libdaxfs_preload.so`: `LD_PRELOAD` it into a program (or run the
+//! program with `daxfs exec`) and its mappings of files on a daxfs mount
+//! become mappings of the device's own pages, as on Linux fsdax: PMD
+//! pieces where a 2 MiB of the file is an aligned 2 MiB extent, PTE pieces
+//! elsewhere, faults taken lazily, stores straight to the device,
+//! `MAP_SYNC` accepted, and a poisoned page raises `SIGBUS` with
+//! `BUS_MCEERR_AR` at its exact address.
+//!
+//! The mapping code is the library's own ([`daxfs::dax::map`]): this crate
+//! only brings the file's layout from the daemon (`layout`), over a session
+//! of the layout-lease protocol (`session`, and `daxfs_client::lease`),
+//! with the device the daemon hands over (`device`).
+//!
+//! ## What is interposed
+//!
+//! `mmap`/`mmap64` of a regular file on a daxfs mount, shared or private,
+//! readable (not `PROT_EXEC`, not at a fixed address), by the mount's owner
+//! or root, on a mount that does not cache file data in the kernel (`-o
+//! cache`): anything else goes to libc untouched, as does every call on
+//! memory that is not ours. On our mappings: `munmap` of a whole mapping,
+//! `msync` (writes back the pages stored to since the last one),
+//! `madvise` (accepted, nothing to do for device pages), `mprotect` to the
+//! protection the mapping has (else `EACCES`), and `mremap` with
+//! `MREMAP_MAYMOVE` (a new mapping of the grown range; else `ENOMEM`).
+//! `DAXFS_PRELOAD_DEBUG=1` says on stderr why a mapping was not made ours;
+//! `DAXFS_PRELOAD_MOUNTS=DIR[:DIR...]` limits the library to those mounts.
+//!
+//! ## Not covered
+//!
+//! Mappings made without libc's `mmap` (`syscall(SYS_mmap)`, statically
+//! linked programs, the dynamic loader's own) are the kernel's FUSE
+//! mappings. `munmap` of part of a mapping is refused (`EINVAL`). A child
+//! after `fork` keeps the pages its parent had faulted in; a page it
+//! touches first raises `SIGBUS` (the session with the daemon is the
+//! parent's), and its own new mappings are made afresh. `exec` drops
+//! everything, as it should. A program that installs its own `SIGSEGV`
+//! handler after its first daxfs mapping keeps our faults from being
+//! served.
+
+mod device;
+mod layout;
+mod real;
+mod session;
+
+use daxfs::dax::{map, MapOptions, Mapping};
+use layout::RemoteLayout;
+use libc::{c_int, c_void, off_t, size_t};
+use real::real;
+use session::{Lease, Session};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+const FUSE_SUPER_MAGIC: libc::c_long = 0x6573_5546;
+const MAP_SYNC: c_int = 0x80000;
+const MAP_SHARED_VALIDATE: c_int = 0x03;
+const PAGE: u64 = 4096;
+
+fn debug(why: impl std::fmt::Display) {
+    static ON: OnceLock<bool> = OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("DAXFS_PRELOAD_DEBUG").is_some_and(|v| v != "0")) {
+        eprintln!("daxfs-preload: {why}");
+    }
+}
+
+/// One mapping of ours.
+struct Ours {
+    base: usize,
+    len: usize,
+    ino: u64,
+    offset: u64,
+    opts: MapOptions,
+    session: Arc<Session>,
+    mapping: Mapping,
+}
+
+static OURS: RwLock<Vec<Ours>> = RwLock::new(Vec::new());
+/// How many mappings are ours (no lock taken for others' calls while 0).
+static COUNT: AtomicUsize = AtomicUsize::new(0);
+
+/// Sessions by (process, mount device number); `None`: that mount is not
+/// ours to map (the reason was said once).
+type Sessions = HashMap<(u32, u64), Option<Arc<Session>>>;
+
+fn session_for(dev: u64) -> Option<Arc<Session>> {
+    static SESSIONS: OnceLock<Mutex<Sessions>> = OnceLock::new();
+    let sessions = SESSIONS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut sessions = sessions.lock().unwrap_or_else(|e| e.into_inner());
+    sessions
+        .entry((std::process::id(), dev))
+        .or_insert_with(|| {
+            let Some(mount) = daxfs_client::mounts::with_dev(dev) else {
+                debug(format_args!(
+                    "device {dev:#x} is a FUSE mount but not daxfs"
+                ));
+                return None;
+            };
+            if let Some(allowed) = std::env::var_os("DAXFS_PRELOAD_MOUNTS") {
+                let allowed: Vec<PathBuf> = std::env::split_paths(&allowed)
+                    .filter_map(|p| std::fs::canonicalize(p).ok())
+                    .collect();
+                if !allowed.contains(&mount.at) {
+                    debug(format_args!(
+                        "{}: not in DAXFS_PRELOAD_MOUNTS",
+                        mount.at.display()
+                    ));
+                    return None;
+                }
+            }
+            match Session::open(&mount.at) {
+                Ok(session) => Some(session),
+                Err(why) => {
+                    debug(format_args!(
+                        "{}: the kernel's mapping: {why}",
+                        mount.at.display()
+                    ));
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: errno is this thread's.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// A daxfs file mapping, or `None` for libc's own.
+fn map_ours(
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    offset: off_t,
+) -> Option<*mut c_void> {
+    let kind = flags & 0x0f;
+    if fd < 0
+        || len == 0
+        || flags & (libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0
+        || prot & libc::PROT_READ == 0
+        || prot & libc::PROT_EXEC != 0
+        || !matches!(
+            kind,
+            libc::MAP_SHARED | libc::MAP_PRIVATE | MAP_SHARED_VALIDATE
+        )
+        || offset < 0
+        || !(offset as u64).is_multiple_of(PAGE)
+    {
+        return None;
+    }
+    // SAFETY: fstatfs and fstat write one struct each, which we own.
+    let (fs, st) = unsafe {
+        let mut fs: libc::statfs = std::mem::zeroed();
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstatfs(fd, &mut fs) != 0 || fs.f_type != FUSE_SUPER_MAGIC {
+            return None;
+        }
+        if libc::fstat(fd, &mut st) != 0 {
+            return None;
+        }
+        (fs, st)
+    };
+    let _ = fs;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return None;
+    }
+    let session = session_for(st.st_dev)?;
+    // The kernel's checks of the descriptor's access mode.
+    // SAFETY: F_GETFL reads the descriptor's flags.
+    let mode = unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_ACCMODE;
+    let shared = kind != libc::MAP_PRIVATE;
+    let write = prot & libc::PROT_WRITE != 0;
+    if mode == libc::O_WRONLY || (shared && write && mode != libc::O_RDWR) {
+        set_errno(libc::EACCES);
+        return Some(libc::MAP_FAILED);
+    }
+    if flags & MAP_SYNC != 0 && kind != MAP_SHARED_VALIDATE {
+        // As Linux: MAP_SYNC is ignored without MAP_SHARED_VALIDATE.
+        debug("MAP_SYNC without MAP_SHARED_VALIDATE: ignored, as Linux does");
+    }
+    let opts = MapOptions {
+        write,
+        shared,
+        populate: flags & libc::MAP_POPULATE != 0,
+    };
+    let (ino, offset) = (st.st_ino, offset as u64);
+    match map_file(&session, ino, offset, len as u64, opts) {
+        Ok(mapping) => {
+            let base = mapping.as_ptr() as *mut c_void;
+            let ours = Ours {
+                base: base as usize,
+                len: mapping.len(),
+                ino,
+                offset,
+                opts,
+                session,
+                mapping,
+            };
+            OURS.write().unwrap_or_else(|e| e.into_inner()).push(ours);
+            COUNT.fetch_add(1, Ordering::Release);
+            Some(base)
+        }
+        Err(e) => {
+            debug(format_args!("mapping inode {ino}: {e}"));
+            set_errno(e.errno());
+            Some(libc::MAP_FAILED)
+        }
+    }
+}
+
+fn map_file(
+    session: &Arc<Session>,
+    ino: u64,
+    offset: u64,
+    len: u64,
+    opts: MapOptions,
+) -> daxfs::Result<Mapping> {
+    let file = session.file(ino);
+    let lease = Arc::new(Lease {
+        ino,
+        first: offset / PAGE,
+        end: (offset + len).div_ceil(PAGE),
+        file: Arc::clone(&file),
+        grant: Mutex::new(None),
+    });
+    let layout = RemoteLayout {
+        session: Arc::clone(session),
+        lease,
+    };
+    // SAFETY: the program asked for a shared mapping of the file and takes
+    // on what that means (memmap2's contract), as with the kernel's.
+    unsafe { map(Box::new(layout), file, offset, len, opts) }
+}
+
+/// Which of ours holds `[addr, addr + len)`: `Ok(Some(i))` one wholly,
+/// `Ok(None)` none at all, `Err(())` part of one.
+fn find(ours: &[Ours], addr: usize, len: usize) -> Result<Option<usize>, ()> {
+    let end = addr.saturating_add(len.max(1));
+    for (i, m) in ours.iter().enumerate() {
+        if addr < m.base + m.len && m.base < end {
+            return match addr >= m.base && end <= m.base + m.len {
+                true => Ok(Some(i)),
+                false => Err(()),
+            };
+        }
+    }
+    Ok(None)
+}
+
+/// Run `f` on our mapping holding the range, or `None` if it is not ours.
+fn with_ours<T>(
+    addr: *mut c_void,
+    len: size_t,
+    f: impl FnOnce(&Ours) -> T,
+) -> Option<Result<T, ()>> {
+    if COUNT.load(Ordering::Acquire) == 0 {
+        return None;
+    }
+    let ours = OURS.read().unwrap_or_else(|e| e.into_inner());
+    match find(&ours, addr as usize, len) {
+        Ok(Some(i)) => Some(Ok(f(&ours[i]))),
+        Ok(None) => None,
+        Err(()) => Some(Err(())),
+    }
+}
+
+/// # Safety
+/// As libc's `mmap`.
+#[no_mangle]
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    offset: off_t,
+) -> *mut c_void {
+    match map_ours(len, prot, flags, fd, offset) {
+        Some(got) => got,
+        // SAFETY: forwarded as given.
+        None => unsafe { (real().mmap)(addr, len, prot, flags, fd, offset) },
+    }
+}
+
+/// # Safety
+/// As libc's `mmap64` (the same as `mmap` where `off_t` is 64 bits).
+#[no_mangle]
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    offset: off_t,
+) -> *mut c_void {
+    // SAFETY: forwarded as given.
+    unsafe { mmap(addr, len, prot, flags, fd, offset) }
+}
+
+/// # Safety
+/// As libc's `munmap`.
+#[no_mangle]
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
+    let maybe_ours = COUNT.load(Ordering::Acquire) > 0
+        && find(
+            &OURS.read().unwrap_or_else(|e| e.into_inner()),
+            addr as usize,
+            len,
+        ) != Ok(None);
+    if maybe_ours {
+        let mut ours = OURS.write().unwrap_or_else(|e| e.into_inner());
+        match find(&ours, addr as usize, len) {
+            Ok(Some(i)) if ours[i].base == addr as usize => {
+                let gone = ours.swap_remove(i);
+                COUNT.fetch_sub(1, Ordering::Release);
+                drop(ours);
+                // (Its address space goes with it, through this function.)
+                drop(gone);
+                return 0;
+            }
+            Ok(None) => {}
+            _ => {
+                debug("munmap of part of a daxfs mapping: refused");
+                set_errno(libc::EINVAL);
+                return -1;
+            }
+        }
+    }
+    // SAFETY: forwarded as given.
+    unsafe { (real().munmap)(addr, len) }
+}
+
+/// # Safety
+/// As libc's `msync`.
+#[no_mangle]
+pub unsafe extern "C" fn msync(addr: *mut c_void, len: size_t, flags: c_int) -> c_int {
+    match with_ours(addr, len, |m| m.mapping.sync()) {
+        Some(Ok(Ok(()))) => 0,
+        Some(Ok(Err(e))) => {
+            set_errno(e.errno());
+            -1
+        }
+        Some(Err(())) => {
+            set_errno(libc::ENOMEM);
+            -1
+        }
+        // SAFETY: forwarded as given.
+        None => unsafe { (real().msync)(addr, len, flags) },
+    }
+}
+
+/// # Safety
+/// As libc's `mprotect`.
+#[no_mangle]
+pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: size_t, prot: c_int) -> c_int {
+    let same = |m: &Ours| {
+        let had = libc::PROT_READ | if m.opts.write { libc::PROT_WRITE } else { 0 };
+        prot == had
+    };
+    match with_ours(addr, len, same) {
+        Some(Ok(true)) => 0,
+        Some(_) => {
+            debug("mprotect of a daxfs mapping to another protection: refused");
+            set_errno(libc::EACCES);
+            -1
+        }
+        // SAFETY: forwarded as given.
+        None => unsafe { (real().mprotect)(addr, len, prot) },
+    }
+}
+
+/// # Safety
+/// As libc's `madvise`.
+#[no_mangle]
+pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
+    match with_ours(addr, len, |_| ()) {
+        Some(_) => 0,
+        // SAFETY: forwarded as given.
+        None => unsafe { (real().madvise)(addr, len, advice) },
+    }
+}
+
+/// # Safety
+/// As libc's `mremap` (the optional fifth argument is read only with
+/// `MREMAP_FIXED`, as libc does).
+#[no_mangle]
+pub unsafe extern "C" fn mremap(
+    old: *mut c_void,
+    old_len: size_t,
+    new_len: size_t,
+    flags: c_int,
+    new_addr: *mut c_void,
+) -> *mut c_void {
+    let what = with_ours(old, old_len, |m| {
+        (flags == libc::MREMAP_MAYMOVE && m.opts.shared)
+            .then(|| (Arc::clone(&m.session), m.ino, m.offset, m.opts))
+            .ok_or(libc::ENOMEM)
+    });
+    // Mapped with no lock of ours held: a failure unmaps its reservation
+    // through `munmap`, which takes it.
+    let grown = what.map(|what| {
+        what.map(|what| {
+            what.and_then(|(session, ino, offset, opts)| {
+                map_file(&session, ino, offset, new_len as u64, opts).map_err(|e| e.errno())
+            })
+        })
+    });
+    match grown {
+        Some(Ok(Ok(mapping))) => {
+            let base = mapping.as_ptr() as *mut c_void;
+            let mut ours = OURS.write().unwrap_or_else(|e| e.into_inner());
+            let Ok(Some(i)) = find(&ours, old as usize, old_len) else {
+                // Unmapped meanwhile by another thread.
+                drop(ours);
+                drop(mapping);
+                set_errno(libc::EINVAL);
+                return libc::MAP_FAILED;
+            };
+            let len = mapping.len();
+            let old_mapping = std::mem::replace(&mut ours[i].mapping, mapping);
+            ours[i].base = base as usize;
+            ours[i].len = len;
+            drop(ours);
+            // Unmapped with the lock let go: its address space goes through
+            // `munmap`, which takes it.
+            drop(old_mapping);
+            base
+        }
+        Some(Ok(Err(errno))) => {
+            set_errno(errno);
+            libc::MAP_FAILED
+        }
+        Some(Err(())) => {
+            set_errno(libc::EINVAL);
+            libc::MAP_FAILED
+        }
+        // SAFETY: forwarded as given.
+        None => unsafe { (real().mremap)(old, old_len, new_len, flags, new_addr) },
+    }
+}

@@ -47,7 +47,10 @@ impl Inner {
         let fs = &*self.layout;
         let counters = fs.counters();
         let fpage = self.first_page + page;
-        let size = fs.size()?;
+        let mut size = fs.size()?;
+        if fpage * PAGE >= size {
+            size = fs.size_now()?;
+        }
         if fpage * PAGE >= size {
             DaxCounters::count(&counters.beyond);
             return self.map_beyond(page);

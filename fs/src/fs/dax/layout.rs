@@ -42,8 +42,14 @@ pub enum Blocks {
 /// module docs). The mapping owns it and drops it last, after its address
 /// space: whatever keeps the file (and its blocks) alive goes in here.
 pub trait Layout: Send + Sync {
-    /// The file's size in bytes.
+    /// The file's size in bytes, possibly from a cache that may lag a
+    /// growth of the file but never a shrink (which breaks the layout).
     fn size(&self) -> Result<u64>;
+    /// The file's size now, asked when [`size`](Self::size) puts a page
+    /// past the end (which raises `SIGBUS`).
+    fn size_now(&self) -> Result<u64> {
+        self.size()
+    }
     /// Where file pages `[page, page + n)` live.
     fn blocks(&self, page: u64, n: u64) -> Result<Blocks>;
     /// Give the holes in `[page, page + n)` zeroed blocks, durable with

@@ -153,17 +153,21 @@ impl Inner {
         offset: u64,
     ) -> Result<()> {
         let pages = pages.min(self.pages - page);
+        // The system call itself, not libc's `mmap`: a library that
+        // interposes that (the preload) must never take our pieces for a
+        // program's mappings.
         // SAFETY: the range lies inside our reservation (`page + pages` is at
         // most the mapping's page count), which MAP_FIXED replaces.
         let got = unsafe {
-            libc::mmap(
+            libc::syscall(
+                libc::SYS_mmap,
                 self.addr(page),
                 (pages * PAGE) as usize,
                 prot,
                 flags | libc::MAP_FIXED,
                 fd,
                 offset as libc::off_t,
-            )
+            ) as *mut libc::c_void
         };
         if got == libc::MAP_FAILED {
             return Err(self.os_error("map a DAX piece of"));
@@ -217,8 +221,16 @@ impl Inner {
         for f in start..end {
             let page = f - self.first_page;
             if self.state[page as usize].load(Ordering::Acquire) == WRITE {
-                // SAFETY: a page of our reservation, mapped by us.
-                unsafe { libc::mprotect(self.addr(page), PAGE as usize, libc::PROT_READ) };
+                // SAFETY: a page of our reservation, mapped by us. (The
+                // system call itself, as in `map`.)
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_mprotect,
+                        self.addr(page),
+                        PAGE as usize,
+                        libc::PROT_READ,
+                    )
+                };
                 self.state[page as usize].store(READ, Ordering::Release);
             }
         }

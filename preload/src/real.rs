@@ -1,0 +1,53 @@
+//! The interposed functions as libc defines them, found with
+//! `dlsym(RTLD_NEXT)`: what every call that is not ours goes to.
+
+use libc::{c_int, c_void, off_t, size_t};
+use std::sync::OnceLock;
+
+type Mmap = unsafe extern "C" fn(*mut c_void, size_t, c_int, c_int, c_int, off_t) -> *mut c_void;
+type Munmap = unsafe extern "C" fn(*mut c_void, size_t) -> c_int;
+type Msync = unsafe extern "C" fn(*mut c_void, size_t, c_int) -> c_int;
+type Mprotect = unsafe extern "C" fn(*mut c_void, size_t, c_int) -> c_int;
+type Madvise = unsafe extern "C" fn(*mut c_void, size_t, c_int) -> c_int;
+type Mremap = unsafe extern "C" fn(*mut c_void, size_t, size_t, c_int, *mut c_void) -> *mut c_void;
+
+pub struct Real {
+    pub mmap: Mmap,
+    pub munmap: Munmap,
+    pub msync: Msync,
+    pub mprotect: Mprotect,
+    pub madvise: Madvise,
+    pub mremap: Mremap,
+}
+
+/// The next definition of `name` after ours.
+fn next(name: &std::ffi::CStr) -> *mut c_void {
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name has no
+    // preconditions; a null answer is checked by the caller.
+    let f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    if f.is_null() {
+        // Without the real function nothing can work: say so and stop.
+        let msg = b"daxfs-preload: libc's memory-mapping functions not found\n";
+        // SAFETY: writes a static buffer to stderr.
+        unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+        std::process::abort();
+    }
+    f
+}
+
+/// libc's own functions.
+pub fn real() -> &'static Real {
+    static REAL: OnceLock<Real> = OnceLock::new();
+    // SAFETY (each transmute): the symbol is libc's function of that name,
+    // whose C signature the type spells.
+    REAL.get_or_init(|| unsafe {
+        Real {
+            mmap: std::mem::transmute::<*mut c_void, Mmap>(next(c"mmap")),
+            munmap: std::mem::transmute::<*mut c_void, Munmap>(next(c"munmap")),
+            msync: std::mem::transmute::<*mut c_void, Msync>(next(c"msync")),
+            mprotect: std::mem::transmute::<*mut c_void, Mprotect>(next(c"mprotect")),
+            madvise: std::mem::transmute::<*mut c_void, Madvise>(next(c"madvise")),
+            mremap: std::mem::transmute::<*mut c_void, Mremap>(next(c"mremap")),
+        }
+    })
+}
