@@ -3,6 +3,7 @@
 mod control;
 mod daemon;
 mod dax_tests;
+mod exec;
 mod fuse;
 mod huge;
 mod layout;
@@ -77,6 +78,15 @@ enum Command {
     /// own (the library) or in a directory of the mount. Exit status 0 when
     /// no test failed.
     DaxTests(dax_tests::DaxTestsArgs),
+    /// Run a program whose mappings of files on daxfs mounts map the
+    /// device's own pages (true DAX: PMD and PTE faults, MAP_SYNC, SIGBUS
+    /// with BUS_MCEERR_AR on poison), through the preload library.
+    ///
+    /// Only the mount's owner and root get direct mappings; anyone else,
+    /// and a mount with `-o cache`, gets the kernel's FUSE mappings. Covers
+    /// programs that map through libc's mmap (not statically linked ones,
+    /// nor raw `syscall(SYS_mmap)`).
+    Exec(exec::ExecArgs),
     /// Check a filesystem; with --repair, fix what can be fixed.
     ///
     /// The check reads everything a mount reads (superblocks, journal,
@@ -317,6 +327,7 @@ fn run(command: Command) -> Outcome {
         Command::Mount(args) => mount::mount(args),
         Command::Umount(args) => mount::umount(args),
         Command::DaxTests(args) => dax_tests::run(args),
+        Command::Exec(args) => exec::exec(args),
         Command::Fsck(_) => unreachable!("fsck exits with its own codes, above"),
     }
 }
