@@ -13,7 +13,6 @@
 mod common;
 
 use common::{daxfs, text, Mounted};
-use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
@@ -33,9 +32,20 @@ fn library() -> PathBuf {
     lib
 }
 
-/// This test binary, run as a program with the library preloaded, doing
-/// `what` on `file`; `as_nobody` runs it as uid 65534.
-fn program(test: &str, what: &str, file: &Path, as_nobody: bool) -> Child {
+/// How a program runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Run {
+    /// With the library, as root.
+    Preloaded,
+    /// With the library, as uid 65534.
+    PreloadedAsNobody,
+    /// Without the library.
+    Plain,
+}
+
+/// This test binary, run as a program doing `what` on `file`.
+fn program(test: &str, what: &str, file: &Path, run: Run) -> Child {
+    let as_nobody = run == Run::PreloadedAsNobody;
     let me = std::env::current_exe().unwrap();
     let mut cmd = match as_nobody {
         true => {
@@ -47,15 +57,16 @@ fn program(test: &str, what: &str, file: &Path, as_nobody: bool) -> Child {
         false => Command::new(&me),
     };
     cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env("LD_PRELOAD", library())
         .env("DAXFS_PRELOAD_DEBUG", "1")
         .env(CHILD, what)
         .env("DAXFS_PRELOAD_TEST_FILE", file)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::piped());
+    if run != Run::Plain {
+        cmd.env("LD_PRELOAD", library());
+    }
+    cmd.spawn().unwrap()
 }
 
 /// The `KEY VALUE` lines a program printed up to `until` (a key), or to its
@@ -95,7 +106,10 @@ fn get<'a>(seen: &'a [(String, String)], key: &str) -> &'a str {
 fn finish(mut child: Child) -> (std::process::ExitStatus, String) {
     let _ = child.stdin.take();
     let out = child.wait_with_output().unwrap();
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// In a program: the mapping lines of /proc/self/maps inside
@@ -122,6 +136,20 @@ macro_rules! say {
     ($($arg:tt)*) => {
         println!("\n@@ {}", format!($($arg)*))
     };
+}
+
+/// The library's fault counters in this program: PMD and PTE faults.
+fn faults() -> (u64, u64) {
+    // SAFETY: looks a symbol up by a NUL-terminated name.
+    let f = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"daxfs_preload_stats".as_ptr()) };
+    assert!(!f.is_null(), "the library is not loaded");
+    type Stats = unsafe extern "C" fn(*mut u64, usize) -> usize;
+    // SAFETY: the library's function of that name has this signature.
+    let stats: Stats = unsafe { std::mem::transmute::<*mut libc::c_void, Stats>(f) };
+    let mut out = [0u64; 2];
+    // SAFETY: room for two values.
+    unsafe { stats(out.as_mut_ptr(), 2) };
+    (out[0], out[1])
 }
 
 fn wait_for_parent() {
@@ -154,6 +182,8 @@ fn child_main(what: &str) {
                 say!("first {}", *p.add(4096));
                 say!("second {}", *p.add(2 * MIB as usize + 4096));
             }
+            let (pmd, pte) = faults();
+            say!("faults {pmd} {pte}");
             say!("base {:x}", p as usize);
             for (a, b, off, path) in maps_within(p as usize, len) {
                 say!("piece {a:x} {b:x} {off} {path}");
@@ -171,16 +201,28 @@ fn child_main(what: &str) {
         "sync" => {
             let sync = 0x80000 | 0x03; // MAP_SYNC | MAP_SHARED_VALIDATE
             let p = map(sync, rw);
-            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            let errno = match p == libc::MAP_FAILED {
+                true => std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+                false => 0,
+            };
             say!("mapped {} {errno}", p != libc::MAP_FAILED);
         }
         "hole" => {
             let p = map(libc::MAP_SHARED, rw) as *mut u8;
+            let other = map(libc::MAP_SHARED, libc::PROT_READ) as *mut u8;
             assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
-            // SAFETY: stores inside the mapping, into holes of the file.
+            assert_ne!(other as *mut libc::c_void, libc::MAP_FAILED);
+            // SAFETY: loads and stores inside the mappings, into holes.
             unsafe {
+                say!("hole {}", std::ptr::read_volatile(other.add(3 * 4096 + 5)));
                 *p.add(3 * 4096 + 5) = 0xAB;
                 *p.add(2 * MIB as usize + 7) = 0xCD;
+                // The other mapping showed the hole: it shows the data now.
+                say!("other {}", std::ptr::read_volatile(other.add(3 * 4096 + 5)));
+                say!(
+                    "far {}",
+                    std::ptr::read_volatile(other.add(2 * MIB as usize + 7))
+                );
             }
             let shown = maps_within(p as usize, len);
             say!("image {}", shown.iter().any(|m| m.3.contains(".img")));
@@ -190,10 +232,16 @@ fn child_main(what: &str) {
             assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
             // SAFETY: a load inside the mapping.
             say!("before {}", unsafe { *p.add(5000) });
-            let n = maps_within(p as usize, len).iter().filter(|m| m.3.contains(".img")).count();
+            let n = maps_within(p as usize, len)
+                .iter()
+                .filter(|m| m.3.contains(".img"))
+                .count();
             say!("mapped {n}");
             wait_for_parent();
-            let n = maps_within(p as usize, len).iter().filter(|m| m.3.contains(".img")).count();
+            let n = maps_within(p as usize, len)
+                .iter()
+                .filter(|m| m.3.contains(".img"))
+                .count();
             say!("after {n}");
             // The file is empty now: this load raises SIGBUS.
             // SAFETY: a load inside the mapping (which SIGBUS ends).
@@ -253,7 +301,13 @@ fn a_programs_mapping_is_the_devices_own_pages() {
     }
     let m = Mounted::new("");
     let file = m.path("f");
-    let f = OpenOptions::new().create(true).read(true).write(true).open(&file).unwrap();
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
     f.set_len(4 * MIB).unwrap();
     // (Preallocated: aligned 2 MiB extents.)
     let out = Command::new("fallocate")
@@ -268,17 +322,23 @@ fn a_programs_mapping_is_the_devices_own_pages() {
         "a_programs_mapping_is_the_devices_own_pages",
         "store",
         &file,
-        false,
+        Run::Preloaded,
     );
     let seen = said(&mut child, Some("done"));
     let (status, stderr) = finish(child);
     assert!(status.success(), "{stderr}");
     assert_eq!(get(&seen, "first"), "7", "{seen:?}");
     assert_eq!(get(&seen, "second"), "0");
+    // Both 2 MiB of the file are aligned extents: one PMD fault each.
+    assert_eq!(get(&seen, "faults"), "2 0", "PMD and PTE faults");
     let mut buf = [0u8; 19];
     f.read_exact_at(&mut buf, 8192).unwrap();
     assert_eq!(&buf, b"through the mapping");
-    assert_eq!(get(&seen, "unmapped"), "true", "munmap left pieces: {seen:?}");
+    assert_eq!(
+        get(&seen, "unmapped"),
+        "true",
+        "munmap left pieces: {seen:?}"
+    );
     let base = usize::from_str_radix(get(&seen, "base"), 16).unwrap();
     let image = fs::canonicalize(&m.img).unwrap();
     let mut huge = 0;
@@ -311,4 +371,148 @@ fn a_programs_mapping_is_the_devices_own_pages() {
         .count();
     assert!(aligned > 0, "fallocate gave no aligned extent: {layout:?}");
     assert!(huge >= 1, "no 2 MiB piece for an aligned extent: {seen:?}");
+}
+
+/// Stores into holes of a sparse file: each write fault gets zeroed blocks,
+/// committed before it returns (MAP_SYNC's promise), and the bytes are the
+/// file's at once, with no msync, for a reader through the mount.
+#[test]
+fn stores_into_holes_get_blocks_before_the_fault_returns() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let file = m.path("sparse");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
+    f.set_len(4 * MIB).unwrap();
+    assert!(extents(&file).is_empty());
+    let test = "stores_into_holes_get_blocks_before_the_fault_returns";
+    let mut child = program(test, "hole", &file, Run::Preloaded);
+    let seen = said(&mut child, Some("done"));
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(get(&seen, "image"), "true", "{stderr}");
+    assert_eq!(get(&seen, "hole"), "0");
+    assert_eq!(
+        get(&seen, "other"),
+        "171",
+        "a stale zero page in another mapping"
+    );
+    assert_eq!(get(&seen, "far"), "205");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 3 * 4096 + 5).unwrap();
+    assert_eq!(b[0], 0xAB);
+    f.read_exact_at(&mut b, 2 * MIB + 7).unwrap();
+    assert_eq!(b[0], 0xCD);
+    let mut rest = vec![0u8; 4096];
+    f.read_exact_at(&mut rest, 3 * 4096).unwrap();
+    assert!(rest
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == if i == 5 { 0xAB } else { 0 }));
+    let layout = extents(&file);
+    for at in [3 * 4096, 2 * MIB] {
+        assert!(
+            layout.iter().any(|e| e.0 <= at && at < e.0 + e.2),
+            "no block at {at}: {layout:?}"
+        );
+    }
+}
+
+/// A truncate through the mount recalls the layout from the program that
+/// maps the file, which unmaps the range and answers; only then are the
+/// blocks freed, and the truncate succeeds. The program's next access to
+/// the range faults anew, past the end of the file now: SIGBUS.
+#[test]
+fn a_truncate_recalls_a_programs_mapping_before_freeing() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let file = m.path("f");
+    fs::write(&file, vec![9u8; 3 * 4096]).unwrap();
+    let test = "a_truncate_recalls_a_programs_mapping_before_freeing";
+    let mut child = program(test, "recall", &file, Run::Preloaded);
+    let seen = said(&mut child, Some("mapped"));
+    assert_eq!(get(&seen, "before"), "9", "{seen:?}");
+    assert!(
+        get(&seen, "mapped").parse::<u32>().unwrap() >= 1,
+        "{seen:?}"
+    );
+    let free = fs::metadata(&file).unwrap();
+    assert_eq!(free.len(), 3 * 4096);
+    OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(0)
+        .expect("the truncate waits for the recall, then frees");
+    writeln!(child.stdin.as_mut().unwrap()).unwrap();
+    let seen = said(&mut child, None);
+    let (status, stderr) = finish(child);
+    assert_eq!(get(&seen, "after"), "0", "pieces left after the recall");
+    assert!(
+        !seen.iter().any(|(k, _)| k == "read"),
+        "a load past EOF: {seen:?}"
+    );
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?} {stderr}");
+    assert!(extents(&file).is_empty());
+}
+
+/// The device goes only to the mount's owner and root: another user's
+/// program gets the kernel's mapping (the same bytes), and the library
+/// says why when asked to.
+#[test]
+fn another_user_gets_the_kernels_mapping() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("allow_other");
+    let file = m.path("f");
+    fs::write(&file, vec![5u8; 8192]).unwrap();
+    let test = "another_user_gets_the_kernels_mapping";
+    let mut child = program(test, "kernel", &file, Run::PreloadedAsNobody);
+    let seen = said(&mut child, Some("done"));
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(get(&seen, "first"), "5");
+    assert_eq!(get(&seen, "image"), "false");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    // Root (the owner) gets the device's pages.
+    let mut child = program(test, "kernel", &file, Run::Preloaded);
+    let seen = said(&mut child, Some("done"));
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(get(&seen, "image"), "true");
+}
+
+/// MAP_SYNC (with MAP_SHARED_VALIDATE) is accepted for a mapping of the
+/// device's pages, and refused (EOPNOTSUPP) by the kernel's FUSE mapping,
+/// as Linux refuses it on a filesystem without DAX.
+#[test]
+fn map_sync_is_accepted_only_for_the_devices_pages() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let file = m.path("f");
+    fs::write(&file, vec![1u8; 8192]).unwrap();
+    let test = "map_sync_is_accepted_only_for_the_devices_pages";
+    for (run, expect) in [
+        (Run::Preloaded, "true 0".to_string()),
+        (Run::Plain, format!("false {}", libc::EOPNOTSUPP)),
+    ] {
+        let mut child = program(test, "sync", &file, run);
+        let seen = said(&mut child, Some("done"));
+        let (status, stderr) = finish(child);
+        assert!(status.success(), "{stderr}");
+        assert_eq!(get(&seen, "mapped"), expect);
+    }
 }

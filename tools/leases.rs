@@ -19,7 +19,8 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::ThreadId;
 
 const PAGE: u64 = 4096;
 
@@ -60,12 +61,14 @@ pub fn serve(fs: Arc<Fs>, stream: UnixStream, refuse: Option<String>) {
         fs,
         out,
         leases: Mutex::new(HashMap::new()),
+        worker: OnceLock::new(),
     });
     let (work, requests) = channel::<(u64, Request)>();
     let worker = Arc::clone(&session);
     let _ = std::thread::Builder::new()
         .name("daxfs-lease-work".into())
         .spawn(move || {
+            let _ = worker.worker.set(std::thread::current().id());
             for (id, request) in requests {
                 let reply = worker.carry_out(request);
                 let _ = worker.out.send(reply.to_line(id));
@@ -102,6 +105,8 @@ struct Session {
     /// Lines for the writer thread.
     out: Sender<String>,
     leases: Mutex<HashMap<u64, Pin>>,
+    /// The thread that carries out this session's requests.
+    worker: OnceLock<ThreadId>,
 }
 
 impl Session {
@@ -125,7 +130,14 @@ impl Session {
         static IDS: AtomicU64 = AtomicU64::new(1);
         let lease = IDS.fetch_add(1, Ordering::Relaxed);
         let out = Mutex::new(self.out.clone());
-        let recall: Recall = Arc::new(move |_why: RecallKind| {
+        let worker = self.worker.get().copied();
+        let recall: Recall = Arc::new(move |why: RecallKind| {
+            // Blocks given to holes at this client's own request (the break
+            // runs in its worker): its fault maps them itself, and unmaps
+            // them from its other mappings.
+            if why == RecallKind::FillingHoles && Some(std::thread::current().id()) == worker {
+                return;
+            }
             let _ = out
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

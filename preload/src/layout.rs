@@ -99,9 +99,8 @@ impl Layout for RemoteLayout {
             Reply::Failed { errno, message } => return Err(failed(errno, message)),
             _ => return Err(Error::Invalid("the daemon answered an allocation oddly")),
         }
-        // The grant no longer says where the range is: ask anew.
-        let mut grant = self.lease.grant.lock().unwrap_or_else(|e| e.into_inner());
-        self.give_back(&mut grant);
+        // No grant of the file says where the range is now: ask anew.
+        self.session.give_back_file(self.lease.ino);
         Ok(())
     }
 

@@ -167,6 +167,32 @@ impl Session {
             .remove(&id);
     }
 
+    /// Give back every lease of file `ino` in this process: holes of it
+    /// got blocks at our own request, which the daemon does not recall
+    /// from us (the fault that asked maps them, and unmaps the zero pages
+    /// from our other mappings), so every grant of the file may be stale.
+    pub fn give_back_file(&self, ino: u64) {
+        let leases: Vec<(u64, Arc<Lease>)> = {
+            let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+            let mine: Vec<u64> = leases
+                .iter()
+                .filter(|(_, l)| l.upgrade().is_some_and(|l| l.ino == ino))
+                .map(|(&id, _)| id)
+                .collect();
+            mine.into_iter()
+                .filter_map(|id| Some((id, leases.remove(&id)?.upgrade()?)))
+                .collect()
+        };
+        for (id, lease) in leases {
+            let mut grant = lease.grant.lock().unwrap_or_else(|e| e.into_inner());
+            if grant.as_ref().is_some_and(|g| g.lease == id) {
+                *grant = None;
+            }
+            drop(grant);
+            self.tell(Request::Release { lease: id });
+        }
+    }
+
     /// The DAX state of file `ino` in this process.
     pub fn file(&self, ino: u64) -> Arc<FileDax> {
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());

@@ -114,6 +114,12 @@ fn test(extra: &[String]) -> Result<(), String> {
         .env("CARGO_TARGET_DIR", root().join("target/loom"));
     run(loom, "loom model check of the entry-lock wait protocol")?;
 
+    // The preload library is a cdylib, which `cargo test` does not build;
+    // tests/preload.rs runs programs with it.
+    let mut preload = cargo();
+    preload.args(["build", "-q", "-p", "daxfs-preload"]);
+    run(preload, "cargo build -p daxfs-preload")?;
+
     eprintln!("xtask: cargo test --workspace");
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"])
