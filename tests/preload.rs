@@ -152,6 +152,55 @@ fn faults() -> (u64, u64) {
     (out[0], out[1])
 }
 
+/// Print `@@ bus CODE ADDR LSB` at the next SIGBUS, and exit.
+fn on_sigbus_say_and_exit() {
+    extern "C" fn handler(_: i32, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // SAFETY: the kernel's (or the library's) siginfo of a SIGBUS.
+        let bus = unsafe { daxfs::BusSignal::read(info) };
+        // Async-signal-safe: digits into a buffer of our own, one write.
+        let mut buf = [0u8; 96];
+        let mut n = 0;
+        for b in b"\n@@ bus " {
+            buf[n] = *b;
+            n += 1;
+        }
+        for (i, value) in [bus.code as u64, bus.addr as u64, bus.addr_lsb as u64]
+            .into_iter()
+            .enumerate()
+        {
+            let mut digits = [0u8; 20];
+            let (mut v, mut d) = (value, 0);
+            loop {
+                digits[d] = b'0' + (v % 10) as u8;
+                d += 1;
+                v /= 10;
+                if v == 0 {
+                    break;
+                }
+            }
+            while d > 0 {
+                d -= 1;
+                buf[n] = digits[d];
+                n += 1;
+            }
+            buf[n] = if i == 2 { b'\n' } else { b' ' };
+            n += 1;
+        }
+        // SAFETY: write(2) and _exit(2) are async-signal-safe.
+        unsafe {
+            libc::write(1, buf.as_ptr().cast(), n);
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: installs a handler for SIGBUS with a valid sigaction.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = handler as usize;
+        act.sa_flags = libc::SA_SIGINFO;
+        assert_eq!(libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut()), 0);
+    }
+}
+
 fn wait_for_parent() {
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).unwrap();
@@ -246,6 +295,20 @@ fn child_main(what: &str) {
             // The file is empty now: this load raises SIGBUS.
             // SAFETY: a load inside the mapping (which SIGBUS ends).
             let v = unsafe { std::ptr::read_volatile(p.add(5000)) };
+            say!("read {v}");
+        }
+        "poison" => {
+            let p = map(libc::MAP_SHARED, rw) as *mut u8;
+            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            // SAFETY: a load inside the mapping.
+            say!("before {}", unsafe {
+                std::ptr::read_volatile(p.add(4096 + 100))
+            });
+            say!("addr {}", p as usize + 4096 + 100);
+            wait_for_parent();
+            on_sigbus_say_and_exit();
+            // SAFETY: a load inside the mapping, of a poisoned page: SIGBUS.
+            let v = unsafe { std::ptr::read_volatile(p.add(4096 + 100)) };
             say!("read {v}");
         }
         "kernel" => {
@@ -515,4 +578,49 @@ fn map_sync_is_accepted_only_for_the_devices_pages() {
         assert!(status.success(), "{stderr}");
         assert_eq!(get(&seen, "mapped"), expect);
     }
+}
+
+/// Poison injected into a page a program maps (through the mount's
+/// daemon) reaches the program: its next access raises SIGBUS with
+/// BUS_MCEERR_AR, the exact address and si_addr_lsb 12, as on Linux fsdax.
+/// A write through the mount that covers the page clears the poison, and
+/// the page maps again with the new data.
+#[test]
+fn poison_reaches_a_programs_mapping_and_a_covering_write_clears_it() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let file = m.path("f");
+    fs::write(&file, vec![3u8; 3 * 4096]).unwrap();
+    let test = "poison_reaches_a_programs_mapping_and_a_covering_write_clears_it";
+    let mut child = program(test, "poison", &file, Run::Preloaded);
+    let seen = said(&mut child, Some("addr"));
+    assert_eq!(get(&seen, "before"), "3", "{seen:?}");
+    let addr = get(&seen, "addr").to_string();
+    let out = daxfs(&[
+        "inject-error".as_ref(),
+        m.mnt.as_os_str(),
+        "--file".as_ref(),
+        file.as_os_str(),
+        "--offset".as_ref(),
+        "4096".as_ref(),
+        "--count".as_ref(),
+        "8".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    writeln!(child.stdin.as_mut().unwrap()).unwrap();
+    let seen = said(&mut child, None);
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{status:?} {stderr}");
+    assert!(!seen.iter().any(|(k, _)| k == "read"), "{seen:?}");
+    assert_eq!(get(&seen, "bus"), format!("4 {addr} 12"), "{stderr}");
+
+    // A write of the whole page clears it.
+    let f = OpenOptions::new().write(true).open(&file).unwrap();
+    f.write_all_at(&[6u8; 4096], 4096).unwrap();
+    let mut child = program(test, "poison", &file, Run::Preloaded);
+    let seen = said(&mut child, Some("addr"));
+    assert_eq!(get(&seen, "before"), "6", "{seen:?}");
+    drop(finish(child));
 }

@@ -44,6 +44,9 @@ pub enum RecallKind {
     /// Holes of the range are being given blocks: pages shown as holes
     /// must fault again.
     FillingHoles,
+    /// A page of the range holds poison now: it must fault again (and
+    /// then raises `SIGBUS`), nothing waits.
+    Poisoned,
 }
 
 /// One pin or lease of a file's pages, as its file's DAX state lists it.

@@ -259,6 +259,8 @@ impl Fs {
                 guard.erase();
             }
         }
+        // Clients in other processes map the page too: theirs must go.
+        Fs::recall_leases(dax, fpage, fpage + 1, RecallKind::Poisoned);
         (shown, split)
     }
 }
