@@ -195,7 +195,7 @@ fn on_sigbus_say_and_exit() {
     // SAFETY: installs a handler for SIGBUS with a valid sigaction.
     unsafe {
         let mut act: libc::sigaction = std::mem::zeroed();
-        act.sa_sigaction = handler as usize;
+        act.sa_sigaction = handler as *const () as usize;
         act.sa_flags = libc::SA_SIGINFO;
         assert_eq!(libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut()), 0);
     }
