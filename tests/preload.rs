@@ -624,3 +624,35 @@ fn poison_reaches_a_programs_mapping_and_a_covering_write_clears_it() {
     assert_eq!(get(&seen, "before"), "6", "{seen:?}");
     drop(finish(child));
 }
+
+/// A program that does not answer a recall (stopped here) makes the
+/// truncate fail with EBUSY after the layout timeout, freeing nothing: the
+/// program's mapping still shows the file's data. Once it is gone (killed:
+/// the daemon sees its session close), its leases are too, and the
+/// truncate goes through.
+#[test]
+fn a_program_that_does_not_answer_holds_the_blocks_until_it_is_gone() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("layout_timeout=1");
+    let file = m.path("f");
+    fs::write(&file, vec![9u8; 3 * 4096]).unwrap();
+    let test = "a_program_that_does_not_answer_holds_the_blocks_until_it_is_gone";
+    let mut child = program(test, "recall", &file, Run::Preloaded);
+    let seen = said(&mut child, Some("mapped"));
+    assert_eq!(get(&seen, "before"), "9", "{seen:?}");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(&file).unwrap();
+    let err = f.set_len(0).expect_err("freed under a mapping");
+    assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
+    assert_eq!(f.metadata().unwrap().len(), 3 * 4096);
+    let mut back = vec![0u8; 3 * 4096];
+    f.read_exact_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&b| b == 9));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = finish(child);
+    f.set_len(0).expect("the leases went with the program");
+    assert!(extents(&file).is_empty());
+}

@@ -36,7 +36,10 @@ pub struct MountArgs {
     /// (device nodes on the mount open their devices) and `suid` (set-ID
     /// bits take effect on exec), both off by default and root's only;
     /// `relatime` (the default), `noatime` or `strictatime`: when reads
-    /// update access times, as for any Linux filesystem.
+    /// update access times, as for any Linux filesystem;
+    /// `layout_timeout=SECONDS` (default 30): how long a truncate or punch
+    /// waits for programs that map the range directly (`daxfs exec`) or pin
+    /// it to give it back, before it fails with EBUSY and frees nothing.
     #[arg(short = 'o', value_delimiter = ',', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Stay in the foreground; Ctrl-C or SIGTERM unmounts.
@@ -65,6 +68,7 @@ struct Options {
     dev: bool,
     suid: bool,
     atime: daxfs::Atime,
+    layout_timeout: std::time::Duration,
 }
 
 fn parse_options(list: &[String]) -> Result<Options, String> {
@@ -77,6 +81,7 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
         dev: false,
         suid: false,
         atime: daxfs::Atime::Relatime,
+        layout_timeout: daxfs::DEFAULT_LAYOUT_TIMEOUT,
     };
     for opt in list.iter().filter(|s| !s.is_empty()) {
         match opt.split_once('=') {
@@ -98,11 +103,21 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
                     .filter(|n| (1..=64).contains(n))
                     .ok_or_else(|| format!("-o threads={n}: give a number from 1 to 64"))?
             }
+            Some(("layout_timeout", s)) => {
+                let secs: f64 = s
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| (0.0..=86400.0).contains(s))
+                    .ok_or_else(|| {
+                        format!("-o layout_timeout={s}: give seconds, from 0 to 86400")
+                    })?;
+                o.layout_timeout = std::time::Duration::from_secs_f64(secs);
+            }
             _ => {
                 return Err(format!(
                     "unknown mount option {opt:?} (known: ro, rw, allow_other, cache, \
                      threads=N, default_permissions, nodefault_permissions, dev, nodev, suid, \
-                     nosuid, relatime, noatime, strictatime)"
+                     nosuid, relatime, noatime, strictatime, layout_timeout=SECONDS)"
                 ))
             }
         }
@@ -304,6 +319,7 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
     let fs =
         Arc::new(Fs::mount(dev).map_err(|e| format!("{}: cannot mount: {e}", image.display()))?);
     fs.set_atime(options.atime);
+    fs.set_layout_timeout(options.layout_timeout);
     for note in fs.mount_notes() {
         eprintln!("daxfs: {note}");
     }
