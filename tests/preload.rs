@@ -311,6 +311,45 @@ fn child_main(what: &str) {
             let v = unsafe { std::ptr::read_volatile(p.add(4096 + 100)) };
             say!("read {v}");
         }
+        "fork" => {
+            let p = map(libc::MAP_SHARED, libc::PROT_READ) as *mut u8;
+            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            // SAFETY: loads inside the mapping.
+            let before = unsafe { *p.add(100) + *p.add(4096 + 100) };
+            // SAFETY: fork; the child runs only the code below, then exits.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                let shown = maps_within(p as usize, len)
+                    .iter()
+                    .filter(|m| m.3.contains(".img"))
+                    .count();
+                say!("inherited {shown} {before}");
+                say!("mapped 1");
+                wait_for_parent();
+                let n = maps_within(p as usize, len)
+                    .iter()
+                    .filter(|m| m.3.contains(".img"))
+                    .count();
+                say!("after {n}");
+                // SAFETY: a load inside the mapping: past the end of the
+                // file now, so SIGBUS.
+                let v = unsafe { std::ptr::read_volatile(p.add(100)) };
+                say!("read {v}");
+                // SAFETY: leaves the child without running the parent's code.
+                unsafe { libc::_exit(0) };
+            }
+            let mut status = 0;
+            // SAFETY: waits for the child just forked.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            say!(
+                "child {}",
+                if libc::WIFSIGNALED(status) {
+                    libc::WTERMSIG(status)
+                } else {
+                    -1
+                }
+            );
+        }
         "kernel" => {
             let p = map(libc::MAP_SHARED, libc::PROT_READ) as *mut u8;
             assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
@@ -644,7 +683,11 @@ fn a_program_that_does_not_answer_holds_the_blocks_until_it_is_gone() {
     assert_eq!(get(&seen, "before"), "9", "{seen:?}");
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let f = OpenOptions::new().read(true).write(true).open(&file).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
     let err = f.set_len(0).expect_err("freed under a mapping");
     assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
     assert_eq!(f.metadata().unwrap().len(), 3 * 4096);
@@ -655,4 +698,38 @@ fn a_program_that_does_not_answer_holds_the_blocks_until_it_is_gone() {
     let _ = finish(child);
     f.set_len(0).expect("the leases went with the program");
     assert!(extents(&file).is_empty());
+}
+
+/// A child after fork keeps the parent's mappings working, and the daemon
+/// knows it maps them: a truncate recalls the layout from both processes
+/// before it frees, and the child's next access faults anew (SIGBUS past
+/// the end of the file) instead of reading freed blocks.
+#[test]
+fn a_forked_child_holds_leases_of_its_own() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("layout_timeout=10");
+    let file = m.path("f");
+    fs::write(&file, vec![9u8; 3 * 4096]).unwrap();
+    let test = "a_forked_child_holds_leases_of_its_own";
+    let mut child = program(test, "fork", &file, Run::Preloaded);
+    let seen = said(&mut child, Some("mapped"));
+    assert_eq!(get(&seen, "inherited"), "1 18", "{seen:?}");
+    OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(0)
+        .expect("both processes answer the recall");
+    writeln!(child.stdin.as_mut().unwrap()).unwrap();
+    let seen = said(&mut child, None);
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(get(&seen, "after"), "0", "{seen:?} {stderr}");
+    assert!(
+        !seen.iter().any(|(k, _)| k == "read"),
+        "read freed blocks: {seen:?}"
+    );
+    assert_eq!(get(&seen, "child"), libc::SIGBUS.to_string());
 }

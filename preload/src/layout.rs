@@ -3,63 +3,26 @@
 //! the daemon (asked for on the first fault, and again after a recall), so
 //! that a fault costs a round trip only when the layout changed.
 
-use crate::session::{Lease, Session};
+use crate::session::{failed, Lease, Session};
 use daxfs::dax::{Blocks, DaxCounters, DevicePages, FileDax, Layout};
 use daxfs::{Error, Result};
-use daxfs_client::lease::{Grant, Reply, Request};
-use std::sync::{Arc, MutexGuard};
+use daxfs_client::lease::{Reply, Request};
+use std::sync::Arc;
 
 pub struct RemoteLayout {
     pub session: Arc<Session>,
     pub lease: Arc<Lease>,
 }
 
-fn failed(errno: i32, message: String) -> Error {
-    match errno {
-        libc::EAGAIN => Error::Recalled,
-        libc::ENOSPC => Error::NoSpace,
-        _ => Error::Busy(message),
-    }
-}
-
-impl RemoteLayout {
-    /// The grant, asked for if there is none (`Recalled` while the daemon
-    /// is breaking the file's layout: the fault asks again).
-    fn grant(&self) -> Result<MutexGuard<'_, Option<Grant>>> {
-        let mut grant = self.lease.grant.lock().unwrap_or_else(|e| e.into_inner());
-        if grant.is_none() {
-            let l = &self.lease;
-            let asked = Request::Lease {
-                ino: l.ino,
-                first: l.first,
-                end: l.end,
-            };
-            match self.session.ask(asked) {
-                Reply::Granted(g) => {
-                    self.session.register(g.lease, &self.lease);
-                    *grant = Some(g);
-                }
-                Reply::Failed { errno, message } => return Err(failed(errno, message)),
-                _ => return Err(Error::Invalid("the daemon answered a lease with nothing")),
-            }
-        }
-        Ok(grant)
-    }
-
-    /// Give the lease back, if one is held.
-    fn give_back(&self, grant: &mut Option<Grant>) {
-        if let Some(g) = grant.take() {
-            self.session.forget(g.lease);
-            self.session.tell(Request::Release { lease: g.lease });
-        }
-    }
-}
-
 impl Layout for RemoteLayout {
     /// The size when the lease was granted: a shrink recalls the lease,
     /// so a page inside it is inside the file.
     fn size(&self) -> Result<u64> {
-        Ok(self.grant()?.as_ref().map_or(0, |g| g.size))
+        Ok(self
+            .session
+            .grant(&self.lease)?
+            .as_ref()
+            .map_or(0, |g| g.size))
     }
 
     /// A growth does not recall the lease: ask before saying "beyond".
@@ -74,7 +37,7 @@ impl Layout for RemoteLayout {
     }
 
     fn blocks(&self, page: u64, n: u64) -> Result<Blocks> {
-        let grant = self.grant()?;
+        let grant = self.session.grant(&self.lease)?;
         let g = grant.as_ref().expect("granted above");
         let within = g
             .extents
@@ -123,7 +86,7 @@ impl Layout for RemoteLayout {
 
     fn release(&self, file: &Arc<FileDax>) {
         let mut grant = self.lease.grant.lock().unwrap_or_else(|e| e.into_inner());
-        self.give_back(&mut grant);
+        self.session.give_back(&mut grant);
         drop(grant);
         if !file.in_use() {
             let _ = file.writeback(&self.session.device);

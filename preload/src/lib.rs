@@ -50,7 +50,7 @@ use session::{Lease, Session};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, RwLock};
 
 const FUSE_SUPER_MAGIC: libc::c_long = 0x6573_5546;
 const MAP_SYNC: c_int = 0x80000;
@@ -72,6 +72,7 @@ struct Ours {
     offset: u64,
     opts: MapOptions,
     session: Arc<Session>,
+    lease: Arc<Lease>,
     mapping: Mapping,
 }
 
@@ -83,12 +84,10 @@ static COUNT: AtomicUsize = AtomicUsize::new(0);
 /// ours to map (the reason was said once).
 type Sessions = HashMap<(u32, u64), Option<Arc<Session>>>;
 
+static SESSIONS_LOCK: LazyLock<Mutex<Sessions>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
 fn sessions() -> std::sync::MutexGuard<'static, Sessions> {
-    static SESSIONS: OnceLock<Mutex<Sessions>> = OnceLock::new();
-    SESSIONS
-        .get_or_init(|| Mutex::new(HashMap::new()))
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+    SESSIONS_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn session_for(dev: u64) -> Option<Arc<Session>> {
@@ -115,7 +114,15 @@ fn session_for(dev: u64) -> Option<Arc<Session>> {
                 }
             }
             match Session::open(&mount.at) {
-                Ok(session) => Some(session),
+                Ok(session) => {
+                    static AT_FORK: std::sync::Once = std::sync::Once::new();
+                    // SAFETY: registers a handler of ours, which lives as
+                    // long as the process.
+                    AT_FORK.call_once(|| unsafe {
+                        libc::pthread_atfork(None, None, Some(after_fork_in_child));
+                    });
+                    Some(session)
+                }
                 Err(why) => {
                     debug(format_args!(
                         "{}: the kernel's mapping: {why}",
@@ -126,6 +133,68 @@ fn session_for(dev: u64) -> Option<Arc<Session>> {
             }
         })
         .clone()
+}
+
+/// In a child after `fork` (one thread, the one that forked): the
+/// mappings inherited show device pages the daemon knows only the
+/// parent's leases of. Connect anew, lease every mapping's range for this
+/// process, and unmap whatever it shows that the fresh layout does not
+/// say (blocks freed or moved since the parent's grant), before the
+/// program goes on. Locks another thread of the parent held at the fork
+/// are held for ever here: then nothing is done, and the child's faults
+/// fail (`SIGBUS`) rather than map without leases.
+extern "C" fn after_fork_in_child() {
+    let Ok(ours) = OURS.try_read() else {
+        debug("fork: our mapping table was busy; the child's faults will fail");
+        return;
+    };
+    let mut reconnected: Vec<*const Session> = Vec::new();
+    for m in ours.iter() {
+        let key = Arc::as_ptr(&m.session);
+        if !reconnected.contains(&key) {
+            if let Err(why) = m.session.reconnect() {
+                debug(format_args!("fork: cannot reconnect: {why}"));
+                continue;
+            }
+            reconnected.push(key);
+        }
+        *m.lease.grant.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let lease = &m.lease;
+        let fresh = loop {
+            match m.session.grant(lease) {
+                Err(daxfs::Error::Recalled) => std::thread::yield_now(),
+                other => break other.map(|g| g.clone()),
+            }
+        };
+        let grant = match fresh {
+            Ok(Some(g)) => g,
+            _ => {
+                // No layout: nothing inherited may be trusted.
+                drop(lease.file.recall(lease.first, lease.end));
+                continue;
+            }
+        };
+        let from = lease.first / 512 * 512;
+        for (page, pfn, pages) in lease.file.mapped(from, lease.end) {
+            let same = grant.extents.iter().any(|e| {
+                e.page <= page && page + pages <= e.page + e.pages && e.pfn + (page - e.page) == pfn
+            });
+            if !same {
+                drop(lease.file.recall(page, page + pages));
+            }
+        }
+    }
+    if let Ok(mut sessions) = SESSIONS_LOCK.try_lock() {
+        let me = std::process::id();
+        let inherited: Vec<(u64, Arc<Session>)> = sessions
+            .iter()
+            .filter_map(|(&(_, dev), s)| Some((dev, Arc::clone(s.as_ref()?))))
+            .filter(|(_, s)| reconnected.contains(&Arc::as_ptr(s)))
+            .collect();
+        for (dev, session) in inherited {
+            sessions.insert((me, dev), Some(session));
+        }
+    }
 }
 
 fn set_errno(e: c_int) {
@@ -193,7 +262,7 @@ fn map_ours(
     };
     let (ino, offset) = (st.st_ino, offset as u64);
     match map_file(&session, ino, offset, len as u64, opts) {
-        Ok(mapping) => {
+        Ok((mapping, lease)) => {
             let base = mapping.as_ptr() as *mut c_void;
             let ours = Ours {
                 base: base as usize,
@@ -202,6 +271,7 @@ fn map_ours(
                 offset,
                 opts,
                 session,
+                lease,
                 mapping,
             };
             OURS.write().unwrap_or_else(|e| e.into_inner()).push(ours);
@@ -222,7 +292,7 @@ fn map_file(
     offset: u64,
     len: u64,
     opts: MapOptions,
-) -> daxfs::Result<Mapping> {
+) -> daxfs::Result<(Mapping, Arc<Lease>)> {
     let file = session.file(ino);
     let lease = Arc::new(Lease {
         ino,
@@ -233,11 +303,12 @@ fn map_file(
     });
     let layout = RemoteLayout {
         session: Arc::clone(session),
-        lease,
+        lease: Arc::clone(&lease),
     };
     // SAFETY: the program asked for a shared mapping of the file and takes
     // on what that means (memmap2's contract), as with the kernel's.
-    unsafe { map(Box::new(layout), file, offset, len, opts) }
+    let mapping = unsafe { map(Box::new(layout), file, offset, len, opts) }?;
+    Ok((mapping, lease))
 }
 
 /// Which of ours holds `[addr, addr + len)`: `Ok(Some(i))` one wholly,
@@ -414,7 +485,7 @@ pub unsafe extern "C" fn mremap(
         })
     });
     match grown {
-        Some(Ok(Ok(mapping))) => {
+        Some(Ok(Ok((mapping, lease)))) => {
             let base = mapping.as_ptr() as *mut c_void;
             let mut ours = OURS.write().unwrap_or_else(|e| e.into_inner());
             let Ok(Some(i)) = find(&ours, old as usize, old_len) else {
@@ -426,6 +497,7 @@ pub unsafe extern "C" fn mremap(
             };
             let len = mapping.len();
             let old_mapping = std::mem::replace(&mut ours[i].mapping, mapping);
+            ours[i].lease = lease;
             ours[i].base = base as usize;
             ours[i].len = len;
             drop(ours);

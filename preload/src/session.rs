@@ -8,17 +8,23 @@
 //! recalled range (waiting for faults of the file in flight, which never
 //! wait for it: a request that meets a recall fails with `EAGAIN`, and the
 //! fault lets go of its locks and asks again) and gives the lease back.
+//!
+//! After `fork` the child has none of those threads and shares the
+//! parent's socket: it connects anew ([`Session::reconnect`]), so that the
+//! daemon holds leases of its own for what it maps.
 
 use crate::device::RemoteDevice;
 use daxfs::dax::{DaxCounters, FileDax};
+use daxfs::{Error, Result};
 use daxfs_client::lease::{Event, Grant, Hello, Reply, Request, SESSION};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, SyncSender};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// What a leased range of a file is, as the recall thread and the
 /// mapping's layout both see it.
@@ -32,46 +38,72 @@ pub struct Lease {
     pub grant: Mutex<Option<Grant>>,
 }
 
+/// The connection of one process.
+struct Conn {
+    stream: UnixStream,
+    /// The reader thread's copy of the socket (closed by a child after
+    /// `fork`, where no thread reads it).
+    reader: RawFd,
+    pid: u32,
+}
+
+type Waiters = Arc<Mutex<HashMap<u64, SyncSender<Reply>>>>;
+
 pub struct Session {
-    writer: Mutex<UnixStream>,
+    mountpoint: PathBuf,
+    conn: Mutex<Conn>,
     next_id: AtomicU64,
-    pending: Arc<Mutex<HashMap<u64, SyncSender<Reply>>>>,
+    pending: Mutex<Waiters>,
     pub device: RemoteDevice,
     pub counters: DaxCounters,
     /// Leases granted, by id, for the recall thread.
-    leases: Arc<Mutex<HashMap<u64, Weak<Lease>>>>,
+    leases: Mutex<HashMap<u64, Weak<Lease>>>,
     /// The DAX state of each file mapped through this session.
     files: Mutex<HashMap<u64, Weak<FileDax>>>,
-    /// The process that opened the session (a child after `fork` has none
-    /// of its threads, so it may not use it).
-    pid: u32,
+}
+
+/// Connect, ask for a session, and take the hello and the device.
+fn handshake(mountpoint: &Path) -> std::result::Result<(UnixStream, Hello, OwnedFd), String> {
+    let stream = daxfs_client::socket::connect(mountpoint)?;
+    let mut w = &stream;
+    writeln!(w, "{{\"op\":\"{SESSION}\"}}").map_err(|e| e.to_string())?;
+    let (hello, fd) = Hello::receive(&stream)?;
+    Ok((stream, hello, fd))
 }
 
 impl Session {
     /// Open a session with the daemon of the mount at `mountpoint`.
-    pub fn open(mountpoint: &Path) -> Result<Arc<Session>, String> {
-        let stream = daxfs_client::socket::connect(mountpoint)?;
-        let mut w = &stream;
-        writeln!(w, "{}", serde_json_line(SESSION)).map_err(|e| e.to_string())?;
-        let (hello, fd): (Hello, _) = Hello::receive(&stream)?;
+    pub fn open(mountpoint: &Path) -> std::result::Result<Arc<Session>, String> {
+        let (stream, hello, fd) = handshake(mountpoint)?;
         let device = RemoteDevice::open(fd, &hello)?;
-        let reader = stream.try_clone().map_err(|e| e.to_string())?;
         let session = Arc::new(Session {
-            writer: Mutex::new(stream),
+            mountpoint: mountpoint.to_path_buf(),
+            conn: Mutex::new(Conn {
+                reader: -1,
+                stream: stream.try_clone().map_err(|e| e.to_string())?,
+                pid: std::process::id(),
+            }),
             next_id: AtomicU64::new(1),
-            pending: Arc::new(Mutex::new(HashMap::new())),
+            pending: Mutex::new(Arc::default()),
             device,
             counters: DaxCounters::default(),
-            leases: Arc::new(Mutex::new(HashMap::new())),
+            leases: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
-            pid: std::process::id(),
         });
+        session.start(stream)?;
+        Ok(session)
+    }
+
+    /// Start the reader and recall threads on `stream`.
+    fn start(self: &Arc<Self>, stream: UnixStream) -> std::result::Result<(), String> {
+        let pending: Waiters = Arc::default();
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&pending);
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).reader = stream.as_raw_fd();
         let (recalls, recalled) = channel::<u64>();
-        let pending = Arc::clone(&session.pending);
         std::thread::Builder::new()
             .name("daxfs-preload-in".into())
             .spawn(move || {
-                for line in BufReader::new(reader).lines() {
+                for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { break };
                     match Event::parse(&line) {
                         Ok(Event::Reply { id, reply }) => {
@@ -93,7 +125,7 @@ impl Session {
                 pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
             })
             .map_err(|e| e.to_string())?;
-        let weak = Arc::downgrade(&session);
+        let weak = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("daxfs-preload-recall".into())
             .spawn(move || {
@@ -105,12 +137,31 @@ impl Session {
                 }
             })
             .map_err(|e| e.to_string())?;
-        Ok(session)
+        Ok(())
     }
 
-    /// Whether this process may use the session (not a child after fork).
-    pub fn usable(&self) -> bool {
-        self.pid == std::process::id()
+    /// In a child after `fork`: connect anew, so that the daemon knows
+    /// this process and recalls what it maps (the grants inherited are the
+    /// parent's leases, forgotten here; the caller asks again).
+    pub fn reconnect(self: &Arc<Self>) -> std::result::Result<(), String> {
+        let (stream, _hello, _device) = handshake(&self.mountpoint)?;
+        {
+            let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: the parent's reader thread does not exist in this
+            // process; its copy of the socket is closed once, here, and
+            // never used again.
+            unsafe { libc::close(conn.reader) };
+            *conn = Conn {
+                stream: stream.try_clone().map_err(|e| e.to_string())?,
+                reader: -1,
+                pid: std::process::id(),
+            };
+        }
+        self.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.start(stream)
     }
 
     /// Ask, and wait for the answer.
@@ -119,17 +170,15 @@ impl Session {
             errno: libc::EIO,
             message: message.to_string(),
         };
-        if !self.usable() {
-            return failed("the daxfs session belongs to the parent process");
-        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = sync_channel(1);
-        self.pending
+        let pending = Arc::clone(&self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
         if self.send(&request.to_line(id)).is_err() {
-            self.pending
+            pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
@@ -141,30 +190,52 @@ impl Session {
 
     /// Say something that gets no answer.
     pub fn tell(&self, request: Request) {
-        if self.usable() {
-            let _ = self.send(&request.to_line(0));
-        }
+        let _ = self.send(&request.to_line(0));
     }
 
     fn send(&self, line: &str) -> std::io::Result<()> {
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if conn.pid != std::process::id() {
+            return Err(std::io::Error::other("the session is the parent's"));
+        }
+        let mut w = &conn.stream;
         writeln!(w, "{line}")
     }
 
-    /// Keep `lease` for the recall thread.
-    pub fn register(&self, id: u64, lease: &Arc<Lease>) {
-        self.leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Arc::downgrade(lease));
+    /// The grant of `lease`, asked for if there is none (`Recalled` while
+    /// the daemon is breaking the file's layout: the fault asks again).
+    pub fn grant<'a>(&self, lease: &'a Arc<Lease>) -> Result<MutexGuard<'a, Option<Grant>>> {
+        let mut grant = lease.grant.lock().unwrap_or_else(|e| e.into_inner());
+        if grant.is_none() {
+            let asked = Request::Lease {
+                ino: lease.ino,
+                first: lease.first,
+                end: lease.end,
+            };
+            match self.ask(asked) {
+                Reply::Granted(g) => {
+                    self.leases
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(g.lease, Arc::downgrade(lease));
+                    *grant = Some(g);
+                }
+                Reply::Failed { errno, message } => return Err(failed(errno, message)),
+                _ => return Err(Error::Invalid("the daemon answered a lease with nothing")),
+            }
+        }
+        Ok(grant)
     }
 
-    /// Forget lease `id` (given back or replaced).
-    pub fn forget(&self, id: u64) {
-        self.leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+    /// Give the grant back, if one is held.
+    pub fn give_back(&self, grant: &mut Option<Grant>) {
+        if let Some(g) = grant.take() {
+            self.leases
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&g.lease);
+            self.tell(Request::Release { lease: g.lease });
+        }
     }
 
     /// Give back every lease of file `ino` in this process: holes of it
@@ -172,24 +243,17 @@ impl Session {
     /// from us (the fault that asked maps them, and unmaps the zero pages
     /// from our other mappings), so every grant of the file may be stale.
     pub fn give_back_file(&self, ino: u64) {
-        let leases: Vec<(u64, Arc<Lease>)> = {
-            let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-            let mine: Vec<u64> = leases
-                .iter()
-                .filter(|(_, l)| l.upgrade().is_some_and(|l| l.ino == ino))
-                .map(|(&id, _)| id)
-                .collect();
-            mine.into_iter()
-                .filter_map(|id| Some((id, leases.remove(&id)?.upgrade()?)))
+        let leases: Vec<Arc<Lease>> = {
+            let leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+            leases
+                .values()
+                .filter_map(Weak::upgrade)
+                .filter(|l| l.ino == ino)
                 .collect()
         };
-        for (id, lease) in leases {
+        for lease in leases {
             let mut grant = lease.grant.lock().unwrap_or_else(|e| e.into_inner());
-            if grant.as_ref().is_some_and(|g| g.lease == id) {
-                *grant = None;
-            }
-            drop(grant);
-            self.tell(Request::Release { lease: id });
+            self.give_back(&mut grant);
         }
     }
 
@@ -226,6 +290,11 @@ impl Session {
     }
 }
 
-fn serde_json_line(op: &str) -> String {
-    format!("{{\"op\":\"{op}\"}}")
+/// The error a failed request stands for.
+pub fn failed(errno: i32, message: String) -> Error {
+    match errno {
+        libc::EAGAIN => Error::Recalled,
+        libc::ENOSPC => Error::NoSpace,
+        _ => Error::Busy(message),
+    }
 }

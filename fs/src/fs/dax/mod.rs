@@ -368,6 +368,17 @@ impl FileDax {
                 .is_empty()
     }
 
+    /// The device pages file pages `[first, end)` show in this process's
+    /// mappings now, as `(first file page, pfn, pages)` runs (one per
+    /// entry). A client checks them against a fresh layout after `fork`.
+    pub fn mapped(&self, first: u64, end: u64) -> Vec<(u64, u64, u64)> {
+        self.index
+            .range(first..end)
+            .filter(|(_, e)| e.is_mapped())
+            .map(|(at, e)| (at, e.pfn(), e.order().pages()))
+            .collect()
+    }
+
     /// Whether some entry is tagged dirty (stores not written back).
     pub fn is_dirty(&self) -> bool {
         self.index.find_next_tagged(0, Tag::Dirty).is_some()
