@@ -218,12 +218,13 @@ impl Fs {
                     .map_err(media)?;
                 pos += n;
             }
-            if added > 0 {
+            let moved = fs.align_filled_chunks(st, ino, offset, end)?;
+            if added > 0 || moved {
                 inode = fs.store_extents(st, stage, ino)?;
                 inode.blocks += added;
             }
             let now = Time::now();
-            if new_size != old_size || added > 0 || inode.mtime.secs != now.secs {
+            if new_size != old_size || added > 0 || moved || inode.mtime.secs != now.secs {
                 inode.size = new_size;
                 inode.mtime = now;
                 inode.ctime = now;
@@ -488,6 +489,86 @@ impl Fs {
             fs.put_inode(st, stage, ino, inode);
             Ok(())
         })
+    }
+
+    /// After a write of `[offset, end)`: each 2 MiB chunk of the file that
+    /// this write completed (its last byte written now, all of it data) but
+    /// that lies in small extents, because the file was small when its
+    /// first blocks came, moves to a whole aligned region, so that files
+    /// written by appends map with PMDs from their first byte (WineFS keeps
+    /// growing files aligned the same way). A file that stays under 2 MiB
+    /// never moves, so small files cost what they did. Only files that
+    /// nothing maps or pins (whose layout no one holds), and only when a
+    /// free region is left; the old blocks are freed by the same
+    /// transaction, after the copy in the new ones is durable with it.
+    /// Whether any chunk moved.
+    fn align_filled_chunks(&self, st: &mut State, ino: Ino, offset: u64, end: u64) -> Result<bool> {
+        const CHUNK: u64 = HUGE_BLOCKS * BLOCK;
+        if self.dax_of(ino).is_some() {
+            return Ok(false);
+        }
+        let mut moved = false;
+        let first = offset / CHUNK;
+        for chunk in first..end / CHUNK {
+            let to = (chunk + 1) * CHUNK;
+            if !(offset < to && to <= end) {
+                continue;
+            }
+            let lblock = chunk * HUGE_BLOCKS;
+            let extents = self.extents(st, ino)?;
+            match map(extents, lblock) {
+                // Already one aligned region.
+                Some((physical, run)) if run >= HUGE_BLOCKS && physical % HUGE_BLOCKS == 0 => {
+                    continue
+                }
+                Some(_) => {}
+                None => continue,
+            }
+            // All data (no hole in the chunk)?
+            let mut at = lblock;
+            while at < lblock + HUGE_BLOCKS {
+                match map(extents, at) {
+                    Some((_, run)) => at += run,
+                    None => break,
+                }
+            }
+            if at < lblock + HUGE_BLOCKS {
+                continue;
+            }
+            let mut data = vec![0u8; CHUNK as usize];
+            let mut at = lblock;
+            while at < lblock + HUGE_BLOCKS {
+                let (physical, run) = map(extents, at).expect("no hole, above");
+                let n = run.min(lblock + HUGE_BLOCKS - at);
+                let buf = &mut data
+                    [((at - lblock) * BLOCK) as usize..((at - lblock + n) * BLOCK) as usize];
+                if self.core.dev.read(physical * BLOCK, buf).is_err() {
+                    return Ok(moved); // poison: leave the chunk where it is
+                }
+                at += n;
+            }
+            let Some(region) = st.alloc.alloc_huge() else {
+                return Ok(moved);
+            };
+            self.core
+                .dev
+                .memcpy_nodrain(region * BLOCK, &data)
+                .map_err(media)?;
+            let extents = self.extents(st, ino)?;
+            for (start, len) in remove_range(extents, lblock, lblock + HUGE_BLOCKS) {
+                st.alloc.free(start, len);
+            }
+            insert_extent(
+                self.extents(st, ino)?,
+                Extent {
+                    logical: lblock,
+                    len: HUGE_BLOCKS as u32,
+                    physical: region,
+                },
+            );
+            moved = true;
+        }
+        Ok(moved)
     }
 
     /// Unmap logical blocks `[first, end)` and free them (after commit).
