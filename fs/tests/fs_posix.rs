@@ -1263,7 +1263,7 @@ fn files_written_by_appends_are_aligned_from_their_first_byte() {
     .enumerate()
     {
         let f = fs
-            .create_path(&format!("/big{i}"), 0o644, true)
+            .create_path(format!("/big{i}"), 0o644, true)
             .unwrap()
             .ino;
         let mut at = 0u64;
@@ -1284,7 +1284,7 @@ fn files_written_by_appends_are_aligned_from_their_first_byte() {
     let free = fs.statfs().free_blocks;
     for i in 0..200 {
         let f = fs
-            .create_path(&format!("/small{i}"), 0o644, true)
+            .create_path(format!("/small{i}"), 0o644, true)
             .unwrap()
             .ino;
         fs.write(f, 0, &[1u8; 3000]).unwrap();
