@@ -1,17 +1,28 @@
 //! The ndctl-style DAX suite (`daxfs dax-tests`) as cargo tests: each runs
-//! one of its tests through the library and through a temporary FUSE mount
-//! the suite makes (and always unmounts), and checks the table's rows.
+//! one of its tests through the library, through a temporary FUSE mount
+//! the suite makes (and always unmounts), and through that mount with the
+//! preload library (built beside the `daxfs` command: `cargo build -p
+//! daxfs-preload`, as `cargo xtask test` does), and checks the table's rows.
 
 use std::process::Command;
 
+/// A row of the table: the test's name and its three columns.
+#[derive(Debug)]
+struct Row {
+    name: String,
+    library: String,
+    mount: String,
+    preload: String,
+}
+
 /// Run `daxfs dax-tests --only WORD` and return its table rows for the
-/// tests whose names start with `prefix`: (name, library, mount) columns.
-fn suite(word: &str, prefix: &str) -> Vec<(String, String, String)> {
+/// tests whose names start with `prefix`.
+fn suite(word: &str, prefix: &str) -> Vec<Row> {
     suite_with(word, prefix, &[])
 }
 
 /// `suite`, with more arguments for `daxfs dax-tests`.
-fn suite_with(word: &str, prefix: &str, more: &[&str]) -> Vec<(String, String, String)> {
+fn suite_with(word: &str, prefix: &str, more: &[&str]) -> Vec<Row> {
     let out = Command::new(env!("CARGO_BIN_EXE_daxfs"))
         .args(["dax-tests", "--only", word])
         .args(more)
@@ -23,50 +34,57 @@ fn suite_with(word: &str, prefix: &str, more: &[&str]) -> Vec<(String, String, S
         out.status.success(),
         "daxfs dax-tests --only {word} failed:\n{stdout}{stderr}"
     );
-    let rows: Vec<(String, String, String)> = stdout
+    let rows: Vec<Row> = stdout
         .lines()
         .filter(|l| l.starts_with(prefix))
         .map(|l| {
-            // "mmap -Mrwps      pass     pass     (1)": the name may hold a space.
+            // "mmap -Mrwps      pass     pass     pass     (1)": the name may
+            // hold a space.
             let cells: Vec<&str> = l.split_whitespace().collect();
             let at = cells
                 .iter()
                 .position(|c| matches!(*c, "pass" | "FAIL" | "skip"))
                 .unwrap_or_else(|| panic!("no result in the row {l:?}"));
-            (
-                cells[..at].join(" "),
-                cells[at].to_string(),
-                cells.get(at + 1).unwrap_or(&"").to_string(),
-            )
+            let cell = |i: usize| cells.get(at + i).unwrap_or(&"").to_string();
+            Row {
+                name: cells[..at].join(" "),
+                library: cell(0),
+                mount: cell(1),
+                preload: cell(2),
+            }
         })
         .collect();
     assert!(!rows.is_empty(), "no row for {prefix}:\n{stdout}");
     rows
 }
 
-fn passes_both_ways(word: &str) {
-    for (name, library, mount) in suite(word, word) {
+fn passes_every_way(word: &str) {
+    for row in suite(word, word) {
         assert_eq!(
-            (library.as_str(), mount.as_str()),
-            ("pass", "pass"),
-            "{name}"
+            (
+                row.library.as_str(),
+                row.mount.as_str(),
+                row.preload.as_str()
+            ),
+            ("pass", "pass", "pass"),
+            "{row:?}"
         );
     }
 }
 
 #[test]
 fn dax_pmd_direct_io_and_mremap() {
-    passes_both_ways("dax-pmd");
+    passes_every_way("dax-pmd");
 }
 
 #[test]
 fn dax_errors_one_sigbus_eio_and_a_covering_write_clears() {
-    passes_both_ways("dax-errors");
+    passes_every_way("dax-errors");
 }
 
 #[test]
 fn dax_poison_in_a_populated_sync_mapping_then_punch_and_write() {
-    passes_both_ways("dax-poison");
+    passes_every_way("dax-poison");
 }
 
 /// `daxfs inject-error` into a live mount answers only once the kernel's
@@ -82,8 +100,9 @@ fn dax_poison_on_a_disk_backed_mount_sees_the_poison_as_soon_as_injected() {
         .unwrap();
     let dir = dir.path().to_str().unwrap();
     for round in 0..2 {
-        for (name, _, mount) in suite_with("dax-poison", "dax-poison", &["--dir", dir]) {
-            assert_eq!(mount, "pass", "round {round}: {name}");
+        for row in suite_with("dax-poison", "dax-poison", &["--dir", dir]) {
+            assert_eq!(row.mount, "pass", "round {round}: {row:?}");
+            assert_eq!(row.preload, "pass", "round {round}: {row:?}");
         }
     }
 }
@@ -92,11 +111,15 @@ fn dax_poison_on_a_disk_backed_mount_sees_the_poison_as_soon_as_injected() {
 fn mmap_all_18_flag_sets() {
     let rows = suite("mmap", "mmap");
     assert_eq!(rows.len(), 18, "{rows:?}");
-    for (name, library, mount) in rows {
+    for row in rows {
         assert_eq!(
-            (library.as_str(), mount.as_str()),
-            ("pass", "pass"),
-            "{name}"
+            (
+                row.library.as_str(),
+                row.mount.as_str(),
+                row.preload.as_str()
+            ),
+            ("pass", "pass", "pass"),
+            "{row:?}"
         );
     }
 }
@@ -105,9 +128,12 @@ fn mmap_all_18_flag_sets() {
 fn break_layouts_through_the_library() {
     let rows = suite("break-layouts", "break-layouts");
     assert_eq!(rows.len(), 1);
-    let (_, library, mount) = &rows[0];
-    assert_eq!(library, "pass");
-    assert_eq!(mount, "skip", "library only, and the table says why");
+    assert_eq!(rows[0].library, "pass");
+    assert_eq!(
+        rows[0].mount, "skip",
+        "library only, and the table says why"
+    );
+    assert_eq!(rows[0].preload, "skip");
 }
 
 #[test]

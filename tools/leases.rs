@@ -13,13 +13,13 @@
 use daxfs::dax::{Recall, RecallKind};
 use daxfs::{Error, Fs, Pin};
 use daxfs_client::lease::{recall_line, Extent, Grant, Hello, Reply, Request};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::ThreadId;
 
 const PAGE: u64 = 4096;
@@ -62,6 +62,7 @@ pub fn serve(fs: Arc<Fs>, stream: UnixStream, refuse: Option<String>) {
         out,
         leases: Mutex::new(HashMap::new()),
         worker: OnceLock::new(),
+        poisoned: Arc::default(),
     });
     let (work, requests) = channel::<(u64, Request)>();
     let worker = Arc::clone(&session);
@@ -79,6 +80,13 @@ pub fn serve(fs: Arc<Fs>, stream: UnixStream, refuse: Option<String>) {
         match Request::parse(&line) {
             Ok((_, Request::Release { lease } | Request::Recalled { lease })) => {
                 session.give_back(lease);
+            }
+            Ok((_, Request::Poisoned { lease, page })) => {
+                let (told, heard) = &*session.poisoned;
+                told.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((lease, page));
+                heard.notify_all();
             }
             Ok((id, request)) => {
                 let _ = work.send((id, request));
@@ -107,6 +115,9 @@ struct Session {
     leases: Mutex<HashMap<u64, Pin>>,
     /// The thread that carries out this session's requests.
     worker: OnceLock<ThreadId>,
+    /// Poisoned pages the client has made inaccessible, as (lease, page),
+    /// until the memory failure waiting for them takes them.
+    poisoned: Arc<(Mutex<HashSet<(u64, u64)>>, Condvar)>,
 }
 
 impl Session {
@@ -118,7 +129,9 @@ impl Session {
                 .allocate_leased(ino, first * PAGE, (end - first) * PAGE)
                 .map(|()| Reply::Done),
             Request::Size { ino } => self.fs.getattr(ino).map(|a| Reply::Size(a.size)),
-            Request::Release { .. } | Request::Recalled { .. } => Ok(Reply::Done),
+            Request::Release { .. } | Request::Recalled { .. } | Request::Poisoned { .. } => {
+                Ok(Reply::Done)
+            }
         };
         done.unwrap_or_else(|e| Reply::Failed {
             errno: e.errno(),
@@ -131,6 +144,8 @@ impl Session {
         let lease = IDS.fetch_add(1, Ordering::Relaxed);
         let out = Mutex::new(self.out.clone());
         let worker = self.worker.get().copied();
+        let poisoned = Arc::clone(&self.poisoned);
+        let timeout = self.fs.layout_timeout();
         let recall: Recall = Arc::new(move |why: RecallKind| {
             // Blocks given to holes at this client's own request (the break
             // runs in its worker): its fault maps them itself, and unmaps
@@ -141,7 +156,29 @@ impl Session {
             let _ = out
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .send(recall_line(lease));
+                .send(recall_line(
+                    lease,
+                    match why {
+                        RecallKind::Poisoned { page } => Some(page),
+                        _ => None,
+                    },
+                ));
+            // Memory failure is over when the client's page is gone.
+            if let RecallKind::Poisoned { page } = why {
+                let (told, heard) = &*poisoned;
+                let deadline = std::time::Instant::now() + timeout;
+                let mut told = told.lock().unwrap_or_else(|e| e.into_inner());
+                while !told.remove(&(lease, page)) {
+                    let now = std::time::Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    told = heard
+                        .wait_timeout(told, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
         });
         let len = (end - first)
             .checked_mul(PAGE)

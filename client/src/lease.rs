@@ -19,7 +19,10 @@
 //!   the range from its mappings, forgets the grant and says `recalled`;
 //!   a call that frees waits for that (up to the layout timeout, then it
 //!   fails with `EBUSY` and frees nothing). A session that closes gives
-//!   back every lease it held.
+//!   back every lease it held. Poison in a page of the range is told the
+//!   same way, naming the file page (`{"recall": LEASE, "poisoned":
+//!   PAGE}`): the client makes that page inaccessible, keeps the lease and
+//!   says so (`poisoned`); memory failure waits for that.
 //!
 //! A request that meets a recall in progress fails with `EAGAIN`: ask
 //! again once the recall is answered (the fault that asked has let go of
@@ -78,6 +81,8 @@ pub enum Request {
     Release { lease: u64 },
     /// The recalled lease is given back (no answer).
     Recalled { lease: u64 },
+    /// File page `page` of the lease is inaccessible now (no answer).
+    Poisoned { lease: u64, page: u64 },
 }
 
 /// The daemon's answer to a request.
@@ -92,8 +97,16 @@ pub enum Reply {
 /// A line from the daemon, after the hello.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    Reply { id: u64, reply: Reply },
-    Recall { lease: u64 },
+    Reply {
+        id: u64,
+        reply: Reply,
+    },
+    /// Give the lease back (or, with `poisoned`, make that file page
+    /// inaccessible).
+    Recall {
+        lease: u64,
+        poisoned: Option<u64>,
+    },
 }
 
 fn field(v: &Value, name: &str) -> Result<u64, String> {
@@ -115,6 +128,9 @@ impl Request {
             Request::Size { ino } => json!({"id": id, "op": "size", "ino": ino}),
             Request::Release { lease } => json!({"op": "release", "lease": lease}),
             Request::Recalled { lease } => json!({"op": "recalled", "lease": lease}),
+            Request::Poisoned { lease, page } => {
+                json!({"op": "poisoned", "lease": lease, "page": page})
+            }
         }
         .to_string()
     }
@@ -149,6 +165,10 @@ impl Request {
             Some("recalled") => Request::Recalled {
                 lease: field(&v, "lease")?,
             },
+            Some("poisoned") => Request::Poisoned {
+                lease: field(&v, "lease")?,
+                page: field(&v, "page")?,
+            },
             _ => return Err(format!("unknown request {v}")),
         };
         Ok((id, request))
@@ -176,9 +196,14 @@ impl Reply {
     }
 }
 
-/// The line that recalls `lease`.
-pub fn recall_line(lease: u64) -> String {
-    json!({ "recall": lease }).to_string()
+/// The line that recalls `lease` (or tells of poison in file page
+/// `poisoned` of it).
+pub fn recall_line(lease: u64, poisoned: Option<u64>) -> String {
+    match poisoned {
+        None => json!({ "recall": lease }),
+        Some(page) => json!({ "recall": lease, "poisoned": page }),
+    }
+    .to_string()
 }
 
 fn triples(v: &Value) -> Result<Vec<Vec<u64>>, String> {
@@ -198,7 +223,8 @@ impl Event {
     pub fn parse(line: &str) -> Result<Event, String> {
         let v: Value = serde_json::from_str(line).map_err(|e| format!("bad line: {e}"))?;
         if let Some(lease) = v["recall"].as_u64() {
-            return Ok(Event::Recall { lease });
+            let poisoned = v["poisoned"].as_u64();
+            return Ok(Event::Recall { lease, poisoned });
         }
         let id = field(&v, "id")?;
         let reply = if let Some(errno) = v["errno"].as_i64() {
@@ -314,6 +340,7 @@ mod tests {
             Request::Size { ino: 9 },
             Request::Release { lease: 4 },
             Request::Recalled { lease: 5 },
+            Request::Poisoned { lease: 5, page: 6 },
         ];
         for r in requests {
             let (id, back) = Request::parse(&r.to_line(11)).unwrap();
@@ -351,9 +378,11 @@ mod tests {
                 Event::Reply { id: 2, reply: r }
             );
         }
-        assert_eq!(
-            Event::parse(&recall_line(8)).unwrap(),
-            Event::Recall { lease: 8 }
-        );
+        for poisoned in [None, Some(3)] {
+            assert_eq!(
+                Event::parse(&recall_line(8, poisoned)).unwrap(),
+                Event::Recall { lease: 8, poisoned }
+            );
+        }
     }
 }

@@ -1262,10 +1262,7 @@ fn files_written_by_appends_are_aligned_from_their_first_byte() {
     .into_iter()
     .enumerate()
     {
-        let f = fs
-            .create_path(format!("/big{i}"), 0o644, true)
-            .unwrap()
-            .ino;
+        let f = fs.create_path(format!("/big{i}"), 0o644, true).unwrap().ino;
         let mut at = 0u64;
         while at < total {
             let n = piece.min(total - at);

@@ -19,9 +19,16 @@
 //! cache`): anything else goes to libc untouched, as does every call on
 //! memory that is not ours. On our mappings: `munmap` of a whole mapping,
 //! `msync` (writes back the pages stored to since the last one),
-//! `madvise` (accepted, nothing to do for device pages), `mprotect` to the
+//! `madvise` (accepted, nothing to do for device pages), `mlock` and
+//! `munlock` (faulting the pages in first), `mprotect` to the
 //! protection the mapping has (else `EACCES`), and `mremap` with
 //! `MREMAP_MAYMOVE` (a new mapping of the grown range; else `ENOMEM`).
+//! And `read`, `write`, `pread`, `pwrite` (and their `64` forms), `readv`
+//! and `writev` fault in the parts of their buffers that lie in mappings of
+//! ours first, since the kernel does not take our faults (it would fault a
+//! kernel DAX mapping's pages in itself); other system calls given such a
+//! buffer (`send`, `recv`, `io_uring`...) see `EFAULT` where its pages were
+//! never touched.
 //! `DAXFS_PRELOAD_DEBUG=1` says on stderr why a mapping was not made ours;
 //! `DAXFS_PRELOAD_MOUNTS=DIR[:DIR...]` limits the library to those mounts.
 //!
@@ -64,7 +71,10 @@ fn debug(why: impl std::fmt::Display) {
     }
 }
 
-/// One mapping of ours.
+/// One mapping of ours. (Cloned out of the table before it is used, so
+/// that no lock of ours is held while it faults: a fault's request to the
+/// daemon writes to a socket through `write`, which looks in the table.)
+#[derive(Clone)]
 struct Ours {
     base: usize,
     len: usize,
@@ -73,7 +83,7 @@ struct Ours {
     opts: MapOptions,
     session: Arc<Session>,
     lease: Arc<Lease>,
-    mapping: Mapping,
+    mapping: Arc<Mapping>,
 }
 
 static OURS: RwLock<Vec<Ours>> = RwLock::new(Vec::new());
@@ -272,7 +282,7 @@ fn map_ours(
                 opts,
                 session,
                 lease,
-                mapping,
+                mapping: Arc::new(mapping),
             };
             OURS.write().unwrap_or_else(|e| e.into_inner()).push(ours);
             COUNT.fetch_add(1, Ordering::Release);
@@ -335,12 +345,15 @@ fn with_ours<T>(
     if COUNT.load(Ordering::Acquire) == 0 {
         return None;
     }
-    let ours = OURS.read().unwrap_or_else(|e| e.into_inner());
-    match find(&ours, addr as usize, len) {
-        Ok(Some(i)) => Some(Ok(f(&ours[i]))),
-        Ok(None) => None,
-        Err(()) => Some(Err(())),
-    }
+    let found = {
+        let ours = OURS.read().unwrap_or_else(|e| e.into_inner());
+        match find(&ours, addr as usize, len) {
+            Ok(Some(i)) => Ok(ours[i].clone()),
+            Ok(None) => return None,
+            Err(()) => Err(()),
+        }
+    };
+    Some(found.map(|m| f(&m)))
 }
 
 /// # Safety
@@ -448,6 +461,193 @@ pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: size_t, prot: c_int) -
     }
 }
 
+// ---- system calls with buffers in our mappings --------------------------
+
+/// Fault in what of `[addr, addr + len)` lies in mappings of ours, for a
+/// system call that hands the buffer to the kernel (which does not take
+/// our faults: an unfaulted page would be `EFAULT`); `store` when the
+/// kernel writes into it.
+fn fault_in(addr: *const c_void, len: size_t, store: bool) {
+    if COUNT.load(Ordering::Acquire) == 0 || len == 0 {
+        return;
+    }
+    let (a, b) = (addr as usize, (addr as usize).saturating_add(len));
+    let touched: Vec<(Arc<Mapping>, usize, usize)> = OURS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|m| a < m.base + m.len && m.base < b)
+        .map(|m| {
+            let from = a.max(m.base) - m.base;
+            let to = b.min(m.base + m.len) - m.base;
+            (Arc::clone(&m.mapping), from, to - from)
+        })
+        .collect();
+    for (mapping, offset, n) in touched {
+        let _ = mapping.fault_in(offset, n, store);
+    }
+}
+
+/// Run a system call on a buffer, faulting it in first; again if a recall
+/// took a page away meanwhile (`EFAULT`, a few times at most).
+fn with_buffer(
+    addr: *const c_void,
+    len: size_t,
+    store: bool,
+    call: impl Fn() -> libc::ssize_t,
+) -> libc::ssize_t {
+    for _ in 0..4 {
+        fault_in(addr, len, store);
+        let n = call();
+        let efault = n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EFAULT);
+        if !efault || COUNT.load(Ordering::Acquire) == 0 {
+            return n;
+        }
+    }
+    call()
+}
+
+/// # Safety
+/// As libc's `read`.
+#[no_mangle]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> libc::ssize_t {
+    // SAFETY: forwarded as given.
+    with_buffer(buf, n, true, || unsafe { (real().read)(fd, buf, n) })
+}
+
+/// # Safety
+/// As libc's `write`.
+#[no_mangle]
+pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> libc::ssize_t {
+    // SAFETY: forwarded as given.
+    with_buffer(buf, n, false, || unsafe { (real().write)(fd, buf, n) })
+}
+
+/// # Safety
+/// As libc's `pread64`.
+#[no_mangle]
+pub unsafe extern "C" fn pread64(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    at: off_t,
+) -> libc::ssize_t {
+    // SAFETY: forwarded as given.
+    with_buffer(buf, n, true, || unsafe { (real().pread64)(fd, buf, n, at) })
+}
+
+/// # Safety
+/// As libc's `pread` (the same as `pread64` where `off_t` is 64 bits).
+#[no_mangle]
+pub unsafe extern "C" fn pread(fd: c_int, buf: *mut c_void, n: size_t, at: off_t) -> libc::ssize_t {
+    // SAFETY: forwarded as given.
+    unsafe { pread64(fd, buf, n, at) }
+}
+
+/// # Safety
+/// As libc's `pwrite64`.
+#[no_mangle]
+pub unsafe extern "C" fn pwrite64(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    at: off_t,
+) -> libc::ssize_t {
+    // SAFETY: forwarded as given.
+    with_buffer(buf, n, false, || unsafe {
+        (real().pwrite64)(fd, buf, n, at)
+    })
+}
+
+/// # Safety
+/// As libc's `pwrite` (the same as `pwrite64` where `off_t` is 64 bits).
+#[no_mangle]
+pub unsafe extern "C" fn pwrite(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    at: off_t,
+) -> libc::ssize_t {
+    // SAFETY: forwarded as given.
+    unsafe { pwrite64(fd, buf, n, at) }
+}
+
+/// The buffers of an I/O vector, faulted in.
+///
+/// # Safety
+/// `iov` points to `count` valid `iovec`s.
+unsafe fn vector(
+    iov: *const libc::iovec,
+    count: c_int,
+    store: bool,
+    call: impl Fn() -> libc::ssize_t,
+) -> libc::ssize_t {
+    if COUNT.load(Ordering::Acquire) > 0 && !iov.is_null() && count > 0 {
+        // SAFETY: the caller's promise.
+        let iovs = unsafe { std::slice::from_raw_parts(iov, count as usize) };
+        for v in iovs {
+            fault_in(v.iov_base, v.iov_len, store);
+        }
+    }
+    call()
+}
+
+/// # Safety
+/// As libc's `readv`.
+#[no_mangle]
+pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, count: c_int) -> libc::ssize_t {
+    // SAFETY: forwarded as given.
+    unsafe { vector(iov, count, true, || (real().readv)(fd, iov, count)) }
+}
+
+/// # Safety
+/// As libc's `writev`.
+#[no_mangle]
+pub unsafe extern "C" fn writev(fd: c_int, iov: *const libc::iovec, count: c_int) -> libc::ssize_t {
+    // SAFETY: forwarded as given.
+    unsafe { vector(iov, count, false, || (real().writev)(fd, iov, count)) }
+}
+
+/// # Safety
+/// As libc's `mlock`.
+#[no_mangle]
+pub unsafe extern "C" fn mlock(addr: *const c_void, len: size_t) -> c_int {
+    // (Unfaulted pages of ours are inaccessible reservations, which the
+    // kernel's mlock refuses: the mapping faults them in first.)
+    match with_ours(addr.cast_mut(), len, |m| m.mapping.lock()) {
+        Some(Ok(Ok(()))) => 0,
+        Some(Ok(Err(e))) => {
+            set_errno(e.errno());
+            -1
+        }
+        Some(Err(())) => {
+            set_errno(libc::EINVAL);
+            -1
+        }
+        // SAFETY: forwarded as given.
+        None => unsafe { (real().mlock)(addr, len) },
+    }
+}
+
+/// # Safety
+/// As libc's `munlock`.
+#[no_mangle]
+pub unsafe extern "C" fn munlock(addr: *const c_void, len: size_t) -> c_int {
+    match with_ours(addr.cast_mut(), len, |m| m.mapping.unlock()) {
+        Some(Ok(Ok(()))) => 0,
+        Some(Ok(Err(e))) => {
+            set_errno(e.errno());
+            -1
+        }
+        Some(Err(())) => {
+            set_errno(libc::EINVAL);
+            -1
+        }
+        // SAFETY: forwarded as given.
+        None => unsafe { (real().munlock)(addr, len) },
+    }
+}
+
 /// # Safety
 /// As libc's `madvise`.
 #[no_mangle]
@@ -496,7 +696,7 @@ pub unsafe extern "C" fn mremap(
                 return libc::MAP_FAILED;
             };
             let len = mapping.len();
-            let old_mapping = std::mem::replace(&mut ours[i].mapping, mapping);
+            let old_mapping = std::mem::replace(&mut ours[i].mapping, Arc::new(mapping));
             ours[i].lease = lease;
             ours[i].base = base as usize;
             ours[i].len = len;

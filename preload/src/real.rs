@@ -9,6 +9,12 @@ type Munmap = unsafe extern "C" fn(*mut c_void, size_t) -> c_int;
 type Msync = unsafe extern "C" fn(*mut c_void, size_t, c_int) -> c_int;
 type Mprotect = unsafe extern "C" fn(*mut c_void, size_t, c_int) -> c_int;
 type Madvise = unsafe extern "C" fn(*mut c_void, size_t, c_int) -> c_int;
+type Mlock = unsafe extern "C" fn(*const c_void, size_t) -> c_int;
+type Read = unsafe extern "C" fn(c_int, *mut c_void, size_t) -> libc::ssize_t;
+type Write = unsafe extern "C" fn(c_int, *const c_void, size_t) -> libc::ssize_t;
+type Pread = unsafe extern "C" fn(c_int, *mut c_void, size_t, off_t) -> libc::ssize_t;
+type Pwrite = unsafe extern "C" fn(c_int, *const c_void, size_t, off_t) -> libc::ssize_t;
+type Readv = unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> libc::ssize_t;
 type Mremap = unsafe extern "C" fn(*mut c_void, size_t, size_t, c_int, *mut c_void) -> *mut c_void;
 
 pub struct Real {
@@ -18,6 +24,14 @@ pub struct Real {
     pub mprotect: Mprotect,
     pub madvise: Madvise,
     pub mremap: Mremap,
+    pub mlock: Mlock,
+    pub munlock: Mlock,
+    pub read: Read,
+    pub write: Write,
+    pub pread64: Pread,
+    pub pwrite64: Pwrite,
+    pub readv: Readv,
+    pub writev: Readv,
 }
 
 /// The next definition of `name` after ours.
@@ -48,6 +62,14 @@ pub fn real() -> &'static Real {
             mprotect: std::mem::transmute::<*mut c_void, Mprotect>(next(c"mprotect")),
             madvise: std::mem::transmute::<*mut c_void, Madvise>(next(c"madvise")),
             mremap: std::mem::transmute::<*mut c_void, Mremap>(next(c"mremap")),
+            mlock: std::mem::transmute::<*mut c_void, Mlock>(next(c"mlock")),
+            munlock: std::mem::transmute::<*mut c_void, Mlock>(next(c"munlock")),
+            read: std::mem::transmute::<*mut c_void, Read>(next(c"read")),
+            write: std::mem::transmute::<*mut c_void, Write>(next(c"write")),
+            pread64: std::mem::transmute::<*mut c_void, Pread>(next(c"pread64")),
+            pwrite64: std::mem::transmute::<*mut c_void, Pwrite>(next(c"pwrite64")),
+            readv: std::mem::transmute::<*mut c_void, Readv>(next(c"readv")),
+            writev: std::mem::transmute::<*mut c_void, Readv>(next(c"writev")),
         }
     })
 }

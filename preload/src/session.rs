@@ -99,7 +99,7 @@ impl Session {
         let pending: Waiters = Arc::default();
         *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&pending);
         self.conn.lock().unwrap_or_else(|e| e.into_inner()).reader = stream.as_raw_fd();
-        let (recalls, recalled) = channel::<u64>();
+        let (recalls, recalled) = channel::<(u64, Option<u64>)>();
         std::thread::Builder::new()
             .name("daxfs-preload-in".into())
             .spawn(move || {
@@ -115,8 +115,8 @@ impl Session {
                                 let _ = waiter.send(reply);
                             }
                         }
-                        Ok(Event::Recall { lease }) => {
-                            let _ = recalls.send(lease);
+                        Ok(Event::Recall { lease, poisoned }) => {
+                            let _ = recalls.send((lease, poisoned));
                         }
                         Err(_) => {}
                     }
@@ -129,11 +129,14 @@ impl Session {
         std::thread::Builder::new()
             .name("daxfs-preload-recall".into())
             .spawn(move || {
-                for lease in recalled {
+                for (lease, poisoned) in recalled {
                     let Some(session) = weak.upgrade() else {
                         return;
                     };
-                    session.recall(lease);
+                    match poisoned {
+                        None => session.recall(lease),
+                        Some(page) => session.poisoned(lease, page),
+                    }
                 }
             })
             .map_err(|e| e.to_string())?;
@@ -287,6 +290,41 @@ impl Session {
             }
         }
         self.tell(Request::Recalled { lease: id });
+    }
+}
+
+impl Session {
+    /// The daemon tells of poison in file page `page` of lease `id`: the
+    /// grant learns that its device page is poisoned (so no fault maps it
+    /// again), and the page becomes inaccessible in every mapping of the
+    /// file here (the next access raises `SIGBUS` with `BUS_MCEERR_AR`),
+    /// as the library's memory failure does. The lease stays.
+    fn poisoned(&self, id: u64, page: u64) {
+        let lease = self
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .and_then(Weak::upgrade);
+        let Some(lease) = lease else {
+            self.tell(Request::Poisoned { lease: id, page });
+            return;
+        };
+        {
+            let mut grant = lease.grant.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(g) = grant.as_mut().filter(|g| g.lease == id) {
+                let pfn = g
+                    .extents
+                    .iter()
+                    .find(|e| e.page <= page && page < e.page + e.pages)
+                    .map(|e| e.pfn + (page - e.page));
+                if let Some(pfn) = pfn {
+                    g.poisoned.push((pfn, 1));
+                }
+            }
+        }
+        lease.file.poison_page(page, &self.device);
+        self.tell(Request::Poisoned { lease: id, page });
     }
 }
 

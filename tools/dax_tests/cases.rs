@@ -484,7 +484,7 @@ pub fn dax_poison(cx: &Ctx) -> Res {
     );
     let sig = sigbus::last();
     check!(sig.addr == addr, "si_addr {:#x}, want {addr:#x}", sig.addr);
-    if t.library().is_some() {
+    if t.direct() {
         check!(
             sig.code == sigbus::BUS_MCEERR_AR,
             "si_code {}, want BUS_MCEERR_AR (4)",

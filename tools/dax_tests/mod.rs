@@ -1,5 +1,6 @@
 //! `daxfs dax-tests`: an ndctl-style DAX test suite, run through the
-//! library and through a FUSE mount, with a pass/fail table.
+//! library, through a FUSE mount, and through the mount with the preload
+//! library (`daxfs exec`), with a pass/fail table.
 //!
 //! Every test runs in a process of its own (as ndctl's tests are programs
 //! of their own): a test installs a SIGBUS handler, may `mlockall`, and
@@ -125,7 +126,11 @@ pub fn run(args: DaxTestsArgs) -> Result<(), String> {
             Err(why) => format!("none ({why})"),
         }
     );
-    println!("{:<16} {:<8} {:<8}", "test", "library", "mount");
+    let preload = crate::exec::library();
+    println!(
+        "{:<16} {:<8} {:<8} {:<8}",
+        "test", "library", "mount", "preload"
+    );
     let mut notes: Vec<String> = Vec::new();
     let mut note = |text: String| -> String {
         let n = match notes.iter().position(|n| *n == text) {
@@ -142,15 +147,18 @@ pub fn run(args: DaxTestsArgs) -> Result<(), String> {
     for case in &selected {
         let mut cells = Vec::new();
         let mut marks = Vec::new();
-        let vias: [Result<String, String>; 2] = [
-            Ok("library".to_string()),
-            match (&mount, case.library_only) {
-                (_, Some(why)) => Err(format!("library only: {why}")),
-                (Ok(m), None) => Ok(m.dir.display().to_string()),
-                (Err(why), None) => Err(format!("no mount: {why}")),
-            },
-        ];
-        for (column, via) in ["library", "mount"].into_iter().zip(vias) {
+        let in_mount = match (&mount, case.library_only) {
+            (_, Some(why)) => Err(format!("library only: {why}")),
+            (Ok(m), None) => Ok(m.dir.display().to_string()),
+            (Err(why), None) => Err(format!("no mount: {why}")),
+        };
+        let preloaded = match (&in_mount, &preload) {
+            (Ok(dir), Ok(_)) => Ok(dir.clone()),
+            (Err(why), _) => Err(why.clone()),
+            (_, Err(why)) => Err(why.clone()),
+        };
+        let vias: [Result<String, String>; 3] = [Ok("library".to_string()), in_mount, preloaded];
+        for (column, via) in ["library", "mount", "preload"].into_iter().zip(vias) {
             let via = match via {
                 Ok(via) => via,
                 Err(why) => {
@@ -160,7 +168,11 @@ pub fn run(args: DaxTestsArgs) -> Result<(), String> {
                     continue;
                 }
             };
-            let outcome = spawn_case(&exe, &args, &dir, &case.name, &via);
+            let with = match column {
+                "preload" => preload.as_ref().ok().map(PathBuf::as_path),
+                _ => None,
+            };
+            let outcome = spawn_case(&exe, &args, &dir, &case.name, &via, with);
             for text in &outcome.notes {
                 marks.push(note(format!("{column}: {text}")));
             }
@@ -175,10 +187,11 @@ pub fn run(args: DaxTestsArgs) -> Result<(), String> {
         }
         marks.dedup();
         println!(
-            "{:<16} {:<8} {:<8} {}",
+            "{:<16} {:<8} {:<8} {:<8} {}",
             case.name,
             cells[0],
             cells[1],
+            cells[2],
             marks.join(" ")
         );
     }
@@ -205,13 +218,26 @@ struct Outcome {
     output: String,
 }
 
-fn spawn_case(exe: &Path, args: &DaxTestsArgs, dir: &Path, name: &str, via: &str) -> Outcome {
+/// Run test `name` through `via` in a process of its own, with the
+/// library `preload` preloaded if given.
+fn spawn_case(
+    exe: &Path,
+    args: &DaxTestsArgs,
+    dir: &Path,
+    name: &str,
+    via: &str,
+    preload: Option<&Path>,
+) -> Outcome {
     let fail = |output: String| Outcome {
         passed: false,
         notes: Vec::new(),
         output,
     };
-    let mut child = match Command::new(exe)
+    let mut command = Command::new(exe);
+    if let Some(library) = preload {
+        command.env("LD_PRELOAD", library);
+    }
+    let mut child = match command
         .arg("dax-tests")
         .args(["--case", name, "--via", via])
         .arg("--dir")

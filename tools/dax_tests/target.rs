@@ -79,8 +79,14 @@ pub trait Target {
     /// A shared writable mapping with `MAP_SYNC`'s promise, populated up
     /// front; `None` if the target refuses `MAP_SYNC` (`EOPNOTSUPP`).
     fn map_sync(&self, name: &str, offset: u64, len: u64) -> Res<Option<Box<dyn Map>>>;
-    /// The library's fault counters (a mount's mappings are the kernel's).
+    /// The library's fault counters (a mount's mappings are the kernel's,
+    /// unless the preload library makes them the device's).
     fn dax_stats(&self) -> Option<DaxStats>;
+    /// Whether mappings are of the device's own pages (the library, or a
+    /// mount with the preload library), with fsdax's semantics.
+    fn direct(&self) -> bool {
+        self.dax_stats().is_some()
+    }
     /// The library itself, for what only it offers (pins).
     fn library(&self) -> Option<&Fs>;
 }
@@ -285,15 +291,27 @@ pub struct Mount {
     mountpoint: PathBuf,
     /// `dir` as a path inside the mount.
     inside: String,
+    /// The preload library's counters, when it is loaded in this process
+    /// (then mappings of the mount's files are the device's pages).
+    preload: Option<PreloadStats>,
 }
+
+type PreloadStats = unsafe extern "C" fn(*mut u64, usize) -> usize;
 
 impl Mount {
     pub fn new(dir: &Path) -> Res<Mount> {
         let (mountpoint, inside) = crate::control::locate(dir)?;
+        // SAFETY: looks a symbol up by a NUL-terminated name.
+        let f = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"daxfs_preload_stats".as_ptr()) };
+        // SAFETY: the preload library's function of that name has this
+        // signature.
+        let preload = (!f.is_null())
+            .then(|| unsafe { std::mem::transmute::<*mut libc::c_void, PreloadStats>(f) });
         Ok(Mount {
             dir: dir.to_path_buf(),
             mountpoint,
             inside,
+            preload,
         })
     }
 
@@ -310,6 +328,15 @@ impl Mount {
 
     fn ask(&self, request: Value) -> Res<String> {
         crate::control::output(&self.mountpoint, &request)
+    }
+
+    /// A mapping made by `mmap(2)`: the kernel's, or, with the preload
+    /// library, the device's pages (which show the file again by
+    /// themselves once a poisoned page's blocks change, as the library's
+    /// do).
+    fn preloaded(&self, mut m: KernelMap) -> Box<dyn Map> {
+        m.remaps_itself = self.preload.is_some();
+        Box::new(m)
     }
 }
 
@@ -416,13 +443,13 @@ impl Target for Mount {
             flags.write,
             mflags,
         )
-        .map(|m| Box::new(m) as Box<dyn Map>)
+        .map(|m| self.preloaded(m))
     }
 
     fn map_sync(&self, name: &str, offset: u64, len: u64) -> Res<Option<Box<dyn Map>>> {
         let flags = libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC | libc::MAP_POPULATE;
         match KernelMap::new(self.open(name, true), name, offset, len, true, flags) {
-            Ok(m) => Ok(Some(Box::new(m))),
+            Ok(m) => Ok(Some(self.preloaded(m))),
             Err(e) if e.contains(&io::Error::from_raw_os_error(libc::EOPNOTSUPP).to_string()) => {
                 Ok(None)
             }
@@ -431,7 +458,23 @@ impl Target for Mount {
     }
 
     fn dax_stats(&self) -> Option<DaxStats> {
-        None
+        let stats = self.preload?;
+        let mut c = [0u64; 11];
+        // SAFETY: room for the 11 counters the library fills.
+        let n = unsafe { stats(c.as_mut_ptr(), c.len()) };
+        (n == c.len()).then_some(DaxStats {
+            pmd_faults: c[0],
+            pte_faults: c[1],
+            zero_maps: c[2],
+            fallback_misaligned: c[3],
+            fallback_past_eof: c[4],
+            fallback_not_huge_extent: c[5],
+            fallback_pte_in_range: c[6],
+            fallback_private_write: c[7],
+            fallback_poisoned: c[8],
+            poisoned_maps: c[9],
+            beyond_eof: c[10],
+        })
     }
 
     fn library(&self) -> Option<&Fs> {
@@ -447,6 +490,8 @@ struct KernelMap {
     offset: u64,
     prot: i32,
     flags: i32,
+    /// Whether `restore` has nothing to do (a device mapping).
+    remaps_itself: bool,
 }
 
 impl KernelMap {
@@ -490,6 +535,7 @@ impl KernelMap {
             } else {
                 libc::MAP_SHARED
             },
+            remaps_itself: false,
         })
     }
 
@@ -525,6 +571,9 @@ impl Map for KernelMap {
         self.os("munlock", rc)
     }
     fn restore(&self, offset: usize) -> Res {
+        if self.remaps_itself {
+            return Ok(());
+        }
         let page = offset / 4096 * 4096;
         // SAFETY: one page of our own mapping, mapped again from the file.
         let got = unsafe {

@@ -31,9 +31,11 @@ pub const DEFAULT_LAYOUT_TIMEOUT: Duration = Duration::from_secs(30);
 const PAGE: u64 = 4096;
 
 /// What a break of a leased range tells the lease's holder (see
-/// [`Fs::lease`]): the range's blocks are about to be freed or moved
-/// (`freeing`: the break waits until the lease is dropped), or holes in it
-/// are being filled (only pages shown as holes are stale; nothing waits).
+/// [`Fs::lease`]). Called with the file's invalidate lock held exclusive,
+/// so it must not wait, except for [`RecallKind::Poisoned`], which is
+/// called with no lock held and may wait (up to the layout timeout) until
+/// the holder has made the page inaccessible, so that memory failure is
+/// over for every process when it returns, as Linux's is.
 pub type Recall = Arc<dyn Fn(RecallKind) + Send + Sync>;
 
 /// Why a lease is recalled.
@@ -44,9 +46,9 @@ pub enum RecallKind {
     /// Holes of the range are being given blocks: pages shown as holes
     /// must fault again.
     FillingHoles,
-    /// A page of the range holds poison now: it must fault again (and
-    /// then raises `SIGBUS`), nothing waits.
-    Poisoned,
+    /// File page `page` of the range holds poison now: it must become
+    /// inaccessible (an access raises `SIGBUS`); nothing waits.
+    Poisoned { page: u64 },
 }
 
 /// One pin or lease of a file's pages, as its file's DAX state lists it.
@@ -216,6 +218,11 @@ impl Fs {
     pub fn set_layout_timeout(&self, timeout: Duration) {
         let ms = timeout.as_millis().min(u64::MAX as u128) as u64;
         self.core.layout_timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The layout timeout ([`set_layout_timeout`](Self::set_layout_timeout)).
+    pub fn layout_timeout(&self) -> Duration {
+        Duration::from_millis(self.core.layout_timeout_ms.load(Ordering::Relaxed))
     }
 
     /// How many calls are waiting for pins to go right now (a truncate or

@@ -4,7 +4,7 @@
 //! through the mapping's [`Layout`](super::Layout).
 
 use super::layout::Blocks;
-use super::pieces::NONE;
+use super::pieces::{NONE, READ, ZERO};
 use super::{DaxCounters, Fallback, Inner, PAGE};
 use crate::error::{Error, Result};
 use crate::index::{Entry, Order, PMD_PAGES};
@@ -16,6 +16,20 @@ impl Inner {
         for page in 0..self.pages {
             if self.state[page as usize].load(Ordering::Acquire) == NONE {
                 self.fault(page, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fault in mapping pages `[first, end)` not mapped yet (for a store,
+    /// also those mapped read-only), as accesses would; pages that raise
+    /// `SIGBUS` (past the end of the file, poisoned) are left as they are.
+    pub(super) fn fault_in(&self, first: u64, end: u64, write: bool) -> Result<()> {
+        for page in first..end.min(self.pages) {
+            let state = self.state[page as usize].load(Ordering::Acquire);
+            let store = write && self.opts.write && matches!(state, READ | ZERO);
+            if state == NONE || store {
+                self.fault(page, write && self.opts.write)?;
             }
         }
         Ok(())

@@ -213,6 +213,22 @@ impl Fs {
     /// unlock. Returns the addresses where a mapping showed the page, and
     /// whether a PMD entry was split.
     pub(in crate::fs) fn dax_poison(&self, dax: &FileDax, fpage: u64) -> (Vec<usize>, bool) {
+        let poisoned = dax.poison_page(fpage, &self.core.dev);
+        // Clients in other processes map the page too: theirs must go.
+        Fs::recall_leases(dax, fpage, fpage + 1, RecallKind::Poisoned { page: fpage });
+        poisoned
+    }
+}
+
+impl FileDax {
+    /// Memory failure of file page `fpage` in this process's mappings (a
+    /// client's answer to a recall for poison): lock the entry that covers
+    /// it (a PMD is split first, so that only this page goes, its stores
+    /// written back to `dev` first), make the page inaccessible in every
+    /// mapping, mark the entry poisoned, unlock. Returns the addresses where
+    /// a mapping showed the page, and whether a PMD entry was split.
+    pub fn poison_page(&self, fpage: u64, dev: &dyn DevicePages) -> (Vec<usize>, bool) {
+        let dax = self;
         // Shared, as a fault: no break runs meanwhile.
         let _shared = dax.shared();
         let Ok(mut guard) = dax.index.lock_entry(fpage, Order::Pte) else {
@@ -224,8 +240,8 @@ impl Fs {
         if entry.order() == Order::Pmd && entry.is_mapped() {
             // The split drops the PMD's tags: write its stores back first.
             if dax.index.get_tag(guard.base(), Tag::Dirty) {
-                let _ = self.core.dev.flush(entry.pfn() * PAGE, HUGE);
-                self.core.dev.drain();
+                let _ = dev.flush(entry.pfn() * PAGE, HUGE);
+                dev.drain();
             }
             guard = match guard.split(fpage) {
                 Ok(pte) => {
@@ -259,8 +275,6 @@ impl Fs {
                 guard.erase();
             }
         }
-        // Clients in other processes map the page too: theirs must go.
-        Fs::recall_leases(dax, fpage, fpage + 1, RecallKind::Poisoned);
         (shown, split)
     }
 }

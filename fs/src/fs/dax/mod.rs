@@ -282,6 +282,18 @@ impl Mapping {
         self.inner.dax.writeback(self.inner.layout.device())
     }
 
+    /// Fault in the pages of `[offset, offset + len)` of the mapping as
+    /// accesses would (stores if `write`), for a caller that hands them to
+    /// the kernel: a system call's buffer in a mapping of ours is refused
+    /// (`EFAULT`) where its pages are not mapped yet, since the kernel
+    /// does not take our faults (it would fault them in itself for a
+    /// kernel DAX mapping). Pages that raise `SIGBUS` stay as they are.
+    pub fn fault_in(&self, offset: usize, len: usize, write: bool) -> Result<()> {
+        let first = (offset as u64) / PAGE;
+        let end = ((offset + len) as u64).div_ceil(PAGE);
+        self.inner.fault_in(first, end, write)
+    }
+
     /// Lock the mapping's pages in memory, as `mlock(2)` does for a DAX
     /// mapping in Linux: every page is faulted in, then locked; pages
     /// mapped again later (after a truncate, a punch or poison) are locked
@@ -291,8 +303,9 @@ impl Mapping {
     pub fn lock(&self) -> Result<()> {
         self.inner.locked.store(true, Ordering::Release);
         self.inner.populate()?;
-        // SAFETY: the mapping's own pages; mlock changes no contents.
-        let rc = unsafe { libc::mlock(self.as_ptr().cast(), self.len()) };
+        // SAFETY: the mapping's own pages; mlock changes no contents. (The
+        // system call itself: see `pieces::map`.)
+        let rc = unsafe { libc::syscall(libc::SYS_mlock, self.as_ptr(), self.len()) };
         if rc != 0 {
             self.inner.locked.store(false, Ordering::Release);
             return Err(self.inner.os_error("lock in memory a DAX mapping of"));
@@ -303,8 +316,9 @@ impl Mapping {
     /// Undo [`lock`](Self::lock) (`munlock(2)`).
     pub fn unlock(&self) -> Result<()> {
         self.inner.locked.store(false, Ordering::Release);
-        // SAFETY: the mapping's own pages; munlock changes no contents.
-        let rc = unsafe { libc::munlock(self.as_ptr().cast(), self.len()) };
+        // SAFETY: the mapping's own pages; munlock changes no contents. (The
+        // system call itself: see `pieces::map`.)
+        let rc = unsafe { libc::syscall(libc::SYS_munlock, self.as_ptr(), self.len()) };
         if rc != 0 {
             return Err(self.inner.os_error("unlock a DAX mapping of"));
         }

@@ -176,7 +176,7 @@ impl Inner {
             // Best effort, as for mlock's own population: a page past the
             // end of the file cannot be locked (it raises SIGBUS).
             // SAFETY: the piece just mapped; mlock changes no contents.
-            unsafe { libc::mlock(got, (pages * PAGE) as usize) };
+            unsafe { libc::syscall(libc::SYS_mlock, got, (pages * PAGE) as usize) };
         }
         Ok(())
     }
