@@ -111,6 +111,8 @@ fn dax_poison_on_a_disk_backed_mount_sees_the_poison_as_soon_as_injected() {
 fn mmap_all_18_flag_sets() {
     let rows = suite("mmap", "mmap");
     assert_eq!(rows.len(), 18, "{rows:?}");
+    let names: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names.len(), 18, "each flag set once: {names:?}");
     for row in rows {
         assert_eq!(
             (
