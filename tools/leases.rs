@@ -117,8 +117,12 @@ struct Session {
     worker: OnceLock<ThreadId>,
     /// Poisoned pages the client has made inaccessible, as (lease, page),
     /// until the memory failure waiting for them takes them.
-    poisoned: Arc<(Mutex<HashSet<(u64, u64)>>, Condvar)>,
+    poisoned: Arc<PoisonAnswers>,
 }
+
+/// The (lease, page) pairs a client said it made inaccessible, and the
+/// condition memory failure waits on for them.
+type PoisonAnswers = (Mutex<HashSet<(u64, u64)>>, Condvar);
 
 impl Session {
     fn carry_out(&self, request: Request) -> Reply {
