@@ -82,6 +82,19 @@ impl DevicePages for RemoteDevice {
         Ok(())
     }
 
+    /// Through the mapping that shows the bytes: our own view of the
+    /// device is not faulted in, and faulting it in page by page would
+    /// cost more than the flush.
+    fn flush_shown(&self, addr: *const u8, offset: u64, len: u64) -> daxfs::Result<()> {
+        // SAFETY: a mapping of ours shows `[addr, addr + len)` (the
+        // caller's promise), and the instruction was detected on this CPU.
+        unsafe { self.flush.flush_range(addr, len as usize) };
+        if self.msync {
+            return self.flush(offset, len);
+        }
+        Ok(())
+    }
+
     fn drain(&self) {
         pmem::cpu::drain();
     }

@@ -7,7 +7,7 @@
 //! one page.
 
 use super::layout::DevicePages;
-use super::{live, FileDax, Fs, Ino, State, HUGE, PAGE};
+use super::{live, FileDax, Fs, Inner, Ino, State, HUGE, PAGE};
 use crate::error::{Error, Result};
 use crate::fs::layout::RecallKind;
 use crate::fs::user::{Counted, Held};
@@ -183,6 +183,17 @@ impl FileDax {
     /// Writeback of a file's dirty entries: flush their pages, clear the
     /// tags, and write-protect them in every mapping.
     pub fn writeback(&self, dev: &dyn DevicePages) -> Result<()> {
+        self.writeback_through(dev, None)
+    }
+
+    /// [`writeback`](Self::writeback), flushing through the addresses
+    /// where a live mapping, or `going` (a mapping being dropped, out of
+    /// the list already), shows the pages.
+    pub(super) fn writeback_through(
+        &self,
+        dev: &dyn DevicePages,
+        going: Option<&Inner>,
+    ) -> Result<()> {
         let mut at = 0;
         while let Some((first, entry)) = self.index.find_next_tagged(at, Tag::Dirty) {
             let pages = entry.order().pages();
@@ -191,7 +202,15 @@ impl FileDax {
                 let e = guard.entry();
                 if e.is_mapped() {
                     self.index.set_tag(first, Tag::Towrite);
-                    dev.flush(e.pfn() * PAGE, pages * PAGE)?;
+                    let shown = going
+                        .and_then(|m| m.shows_all(first, pages))
+                        .or_else(|| live(self).iter().find_map(|m| m.shows_all(first, pages)));
+                    match shown {
+                        Some(addr) => {
+                            dev.flush_shown(addr as *const u8, e.pfn() * PAGE, pages * PAGE)?
+                        }
+                        None => dev.flush(e.pfn() * PAGE, pages * PAGE)?,
+                    }
                     self.index.clear_tag(first, Tag::Dirty);
                     self.index.clear_tag(first, Tag::Towrite);
                     for m in live(self) {

@@ -75,6 +75,13 @@ pub trait DevicePages: Send + Sync {
     /// Write back the cache lines of `[offset, offset + len)` of the device
     /// (durable at the next [`drain`](Self::drain)).
     fn flush(&self, offset: u64, len: u64) -> Result<()>;
+    /// [`flush`](Self::flush), for device bytes that a mapping of ours
+    /// shows at `addr` (a client whose own view of the device is not
+    /// faulted in flushes through the mapping instead: the cache lines are
+    /// the same).
+    fn flush_shown(&self, _addr: *const u8, offset: u64, len: u64) -> Result<()> {
+        self.flush(offset, len)
+    }
     /// Wait until every earlier flush is durable.
     fn drain(&self);
     /// The device's path, for messages.

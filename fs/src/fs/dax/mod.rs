@@ -354,6 +354,13 @@ impl Drop for Mapping {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|m| !std::ptr::eq(m.as_ptr(), Arc::as_ptr(inner)));
+        // The last user of the file writes its stores back through its own
+        // pages, still shown here (see `DevicePages::flush_shown`).
+        if !inner.dax.in_use() && inner.dax.is_dirty() {
+            let _ = inner
+                .dax
+                .writeback_through(inner.layout.device(), Some(inner));
+        }
         inner.layout.release(&inner.dax);
     }
 }

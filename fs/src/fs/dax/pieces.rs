@@ -57,7 +57,15 @@ impl Inner {
             libc::MAP_PRIVATE
         };
         let fd = self.layout.device().fd().as_raw_fd();
-        self.map(page, pages, prot, share, fd, pfn * PAGE)?;
+        // The kernel maps the piece's 4 KiB pages one fault at a time (a
+        // PMD piece is 512 of them over an emulated device): populate them
+        // now, in one call, as one PMD entry would be. Not a writable
+        // private piece, whose population would copy every page.
+        let populate = match self.opts.shared || prot & libc::PROT_WRITE == 0 {
+            true => libc::MAP_POPULATE,
+            false => 0,
+        };
+        self.map(page, pages, prot, share | populate, fd, pfn * PAGE)?;
         self.set_state(
             page,
             pages,
@@ -132,6 +140,17 @@ impl Inner {
             READ | WRITE
         )
         .then(|| self.base + (page * PAGE) as usize)
+    }
+
+    /// Whether this mapping shows all of file pages `[fpage, fpage + n)`
+    /// from the device, and at which address.
+    pub(super) fn shows_all(&self, fpage: u64, n: u64) -> Option<usize> {
+        let page = fpage.checked_sub(self.first_page)?;
+        if page + n > self.pages {
+            return None;
+        }
+        let shown = |p: u64| matches!(self.state[p as usize].load(Ordering::Acquire), READ | WRITE);
+        (shown(page) && shown(page + n - 1)).then(|| self.base + (page * PAGE) as usize)
     }
 
     /// Make the pages shown past the end of the file fault again.
