@@ -13,6 +13,9 @@
 //!   suite (`daxfs dax-tests`, release build): dax-pmd, dax-errors,
 //!   dax-poison, the 18 mmap flag sets and break layouts, through the
 //!   library and through a FUSE mount; a pass/fail table.
+//! * `cargo xtask preload-bench` — the preload library end to end against
+//!   the library and the plain mount (see `benches/preload.rs`); also part
+//!   of `bench`.
 //! * `cargo xtask fsck-bench` — `daxfs fsck` against `e2fsck -fn` on
 //!   16 GiB images holding the same 100,000 files (see `fsck_bench.rs`).
 //! * `cargo xtask compare` — fio and a metadata test on a daxfs FUSE mount,
@@ -34,10 +37,11 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("compare") => compare(),
         Some("fsck-bench") => fsck_bench::fsck_bench(&root()),
+        Some("preload-bench") => preload_bench(),
         Some("dax-tests") => dax_tests(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask test [-- CARGO TEST ARGS]\n       cargo xtask bench [ROUNDS]\n       cargo xtask compare\n       cargo xtask fsck-bench\n       cargo xtask dax-tests [--mount DIR] [ARGS] (see daxfs dax-tests --help)"
+                "usage: cargo xtask test [-- CARGO TEST ARGS]\n       cargo xtask bench [ROUNDS]\n       cargo xtask compare\n       cargo xtask preload-bench\n       cargo xtask fsck-bench\n       cargo xtask dax-tests [--mount DIR] [ARGS] (see daxfs dax-tests --help)"
             );
             return ExitCode::from(2);
         }
@@ -59,10 +63,22 @@ fn compare() -> Result<(), String> {
     compare::compare(&root(), &root().join("target/release/daxfs"))
 }
 
-/// The ndctl-style DAX suite of the release `daxfs` command.
+/// The preload library end to end (benches/preload.rs), which needs the
+/// release library beside the release `daxfs` command.
+fn preload_bench() -> Result<(), String> {
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "daxfs-preload", "--bin", "daxfs"]);
+    run(build, "cargo build --release -p daxfs-preload")?;
+    let mut bench = cargo();
+    bench.args(["bench", "--bench", "preload"]);
+    run(bench, "the preload benchmark")
+}
+
+/// The ndctl-style DAX suite of the release `daxfs` command (and of the
+/// release preload library, for its third column).
 fn dax_tests(args: &[String]) -> Result<(), String> {
     let mut build = cargo();
-    build.args(["build", "--release", "--bin", "daxfs"]);
+    build.args(["build", "--release", "--bin", "daxfs", "-p", "daxfs-preload"]);
     run(build, "cargo build --release --bin daxfs")?;
     let mut suite = Command::new(root().join("target/release/daxfs"));
     suite.arg("dax-tests").args(args);
@@ -423,6 +439,7 @@ fn bench(args: &[String]) -> Result<(), String> {
     let mut cmd = cargo();
     cmd.args(["bench", "--bench", "aging"]);
     run(cmd, "aging benchmark")?;
+    preload_bench()?;
     compare()
 }
 
