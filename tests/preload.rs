@@ -130,6 +130,60 @@ fn maps_within(base: usize, len: usize) -> Vec<(usize, usize, u64, String)> {
         .collect()
 }
 
+/// What libpmem2 (PMDK, unmodified, from Debian's package) says of a
+/// mapping of the file: `pmem2_map_new` with the coarsest granularity
+/// allowed, then `pmem2_map_get_store_granularity` (0 byte, 1 cache line,
+/// 2 page), or the error it gives.
+fn pmem2_granularity(fd: i32) -> String {
+    type New = unsafe extern "C" fn(*mut *mut libc::c_void) -> i32;
+    type FromFd = unsafe extern "C" fn(*mut *mut libc::c_void, i32) -> i32;
+    type SetGranularity = unsafe extern "C" fn(*mut libc::c_void, i32) -> i32;
+    type MapNew = unsafe extern "C" fn(
+        *mut *mut libc::c_void,
+        *const libc::c_void,
+        *const libc::c_void,
+    ) -> i32;
+    type GetGranularity = unsafe extern "C" fn(*mut libc::c_void) -> i32;
+    type ErrorMsg = unsafe extern "C" fn() -> *const libc::c_char;
+    // SAFETY: dlopen and dlsym by NUL-terminated names; each symbol is
+    // libpmem2's function of that name, whose C signature its type spells;
+    // the objects it makes are used as its API says.
+    unsafe {
+        let lib = libc::dlopen(c"libpmem2.so.1".as_ptr(), libc::RTLD_NOW);
+        assert!(
+            !lib.is_null(),
+            "libpmem2 is not installed (apt-get install libpmem2)"
+        );
+        let sym = |name: &std::ffi::CStr| {
+            let f = libc::dlsym(lib, name.as_ptr());
+            assert!(!f.is_null(), "{name:?}");
+            f
+        };
+        let config_new: New = std::mem::transmute(sym(c"pmem2_config_new"));
+        let source_from_fd: FromFd = std::mem::transmute(sym(c"pmem2_source_from_fd"));
+        let set: SetGranularity =
+            std::mem::transmute(sym(c"pmem2_config_set_required_store_granularity"));
+        let map_new: MapNew = std::mem::transmute(sym(c"pmem2_map_new"));
+        let get: GetGranularity = std::mem::transmute(sym(c"pmem2_map_get_store_granularity"));
+        let errormsg: ErrorMsg = std::mem::transmute(sym(c"pmem2_errormsg"));
+        let (mut cfg, mut src, mut map) = (
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+        assert_eq!(config_new(&mut cfg), 0);
+        assert_eq!(source_from_fd(&mut src, fd), 0);
+        assert_eq!(set(cfg, 2), 0); // PMEM2_GRANULARITY_PAGE: the coarsest
+        if map_new(&mut map, cfg, src) != 0 {
+            let why = std::ffi::CStr::from_ptr(errormsg())
+                .to_string_lossy()
+                .into_owned();
+            return format!("error {}", why.replace(' ', "_"));
+        }
+        get(map).to_string()
+    }
+}
+
 /// A `KEY VALUE` line for the parent (marked: libtest prints on the line
 /// too).
 macro_rules! say {
@@ -350,6 +404,7 @@ fn child_main(what: &str) {
                 }
             );
         }
+        "pmem2" => say!("granularity {}", pmem2_granularity(fd)),
         "kernel" => {
             let p = map(libc::MAP_SHARED, libc::PROT_READ) as *mut u8;
             assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
@@ -732,4 +787,26 @@ fn a_forked_child_holds_leases_of_its_own() {
         "read freed blocks: {seen:?}"
     );
     assert_eq!(get(&seen, "child"), libc::SIGBUS.to_string());
+}
+
+/// PMDK's libpmem2, unmodified, maps a file on the mount: with the preload
+/// it gets MAP_SYNC and reports cache-line store granularity (flushes
+/// reach persistence, as on fsdax); without it, page granularity (msync),
+/// as on any filesystem without DAX.
+#[test]
+fn libpmem2_sees_cache_line_granularity_only_through_the_preload() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let file = m.path("pool");
+    fs::write(&file, vec![0u8; 4 << 20]).unwrap();
+    let test = "libpmem2_sees_cache_line_granularity_only_through_the_preload";
+    for (run, expect) in [(Run::Preloaded, "1"), (Run::Plain, "2")] {
+        let mut child = program(test, "pmem2", &file, run);
+        let seen = said(&mut child, Some("done"));
+        let (status, stderr) = finish(child);
+        assert!(status.success(), "{stderr}");
+        assert_eq!(get(&seen, "granularity"), expect, "{stderr}");
+    }
 }

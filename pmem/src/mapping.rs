@@ -59,6 +59,36 @@ impl Reservation {
         })
     }
 
+    /// Reserve `[addr, addr + len)` itself (page-aligned), replacing what
+    /// was mapped there, as `MAP_FIXED` does: for a caller that asked for
+    /// that place (a program's `mmap` with `MAP_FIXED` into a reservation
+    /// of its own).
+    ///
+    /// # Safety
+    /// Whatever the range held is gone: the caller owns it (a program
+    /// asking for `MAP_FIXED` promises the same).
+    pub unsafe fn fixed(addr: usize, len: usize) -> io::Result<Reservation> {
+        // SAFETY: the caller gave up the range.
+        let raw = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Reservation {
+            start: addr,
+            len,
+            spot: addr,
+        })
+    }
+
     /// The address of the spot.
     pub fn spot(&self) -> usize {
         self.spot

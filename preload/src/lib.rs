@@ -14,7 +14,8 @@
 //! ## What is interposed
 //!
 //! `mmap`/`mmap64` of a regular file on a daxfs mount, shared or private,
-//! readable (not `PROT_EXEC`, not at a fixed address), by the mount's owner
+//! readable (not `PROT_EXEC`; at a fixed address too, as PMDK maps into a
+//! reservation of its own, but not with `MAP_FIXED_NOREPLACE`), by the mount's owner
 //! or root, on a mount that does not cache file data in the kernel (`-o
 //! cache`): anything else goes to libc untouched, as does every call on
 //! memory that is not ours. On our mappings: `munmap` of a whole mapping,
@@ -49,7 +50,7 @@ mod layout;
 mod real;
 mod session;
 
-use daxfs::dax::{map, MapOptions, Mapping};
+use daxfs::dax::{map_at, MapOptions, Mapping};
 use layout::RemoteLayout;
 use libc::{c_int, c_void, off_t, size_t};
 use real::real;
@@ -214,6 +215,7 @@ fn set_errno(e: c_int) {
 
 /// A daxfs file mapping, or `None` for libc's own.
 fn map_ours(
+    addr: *mut c_void,
     len: size_t,
     prot: c_int,
     flags: c_int,
@@ -221,9 +223,11 @@ fn map_ours(
     offset: off_t,
 ) -> Option<*mut c_void> {
     let kind = flags & 0x0f;
+    let fixed = flags & libc::MAP_FIXED != 0;
     if fd < 0
         || len == 0
-        || flags & (libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0
+        || flags & (libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) != 0
+        || (fixed && !(addr as usize).is_multiple_of(PAGE as usize))
         || prot & libc::PROT_READ == 0
         || prot & libc::PROT_EXEC != 0
         || !matches!(
@@ -271,7 +275,18 @@ fn map_ours(
         populate: flags & libc::MAP_POPULATE != 0,
     };
     let (ino, offset) = (st.st_ino, offset as u64);
-    match map_file(&session, ino, offset, len as u64, opts) {
+    let at = fixed.then_some(addr as usize);
+    if let Some(at) = at {
+        // Over a mapping of ours: not supported (it would replace part of
+        // a reservation its faults map into).
+        let ours = OURS.read().unwrap_or_else(|e| e.into_inner());
+        if find(&ours, at, len) != Ok(None) {
+            debug("MAP_FIXED over a daxfs mapping of ours: refused");
+            set_errno(libc::EINVAL);
+            return Some(libc::MAP_FAILED);
+        }
+    }
+    match map_file(&session, ino, offset, len as u64, opts, at) {
         Ok((mapping, lease)) => {
             let base = mapping.as_ptr() as *mut c_void;
             let ours = Ours {
@@ -302,6 +317,7 @@ fn map_file(
     offset: u64,
     len: u64,
     opts: MapOptions,
+    at: Option<usize>,
 ) -> daxfs::Result<(Mapping, Arc<Lease>)> {
     let file = session.file(ino);
     let lease = Arc::new(Lease {
@@ -315,9 +331,10 @@ fn map_file(
         session: Arc::clone(session),
         lease: Arc::clone(&lease),
     };
-    // SAFETY: the program asked for a shared mapping of the file and takes
-    // on what that means (memmap2's contract), as with the kernel's.
-    let mapping = unsafe { map(Box::new(layout), file, offset, len, opts) }?;
+    // SAFETY: the program asked for a mapping of the file (at `at`, giving
+    // up what was there, if it asked for MAP_FIXED) and takes on what that
+    // means (memmap2's contract), as with the kernel's.
+    let mapping = unsafe { map_at(at, Box::new(layout), file, offset, len, opts) }?;
     Ok((mapping, lease))
 }
 
@@ -367,7 +384,7 @@ pub unsafe extern "C" fn mmap(
     fd: c_int,
     offset: off_t,
 ) -> *mut c_void {
-    match map_ours(len, prot, flags, fd, offset) {
+    match map_ours(addr, len, prot, flags, fd, offset) {
         Some(got) => got,
         // SAFETY: forwarded as given.
         None => unsafe { (real().mmap)(addr, len, prot, flags, fd, offset) },
@@ -680,7 +697,7 @@ pub unsafe extern "C" fn mremap(
     let grown = what.map(|what| {
         what.map(|what| {
             what.and_then(|(session, ino, offset, opts)| {
-                map_file(&session, ino, offset, new_len as u64, opts).map_err(|e| e.errno())
+                map_file(&session, ino, offset, new_len as u64, opts, None).map_err(|e| e.errno())
             })
         })
     });

@@ -67,7 +67,14 @@ fn compare() -> Result<(), String> {
 /// release library beside the release `daxfs` command.
 fn preload_bench() -> Result<(), String> {
     let mut build = cargo();
-    build.args(["build", "--release", "-p", "daxfs-preload", "--bin", "daxfs"]);
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "daxfs-preload",
+        "--bin",
+        "daxfs",
+    ]);
     run(build, "cargo build --release -p daxfs-preload")?;
     let mut bench = cargo();
     bench.args(["bench", "--bench", "preload"]);
@@ -78,7 +85,14 @@ fn preload_bench() -> Result<(), String> {
 /// release preload library, for its third column).
 fn dax_tests(args: &[String]) -> Result<(), String> {
     let mut build = cargo();
-    build.args(["build", "--release", "--bin", "daxfs", "-p", "daxfs-preload"]);
+    build.args([
+        "build",
+        "--release",
+        "--bin",
+        "daxfs",
+        "-p",
+        "daxfs-preload",
+    ]);
     run(build, "cargo build --release --bin daxfs")?;
     let mut suite = Command::new(root().join("target/release/daxfs"));
     suite.arg("dax-tests").args(args);

@@ -64,8 +64,8 @@ mod xattr;
 pub use atime::Atime;
 pub use check::{fsck, FsckReport, Problem};
 pub use dax::{
-    map, Blocks, Breaking, BusSignal, DaxCounters, DaxStats, DevicePages, Fallback, FileDax,
-    Layout, MapOptions, Mapping,
+    map, map_at, Blocks, Breaking, BusSignal, DaxCounters, DaxStats, DevicePages, Fallback,
+    FileDax, Layout, MapOptions, Mapping,
 };
 pub use failure::{FailureHandler, MemoryFailure};
 pub use file::Seek;

@@ -73,8 +73,13 @@ impl Inner {
             return Err(Error::Invalid("store to a read-only mapping"));
         }
         let chunk = fpage / PMD_PAGES * PMD_PAGES;
+        let at = |page: u64| self.base as u64 + (page - self.first_page) * PAGE;
         let fallback =
             if chunk < self.first_page || chunk + PMD_PAGES > self.first_page + self.pages {
+                Some(Fallback::Misaligned)
+            } else if !at(chunk).is_multiple_of(PMD_PAGES * PAGE) {
+                // A mapping placed by its caller (MAP_FIXED) off the 2 MiB
+                // phase of the file: no huge piece can line up.
                 Some(Fallback::Misaligned)
             } else if (chunk + PMD_PAGES) * PAGE > size {
                 Some(Fallback::PastEof)

@@ -431,9 +431,32 @@ pub unsafe fn map(
     len: u64,
     opts: MapOptions,
 ) -> Result<Mapping> {
+    // SAFETY: no fixed place: nothing is replaced.
+    unsafe { map_at(None, layout, file, offset, len, opts) }
+}
+
+/// [`map`], at `addr` if given (page aligned), replacing what was mapped
+/// there, as `MAP_FIXED` does.
+///
+/// # Safety
+///
+/// As [`Fs::mmap`]; and whatever `[addr, addr + len)` held is gone, which
+/// the caller gives up (a program that asks for `MAP_FIXED` does).
+pub unsafe fn map_at(
+    addr: Option<usize>,
+    layout: Box<dyn Layout>,
+    file: Arc<FileDax>,
+    offset: u64,
+    len: u64,
+    opts: MapOptions,
+) -> Result<Mapping> {
     check_range(offset, len)?;
     let pages = len.div_ceil(PAGE);
-    let reservation = pieces::reserve(pages, offset)?;
+    let reservation = match addr {
+        None => pieces::reserve(pages, offset)?,
+        // SAFETY: forwarded from the caller.
+        Some(addr) => unsafe { pieces::reserve_at(addr, pages) }?,
+    };
     install_handler();
     let inner = Arc::new(Inner {
         dax: Arc::clone(&file),

@@ -24,6 +24,22 @@ pub(super) fn reserve(pages: u64, offset: u64) -> Result<Reservation> {
     .map_err(|_| Error::NoSpace)
 }
 
+/// Address space for a mapping of `pages` pages at `addr` itself, replacing
+/// what was there (`MAP_FIXED`); PMD pieces go only where a 2 MiB-aligned
+/// file offset falls on a 2 MiB-aligned address.
+///
+/// # Safety
+/// The caller gives up whatever `[addr, addr + pages * 4 KiB)` held.
+pub(super) unsafe fn reserve_at(addr: usize, pages: u64) -> Result<Reservation> {
+    if !addr.is_multiple_of(PAGE as usize) {
+        return Err(Error::Invalid(
+            "a fixed mapping address must be page aligned",
+        ));
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { Reservation::fixed(addr, (pages * PAGE) as usize) }.map_err(|_| Error::NoSpace)
+}
+
 /// What a page of a mapping shows now.
 pub(super) const NONE: u8 = 0;
 pub(super) const ZERO: u8 = 1;
