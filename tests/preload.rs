@@ -405,6 +405,28 @@ fn child_main(what: &str) {
             );
         }
         "pmem2" => say!("granularity {}", pmem2_granularity(fd)),
+        "protect" => {
+            let p = map(libc::MAP_SHARED, rw) as *mut u8;
+            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            // SAFETY: stores and loads inside the mapping, mprotect of it.
+            unsafe {
+                *p = 1;
+                say!(
+                    "readonly {}",
+                    libc::mprotect(p.cast(), len, libc::PROT_READ)
+                );
+                say!("read {}", std::ptr::read_volatile(p));
+                say!("writable {}", libc::mprotect(p.cast(), len, rw));
+                *p.add(4096) = 2;
+                say!("none {}", libc::mprotect(p.cast(), len, libc::PROT_NONE));
+                say!(
+                    "readonly {}",
+                    libc::mprotect(p.cast(), len, libc::PROT_READ)
+                );
+                std::ptr::write_volatile(p.add(8192), 3);
+                say!("stored 3");
+            }
+        }
         "kernel" => {
             let p = map(libc::MAP_SHARED, libc::PROT_READ) as *mut u8;
             assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
@@ -809,4 +831,35 @@ fn libpmem2_sees_cache_line_granularity_only_through_the_preload() {
         assert!(status.success(), "{stderr}");
         assert_eq!(get(&seen, "granularity"), expect, "{stderr}");
     }
+}
+
+/// mprotect of a whole mapping between read-only and read-write works as
+/// the kernel's: read-only, a store raises SIGSEGV (and changes nothing);
+/// writable again, stores reach the file. Other protections are refused.
+#[test]
+fn mprotect_makes_a_mapping_read_only_and_writable_again() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let file = m.path("f");
+    fs::write(&file, vec![0u8; 3 * 4096]).unwrap();
+    let test = "mprotect_makes_a_mapping_read_only_and_writable_again";
+    let mut child = program(test, "protect", &file, Run::Preloaded);
+    let seen = said(&mut child, None);
+    let (status, stderr) = finish(child);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGSEGV), "{seen:?} {stderr}");
+    assert_eq!(get(&seen, "read"), "1");
+    assert_eq!(get(&seen, "writable"), "0");
+    assert_eq!(get(&seen, "none"), "-1");
+    assert!(
+        seen.iter()
+            .filter(|(k, v)| k == "readonly" && v == "0")
+            .count()
+            == 2
+    );
+    assert!(!seen.iter().any(|(k, _)| k == "stored"), "{seen:?}");
+    let data = fs::read(&file).unwrap();
+    assert_eq!((data[0], data[4096], data[8192]), (1, 2, 0));
 }

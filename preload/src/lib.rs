@@ -21,8 +21,9 @@
 //! memory that is not ours. On our mappings: `munmap` of a whole mapping,
 //! `msync` (writes back the pages stored to since the last one),
 //! `madvise` (accepted, nothing to do for device pages), `mlock` and
-//! `munlock` (faulting the pages in first), `mprotect` to the
-//! protection the mapping has (else `EACCES`), and `mremap` with
+//! `munlock` (faulting the pages in first), `mprotect` of a whole mapping
+//! between `PROT_READ` and `PROT_READ | PROT_WRITE` (the latter `EACCES`
+//! where the descriptor was read-only; anything else `EINVAL`), and `mremap` with
 //! `MREMAP_MAYMOVE` (a new mapping of the grown range; else `ENOMEM`).
 //! And `read`, `write`, `pread`, `pwrite` (and their `64` forms), `readv`
 //! and `writev` fault in the parts of their buffers that lie in mappings of
@@ -82,6 +83,9 @@ struct Ours {
     ino: u64,
     offset: u64,
     opts: MapOptions,
+    /// Whether `mprotect` may allow stores (a private mapping, or the
+    /// descriptor was open for writing), as the kernel checks.
+    may_write: bool,
     session: Arc<Session>,
     lease: Arc<Lease>,
     mapping: Arc<Mapping>,
@@ -295,6 +299,7 @@ fn map_ours(
                 ino,
                 offset,
                 opts,
+                may_write: !shared || mode == libc::O_RDWR,
                 session,
                 lease,
                 mapping: Arc::new(mapping),
@@ -462,15 +467,41 @@ pub unsafe extern "C" fn msync(addr: *mut c_void, len: size_t, flags: c_int) -> 
 /// As libc's `mprotect`.
 #[no_mangle]
 pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: size_t, prot: c_int) -> c_int {
-    let same = |m: &Ours| {
-        let had = libc::PROT_READ | if m.opts.write { libc::PROT_WRITE } else { 0 };
-        prot == had
+    const RW: c_int = libc::PROT_READ | libc::PROT_WRITE;
+    let change = |m: &Ours| -> Result<(), c_int> {
+        let whole = m.base == addr as usize && len.div_ceil(4096) * 4096 >= m.len;
+        let now = match m.mapping.writable() {
+            true => RW,
+            false => libc::PROT_READ,
+        };
+        match prot {
+            p if p == now => Ok(()),
+            libc::PROT_READ if whole => {
+                m.mapping.set_writable(false);
+                Ok(())
+            }
+            RW if whole && m.may_write => {
+                m.mapping.set_writable(true);
+                Ok(())
+            }
+            RW if whole => Err(libc::EACCES),
+            _ => {
+                debug(format_args!(
+                    "mprotect of (part of) a daxfs mapping to {prot:#x}: refused \
+                     (only the whole mapping, between PROT_READ and PROT_READ|PROT_WRITE)"
+                ));
+                Err(libc::EINVAL)
+            }
+        }
     };
-    match with_ours(addr, len, same) {
-        Some(Ok(true)) => 0,
-        Some(_) => {
-            debug("mprotect of a daxfs mapping to another protection: refused");
-            set_errno(libc::EACCES);
+    match with_ours(addr, len, change) {
+        Some(Ok(Ok(()))) => 0,
+        Some(Ok(Err(errno))) => {
+            set_errno(errno);
+            -1
+        }
+        Some(Err(())) => {
+            set_errno(libc::EINVAL);
             -1
         }
         // SAFETY: forwarded as given.

@@ -27,9 +27,9 @@ impl Inner {
     pub(super) fn fault_in(&self, first: u64, end: u64, write: bool) -> Result<()> {
         for page in first..end.min(self.pages) {
             let state = self.state[page as usize].load(Ordering::Acquire);
-            let store = write && self.opts.write && matches!(state, READ | ZERO);
+            let store = write && self.writable() && matches!(state, READ | ZERO);
             if state == NONE || store {
-                self.fault(page, write && self.opts.write)?;
+                self.fault(page, write && self.writable())?;
             }
         }
         Ok(())
@@ -69,7 +69,7 @@ impl Inner {
             DaxCounters::count(&counters.beyond);
             return self.map_beyond(page);
         }
-        if write && !self.opts.write {
+        if write && !self.writable() {
             return Err(Error::Invalid("store to a read-only mapping"));
         }
         let chunk = fpage / PMD_PAGES * PMD_PAGES;

@@ -225,6 +225,8 @@ pub(super) struct Inner {
     state: Box<[AtomicU8]>,
     /// Locked in memory ([`Mapping::lock`]): pieces mapped later are too.
     locked: AtomicBool,
+    /// Stores allowed now (`opts.write`, until [`Mapping::set_writable`]).
+    writable: AtomicBool,
     /// The file, as the fault routine sees it. Declared last, so dropped
     /// after the address space: what it holds keeps the file's blocks
     /// alive, and none may be reused while a piece could still show them.
@@ -280,6 +282,27 @@ impl Mapping {
     /// clear their tags and write-protect them again (`msync`).
     pub fn sync(&self) -> Result<()> {
         self.inner.dax.writeback(self.inner.layout.device())
+    }
+
+    /// Whether stores are allowed now.
+    pub fn writable(&self) -> bool {
+        self.inner.writable()
+    }
+
+    /// Allow or refuse stores from now on (`mprotect(2)` of the whole
+    /// mapping between `PROT_READ` and `PROT_READ | PROT_WRITE`): refused,
+    /// pages mapped writable become read-only, and a store raises
+    /// `SIGSEGV`; allowed again, a store faults and maps the page writable
+    /// (and, shared, tags it dirty). Whether the file may be written is the
+    /// caller's to check (a program's descriptor, for the kernel).
+    pub fn set_writable(&self, writable: bool) {
+        let inner = &self.inner;
+        inner.writable.store(writable, Ordering::Release);
+        if !writable {
+            for page in 0..inner.pages {
+                inner.write_protect(page);
+            }
+        }
     }
 
     /// Fault in the pages of `[offset, offset + len)` of the mapping as
@@ -467,6 +490,7 @@ pub unsafe fn map_at(
         opts,
         state: (0..pages).map(|_| AtomicU8::new(NONE)).collect(),
         locked: AtomicBool::new(false),
+        writable: AtomicBool::new(opts.write),
         layout,
     });
     file.mappings

@@ -62,7 +62,7 @@ impl Inner {
     /// Map device pages `pfn..` at mapping page `page`. Shared writable
     /// mappings get data read-only until a store faults (dirty tracking).
     pub(super) fn map_data(&self, page: u64, pages: u64, pfn: u64, write: bool) -> Result<()> {
-        let prot = if self.opts.write && (write || !self.opts.shared) {
+        let prot = if self.writable() && (write || !self.opts.shared) {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
             libc::PROT_READ
@@ -246,28 +246,38 @@ impl Inner {
         }
     }
 
+    /// Whether stores are allowed now.
+    pub(super) fn writable(&self) -> bool {
+        self.writable.load(Ordering::Acquire)
+    }
+
+    /// Make mapping page `page` read-only if it is mapped writable (the
+    /// next store faults).
+    pub(super) fn write_protect(&self, page: u64) {
+        if self.state[page as usize].load(Ordering::Acquire) == WRITE {
+            // SAFETY: a page of our reservation, mapped by us. (The system
+            // call itself, as in `map`.)
+            unsafe {
+                libc::syscall(
+                    libc::SYS_mprotect,
+                    self.addr(page),
+                    PAGE as usize,
+                    libc::PROT_READ,
+                )
+            };
+            self.state[page as usize].store(READ, Ordering::Release);
+        }
+    }
+
     /// Write-protect file pages that writeback cleaned.
     pub(super) fn protect(&self, fpage: u64, n: u64) {
-        if !self.opts.shared || !self.opts.write {
+        if !self.opts.shared || !self.writable() {
             return;
         }
         let start = fpage.max(self.first_page);
         let end = (fpage + n).min(self.first_page + self.pages);
         for f in start..end {
-            let page = f - self.first_page;
-            if self.state[page as usize].load(Ordering::Acquire) == WRITE {
-                // SAFETY: a page of our reservation, mapped by us. (The
-                // system call itself, as in `map`.)
-                unsafe {
-                    libc::syscall(
-                        libc::SYS_mprotect,
-                        self.addr(page),
-                        PAGE as usize,
-                        libc::PROT_READ,
-                    )
-                };
-                self.state[page as usize].store(READ, Ordering::Release);
-            }
+            self.write_protect(f - self.first_page);
         }
     }
 }

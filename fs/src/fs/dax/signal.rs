@@ -194,7 +194,7 @@ extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, context: *mut li
         let write = write
             || (!cfg!(target_arch = "x86_64")
                 && matches!(m.state[page as usize].load(Ordering::Acquire), READ | ZERO));
-        if write && !m.opts.write {
+        if write && !m.writable() {
             // A store to a read-only mapping: SIGSEGV, below.
             return deliver(signal, info, context);
         }
