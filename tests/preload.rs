@@ -22,6 +22,14 @@ use std::process::{Child, Command, Stdio};
 const MIB: u64 = 1 << 20;
 const CHILD: &str = "DAXFS_PRELOAD_TEST_CHILD";
 
+/// A `KEY VALUE` line for the parent (marked: libtest prints on the line
+/// too).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("\n@@ {}", format!($($arg)*))
+    };
+}
+
 fn library() -> PathBuf {
     let lib = Path::new(env!("CARGO_BIN_EXE_daxfs")).with_file_name("libdaxfs_preload.so");
     assert!(
@@ -184,12 +192,82 @@ fn pmem2_granularity(fd: i32) -> String {
     }
 }
 
-/// A `KEY VALUE` line for the parent (marked: libtest prints on the line
-/// too).
-macro_rules! say {
-    ($($arg:tt)*) => {
-        println!("\n@@ {}", format!($($arg)*))
-    };
+/// A libpmemobj program (PMDK, unmodified, from Debian's package): open
+/// the pool, check that the 512 counters of its root object are equal
+/// (`start VALUE`, or `inconsistent`), then add one to all of them in each
+/// transaction, for ever (`running` after the first few).
+fn pmemobj_counters(pool: &Path) {
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Oid {
+        pool_uuid_lo: u64,
+        off: u64,
+    }
+    const N: usize = 512;
+    type Open = unsafe extern "C" fn(*const libc::c_char, *const libc::c_char) -> *mut libc::c_void;
+    type Root = unsafe extern "C" fn(*mut libc::c_void, usize) -> Oid;
+    type Direct = unsafe extern "C" fn(Oid) -> *mut libc::c_void;
+    type Begin = unsafe extern "C" fn(*mut libc::c_void, *mut libc::c_void, ...) -> i32;
+    type AddRange = unsafe extern "C" fn(Oid, u64, usize) -> i32;
+    type Step = unsafe extern "C" fn() -> i32;
+    type ErrorMsg = unsafe extern "C" fn() -> *const libc::c_char;
+    // SAFETY: dlopen and dlsym by NUL-terminated names; each symbol is
+    // libpmemobj's function of that name, whose C signature its type
+    // spells; the pool and root object are used as its API says.
+    unsafe {
+        let lib = libc::dlopen(c"libpmemobj.so.1".as_ptr(), libc::RTLD_NOW);
+        assert!(
+            !lib.is_null(),
+            "libpmemobj is not installed (apt-get install libpmemobj1)"
+        );
+        let sym = |name: &std::ffi::CStr| {
+            let f = libc::dlsym(lib, name.as_ptr());
+            assert!(!f.is_null(), "{name:?}");
+            f
+        };
+        let open: Open = std::mem::transmute(sym(c"pmemobj_open"));
+        let root: Root = std::mem::transmute(sym(c"pmemobj_root"));
+        let direct: Direct = std::mem::transmute(sym(c"pmemobj_direct"));
+        let begin: Begin = std::mem::transmute(sym(c"pmemobj_tx_begin"));
+        let add_range: AddRange = std::mem::transmute(sym(c"pmemobj_tx_add_range"));
+        let commit: Step = std::mem::transmute(sym(c"pmemobj_tx_commit"));
+        let end: Step = std::mem::transmute(sym(c"pmemobj_tx_end"));
+        let errormsg: ErrorMsg = std::mem::transmute(sym(c"pmemobj_errormsg"));
+        let path = std::ffi::CString::new(pool.as_os_str().as_encoded_bytes()).unwrap();
+        let pop = open(path.as_ptr(), c"daxfs".as_ptr());
+        if pop.is_null() {
+            let why = std::ffi::CStr::from_ptr(errormsg())
+                .to_string_lossy()
+                .into_owned();
+            say!("error {}", why.replace(' ', "_"));
+            return;
+        }
+        let oid = root(pop, N * 8);
+        let counters = direct(oid) as *mut u64;
+        let first = *counters;
+        let consistent = (0..N).all(|i| *counters.add(i) == first);
+        match consistent {
+            true => say!("start {first}"),
+            false => {
+                say!("inconsistent 1");
+                return;
+            }
+        }
+        for round in 0u64.. {
+            assert_eq!(begin(pop, std::ptr::null_mut(), 0i32), 0, "tx_begin");
+            assert_eq!(add_range(oid, 0, N * 8), 0, "tx_add_range");
+            for i in 0..N {
+                *counters.add(i) += 1;
+            }
+            assert_eq!(commit(), 0, "tx_commit");
+            end();
+            if round == 20 {
+                let (pmd, pte) = faults();
+                say!("faults {}", pmd + pte);
+                say!("running 1");
+            }
+        }
+    }
 }
 
 /// The library's fault counters in this program: PMD and PTE faults.
@@ -405,6 +483,7 @@ fn child_main(what: &str) {
             );
         }
         "pmem2" => say!("granularity {}", pmem2_granularity(fd)),
+        "pmemobj" => pmemobj_counters(&file),
         "protect" => {
             let p = map(libc::MAP_SHARED, rw) as *mut u8;
             assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
@@ -862,4 +941,53 @@ fn mprotect_makes_a_mapping_read_only_and_writable_again() {
     assert!(!seen.iter().any(|(k, _)| k == "stored"), "{seen:?}");
     let data = fs::read(&file).unwrap();
     assert_eq!((data[0], data[4096], data[8192]), (1, 2, 0));
+}
+
+/// PMDK's libpmemobj, unmodified, through the preload: a pool made by
+/// `pmempool create obj` on the mount, a program that adds one to 512
+/// counters in each transaction, killed with SIGKILL at a different moment
+/// each time: every reopening finds the counters equal (the transactions
+/// are atomic on the device's pages), and they grow.
+#[test]
+fn a_pmemobj_program_killed_mid_transaction_reopens_consistent() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let pool = m.path("pool");
+    let out = Command::new("pmempool")
+        .args(["create", "obj", "--layout=daxfs", "--size=32M"])
+        .arg(&pool)
+        .env("LD_PRELOAD", library())
+        .output()
+        .expect("pmempool (apt-get install pmdk-tools)");
+    assert!(out.status.success(), "{}", text(&out));
+    let test = "a_pmemobj_program_killed_mid_transaction_reopens_consistent";
+    let mut last = 0u64;
+    for trial in 0..10u64 {
+        let mut child = program(test, "pmemobj", &pool, Run::Preloaded);
+        let seen = said(&mut child, Some("running"));
+        let start: u64 = get(&seen, "start")
+            .parse()
+            .unwrap_or_else(|_| panic!("trial {trial}: {seen:?}"));
+        let faults: u64 = get(&seen, "faults").parse().unwrap();
+        assert!(faults > 0, "the pool is not mapped through the preload");
+        assert!(
+            start >= last,
+            "trial {trial}: went back from {last} to {start}"
+        );
+        assert!(trial == 0 || start > 0, "trial {trial}: nothing committed");
+        last = start;
+        // Kill it at a different point of its loop each time (the workload
+        // runs on; the delay only varies where it is cut).
+        std::thread::sleep(std::time::Duration::from_millis(3 + trial * 7));
+        child.kill().unwrap();
+        let _ = finish(child);
+    }
+    let mut child = program(test, "pmemobj", &pool, Run::Preloaded);
+    let seen = said(&mut child, Some("start"));
+    child.kill().unwrap();
+    let _ = finish(child);
+    let end: u64 = get(&seen, "start").parse().unwrap();
+    assert!(end >= last && end > 0, "{seen:?}");
 }
