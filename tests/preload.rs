@@ -483,6 +483,24 @@ fn child_main(what: &str) {
             );
         }
         "pmem2" => say!("granularity {}", pmem2_granularity(fd)),
+        "fsync" => {
+            let p = map(libc::MAP_SHARED, rw) as *mut u8;
+            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            let count = || {
+                let (pmd, pte) = faults();
+                pmd + pte
+            };
+            // SAFETY: stores inside the mapping; fsync of our descriptor.
+            unsafe {
+                std::ptr::write_volatile(p, 1);
+                let dirtied = count();
+                std::ptr::write_volatile(p.add(1), 2);
+                say!("again {}", count() - dirtied);
+                say!("fsync {}", libc::fsync(fd));
+                std::ptr::write_volatile(p.add(2), 3);
+                say!("after {}", count() - dirtied);
+            }
+        }
         "pmemobj" => pmemobj_counters(&file),
         "protect" => {
             let p = map(libc::MAP_SHARED, rw) as *mut u8;
@@ -990,4 +1008,27 @@ fn a_pmemobj_program_killed_mid_transaction_reopens_consistent() {
     let _ = finish(child);
     let end: u64 = get(&seen, "start").parse().unwrap();
     assert!(end >= last && end > 0, "{seen:?}");
+}
+
+/// fsync of a file a program maps writes back the stores made through the
+/// mapping (Linux's fsync of a DAX file): its pages are clean afterwards,
+/// so the next store faults again to mark them dirty, where a store before
+/// the fsync did not.
+#[test]
+fn fsync_writes_back_the_stores_of_a_programs_mapping() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let file = m.path("f");
+    fs::write(&file, vec![0u8; 4096]).unwrap();
+    let test = "fsync_writes_back_the_stores_of_a_programs_mapping";
+    let mut child = program(test, "fsync", &file, Run::Preloaded);
+    let seen = said(&mut child, Some("done"));
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(get(&seen, "again"), "0", "a dirty page faulted again");
+    assert_eq!(get(&seen, "fsync"), "0");
+    assert_eq!(get(&seen, "after"), "1", "fsync left the page dirty");
+    assert_eq!(&fs::read(&file).unwrap()[..3], &[1, 2, 3]);
 }

@@ -25,6 +25,8 @@
 //! between `PROT_READ` and `PROT_READ | PROT_WRITE` (the latter `EACCES`
 //! where the descriptor was read-only; anything else `EINVAL`), and `mremap` with
 //! `MREMAP_MAYMOVE` (a new mapping of the grown range; else `ENOMEM`).
+//! `fsync` and `fdatasync` of a file mapped through us write back the
+//! stores made through its mappings first, as Linux's do for a DAX file.
 //! And `read`, `write`, `pread`, `pwrite` (and their `64` forms), `readv`
 //! and `writev` fault in the parts of their buffers that lie in mappings of
 //! ours first, since the kernel does not take our faults (it would fault a
@@ -507,6 +509,55 @@ pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: size_t, prot: c_int) -
         // SAFETY: forwarded as given.
         None => unsafe { (real().mprotect)(addr, len, prot) },
     }
+}
+
+// ---- fsync ----------------------------------------------------------------
+
+/// Before `fsync` of a file this process maps through us: write back the
+/// stores made through its mappings (flushes here, no round trip), as
+/// Linux's fsync writes back a DAX file's dirty entries.
+fn write_back_mapped(fd: c_int) -> Result<(), c_int> {
+    if COUNT.load(Ordering::Acquire) == 0 {
+        return Ok(());
+    }
+    // SAFETY: fstat writes one struct, which we own.
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 {
+            return Ok(()); // (the real call says why)
+        }
+        st
+    };
+    let key = (std::process::id(), st.st_dev);
+    let session = sessions().get(&key).cloned().flatten();
+    match session.map(|s| s.write_back(st.st_ino)) {
+        Some(Err(e)) => Err(e.errno()),
+        _ => Ok(()),
+    }
+}
+
+/// # Safety
+/// As libc's `fsync`.
+#[no_mangle]
+pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
+    if let Err(errno) = write_back_mapped(fd) {
+        set_errno(errno);
+        return -1;
+    }
+    // SAFETY: forwarded as given.
+    unsafe { (real().fsync)(fd) }
+}
+
+/// # Safety
+/// As libc's `fdatasync`.
+#[no_mangle]
+pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
+    if let Err(errno) = write_back_mapped(fd) {
+        set_errno(errno);
+        return -1;
+    }
+    // SAFETY: forwarded as given.
+    unsafe { (real().fdatasync)(fd) }
 }
 
 // ---- system calls with buffers in our mappings --------------------------

@@ -15,6 +15,7 @@ type Write = unsafe extern "C" fn(c_int, *const c_void, size_t) -> libc::ssize_t
 type Pread = unsafe extern "C" fn(c_int, *mut c_void, size_t, off_t) -> libc::ssize_t;
 type Pwrite = unsafe extern "C" fn(c_int, *const c_void, size_t, off_t) -> libc::ssize_t;
 type Readv = unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> libc::ssize_t;
+type Fsync = unsafe extern "C" fn(c_int) -> c_int;
 type Mremap = unsafe extern "C" fn(*mut c_void, size_t, size_t, c_int, *mut c_void) -> *mut c_void;
 
 pub struct Real {
@@ -32,6 +33,8 @@ pub struct Real {
     pub pwrite64: Pwrite,
     pub readv: Readv,
     pub writev: Readv,
+    pub fsync: Fsync,
+    pub fdatasync: Fsync,
 }
 
 /// The next definition of `name` after ours.
@@ -70,6 +73,8 @@ pub fn real() -> &'static Real {
             pwrite64: std::mem::transmute::<*mut c_void, Pwrite>(next(c"pwrite64")),
             readv: std::mem::transmute::<*mut c_void, Readv>(next(c"readv")),
             writev: std::mem::transmute::<*mut c_void, Readv>(next(c"writev")),
+            fsync: std::mem::transmute::<*mut c_void, Fsync>(next(c"fsync")),
+            fdatasync: std::mem::transmute::<*mut c_void, Fsync>(next(c"fdatasync")),
         }
     })
 }

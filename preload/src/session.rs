@@ -260,6 +260,21 @@ impl Session {
         }
     }
 
+    /// Write back the stores to file `ino` through every mapping of it in
+    /// this process (`fsync`), if it has any.
+    pub fn write_back(&self, ino: u64) -> Result<()> {
+        let file = self
+            .files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ino)
+            .and_then(Weak::upgrade);
+        match file {
+            Some(file) => file.writeback(&self.device),
+            None => Ok(()),
+        }
+    }
+
     /// The DAX state of file `ino` in this process.
     pub fn file(&self, ino: u64) -> Arc<FileDax> {
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
