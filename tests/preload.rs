@@ -483,6 +483,31 @@ fn child_main(what: &str) {
             );
         }
         "pmem2" => say!("granularity {}", pmem2_granularity(fd)),
+        "early" => {
+            // Set before the first mapping: the library's threads (which
+            // hear of the poison) inherit it, as threads do.
+            // SAFETY: prctl with integer arguments only.
+            let rc = unsafe {
+                libc::prctl(
+                    libc::PR_MCE_KILL,
+                    libc::PR_MCE_KILL_SET,
+                    libc::PR_MCE_KILL_EARLY,
+                    0,
+                    0,
+                )
+            };
+            assert_eq!(rc, 0);
+            on_sigbus_say_and_exit();
+            let p = map(libc::MAP_SHARED, libc::PROT_READ) as *mut u8;
+            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            // SAFETY: a load inside the mapping.
+            say!("before {}", unsafe { std::ptr::read_volatile(p.add(4096)) });
+            say!("page {}", p as usize + 4096);
+            // Never touches the page again: only early notice ends this.
+            let mut rest = String::new();
+            let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest);
+            say!("no notice 1");
+        }
         "fsync" => {
             let p = map(libc::MAP_SHARED, rw) as *mut u8;
             assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
@@ -1031,4 +1056,53 @@ fn fsync_writes_back_the_stores_of_a_programs_mapping() {
     assert_eq!(get(&seen, "fsync"), "0");
     assert_eq!(get(&seen, "after"), "1", "fsync left the page dirty");
     assert_eq!(&fs::read(&file).unwrap()[..3], &[1, 2, 3]);
+}
+
+/// A program that asked for early notice (PR_MCE_KILL_EARLY) hears of
+/// poison in a page it maps at once, before touching it: SIGBUS with
+/// BUS_MCEERR_AO, the page's address and si_addr_lsb 12.
+#[test]
+fn early_notice_of_poison_reaches_a_program_that_asked_for_it() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let file = m.path("f");
+    fs::write(&file, vec![4u8; 3 * 4096]).unwrap();
+    let test = "early_notice_of_poison_reaches_a_program_that_asked_for_it";
+    let mut child = program(test, "early", &file, Run::Preloaded);
+    let seen = said(&mut child, Some("page"));
+    assert_eq!(get(&seen, "before"), "4", "{seen:?}");
+    let page = get(&seen, "page").to_string();
+    let out = daxfs(&[
+        "inject-error".as_ref(),
+        m.mnt.as_os_str(),
+        "--file".as_ref(),
+        file.as_os_str(),
+        "--offset".as_ref(),
+        "4096".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    // (stdin stays open: the program ends only if the notice comes; a
+    // watchdog kills it if it never does, and the test fails.)
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (done, watched) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if watched
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .is_err()
+        {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    });
+    let seen = said(&mut child, Some("bus"));
+    let _ = done.send(());
+    watchdog.join().unwrap();
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(
+        get(&seen, "bus"),
+        format!("5 {page} 12"),
+        "{seen:?} {stderr}"
+    );
 }

@@ -338,8 +338,10 @@ impl Session {
                 }
             }
         }
-        lease.file.poison_page(page, &self.device);
+        let (shown, _) = lease.file.poison_page(page, &self.device);
         self.tell(Request::Poisoned { lease: id, page });
+        // (After the answer: the program's handler may end the process.)
+        daxfs::dax::early_notice(&shown);
     }
 }
 

@@ -115,11 +115,7 @@ impl Fs {
                 }
             }
         }
-        if early_kill() {
-            for &addr in &failure.mapped_at {
-                super::dax::raise_mce(addr, super::dax::McErr::ActionOptional);
-            }
-        }
+        super::dax::early_notice(&failure.mapped_at);
         self.core
             .failures
             .lock()
@@ -263,18 +259,5 @@ impl Fs {
             }
         }
         self.owner_of(offset)
-    }
-}
-
-/// Whether this process asked for early notice of memory failures
-/// (`PR_MCE_KILL_EARLY`, or the system default when it did not say).
-fn early_kill() -> bool {
-    // SAFETY: PR_MCE_KILL_GET takes no pointers.
-    let policy = unsafe { libc::prctl(libc::PR_MCE_KILL_GET, 0, 0, 0, 0) };
-    match policy {
-        p if p == libc::PR_MCE_KILL_EARLY => true,
-        p if p == libc::PR_MCE_KILL_LATE => false,
-        _ => std::fs::read_to_string("/proc/sys/vm/memory_failure_early_kill")
-            .is_ok_and(|v| v.trim() == "1"),
     }
 }

@@ -64,8 +64,8 @@ mod xattr;
 pub use atime::Atime;
 pub use check::{fsck, FsckReport, Problem};
 pub use dax::{
-    map, map_at, Blocks, Breaking, BusSignal, DaxCounters, DaxStats, DevicePages, Fallback,
-    FileDax, Layout, MapOptions, Mapping,
+    early_notice, map, map_at, Blocks, Breaking, BusSignal, DaxCounters, DaxStats, DevicePages,
+    Fallback, FileDax, Layout, MapOptions, Mapping,
 };
 pub use failure::{FailureHandler, MemoryFailure};
 pub use file::Seek;

@@ -71,9 +71,9 @@ mod signal;
 pub use invalidate::Breaking;
 use layout::FileLayout;
 pub use layout::{Blocks, DevicePages, Layout};
-pub use signal::BusSignal;
+pub(super) use signal::overlaps_mapping;
+pub use signal::{early_notice, BusSignal};
 use signal::{install_handler, register, unregister};
-pub(super) use signal::{overlaps_mapping, raise_mce, McErr};
 
 use super::user::Counted;
 use super::{Fs, HashMap, Ino, InodeRef, State};

@@ -25,6 +25,27 @@ pub(crate) enum McErr {
     ActionOptional,
 }
 
+/// Early notice of memory failure: if this thread asked for it
+/// (`PR_MCE_KILL_EARLY`, or the system's default when it did not say), a
+/// `SIGBUS` with `BUS_MCEERR_AO` for each address where one of its
+/// mappings showed a page that was just poisoned, raised at this thread
+/// (the one the kernel would pick: it has the flag), before any access.
+pub fn early_notice(shown: &[usize]) {
+    // SAFETY: PR_MCE_KILL_GET takes no pointers.
+    let policy = unsafe { libc::prctl(libc::PR_MCE_KILL_GET, 0, 0, 0, 0) };
+    let early = match policy {
+        p if p == libc::PR_MCE_KILL_EARLY => true,
+        p if p == libc::PR_MCE_KILL_LATE => false,
+        _ => std::fs::read_to_string("/proc/sys/vm/memory_failure_early_kill")
+            .is_ok_and(|v| v.trim() == "1"),
+    };
+    if early {
+        for &addr in shown {
+            raise_mce(addr, McErr::ActionOptional);
+        }
+    }
+}
+
 /// Where the SIGBUS fields of a `siginfo_t` lie (x86-64 and aarch64:
 /// `si_addr` at byte 16, then the 16-bit `si_addr_lsb`), which the `libc`
 /// crate does not expose.
