@@ -16,24 +16,12 @@ use std::time::{Duration, Instant};
 #[path = "common/pmdk.rs"]
 mod pmdk;
 
+#[path = "common/anonymous.rs"]
+mod anonymous;
+use anonymous::anonymous;
+
 const MIB: u64 = 1 << 20;
 const BIG: u64 = 1 << 30;
-
-fn anonymous(len: usize) -> *mut u8 {
-    // SAFETY: a new private anonymous mapping, prefaulted.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p as *mut u8
-}
 
 fn benches(c: &mut Criterion) {
     let dir = tempfile::Builder::new()

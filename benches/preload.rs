@@ -26,6 +26,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+#[path = "common/anonymous.rs"]
+mod anonymous;
+use anonymous::anonymous;
+
 const MIB: u64 = 1 << 20;
 const BIG: u64 = 1 << 30;
 const CHILD: &str = "DAXFS_PRELOAD_BENCH_CHILD";
@@ -145,20 +149,18 @@ fn touch(p: *mut u8, len: usize, store: bool) {
     }
 }
 
-fn anonymous(len: usize) -> *mut u8 {
-    // SAFETY: a new private anonymous mapping, prefaulted.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p as *mut u8
+/// `fallocate -l LEN FILE`: aligned 2 MiB extents.
+fn fallocate(file: &Path, len: &str) {
+    let out = Command::new("fallocate")
+        .args(["-l", len])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn daxfs() -> PathBuf {
@@ -258,12 +260,7 @@ fn recall(file: &Path, clients: usize, rounds: usize) -> f64 {
             .write(true)
             .open(file)
             .unwrap();
-        let out = Command::new("fallocate")
-            .args(["-l", "4MiB"])
-            .arg(file)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
+        fallocate(file, "4MiB");
         let mut children: Vec<_> = (0..clients)
             .map(|_| {
                 Command::new(std::env::current_exe().unwrap())
@@ -308,16 +305,7 @@ fn main() {
         .unwrap_or(5);
     let m = Mount::new();
     let file = m.mnt.join("big");
-    let out = Command::new("fallocate")
-        .args(["-l", "1GiB"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fallocate(&file, "1GiB");
 
     // The library, on an image of its own.
     let dir = tempfile::Builder::new()

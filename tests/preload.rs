@@ -572,6 +572,24 @@ fn run_child() -> bool {
     }
 }
 
+/// Poison `sectors` sectors of `file` from byte `offset`, through the
+/// mount's daemon (`daxfs inject-error`), which returns once memory
+/// failure is over for every process.
+fn inject(m: &Mounted, file: &Path, offset: u64, sectors: u64) {
+    let (offset, sectors) = (offset.to_string(), sectors.to_string());
+    let out = daxfs(&[
+        "inject-error".as_ref(),
+        m.mnt.as_os_str(),
+        "--file".as_ref(),
+        file.as_os_str(),
+        "--offset".as_ref(),
+        offset.as_ref(),
+        "--count".as_ref(),
+        sectors.as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
 /// The extents of `file` as `(file offset, device offset, length)`
 /// (`daxfs extents`).
 fn extents(file: &Path) -> Vec<(u64, u64, u64)> {
@@ -836,17 +854,7 @@ fn poison_reaches_a_programs_mapping_and_a_covering_write_clears_it() {
     let seen = said(&mut child, Some("addr"));
     assert_eq!(get(&seen, "before"), "3", "{seen:?}");
     let addr = get(&seen, "addr").to_string();
-    let out = daxfs(&[
-        "inject-error".as_ref(),
-        m.mnt.as_os_str(),
-        "--file".as_ref(),
-        file.as_os_str(),
-        "--offset".as_ref(),
-        "4096".as_ref(),
-        "--count".as_ref(),
-        "8".as_ref(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    inject(&m, &file, 4096, 8);
     writeln!(child.stdin.as_mut().unwrap()).unwrap();
     let seen = said(&mut child, None);
     let (status, stderr) = finish(child);
@@ -1074,15 +1082,7 @@ fn early_notice_of_poison_reaches_a_program_that_asked_for_it() {
     let seen = said(&mut child, Some("page"));
     assert_eq!(get(&seen, "before"), "4", "{seen:?}");
     let page = get(&seen, "page").to_string();
-    let out = daxfs(&[
-        "inject-error".as_ref(),
-        m.mnt.as_os_str(),
-        "--file".as_ref(),
-        file.as_os_str(),
-        "--offset".as_ref(),
-        "4096".as_ref(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    inject(&m, &file, 4096, 1);
     // (stdin stays open: the program ends only if the notice comes; a
     // watchdog kills it if it never does, and the test fails.)
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);

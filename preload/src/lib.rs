@@ -450,19 +450,28 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
 /// As libc's `msync`.
 #[no_mangle]
 pub unsafe extern "C" fn msync(addr: *mut c_void, len: size_t, flags: c_int) -> c_int {
-    match with_ours(addr, len, |m| m.mapping.sync()) {
-        Some(Ok(Ok(()))) => 0,
-        Some(Ok(Err(e))) => {
-            set_errno(e.errno());
-            -1
-        }
-        Some(Err(())) => {
-            set_errno(libc::ENOMEM);
-            -1
-        }
-        // SAFETY: forwarded as given.
-        None => unsafe { (real().msync)(addr, len, flags) },
-    }
+    let done = with_ours(addr, len, |m| m.mapping.sync());
+    // SAFETY: forwarded as given.
+    answer(done, libc::ENOMEM, || unsafe {
+        (real().msync)(addr, len, flags)
+    })
+}
+
+/// The answer of a call on memory: ours (`Some`: done, failed, or on part
+/// of a mapping of ours, `part`), or libc's (`theirs`).
+fn answer(
+    done: Option<Result<daxfs::Result<()>, ()>>,
+    part: c_int,
+    theirs: impl FnOnce() -> c_int,
+) -> c_int {
+    let errno = match done {
+        None => return theirs(),
+        Some(Ok(Ok(()))) => return 0,
+        Some(Ok(Err(e))) => e.errno(),
+        Some(Err(())) => part,
+    };
+    set_errno(errno);
+    -1
 }
 
 /// # Safety
@@ -713,38 +722,20 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const libc::iovec, count: c_int
 pub unsafe extern "C" fn mlock(addr: *const c_void, len: size_t) -> c_int {
     // (Unfaulted pages of ours are inaccessible reservations, which the
     // kernel's mlock refuses: the mapping faults them in first.)
-    match with_ours(addr.cast_mut(), len, |m| m.mapping.lock()) {
-        Some(Ok(Ok(()))) => 0,
-        Some(Ok(Err(e))) => {
-            set_errno(e.errno());
-            -1
-        }
-        Some(Err(())) => {
-            set_errno(libc::EINVAL);
-            -1
-        }
-        // SAFETY: forwarded as given.
-        None => unsafe { (real().mlock)(addr, len) },
-    }
+    let done = with_ours(addr.cast_mut(), len, |m| m.mapping.lock());
+    // SAFETY: forwarded as given.
+    answer(done, libc::EINVAL, || unsafe { (real().mlock)(addr, len) })
 }
 
 /// # Safety
 /// As libc's `munlock`.
 #[no_mangle]
 pub unsafe extern "C" fn munlock(addr: *const c_void, len: size_t) -> c_int {
-    match with_ours(addr.cast_mut(), len, |m| m.mapping.unlock()) {
-        Some(Ok(Ok(()))) => 0,
-        Some(Ok(Err(e))) => {
-            set_errno(e.errno());
-            -1
-        }
-        Some(Err(())) => {
-            set_errno(libc::EINVAL);
-            -1
-        }
-        // SAFETY: forwarded as given.
-        None => unsafe { (real().munlock)(addr, len) },
-    }
+    let done = with_ours(addr.cast_mut(), len, |m| m.mapping.unlock());
+    // SAFETY: forwarded as given.
+    answer(done, libc::EINVAL, || unsafe {
+        (real().munlock)(addr, len)
+    })
 }
 
 /// # Safety

@@ -704,6 +704,22 @@ mod tests {
         }
     }
 
+    /// A filesystem on a device in a new directory, with file `/f` of
+    /// `len` bytes of 7.
+    fn file_of_sevens(len: usize) -> (tempfile::TempDir, Fs, Ino) {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = pmem::Device::create(
+            dir.path().join("img"),
+            16 << 20,
+            &pmem::DeviceOptions::new(),
+        )
+        .unwrap();
+        let fs = Fs::format(dev).unwrap();
+        let ino = fs.create_path("/f", 0o644, true).unwrap().ino;
+        fs.write(ino, 0, &vec![7; len]).unwrap();
+        (dir, fs, ino)
+    }
+
     /// Whether any mapping of this process covers `[base, base + len)`.
     fn reserved(base: usize, len: usize) -> bool {
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
@@ -723,16 +739,7 @@ mod tests {
     /// the process mapped there meanwhile).
     #[test]
     fn the_address_space_outlives_every_user_of_a_dropped_mapping() {
-        let dir = tempfile::tempdir().unwrap();
-        let dev = pmem::Device::create(
-            dir.path().join("img"),
-            16 << 20,
-            &pmem::DeviceOptions::new(),
-        )
-        .unwrap();
-        let fs = Fs::format(dev).unwrap();
-        let ino = fs.create_path("/f", 0o644, true).unwrap().ino;
-        fs.write(ino, 0, &[7; 16384]).unwrap();
+        let (_dir, fs, ino) = file_of_sevens(16384);
         let opts = MapOptions {
             populate: true,
             ..MapOptions::default()
@@ -757,16 +764,7 @@ mod tests {
 
     /// In the child: map a file, take `lock`, touch the mapping.
     fn fault_under(lock: &str) {
-        let dir = tempfile::tempdir().unwrap();
-        let dev = pmem::Device::create(
-            dir.path().join("img"),
-            16 << 20,
-            &pmem::DeviceOptions::new(),
-        )
-        .unwrap();
-        let fs = Fs::format(dev).unwrap();
-        let ino = fs.create_path("/f", 0o644, true).unwrap().ino;
-        fs.write(ino, 0, &[7; 8192]).unwrap();
+        let (_dir, fs, ino) = file_of_sevens(8192);
         // SAFETY: loads only, and nothing else changes the file.
         let map = unsafe { fs.mmap(ino, 0, 8192, MapOptions::default()) }.unwrap();
         let dax = fs.dax_of(ino);
