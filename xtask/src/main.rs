@@ -63,19 +63,20 @@ fn compare() -> Result<(), String> {
     compare::compare(&root(), &root().join("target/release/daxfs"))
 }
 
+/// The release `daxfs` command and, beside it, the release preload library.
+fn build_release_with_preload() -> Result<(), String> {
+    let mut build = cargo();
+    build.args(["build", "--release", "--bin", "daxfs"]);
+    run(build, "cargo build --release --bin daxfs")?;
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "daxfs-preload"]);
+    run(build, "cargo build --release -p daxfs-preload")
+}
+
 /// The preload library end to end (benches/preload.rs), which needs the
 /// release library beside the release `daxfs` command.
 fn preload_bench() -> Result<(), String> {
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--release",
-        "-p",
-        "daxfs-preload",
-        "--bin",
-        "daxfs",
-    ]);
-    run(build, "cargo build --release -p daxfs-preload")?;
+    build_release_with_preload()?;
     let mut bench = cargo();
     bench.args(["bench", "--bench", "preload"]);
     run(bench, "the preload benchmark")
@@ -84,16 +85,7 @@ fn preload_bench() -> Result<(), String> {
 /// The ndctl-style DAX suite of the release `daxfs` command (and of the
 /// release preload library, for its third column).
 fn dax_tests(args: &[String]) -> Result<(), String> {
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--release",
-        "--bin",
-        "daxfs",
-        "-p",
-        "daxfs-preload",
-    ]);
-    run(build, "cargo build --release --bin daxfs")?;
+    build_release_with_preload()?;
     let mut suite = Command::new(root().join("target/release/daxfs"));
     suite.arg("dax-tests").args(args);
     run(suite, "daxfs dax-tests")
