@@ -1106,3 +1106,73 @@ fn early_notice_of_poison_reaches_a_program_that_asked_for_it() {
         "{seen:?} {stderr}"
     );
 }
+
+/// The lease protocol refuses what makes no sense, with an errno, and the
+/// session goes on: a page range past the largest file (EINVAL, not an
+/// overflow), an inode that does not exist (ENOENT), a line that is not a
+/// request; then a good request is answered.
+#[test]
+fn the_daemon_refuses_nonsense_leases_and_goes_on() {
+    use daxfs_client::lease::{Event, Hello, Reply, Request, SESSION};
+    let m = Mounted::new("");
+    let file = m.path("f");
+    fs::write(&file, vec![1u8; 8192]).unwrap();
+    let ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&file).unwrap());
+    let stream = daxfs_client::socket::connect(&m.mnt).unwrap();
+    writeln!(&stream, "{{\"op\":\"{SESSION}\"}}").unwrap();
+    let (hello, _device) = Hello::receive(&stream).unwrap();
+    assert_eq!(hello.device, fs::canonicalize(&m.img).unwrap());
+    let mut lines = BufReader::new(&stream).lines();
+    let mut ask = |line: String| match Event::parse(&lines.next().unwrap().unwrap()) {
+        Ok(Event::Reply { reply, .. }) => (line, reply),
+        other => panic!("{line}: {other:?}"),
+    };
+    let huge = 1u64 << 62;
+    let requests = [
+        Request::Lease {
+            ino,
+            first: huge,
+            end: huge + 1,
+        }
+        .to_line(1),
+        Request::Allocate {
+            ino,
+            first: huge,
+            end: huge + 1,
+        }
+        .to_line(2),
+        Request::Lease {
+            ino: 999_999,
+            first: 0,
+            end: 1,
+        }
+        .to_line(3),
+        "{\"op\":\"lease\"".to_string(),
+        Request::Lease {
+            ino,
+            first: 0,
+            end: 2,
+        }
+        .to_line(5),
+    ];
+    let mut answers = Vec::new();
+    for line in requests {
+        writeln!(&stream, "{line}").unwrap();
+        answers.push(ask(line));
+    }
+    let errno = |r: &Reply| match r {
+        Reply::Failed { errno, .. } => *errno,
+        _ => 0,
+    };
+    assert_eq!(errno(&answers[0].1), libc::EINVAL, "{answers:?}");
+    assert_eq!(errno(&answers[1].1), libc::EINVAL, "{answers:?}");
+    assert_eq!(errno(&answers[2].1), libc::ENOENT, "{answers:?}");
+    assert_eq!(errno(&answers[3].1), libc::EINVAL, "{answers:?}");
+    match &answers[4].1 {
+        Reply::Granted(g) => {
+            assert_eq!(g.size, 8192);
+            assert_eq!(g.extents.iter().map(|e| e.pages).sum::<u64>(), 2);
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -108,6 +108,15 @@ pub fn serve(fs: Arc<Fs>, stream: UnixStream, refuse: Option<String>) {
         .clear();
 }
 
+/// File pages `[first, end)` (a client's, parsed with `first < end`) as
+/// a byte offset and length, or why not.
+fn bytes(first: u64, end: u64) -> daxfs::Result<(u64, u64)> {
+    match (first.checked_mul(PAGE), end.checked_mul(PAGE)) {
+        (Some(at), Some(to)) => Ok((at, to - at)),
+        _ => Err(Error::Invalid("page range past the largest file")),
+    }
+}
+
 struct Session {
     fs: Arc<Fs>,
     /// Lines for the writer thread.
@@ -128,9 +137,8 @@ impl Session {
     fn carry_out(&self, request: Request) -> Reply {
         let done = match request {
             Request::Lease { ino, first, end } => self.lease(ino, first, end).map(Reply::Granted),
-            Request::Allocate { ino, first, end } => self
-                .fs
-                .allocate_leased(ino, first * PAGE, (end - first) * PAGE)
+            Request::Allocate { ino, first, end } => bytes(first, end)
+                .and_then(|(at, len)| self.fs.allocate_leased(ino, at, len))
                 .map(|()| Reply::Done),
             Request::Size { ino } => self.fs.getattr(ino).map(|a| Reply::Size(a.size)),
             Request::Release { .. } | Request::Recalled { .. } | Request::Poisoned { .. } => {
@@ -184,10 +192,8 @@ impl Session {
                 }
             }
         });
-        let len = (end - first)
-            .checked_mul(PAGE)
-            .ok_or(Error::Invalid("lease range too large"))?;
-        let pin = self.fs.lease(ino, first * PAGE, len, recall)?;
+        let (at, len) = bytes(first, end)?;
+        let pin = self.fs.lease(ino, at, len, recall)?;
         let size = self.fs.getattr(ino)?.size;
         let dev = self.fs.device();
         let extents: Vec<Extent> = pin

@@ -580,9 +580,13 @@ fn fault_in(addr: *const c_void, len: size_t, store: bool) {
         return;
     }
     let (a, b) = (addr as usize, (addr as usize).saturating_add(len));
-    let touched: Vec<(Arc<Mapping>, usize, usize)> = OURS
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
+    // Not waiting for the table: a signal handler's `write` may interrupt
+    // a thread of its process that holds it (then the call goes on, and
+    // an unfaulted page of ours is EFAULT, as it would have been).
+    let Ok(ours) = OURS.try_read() else {
+        return;
+    };
+    let touched: Vec<(Arc<Mapping>, usize, usize)> = ours
         .iter()
         .filter(|m| a < m.base + m.len && m.base < b)
         .map(|m| {
