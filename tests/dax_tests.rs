@@ -108,6 +108,11 @@ fn dax_poison_on_a_disk_backed_mount_sees_the_poison_as_soon_as_injected() {
 }
 
 #[test]
+fn truncate_of_a_mapped_file_by_another_process() {
+    passes_every_way("truncate-mapped");
+}
+
+#[test]
 fn mmap_all_18_flag_sets() {
     let rows = suite("mmap", "mmap");
     assert_eq!(rows.len(), 18, "{rows:?}");

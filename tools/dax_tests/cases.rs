@@ -535,6 +535,58 @@ pub fn dax_poison(cx: &Ctx) -> Res {
     t.unlink(file)
 }
 
+// ---- truncate of a mapped file ------------------------------------------
+
+/// Break layouts between processes, as ndctl's tests see them: a file of
+/// 2 x 2 MiB is mapped and every page touched; another party (a process of
+/// its own through a mount, a thread in the library) truncates it to 2 MiB
+/// and succeeds; the first 2 MiB still read the file, an access past the
+/// new end raises exactly one `SIGBUS` (`BUS_ADRERR`, at its address), and
+/// the file has no blocks past 2 MiB any more.
+pub fn truncate_mapped(cx: &Ctx) -> Res {
+    let t = cx.t;
+    let file = "truncate-mapped-data";
+    pattern_file(t, file, 2 * HUGE)?;
+    let map = t.map(file, 0, 2 * HUGE, MapFlags::SHARED_RW)?;
+    let map = &*map;
+    for at in (0..2 * HUGE).step_by(PAGE as usize) {
+        check!(
+            load(map, at as usize, 1)[0] == pattern_byte(at),
+            "byte {at} reads wrong before the truncate"
+        );
+    }
+    t.truncate_elsewhere(file, HUGE)?;
+    for at in (0..HUGE).step_by(64 * PAGE as usize) {
+        check!(
+            load(map, at as usize + 9, 1)[0] == pattern_byte(at + 9),
+            "byte {} reads wrong after the truncate",
+            at + 9
+        );
+    }
+    let signals = sigbus::count();
+    let beyond = HUGE as usize + 5 * PAGE as usize + 17;
+    let _ = load(map, beyond, 1);
+    check!(
+        sigbus::count() - signals == 1,
+        "{} SIGBUS for an access past the new end, want 1",
+        sigbus::count() - signals
+    );
+    let sig = sigbus::last();
+    check!(
+        sig.addr == map.ptr() as usize + beyond && sig.code == sigbus::BUS_ADRERR,
+        "SIGBUS code {} at {:#x}, want BUS_ADRERR (2) at {:#x}",
+        sig.code,
+        sig.addr,
+        map.ptr() as usize + beyond
+    );
+    let extents = t.extents(file)?;
+    check!(
+        extents.iter().all(|e| e.file_offset + e.len <= HUGE),
+        "blocks past the new end: {extents:?}"
+    );
+    t.unlink(file)
+}
+
 // ---- mmap ------------------------------------------------------------------
 
 /// The flag sets of ndctl's mmap.sh, each one test.

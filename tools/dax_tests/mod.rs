@@ -71,6 +71,7 @@ fn cases() -> Vec<Case> {
         case("dax-pmd", cases::dax_pmd),
         case("dax-errors", cases::dax_errors),
         case("dax-poison", cases::dax_poison),
+        case("truncate-mapped", cases::truncate_mapped),
     ];
     for flags in cases::MMAP_FLAGS {
         all.push(case(&format!("mmap {flags}"), cases::mmap));

@@ -69,6 +69,10 @@ pub trait Target {
     fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
     fn fsync(&self, name: &str) -> Res;
     fn punch(&self, name: &str, offset: u64, len: u64) -> io::Result<()>;
+    /// Truncate the file to `len` from another party than the test's
+    /// mappings: a process of its own (`truncate(1)`) on a mount, a thread
+    /// of its own in the library.
+    fn truncate_elsewhere(&self, name: &str, len: u64) -> Res;
     fn unlink(&self, name: &str) -> Res;
     fn extents(&self, name: &str) -> Res<Vec<Extent>>;
     /// Poison the device sectors behind `[offset, offset + len)` of the file.
@@ -177,6 +181,14 @@ impl Target for Library {
         self.fs()
             .punch_hole(self.ino(name)?, offset, len)
             .map_err(errno)
+    }
+
+    fn truncate_elsewhere(&self, name: &str, len: u64) -> Res {
+        let ino = self.ino(name).map_err(|e| format!("{name}: {e}"))?;
+        let fs = self.fs();
+        std::thread::scope(|s| s.spawn(|| fs.truncate(ino, len)).join())
+            .map_err(|_| "the truncating thread panicked".to_string())?
+            .map_err(|e| format!("truncate {name}: {e}"))
     }
 
     fn unlink(&self, name: &str) -> Res {
@@ -359,6 +371,22 @@ impl Target for Mount {
         self.open(name, true)
             .and_then(|f| f.sync_all())
             .map_err(|e| format!("fsync {name}: {e}"))
+    }
+
+    fn truncate_elsewhere(&self, name: &str, len: u64) -> Res {
+        let out = std::process::Command::new("truncate")
+            .arg("-s")
+            .arg(len.to_string())
+            .arg(self.path(name))
+            .output()
+            .map_err(|e| format!("cannot run truncate: {e}"))?;
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(format!(
+                "truncate {name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }
     }
 
     fn punch(&self, name: &str, offset: u64, len: u64) -> io::Result<()> {
