@@ -42,27 +42,34 @@ fn library() -> PathBuf {
 
 /// How a program runs.
 #[derive(Clone, Copy, PartialEq)]
-enum Run {
+enum Run<'a> {
     /// With the library, as root.
     Preloaded,
     /// With the library, as uid 65534.
     PreloadedAsNobody,
     /// Without the library.
     Plain,
+    /// Through `daxfs exec --mount MNT`.
+    Exec(&'a Path),
 }
 
 /// This test binary, run as a program doing `what` on `file`.
 fn program(test: &str, what: &str, file: &Path, run: Run) -> Child {
     let as_nobody = run == Run::PreloadedAsNobody;
     let me = std::env::current_exe().unwrap();
-    let mut cmd = match as_nobody {
-        true => {
+    let mut cmd = match (as_nobody, run) {
+        (true, _) => {
             let mut c = Command::new("setpriv");
             c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
                 .arg(&me);
             c
         }
-        false => Command::new(&me),
+        (false, Run::Exec(mount)) => {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_daxfs"));
+            c.arg("exec").arg("--mount").arg(mount).arg("--").arg(&me);
+            c
+        }
+        (false, _) => Command::new(&me),
     };
     cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
         .env("DAXFS_PRELOAD_DEBUG", "1")
@@ -71,7 +78,7 @@ fn program(test: &str, what: &str, file: &Path, run: Run) -> Child {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if run != Run::Plain {
+    if matches!(run, Run::Preloaded | Run::PreloadedAsNobody) {
         cmd.env("LD_PRELOAD", library());
     }
     cmd.spawn().unwrap()
@@ -1175,4 +1182,40 @@ fn the_daemon_refuses_nonsense_leases_and_goes_on() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// `daxfs exec --mount MNT -- PROGRAM` runs the program with the library,
+/// for files of that mount only: a file of another daxfs mount gets the
+/// kernel's mapping. A mount point that is not a daxfs mount is refused.
+#[test]
+fn daxfs_exec_maps_the_named_mounts_only() {
+    if run_child() {
+        return;
+    }
+    let (a, b) = (Mounted::new(""), Mounted::new(""));
+    for m in [&a, &b] {
+        fs::write(m.path("f"), vec![6u8; 8192]).unwrap();
+    }
+    let test = "daxfs_exec_maps_the_named_mounts_only";
+    for (file, expect) in [(a.path("f"), "true"), (b.path("f"), "false")] {
+        let mut child = program(test, "kernel", &file, Run::Exec(&a.mnt));
+        let seen = said(&mut child, Some("done"));
+        let (status, stderr) = finish(child);
+        assert!(status.success(), "{stderr}");
+        assert_eq!(get(&seen, "first"), "6");
+        assert_eq!(get(&seen, "image"), expect, "{}: {stderr}", file.display());
+    }
+    let out = daxfs(&[
+        "exec".as_ref(),
+        "--mount".as_ref(),
+        "/tmp".as_ref(),
+        "--".as_ref(),
+        "true".as_ref(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("/tmp: not a daxfs mount"),
+        "{}",
+        text(&out)
+    );
 }
