@@ -299,9 +299,7 @@ impl Mapping {
         let inner = &self.inner;
         inner.writable.store(writable, Ordering::Release);
         if !writable {
-            for page in 0..inner.pages {
-                inner.write_protect(page);
-            }
+            inner.write_protect(0, inner.pages);
         }
     }
 

@@ -251,21 +251,32 @@ impl Inner {
         self.writable.load(Ordering::Acquire)
     }
 
-    /// Make mapping page `page` read-only if it is mapped writable (the
-    /// next store faults).
-    pub(super) fn write_protect(&self, page: u64) {
-        if self.state[page as usize].load(Ordering::Acquire) == WRITE {
-            // SAFETY: a page of our reservation, mapped by us. (The system
+    /// Make the pages of `[first, end)` of the mapping that are mapped
+    /// writable read-only (the next store faults): one call per run of
+    /// them, so a 2 MiB piece stays one mapping (as Linux write-protects a
+    /// PMD entry whole).
+    pub(super) fn write_protect(&self, first: u64, end: u64) {
+        let end = end.min(self.pages);
+        let writable = |p: u64| self.state[p as usize].load(Ordering::Acquire) == WRITE;
+        let mut page = first;
+        while page < end {
+            if !writable(page) {
+                page += 1;
+                continue;
+            }
+            let run = (page..end).take_while(|&p| writable(p)).count() as u64;
+            // SAFETY: pages of our reservation, mapped by us. (The system
             // call itself, as in `map`.)
             unsafe {
                 libc::syscall(
                     libc::SYS_mprotect,
                     self.addr(page),
-                    PAGE as usize,
+                    (run * PAGE) as usize,
                     libc::PROT_READ,
                 )
             };
-            self.state[page as usize].store(READ, Ordering::Release);
+            self.set_state(page, run, READ);
+            page += run;
         }
     }
 
@@ -276,8 +287,8 @@ impl Inner {
         }
         let start = fpage.max(self.first_page);
         let end = (fpage + n).min(self.first_page + self.pages);
-        for f in start..end {
-            self.write_protect(f - self.first_page);
+        if start < end {
+            self.write_protect(start - self.first_page, end - self.first_page);
         }
     }
 }
