@@ -490,6 +490,47 @@ fn child_main(what: &str) {
             );
         }
         "pmem2" => say!("granularity {}", pmem2_granularity(fd)),
+        "unmap-part" | "unmap-touch" => {
+            let p = map(libc::MAP_SHARED, rw) as *mut u8;
+            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            // SAFETY: loads and stores inside the mapping; munmap of parts
+            // of it, and loads only of the parts left (but the last one of
+            // "unmap-touch", which SIGSEGV ends).
+            unsafe {
+                for page in 0..3 {
+                    *p.add(page * 4096) = page as u8 + 1;
+                }
+                say!("middle {}", libc::munmap(p.add(4096).cast(), 4096));
+                say!("ends {} {}", *p, *p.add(8192));
+                if what == "unmap-touch" {
+                    let v = std::ptr::read_volatile(p.add(4096));
+                    say!("touched {v}");
+                }
+                say!("first {}", libc::munmap(p.cast(), 4096));
+                say!("last {}", libc::munmap(p.add(8192).cast(), 4096));
+            }
+            say!("left {}", maps_within(p as usize, len).len());
+        }
+        "move" => {
+            let p = map(libc::MAP_SHARED, rw) as *mut u8;
+            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            // SAFETY: stores inside the mapping; mremap of its second page
+            // elsewhere, and accesses to where it went.
+            unsafe {
+                *p.add(4096) = b'a';
+                let before = faults();
+                let moved =
+                    libc::mremap(p.add(4096).cast(), 4096, 4096, libc::MREMAP_MAYMOVE) as *mut u8;
+                assert_ne!(moved as *mut libc::c_void, libc::MAP_FAILED);
+                say!("moved {}", std::ptr::read_volatile(moved));
+                std::ptr::write_volatile(moved.add(1), b'b');
+                let after = faults();
+                say!("faults {}", (after.0 + after.1) - (before.0 + before.1));
+                say!("stays {}", *p);
+                let shown = maps_within(moved as usize, 4096);
+                say!("image {}", shown.iter().any(|m| m.3.contains(".img")));
+            }
+        }
         "early" => {
             // Set before the first mapping: the library's threads (which
             // hear of the poison) inherit it, as threads do.
@@ -1218,4 +1259,66 @@ fn daxfs_exec_maps_the_named_mounts_only() {
         "{}",
         text(&out)
     );
+}
+
+/// munmap of part of a mapping: those pages go (an access is SIGSEGV), the
+/// rest stay; unmapping the rest releases the whole address range.
+#[test]
+fn munmap_of_part_of_a_mapping_takes_those_pages_only() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let file = m.path("f");
+    fs::write(&file, vec![0u8; 3 * 4096]).unwrap();
+    let test = "munmap_of_part_of_a_mapping_takes_those_pages_only";
+    let mut child = program(test, "unmap-part", &file, Run::Preloaded);
+    let seen = said(&mut child, Some("done"));
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(get(&seen, "middle"), "0");
+    assert_eq!(get(&seen, "ends"), "1 3");
+    assert_eq!((get(&seen, "first"), get(&seen, "last")), ("0", "0"));
+    assert_eq!(
+        get(&seen, "left"),
+        "0",
+        "the address range was not released"
+    );
+    assert_eq!(
+        &fs::read(&file).unwrap()[..],
+        &{
+            let mut d = vec![0u8; 3 * 4096];
+            (d[0], d[4096], d[8192]) = (1, 2, 3);
+            d
+        }[..]
+    );
+    let mut child = program(test, "unmap-touch", &file, Run::Preloaded);
+    let seen = said(&mut child, None);
+    let (status, stderr) = finish(child);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGSEGV), "{seen:?} {stderr}");
+    assert!(!seen.iter().any(|(k, _)| k == "touched"));
+}
+
+/// mremap of one page out of a mapping moves it: the moved page shows the
+/// file at once, with no new fault (as the kernel moves page table
+/// entries), a store through it reaches the file, and the page it left
+/// behind is no longer shown.
+#[test]
+fn mremap_moves_a_page_out_of_a_mapping() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let file = m.path("f");
+    fs::write(&file, vec![0u8; 2 * 4096]).unwrap();
+    let test = "mremap_moves_a_page_out_of_a_mapping";
+    let mut child = program(test, "move", &file, Run::Preloaded);
+    let seen = said(&mut child, Some("done"));
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(get(&seen, "moved"), (b'a').to_string());
+    assert_eq!(get(&seen, "faults"), "0", "the moved page faulted again");
+    assert_eq!(get(&seen, "image"), "true");
+    assert_eq!(&fs::read(&file).unwrap()[4096..4098], b"ab");
 }

@@ -24,7 +24,11 @@
 //! `munlock` (faulting the pages in first), `mprotect` of a whole mapping
 //! between `PROT_READ` and `PROT_READ | PROT_WRITE` (the latter `EACCES`
 //! where the descriptor was read-only; anything else `EINVAL`), and `mremap` with
-//! `MREMAP_MAYMOVE` (a new mapping of the grown range; else `ENOMEM`).
+//! `MREMAP_MAYMOVE` (a new mapping of the range, anywhere or at the
+//! `MREMAP_FIXED` address, the old range unmapped; in place, or of a
+//! private mapping, `ENOMEM`); `munmap` of part of a mapping withdraws those
+//! pages (`SIGSEGV` on access; their addresses stay reserved until the
+//! whole mapping goes).
 //! `fsync` and `fdatasync` of a file mapped through us write back the
 //! stores made through its mappings first, as Linux's do for a DAX file.
 //! And `read`, `write`, `pread`, `pwrite` (and their `64` forms), `readv`
@@ -40,7 +44,7 @@
 //!
 //! Mappings made without libc's `mmap` (`syscall(SYS_mmap)`, statically
 //! linked programs, the dynamic loader's own) are the kernel's FUSE
-//! mappings. `munmap` of part of a mapping is refused (`EINVAL`). A child
+//! mappings. A child
 //! after `fork` keeps the pages its parent had faulted in; a page it
 //! touches first raises `SIGBUS` (the session with the daemon is the
 //! parent's), and its own new mappings are made afresh. `exec` drops

@@ -186,26 +186,47 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
             len,
         ) != Ok(None);
     if maybe_ours {
-        let mut ours = OURS.write().unwrap_or_else(|e| e.into_inner());
-        match find(&ours, addr as usize, len) {
-            Ok(Some(i)) if ours[i].base == addr as usize => {
-                let gone = ours.swap_remove(i);
-                COUNT.fetch_sub(1, Ordering::Release);
-                drop(ours);
-                // (Its address space goes with it, through this function.)
-                drop(gone);
-                return 0;
-            }
-            Ok(None) => {}
-            _ => {
-                debug("munmap of part of a daxfs mapping: refused");
-                set_errno(libc::EINVAL);
+        match unmap_ours(addr as usize, len) {
+            Ok(()) => return 0,
+            Err(errno) => {
+                set_errno(errno);
                 return -1;
             }
         }
     }
     // SAFETY: forwarded as given.
     unsafe { (real().munmap)(addr, len) }
+}
+
+/// `munmap` of `[addr, addr + len)`, which lies in one mapping of ours: of
+/// all of it, the mapping goes; of part, that part is withdrawn (see
+/// `Mapping::withdraw`), and the mapping goes with its last page.
+fn unmap_ours(addr: usize, len: size_t) -> Result<(), c_int> {
+    if !addr.is_multiple_of(PAGE as usize) || len == 0 {
+        return Err(libc::EINVAL);
+    }
+    let mut ours = OURS.write().unwrap_or_else(|e| e.into_inner());
+    let i = match find(&ours, addr, len) {
+        Ok(Some(i)) => i,
+        Ok(None) => return Ok(()),
+        Err(()) => {
+            debug("munmap across a daxfs mapping's end: refused");
+            return Err(libc::EINVAL);
+        }
+    };
+    let whole = ours[i].base == addr && len.div_ceil(PAGE as usize) * PAGE as usize >= ours[i].len;
+    let gone = match whole || ours[i].mapping.withdraw(addr - ours[i].base, len) {
+        true => {
+            COUNT.fetch_sub(1, Ordering::Release);
+            Some(ours.swap_remove(i))
+        }
+        false => None,
+    };
+    drop(ours);
+    // (Its address space goes with it, through `munmap`, which takes the
+    // table: not held here.)
+    drop(gone);
+    Ok(())
 }
 
 /// # Safety
@@ -326,51 +347,70 @@ pub unsafe extern "C" fn mremap(
     flags: c_int,
     new_addr: *mut c_void,
 ) -> *mut c_void {
+    let fixed = flags & libc::MREMAP_FIXED != 0;
     let what = with_ours(old, old_len, |m| {
-        (flags == libc::MREMAP_MAYMOVE && m.opts.shared)
-            .then(|| (Arc::clone(&m.session), m.ino, m.offset, m.opts))
+        // Moved (anywhere, or to `new_addr`): a new mapping of the same
+        // file pages, showing what the old range showed, which is then
+        // withdrawn. Not in place, not private (whose copied pages a new
+        // mapping would not have).
+        let movable = flags & libc::MREMAP_MAYMOVE != 0
+            && flags & !(libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) == 0
+            && m.opts.shared
+            && (old as usize).is_multiple_of(PAGE as usize);
+        movable
+            .then(|| {
+                let offset = m.offset + (old as usize - m.base) as u64;
+                let from = Arc::clone(&m.mapping);
+                (
+                    Arc::clone(&m.session),
+                    m.ino,
+                    offset,
+                    m.opts,
+                    m.may_write,
+                    from,
+                )
+            })
             .ok_or(libc::ENOMEM)
     });
-    // Mapped with no lock of ours held: a failure unmaps its reservation
-    // through `munmap`, which takes it.
-    let grown = what.map(|what| {
-        what.map(|what| {
-            what.and_then(|(session, ino, offset, opts)| {
-                map_file(&session, ino, offset, new_len as u64, opts, None).map_err(|e| e.errno())
-            })
-        })
-    });
-    match grown {
-        Some(Ok(Ok((mapping, lease)))) => {
-            let base = mapping.as_ptr() as *mut c_void;
-            let mut ours = OURS.write().unwrap_or_else(|e| e.into_inner());
-            let Ok(Some(i)) = find(&ours, old as usize, old_len) else {
-                // Unmapped meanwhile by another thread.
-                drop(ours);
-                drop(mapping);
-                set_errno(libc::EINVAL);
-                return libc::MAP_FAILED;
-            };
-            let len = mapping.len();
-            let old_mapping = std::mem::replace(&mut ours[i].mapping, Arc::new(mapping));
-            ours[i].lease = lease;
-            ours[i].base = base as usize;
-            ours[i].len = len;
-            drop(ours);
-            // Unmapped with the lock let go: its address space goes through
-            // `munmap`, which takes it.
-            drop(old_mapping);
-            base
-        }
-        Some(Ok(Err(errno))) => {
-            set_errno(errno);
-            libc::MAP_FAILED
-        }
-        Some(Err(())) => {
-            set_errno(libc::EINVAL);
-            libc::MAP_FAILED
-        }
+    let Some(what) = what else {
         // SAFETY: forwarded as given.
-        None => unsafe { (real().mremap)(old, old_len, new_len, flags, new_addr) },
-    }
+        return unsafe { (real().mremap)(old, old_len, new_len, flags, new_addr) };
+    };
+    let moved = what.map_err(|()| libc::EINVAL).and_then(|w| w).and_then(
+        |(session, ino, offset, opts, may_write, from)| {
+            let at = fixed.then_some(new_addr as usize);
+            if let Some(at) = at {
+                let ours = OURS.read().unwrap_or_else(|e| e.into_inner());
+                if find(&ours, at, new_len) != Ok(None) {
+                    return Err(libc::EINVAL);
+                }
+            }
+            // Mapped with no lock of ours held: a failure unmaps its
+            // reservation through `munmap`, which takes it.
+            let (mapping, lease) =
+                map_file(&session, ino, offset, new_len as u64, opts, at).map_err(|e| e.errno())?;
+            mapping.inherit(&from);
+            drop(from);
+            let base = mapping.as_ptr() as usize;
+            let new = Ours {
+                base,
+                len: mapping.len(),
+                ino,
+                offset,
+                opts,
+                may_write,
+                session,
+                lease,
+                mapping: Arc::new(mapping),
+            };
+            OURS.write().unwrap_or_else(|e| e.into_inner()).push(new);
+            COUNT.fetch_add(1, Ordering::Release);
+            unmap_ours(old as usize, old_len)?;
+            Ok(base as *mut c_void)
+        },
+    );
+    moved.unwrap_or_else(|errno| {
+        set_errno(errno);
+        libc::MAP_FAILED
+    })
 }

@@ -57,6 +57,9 @@ impl Inner {
     }
 
     fn fault_once(&self, page: u64, write: bool) -> Result<()> {
+        if self.any_gone(page, 1) {
+            return Err(Error::Invalid("the page was withdrawn from the mapping"));
+        }
         let _shared = self.dax.shared();
         let fs = &*self.layout;
         let counters = fs.counters();
@@ -77,9 +80,12 @@ impl Inner {
         let fallback =
             if chunk < self.first_page || chunk + PMD_PAGES > self.first_page + self.pages {
                 Some(Fallback::Misaligned)
-            } else if !at(chunk).is_multiple_of(PMD_PAGES * PAGE) {
+            } else if !at(chunk).is_multiple_of(PMD_PAGES * PAGE)
+                || self.any_gone(chunk - self.first_page, PMD_PAGES)
+            {
                 // A mapping placed by its caller (MAP_FIXED) off the 2 MiB
-                // phase of the file: no huge piece can line up.
+                // phase of the file, or with pages withdrawn from it: no
+                // huge piece fits.
                 Some(Fallback::Misaligned)
             } else if (chunk + PMD_PAGES) * PAGE > size {
                 Some(Fallback::PastEof)

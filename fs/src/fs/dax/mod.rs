@@ -303,6 +303,73 @@ impl Mapping {
         }
     }
 
+    /// Show now, without faulting, what `from` (a mapping of the same file
+    /// in this process) shows of the same file pages: `mremap(2)` moves
+    /// page table entries, so the pages it moves do not fault again.
+    pub fn inherit(&self, from: &Mapping) {
+        let (me, src) = (&self.inner, &from.inner);
+        if !Arc::ptr_eq(&me.dax, &src.dax) {
+            return;
+        }
+        // No break meanwhile; the entry lock against memory failure.
+        let _shared = me.dax.shared();
+        for page in 0..me.pages {
+            let fpage = me.first_page + page;
+            let Some(shown) = fpage
+                .checked_sub(src.first_page)
+                .filter(|&p| p < src.pages)
+                .map(|p| src.state[p as usize].load(Ordering::Acquire))
+                .filter(|&s| matches!(s, pieces::READ | pieces::WRITE))
+            else {
+                continue;
+            };
+            let Ok(guard) = me.dax.index.lock_entry(fpage, crate::index::Order::Pte) else {
+                continue;
+            };
+            let _held = super::user::Held::new();
+            let e = guard.entry();
+            if e.is_mapped() && !e.is_poisoned() {
+                let pfn = e.pfn() + (fpage - e.order().align(fpage));
+                let _ = me.map_data(page, 1, pfn, shown == pieces::WRITE);
+            }
+        }
+    }
+
+    /// Withdraw `[offset, offset + len)` of the mapping (page aligned), as
+    /// `munmap(2)` of part of a mapping does: its pages become inaccessible
+    /// for good (an access raises `SIGSEGV`) and are never mapped again.
+    /// The address space stays reserved until the whole mapping goes (so
+    /// that no piece of ours can ever land on someone else's mapping
+    /// there). Whether every page of the mapping is withdrawn now.
+    pub fn withdraw(&self, offset: usize, len: usize) -> bool {
+        let inner = &self.inner;
+        let first = (offset as u64) / PAGE;
+        let end = ((offset + len) as u64).div_ceil(PAGE).min(inner.pages);
+        if first < end {
+            // No fault of the file in flight meanwhile (one that looked
+            // before the pages were withdrawn could map them again).
+            let _exclusive = Counted::new(
+                inner
+                    .dax
+                    .invalidate
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            for page in first..end {
+                inner.state[page as usize].store(pieces::GONE, Ordering::Release);
+            }
+            let _ = inner.map(
+                first,
+                end - first,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+        }
+        (0..inner.pages).all(|p| inner.any_gone(p, 1))
+    }
+
     /// Fault in the pages of `[offset, offset + len)` of the mapping as
     /// accesses would (stores if `write`), for a caller that hands them to
     /// the kernel: a system call's buffer in a mapping of ours is refused

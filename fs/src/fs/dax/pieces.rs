@@ -47,6 +47,9 @@ pub(super) const READ: u8 = 2;
 pub(super) const WRITE: u8 = 3;
 pub(super) const BEYOND: u8 = 4;
 pub(super) const POISON: u8 = 5;
+/// Withdrawn by its owner ([`Mapping::withdraw`](super::Mapping::withdraw)):
+/// inaccessible for good; an access is `SIGSEGV`, and nothing maps it again.
+pub(super) const GONE: u8 = 6;
 
 impl Inner {
     pub(super) fn addr(&self, page: u64) -> *mut libc::c_void {
@@ -55,8 +58,17 @@ impl Inner {
 
     pub(super) fn set_state(&self, page: u64, pages: u64, state: u8) {
         for p in page..(page + pages).min(self.pages) {
-            self.state[p as usize].store(state, Ordering::Release);
+            // (A withdrawn page stays withdrawn.)
+            let _ = self.state[p as usize].fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (s != GONE).then_some(state)
+            });
         }
+    }
+
+    /// Whether any page of mapping pages `[page, page + n)` is withdrawn.
+    pub(super) fn any_gone(&self, page: u64, n: u64) -> bool {
+        (page..(page + n).min(self.pages))
+            .any(|p| self.state[p as usize].load(Ordering::Acquire) == GONE)
     }
 
     /// Map device pages `pfn..` at mapping page `page`. Shared writable

@@ -11,7 +11,7 @@
 //! debug assertion below). Addresses that are not ours go to the handler
 //! that was there before.
 
-use super::pieces::{POISON, READ, ZERO};
+use super::pieces::{GONE, POISON, READ, ZERO};
 use super::{Inner, PAGE};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, RwLock};
@@ -215,8 +215,9 @@ extern "C" fn on_fault(signal: i32, info: *mut libc::siginfo_t, context: *mut li
         let write = write
             || (!cfg!(target_arch = "x86_64")
                 && matches!(m.state[page as usize].load(Ordering::Acquire), READ | ZERO));
-        if write && !m.writable() {
-            // A store to a read-only mapping: SIGSEGV, below.
+        if (write && !m.writable()) || m.state[page as usize].load(Ordering::Acquire) == GONE {
+            // A store to a read-only mapping, or an access to a page its
+            // owner withdrew: SIGSEGV, below.
             return deliver(signal, info, context);
         }
         // What `user` keeps: caller memory is never touched under our locks,
