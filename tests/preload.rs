@@ -490,6 +490,31 @@ fn child_main(what: &str) {
             );
         }
         "pmem2" => say!("granularity {}", pmem2_granularity(fd)),
+        "holes" => {
+            let p = map(libc::MAP_SHARED, libc::PROT_READ) as *mut u8;
+            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            let count = || {
+                let (pmd, pte) = faults();
+                pmd + pte
+            };
+            // SAFETY: loads inside the mapping.
+            unsafe {
+                say!(
+                    "before {} {}",
+                    std::ptr::read_volatile(p),
+                    std::ptr::read_volatile(p.add(5 * 4096))
+                );
+                let faulted = count();
+                say!("ready 1");
+                wait_for_parent();
+                say!(
+                    "after {} {}",
+                    std::ptr::read_volatile(p),
+                    std::ptr::read_volatile(p.add(5 * 4096))
+                );
+                say!("faults {}", count() - faulted);
+            }
+        }
         "unmap-part" | "unmap-touch" => {
             let p = map(libc::MAP_SHARED, rw) as *mut u8;
             assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
@@ -1321,4 +1346,38 @@ fn mremap_moves_a_page_out_of_a_mapping() {
     assert_eq!(get(&seen, "faults"), "0", "the moved page faulted again");
     assert_eq!(get(&seen, "image"), "true");
     assert_eq!(&fs::read(&file).unwrap()[4096..4098], b"ab");
+}
+
+/// Another process writes into a hole of a file a program maps: the
+/// program sees the new data at once, and only the hole faults again (its
+/// pages mapped from the device stay mapped).
+#[test]
+fn a_write_into_a_hole_by_another_process_unmaps_only_the_hole() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let file = m.path("f");
+    fs::write(&file, vec![7u8; 4096]).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
+    f.set_len(16 * 4096).unwrap();
+    let test = "a_write_into_a_hole_by_another_process_unmaps_only_the_hole";
+    let mut child = program(test, "holes", &file, Run::Preloaded);
+    let seen = said(&mut child, Some("ready"));
+    assert_eq!(get(&seen, "before"), "7 0", "{seen:?}");
+    f.write_all_at(&[9u8; 4096], 5 * 4096).unwrap();
+    writeln!(child.stdin.as_mut().unwrap()).unwrap();
+    let seen = said(&mut child, Some("done"));
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(get(&seen, "after"), "7 9", "a stale zero page");
+    assert_eq!(
+        get(&seen, "faults"),
+        "1",
+        "more than the hole faulted again"
+    );
 }

@@ -12,7 +12,7 @@
 
 use daxfs::dax::{Recall, RecallKind};
 use daxfs::{Error, Fs, Pin};
-use daxfs_client::lease::{recall_line, Extent, Grant, Hello, Reply, Request};
+use daxfs_client::lease::{recall_line, Extent, Grant, Hello, Reply, Request, Why};
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd};
@@ -163,7 +163,7 @@ impl Session {
             // runs in its worker): its fault maps them itself, and unmaps
             // them from its other mappings.
             if why == RecallKind::FillingHoles && Some(std::thread::current().id()) == worker {
-                return;
+                return false;
             }
             let _ = out
                 .lock()
@@ -171,8 +171,9 @@ impl Session {
                 .send(recall_line(
                     lease,
                     match why {
-                        RecallKind::Poisoned { page } => Some(page),
-                        _ => None,
+                        RecallKind::Freeing => Why::Freeing,
+                        RecallKind::FillingHoles => Why::Holes,
+                        RecallKind::Poisoned { page } => Why::Poisoned(page),
                     },
                 ));
             // Memory failure is over when the client's page is gone.
@@ -190,7 +191,9 @@ impl Session {
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 }
+                return false; // (the lease stays)
             }
+            true
         });
         let (at, len) = bytes(first, end)?;
         let pin = self.fs.lease(ino, at, len, recall)?;

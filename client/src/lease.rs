@@ -15,8 +15,10 @@
 //!   size. `release` and `recalled` get no answer.
 //! * the daemon answers ([`Reply`], with the request's `id`), and, at any
 //!   time, recalls a lease (`{"recall": LEASE}`) before it frees or moves
-//!   blocks of its range, or gives blocks to its holes: the client unmaps
-//!   the range from its mappings, forgets the grant and says `recalled`;
+//!   blocks of its range: the client unmaps the range from its mappings,
+//!   forgets the grant and says `recalled`; when another process gave
+//!   blocks to holes of the range (`"holes": true`), only the holes need
+//!   unmapping;
 //!   a call that frees waits for that (up to the layout timeout, then it
 //!   fails with `EBUSY` and frees nothing). A session that closes gives
 //!   back every lease it held. Poison in a page of the range is told the
@@ -101,12 +103,25 @@ pub enum Event {
         id: u64,
         reply: Reply,
     },
-    /// Give the lease back (or, with `poisoned`, make that file page
-    /// inaccessible).
+    /// The lease is recalled, for this reason.
     Recall {
         lease: u64,
-        poisoned: Option<u64>,
+        why: Why,
     },
+}
+
+/// Why a lease is recalled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// Blocks of the range are about to be freed or moved: unmap the
+    /// range, give the lease back (`recalled`); the daemon waits for that.
+    Freeing,
+    /// Holes of the range get blocks (another process wrote there): unmap
+    /// the holes (zero pages) only, forget the grant, give the lease back.
+    Holes,
+    /// File page `page` holds poison: make it inaccessible, keep the
+    /// lease, say `poisoned`; memory failure waits for that.
+    Poisoned(u64),
 }
 
 fn field(v: &Value, name: &str) -> Result<u64, String> {
@@ -196,12 +211,12 @@ impl Reply {
     }
 }
 
-/// The line that recalls `lease` (or tells of poison in file page
-/// `poisoned` of it).
-pub fn recall_line(lease: u64, poisoned: Option<u64>) -> String {
-    match poisoned {
-        None => json!({ "recall": lease }),
-        Some(page) => json!({ "recall": lease, "poisoned": page }),
+/// The line that recalls `lease`, saying why.
+pub fn recall_line(lease: u64, why: Why) -> String {
+    match why {
+        Why::Freeing => json!({ "recall": lease }),
+        Why::Holes => json!({ "recall": lease, "holes": true }),
+        Why::Poisoned(page) => json!({ "recall": lease, "poisoned": page }),
     }
     .to_string()
 }
@@ -223,8 +238,12 @@ impl Event {
     pub fn parse(line: &str) -> Result<Event, String> {
         let v: Value = serde_json::from_str(line).map_err(|e| format!("bad line: {e}"))?;
         if let Some(lease) = v["recall"].as_u64() {
-            let poisoned = v["poisoned"].as_u64();
-            return Ok(Event::Recall { lease, poisoned });
+            let why = match (v["poisoned"].as_u64(), v["holes"].as_bool()) {
+                (Some(page), _) => Why::Poisoned(page),
+                (None, Some(true)) => Why::Holes,
+                _ => Why::Freeing,
+            };
+            return Ok(Event::Recall { lease, why });
         }
         let id = field(&v, "id")?;
         let reply = if let Some(errno) = v["errno"].as_i64() {
@@ -378,10 +397,10 @@ mod tests {
                 Event::Reply { id: 2, reply: r }
             );
         }
-        for poisoned in [None, Some(3)] {
+        for why in [Why::Freeing, Why::Holes, Why::Poisoned(3)] {
             assert_eq!(
-                Event::parse(&recall_line(8, poisoned)).unwrap(),
-                Event::Recall { lease: 8, poisoned }
+                Event::parse(&recall_line(8, why)).unwrap(),
+                Event::Recall { lease: 8, why }
             );
         }
     }

@@ -210,8 +210,9 @@ fn pinned_blocks_are_never_reused_while_pinned() {
 /// a truncate recalls it (Freeing) and waits until it is dropped; a lease
 /// asked for while that break runs is refused at once (`Recalled`), never
 /// waited for (its holder may be the one the break waits for); a write that
-/// fills a hole in a leased range recalls it as FillingHoles without
-/// waiting; a lease of a range nothing touches is not recalled.
+/// fills a hole in a leased range recalls it as FillingHoles and waits
+/// until it is given back; a lease of a range nothing touches is not
+/// recalled.
 #[test]
 fn a_lease_is_recalled_before_its_blocks_change_and_the_change_waits_for_it() {
     use daxfs::dax::{Recall, RecallKind};
@@ -223,7 +224,10 @@ fn a_lease_is_recalled_before_its_blocks_change_and_the_change_waits_for_it() {
     let (told, recalls) = mpsc::channel::<(&'static str, RecallKind)>();
     let recall = |name: &'static str| -> Recall {
         let told = std::sync::Mutex::new(told.clone());
-        Arc::new(move |why| told.lock().unwrap().send((name, why)).unwrap())
+        Arc::new(move |why| {
+            told.lock().unwrap().send((name, why)).unwrap();
+            true
+        })
     };
     let lease = fs.lease(f, 2 * MIB, 4096, recall("f")).unwrap();
     assert_eq!(lease.extents().len(), 1);
@@ -248,15 +252,25 @@ fn a_lease_is_recalled_before_its_blocks_change_and_the_change_waits_for_it() {
     assert!(truncated.load(Ordering::SeqCst));
     assert_eq!(fs.getattr(f).unwrap().size, MIB);
 
-    // Filling a hole of a leased range: told, nothing waits.
+    // Filling a hole of a leased range: told, and the write waits until
+    // the holder gives the lease back (its zero pages gone).
     fs.truncate(f, 4 * MIB).unwrap();
     let hole = fs.lease(f, 2 * MIB, MIB, recall("hole")).unwrap();
     assert!(hole.extents().is_empty(), "{:?}", hole.extents());
-    fs.write(f, 2 * MIB + 4096, b"fills").unwrap();
-    assert_eq!(
-        recalls.try_recv().unwrap(),
-        ("hole", RecallKind::FillingHoles)
-    );
+    let written = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            fs.write(f, 2 * MIB + 4096, b"fills").unwrap();
+            written.store(true, Ordering::SeqCst);
+        });
+        assert_eq!(
+            recalls.recv_timeout(Duration::from_secs(60)).unwrap(),
+            ("hole", RecallKind::FillingHoles)
+        );
+        assert!(!written.load(Ordering::SeqCst), "filled before the answer");
+        drop(hole);
+    });
+    assert!(written.load(Ordering::SeqCst));
     assert!(recalls.try_recv().is_err(), "g was never touched");
-    drop((hole, other));
+    drop(other);
 }

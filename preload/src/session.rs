@@ -16,7 +16,7 @@
 use crate::device::RemoteDevice;
 use daxfs::dax::{DaxCounters, FileDax};
 use daxfs::{Error, Result};
-use daxfs_client::lease::{Event, Grant, Hello, Reply, Request, SESSION};
+use daxfs_client::lease::{Event, Grant, Hello, Reply, Request, Why, SESSION};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -99,7 +99,7 @@ impl Session {
         let pending: Waiters = Arc::default();
         *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&pending);
         self.conn.lock().unwrap_or_else(|e| e.into_inner()).reader = stream.as_raw_fd();
-        let (recalls, recalled) = channel::<(u64, Option<u64>)>();
+        let (recalls, recalled) = channel::<(u64, Why)>();
         std::thread::Builder::new()
             .name("daxfs-preload-in".into())
             .spawn(move || {
@@ -115,8 +115,8 @@ impl Session {
                                 let _ = waiter.send(reply);
                             }
                         }
-                        Ok(Event::Recall { lease, poisoned }) => {
-                            let _ = recalls.send((lease, poisoned));
+                        Ok(Event::Recall { lease, why }) => {
+                            let _ = recalls.send((lease, why));
                         }
                         Err(_) => {}
                     }
@@ -129,13 +129,14 @@ impl Session {
         std::thread::Builder::new()
             .name("daxfs-preload-recall".into())
             .spawn(move || {
-                for (lease, poisoned) in recalled {
+                for (lease, why) in recalled {
                     let Some(session) = weak.upgrade() else {
                         return;
                     };
-                    match poisoned {
-                        None => session.recall(lease),
-                        Some(page) => session.poisoned(lease, page),
+                    match why {
+                        Why::Freeing => session.recall(lease, false),
+                        Why::Holes => session.recall(lease, true),
+                        Why::Poisoned(page) => session.poisoned(lease, page),
                     }
                 }
             })
@@ -287,10 +288,11 @@ impl Session {
         file
     }
 
-    /// The daemon recalls lease `id`: unmap its range from every mapping
-    /// of the file in this process (waiting for faults in flight), forget
-    /// the grant, and give the lease back.
-    fn recall(&self, id: u64) {
+    /// The daemon recalls lease `id`: unmap its range (or, `holes`, only
+    /// the holes in it) from every mapping of the file in this process
+    /// (waiting for faults in flight), forget the grant, and give the
+    /// lease back.
+    fn recall(&self, id: u64, holes: bool) {
         let lease = self
             .leases
             .lock()
@@ -298,7 +300,10 @@ impl Session {
             .remove(&id)
             .and_then(|l| l.upgrade());
         if let Some(lease) = lease {
-            let _recalling = lease.file.recall(lease.first, lease.end);
+            let _recalling = match holes {
+                true => lease.file.recall_holes(lease.first, lease.end),
+                false => lease.file.recall(lease.first, lease.end),
+            };
             let mut grant = lease.grant.lock().unwrap_or_else(|e| e.into_inner());
             if grant.as_ref().is_some_and(|g| g.lease == id) {
                 *grant = None;

@@ -31,12 +31,14 @@ pub const DEFAULT_LAYOUT_TIMEOUT: Duration = Duration::from_secs(30);
 const PAGE: u64 = 4096;
 
 /// What a break of a leased range tells the lease's holder (see
-/// [`Fs::lease`]). Called with the file's invalidate lock held exclusive,
-/// so it must not wait, except for [`RecallKind::Poisoned`], which is
-/// called with no lock held and may wait (up to the layout timeout) until
-/// the holder has made the page inaccessible, so that memory failure is
-/// over for every process when it returns, as Linux's is.
-pub type Recall = Arc<dyn Fn(RecallKind) + Send + Sync>;
+/// [`Fs::lease`]); whether the holder was told and will give the lease
+/// back (the break then waits for that, up to the layout timeout). Called
+/// with the file's invalidate lock held exclusive, so it must not wait
+/// itself, except for [`RecallKind::Poisoned`], which is called with no
+/// lock held and may wait (up to the layout timeout) until the holder has
+/// made the page inaccessible, so that memory failure is over for every
+/// process when it returns, as Linux's is.
+pub type Recall = Arc<dyn Fn(RecallKind) -> bool + Send + Sync>;
 
 /// Why a lease is recalled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +46,8 @@ pub enum RecallKind {
     /// Blocks of the range are about to be freed or moved: drop the lease.
     Freeing,
     /// Holes of the range are being given blocks: pages shown as holes
-    /// must fault again.
+    /// must fault again (the fill waits until the lease is given back, so
+    /// that no process shows a stale zero page once it returns).
     FillingHoles,
     /// File page `page` of the range holds poison now: it must become
     /// inaccessible (an access raises `SIGBUS`); nothing waits.
@@ -248,19 +251,44 @@ impl Fs {
     }
 
     /// With the file's invalidate lock held exclusive and its range
-    /// unmapped: tell the holders of leases of `[first, end)` why.
-    pub(super) fn recall_leases(dax: &FileDax, first: u64, end: u64, why: RecallKind) {
-        let recalls: Vec<Recall> = dax
+    /// unmapped: tell the holders of leases of `[first, end)` why; the ids
+    /// of the leases whose holders will give them back.
+    pub(super) fn recall_leases(dax: &FileDax, first: u64, end: u64, why: RecallKind) -> Vec<u64> {
+        let recalls: Vec<(u64, Recall)> = dax
             .pins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|p| p.overlaps(first, end))
-            .filter_map(|p| p.recall.clone())
+            .filter_map(|p| Some((p.id, p.recall.clone()?)))
             .collect();
-        for recall in recalls {
-            recall(why);
+        recalls
+            .into_iter()
+            .filter_map(|(id, recall)| recall(why).then_some(id))
+            .collect()
+    }
+
+    /// Wait (up to the layout timeout) until the leases `ids` are given
+    /// back; whether they were.
+    pub(super) fn wait_for_leases(&self, dax: &FileDax, ids: &[u64]) -> bool {
+        if ids.is_empty() {
+            return true;
         }
+        let deadline = Instant::now() + self.layout_timeout();
+        let held = |pins: &[PinSlot]| pins.iter().any(|p| ids.contains(&p.id));
+        let mut pins = dax.pins.lock().unwrap_or_else(|e| e.into_inner());
+        while held(&pins) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            pins = dax
+                .unpinned
+                .wait_timeout(pins, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
     }
 
     /// With the file's invalidate lock held exclusive and its range

@@ -85,7 +85,10 @@ impl Fs {
             .break_range(first, end, holes_only, wait)
             .ok_or(Error::Recalled)?;
         if holes_only {
-            Fs::recall_leases(dax, first, end, RecallKind::FillingHoles);
+            // Every process's zero pages gone before the blocks come (a
+            // holder that does not answer in time keeps its stale view).
+            let told = Fs::recall_leases(dax, first, end, RecallKind::FillingHoles);
+            self.wait_for_leases(dax, &told);
         } else {
             // The blocks may go: wait until no direct I/O or client uses
             // them.
@@ -116,6 +119,14 @@ impl FileDax {
     /// of the file wait until the returned guard is dropped.
     pub fn recall(&self, first: u64, end: u64) -> Breaking<'_> {
         self.break_range(first, end, false, true)
+            .expect("a break that waits always takes the lock")
+    }
+
+    /// [`recall`](Self::recall) of the holes of file pages `[first, end)`
+    /// only (another process gave them blocks): their zero pages go from
+    /// every mapping; pages mapped from the device stay.
+    pub fn recall_holes(&self, first: u64, end: u64) -> Breaking<'_> {
+        self.break_range(first, end, true, true)
             .expect("a break that waits always takes the lock")
     }
 
