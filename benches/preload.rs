@@ -149,18 +149,21 @@ fn touch(p: *mut u8, len: usize, store: bool) {
     }
 }
 
-/// `fallocate -l LEN FILE`: aligned 2 MiB extents.
-fn fallocate(file: &Path, len: &str) {
-    let out = Command::new("fallocate")
-        .args(["-l", len])
-        .arg(file)
-        .output()
-        .unwrap();
+/// Run `cmd`, which must succeed (else its stderr is the panic); its
+/// output, trimmed.
+fn checked(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `fallocate -l LEN FILE`: aligned 2 MiB extents.
+fn fallocate(file: &Path, len: &str) {
+    checked(Command::new("fallocate").args(["-l", len]).arg(file));
 }
 
 fn daxfs() -> PathBuf {
@@ -185,13 +188,7 @@ fn run(what: &str, file: &Path, preloaded: bool) -> String {
     if preloaded {
         cmd.env("LD_PRELOAD", preload());
     }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{what}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    checked(&mut cmd)
 }
 
 fn secs(s: &str) -> f64 {
@@ -221,17 +218,7 @@ impl Mount {
             .into_device()
             .unwrap();
         let mnt = dir.path().join("mnt");
-        let out = Command::new(daxfs())
-            .arg("mount")
-            .arg(&img)
-            .arg(&mnt)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        checked(Command::new(daxfs()).arg("mount").arg(&img).arg(&mnt));
         Mount { _dir: dir, mnt }
     }
 }

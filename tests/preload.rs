@@ -145,6 +145,26 @@ fn maps_within(base: usize, len: usize) -> Vec<(usize, usize, u64, String)> {
         .collect()
 }
 
+/// A library's functions by name (`dlopen` of `lib`, which `package`
+/// installs); a missing library or function fails the test, naming it.
+fn library_functions(
+    lib: &std::ffi::CStr,
+    package: &str,
+) -> impl Fn(&std::ffi::CStr) -> *mut libc::c_void {
+    // SAFETY: dlopen of a NUL-terminated name.
+    let handle = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_NOW) };
+    assert!(
+        !handle.is_null(),
+        "{lib:?} is not installed (apt-get install {package})"
+    );
+    move |name: &std::ffi::CStr| {
+        // SAFETY: dlsym on a handle dlopen gave, by a NUL-terminated name.
+        let f = unsafe { libc::dlsym(handle, name.as_ptr()) };
+        assert!(!f.is_null(), "{name:?}");
+        f
+    }
+}
+
 /// What libpmem2 (PMDK, unmodified, from Debian's package) says of a
 /// mapping of the file: `pmem2_map_new` with the coarsest granularity
 /// allowed, then `pmem2_map_get_store_granularity` (0 byte, 1 cache line,
@@ -160,20 +180,11 @@ fn pmem2_granularity(fd: i32) -> String {
     ) -> i32;
     type GetGranularity = unsafe extern "C" fn(*mut libc::c_void) -> i32;
     type ErrorMsg = unsafe extern "C" fn() -> *const libc::c_char;
-    // SAFETY: dlopen and dlsym by NUL-terminated names; each symbol is
-    // libpmem2's function of that name, whose C signature its type spells;
-    // the objects it makes are used as its API says.
+    // SAFETY: each symbol is libpmem2's function of that name, whose C
+    // signature its type spells; the objects it makes are used as its API
+    // says.
     unsafe {
-        let lib = libc::dlopen(c"libpmem2.so.1".as_ptr(), libc::RTLD_NOW);
-        assert!(
-            !lib.is_null(),
-            "libpmem2 is not installed (apt-get install libpmem2)"
-        );
-        let sym = |name: &std::ffi::CStr| {
-            let f = libc::dlsym(lib, name.as_ptr());
-            assert!(!f.is_null(), "{name:?}");
-            f
-        };
+        let sym = library_functions(c"libpmem2.so.1", "libpmem2");
         let config_new: New = std::mem::transmute(sym(c"pmem2_config_new"));
         let source_from_fd: FromFd = std::mem::transmute(sym(c"pmem2_source_from_fd"));
         let set: SetGranularity =
@@ -218,20 +229,11 @@ fn pmemobj_counters(pool: &Path) {
     type AddRange = unsafe extern "C" fn(Oid, u64, usize) -> i32;
     type Step = unsafe extern "C" fn() -> i32;
     type ErrorMsg = unsafe extern "C" fn() -> *const libc::c_char;
-    // SAFETY: dlopen and dlsym by NUL-terminated names; each symbol is
-    // libpmemobj's function of that name, whose C signature its type
-    // spells; the pool and root object are used as its API says.
+    // SAFETY: each symbol is libpmemobj's function of that name, whose C
+    // signature its type spells; the pool and root object are used as its
+    // API says.
     unsafe {
-        let lib = libc::dlopen(c"libpmemobj.so.1".as_ptr(), libc::RTLD_NOW);
-        assert!(
-            !lib.is_null(),
-            "libpmemobj is not installed (apt-get install libpmemobj1)"
-        );
-        let sym = |name: &std::ffi::CStr| {
-            let f = libc::dlsym(lib, name.as_ptr());
-            assert!(!f.is_null(), "{name:?}");
-            f
-        };
+        let sym = library_functions(c"libpmemobj.so.1", "libpmemobj1");
         let open: Open = std::mem::transmute(sym(c"pmemobj_open"));
         let root: Root = std::mem::transmute(sym(c"pmemobj_root"));
         let direct: Direct = std::mem::transmute(sym(c"pmemobj_direct"));
@@ -360,11 +362,15 @@ fn child_main(what: &str) {
         // kernel (or the library) picks.
         unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, 0) }
     };
+    let mapped = |flags: i32, prot: i32| {
+        let p = map(flags, prot);
+        assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        p as *mut u8
+    };
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     match what {
         "store" => {
-            let p = map(libc::MAP_SHARED, rw) as *mut u8;
-            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            let p = mapped(libc::MAP_SHARED, rw);
             // SAFETY: loads inside the mapping.
             unsafe {
                 say!("first {}", *p.add(4096));
@@ -396,10 +402,8 @@ fn child_main(what: &str) {
             say!("mapped {} {errno}", p != libc::MAP_FAILED);
         }
         "hole" => {
-            let p = map(libc::MAP_SHARED, rw) as *mut u8;
-            let other = map(libc::MAP_SHARED, libc::PROT_READ) as *mut u8;
-            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
-            assert_ne!(other as *mut libc::c_void, libc::MAP_FAILED);
+            let p = mapped(libc::MAP_SHARED, rw);
+            let other = mapped(libc::MAP_SHARED, libc::PROT_READ);
             // SAFETY: loads and stores inside the mappings, into holes.
             unsafe {
                 say!("hole {}", std::ptr::read_volatile(other.add(3 * 4096 + 5)));
@@ -416,8 +420,7 @@ fn child_main(what: &str) {
             say!("image {}", shown.iter().any(|m| m.3.contains(".img")));
         }
         "recall" => {
-            let p = map(libc::MAP_SHARED, libc::PROT_READ) as *mut u8;
-            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            let p = mapped(libc::MAP_SHARED, libc::PROT_READ);
             // SAFETY: a load inside the mapping.
             say!("before {}", unsafe { *p.add(5000) });
             let n = maps_within(p as usize, len)
@@ -437,8 +440,7 @@ fn child_main(what: &str) {
             say!("read {v}");
         }
         "poison" => {
-            let p = map(libc::MAP_SHARED, rw) as *mut u8;
-            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            let p = mapped(libc::MAP_SHARED, rw);
             // SAFETY: a load inside the mapping.
             say!("before {}", unsafe {
                 std::ptr::read_volatile(p.add(4096 + 100))
@@ -451,8 +453,7 @@ fn child_main(what: &str) {
             say!("read {v}");
         }
         "fork" => {
-            let p = map(libc::MAP_SHARED, libc::PROT_READ) as *mut u8;
-            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            let p = mapped(libc::MAP_SHARED, libc::PROT_READ);
             // SAFETY: loads inside the mapping.
             let before = unsafe { *p.add(100) + *p.add(4096 + 100) };
             // SAFETY: fork; the child runs only the code below, then exits.
@@ -491,8 +492,7 @@ fn child_main(what: &str) {
         }
         "pmem2" => say!("granularity {}", pmem2_granularity(fd)),
         "holes" => {
-            let p = map(libc::MAP_SHARED, libc::PROT_READ) as *mut u8;
-            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            let p = mapped(libc::MAP_SHARED, libc::PROT_READ);
             let count = || {
                 let (pmd, pte) = faults();
                 pmd + pte
@@ -516,8 +516,7 @@ fn child_main(what: &str) {
             }
         }
         "unmap-part" | "unmap-touch" => {
-            let p = map(libc::MAP_SHARED, rw) as *mut u8;
-            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            let p = mapped(libc::MAP_SHARED, rw);
             // SAFETY: loads and stores inside the mapping; munmap of parts
             // of it, and loads only of the parts left (but the last one of
             // "unmap-touch", which SIGSEGV ends).
@@ -537,8 +536,7 @@ fn child_main(what: &str) {
             say!("left {}", maps_within(p as usize, len).len());
         }
         "move" => {
-            let p = map(libc::MAP_SHARED, rw) as *mut u8;
-            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            let p = mapped(libc::MAP_SHARED, rw);
             // SAFETY: stores inside the mapping; mremap of its second page
             // elsewhere, and accesses to where it went.
             unsafe {
@@ -571,8 +569,7 @@ fn child_main(what: &str) {
             };
             assert_eq!(rc, 0);
             on_sigbus_say_and_exit();
-            let p = map(libc::MAP_SHARED, libc::PROT_READ) as *mut u8;
-            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            let p = mapped(libc::MAP_SHARED, libc::PROT_READ);
             // SAFETY: a load inside the mapping.
             say!("before {}", unsafe { std::ptr::read_volatile(p.add(4096)) });
             say!("page {}", p as usize + 4096);
@@ -582,8 +579,7 @@ fn child_main(what: &str) {
             say!("no notice 1");
         }
         "fsync" => {
-            let p = map(libc::MAP_SHARED, rw) as *mut u8;
-            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            let p = mapped(libc::MAP_SHARED, rw);
             let count = || {
                 let (pmd, pte) = faults();
                 pmd + pte
@@ -601,8 +597,7 @@ fn child_main(what: &str) {
         }
         "pmemobj" => pmemobj_counters(&file),
         "protect" => {
-            let p = map(libc::MAP_SHARED, rw) as *mut u8;
-            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            let p = mapped(libc::MAP_SHARED, rw);
             // SAFETY: stores and loads inside the mapping, mprotect of it.
             unsafe {
                 *p = 1;
@@ -623,8 +618,7 @@ fn child_main(what: &str) {
             }
         }
         "kernel" => {
-            let p = map(libc::MAP_SHARED, libc::PROT_READ) as *mut u8;
-            assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+            let p = mapped(libc::MAP_SHARED, libc::PROT_READ);
             // SAFETY: a load inside the mapping.
             say!("first {}", unsafe { *p.add(4096) });
             let shown = maps_within(p as usize, len);

@@ -208,10 +208,18 @@ impl Session {
                 pages: e.len / PAGE,
             })
             .collect();
+        // The device's bad ranges (few) against the extents, not a look
+        // per page of a lease that may cover gigabytes.
+        let bad = dev.badblocks();
         let poisoned = extents
             .iter()
-            .flat_map(|e| (e.pfn..e.pfn + e.pages).map(|pfn| (pfn, 1)))
-            .filter(|&(pfn, _)| dev.first_poison(pfn * PAGE, PAGE).is_some())
+            .flat_map(|e| {
+                bad.iter().filter_map(move |r| {
+                    let from = (r.offset() / PAGE).max(e.pfn);
+                    let to = (r.offset() + r.len()).div_ceil(PAGE).min(e.pfn + e.pages);
+                    (from < to).then_some((from, to - from))
+                })
+            })
             .collect();
         self.leases
             .lock()

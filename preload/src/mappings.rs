@@ -43,7 +43,7 @@ fn map_ours(
         return None;
     }
     // SAFETY: fstatfs and fstat write one struct each, which we own.
-    let (fs, st) = unsafe {
+    let st = unsafe {
         let mut fs: libc::statfs = std::mem::zeroed();
         let mut st: libc::stat = std::mem::zeroed();
         if libc::fstatfs(fd, &mut fs) != 0 || fs.f_type != FUSE_SUPER_MAGIC {
@@ -52,9 +52,8 @@ fn map_ours(
         if libc::fstat(fd, &mut st) != 0 {
             return None;
         }
-        (fs, st)
+        st
     };
-    let _ = fs;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return None;
     }

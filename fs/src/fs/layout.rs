@@ -271,56 +271,52 @@ impl Fs {
     /// Wait (up to the layout timeout) until the leases `ids` are given
     /// back; whether they were.
     pub(super) fn wait_for_leases(&self, dax: &FileDax, ids: &[u64]) -> bool {
-        if ids.is_empty() {
-            return true;
-        }
-        let deadline = Instant::now() + self.layout_timeout();
-        let held = |pins: &[PinSlot]| pins.iter().any(|p| ids.contains(&p.id));
-        let mut pins = dax.pins.lock().unwrap_or_else(|e| e.into_inner());
-        while held(&pins) {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            pins = dax
-                .unpinned
-                .wait_timeout(pins, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        true
+        self.wait_until_none(dax, |p| ids.contains(&p.id)).is_ok()
     }
 
     /// With the file's invalidate lock held exclusive and its range
     /// unmapped: wait until no page of `[first, end)` is pinned.
     pub(super) fn wait_for_pins(&self, dax: &FileDax, first: u64, end: u64) -> Result<()> {
-        let overlaps = |pins: &[PinSlot]| pins.iter().any(|p| p.overlaps(first, end));
-        let mut pins = dax.pins.lock().unwrap_or_else(|e| e.into_inner());
-        if !overlaps(&pins) {
-            return Ok(());
-        }
-        let timeout = Duration::from_millis(self.core.layout_timeout_ms.load(Ordering::Relaxed));
-        let deadline = Instant::now() + timeout;
-        let cancel = self.core.layout_cancel.load(Ordering::Acquire);
-        let _waiting = Waiting::enter(&self.core.layout_waiting);
-        while overlaps(&pins) {
-            let now = Instant::now();
-            let cancelled = self.core.layout_cancel.load(Ordering::Acquire) != cancel;
-            if cancelled || now >= deadline {
-                let held: Vec<String> = pins
+        self.wait_until_none(dax, |p| p.overlaps(first, end))
+            .map_err(|(held, cancelled)| {
+                let held: Vec<String> = held
                     .iter()
-                    .filter(|p| p.overlaps(first, end))
-                    .map(|p| format!("{}..{}", p.pages.0 * PAGE, p.pages.1 * PAGE))
+                    .map(|&(a, b)| format!("{}..{}", a * PAGE, b * PAGE))
                     .collect();
-                return Err(Error::Busy(format!(
+                Error::Busy(format!(
                     "blocks of the file are pinned for direct I/O (bytes {}); {}",
                     held.join(", "),
                     if cancelled {
                         "the wait was cancelled".to_string()
                     } else {
-                        format!("gave up after {} ms", timeout.as_millis())
+                        format!("gave up after {} ms", self.layout_timeout().as_millis())
                     }
-                )));
+                ))
+            })
+    }
+
+    /// Wait until no pin of the file is `held`, counted among the waiting
+    /// calls meanwhile; on giving up (the layout timeout, or
+    /// [`cancel_layout_breaks`](Self::cancel_layout_breaks)), the page
+    /// ranges still held and whether it was cancelled.
+    fn wait_until_none(
+        &self,
+        dax: &FileDax,
+        held: impl Fn(&PinSlot) -> bool,
+    ) -> std::result::Result<(), (Vec<(u64, u64)>, bool)> {
+        let mut pins = dax.pins.lock().unwrap_or_else(|e| e.into_inner());
+        if !pins.iter().any(&held) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.layout_timeout();
+        let cancel = self.core.layout_cancel.load(Ordering::Acquire);
+        let _waiting = Waiting::enter(&self.core.layout_waiting);
+        while pins.iter().any(&held) {
+            let now = Instant::now();
+            let cancelled = self.core.layout_cancel.load(Ordering::Acquire) != cancel;
+            if cancelled || now >= deadline {
+                let still = pins.iter().filter(|p| held(p)).map(|p| p.pages).collect();
+                return Err((still, cancelled));
             }
             pins = dax
                 .unpinned

@@ -213,9 +213,12 @@ impl FileDax {
                 let e = guard.entry();
                 if e.is_mapped() {
                     self.index.set_tag(first, Tag::Towrite);
+                    // (Taken under the entry lock: a mapping that comes
+                    // later maps the page writable only through that lock.)
+                    let mappings = live(self);
                     let shown = going
                         .and_then(|m| m.shows_all(first, pages))
-                        .or_else(|| live(self).iter().find_map(|m| m.shows_all(first, pages)));
+                        .or_else(|| mappings.iter().find_map(|m| m.shows_all(first, pages)));
                     match shown {
                         Some(addr) => {
                             dev.flush_shown(addr as *const u8, e.pfn() * PAGE, pages * PAGE)?
@@ -224,7 +227,7 @@ impl FileDax {
                     }
                     self.index.clear_tag(first, Tag::Dirty);
                     self.index.clear_tag(first, Tag::Towrite);
-                    for m in live(self) {
+                    for m in &mappings {
                         m.protect(first, pages);
                     }
                 }

@@ -227,6 +227,8 @@ pub(super) struct Inner {
     locked: AtomicBool,
     /// Stores allowed now (`opts.write`, until [`Mapping::set_writable`]).
     writable: AtomicBool,
+    /// Whether some page was withdrawn ([`Mapping::withdraw`]).
+    withdrawn: AtomicBool,
     /// The file, as the fault routine sees it. Declared last, so dropped
     /// after the address space: what it holds keeps the file's blocks
     /// alive, and none may be reused while a piece could still show them.
@@ -355,6 +357,7 @@ impl Mapping {
                     .write()
                     .unwrap_or_else(|e| e.into_inner()),
             );
+            inner.withdrawn.store(true, Ordering::Release);
             for page in first..end {
                 inner.state[page as usize].store(pieces::GONE, Ordering::Release);
             }
@@ -367,7 +370,10 @@ impl Mapping {
                 0,
             );
         }
-        (0..inner.pages).all(|p| inner.any_gone(p, 1))
+        inner
+            .state
+            .iter()
+            .all(|s| s.load(Ordering::Acquire) == pieces::GONE)
     }
 
     /// Fault in the pages of `[offset, offset + len)` of the mapping as
@@ -556,6 +562,7 @@ pub unsafe fn map_at(
         state: (0..pages).map(|_| AtomicU8::new(NONE)).collect(),
         locked: AtomicBool::new(false),
         writable: AtomicBool::new(opts.write),
+        withdrawn: AtomicBool::new(false),
         layout,
     });
     file.mappings

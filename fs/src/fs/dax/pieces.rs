@@ -65,10 +65,12 @@ impl Inner {
         }
     }
 
-    /// Whether any page of mapping pages `[page, page + n)` is withdrawn.
+    /// Whether any page of mapping pages `[page, page + n)` is withdrawn
+    /// (a look at one flag on the fault path, unless some page ever was).
     pub(super) fn any_gone(&self, page: u64, n: u64) -> bool {
-        (page..(page + n).min(self.pages))
-            .any(|p| self.state[p as usize].load(Ordering::Acquire) == GONE)
+        self.withdrawn.load(Ordering::Acquire)
+            && (page..(page + n).min(self.pages))
+                .any(|p| self.state[p as usize].load(Ordering::Acquire) == GONE)
     }
 
     /// Map device pages `pfn..` at mapping page `page`. Shared writable
