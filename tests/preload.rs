@@ -657,6 +657,19 @@ fn inject(m: &Mounted, file: &Path, offset: u64, sectors: u64) {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+/// A new file of `len` bytes, all hole, open for reading and writing.
+fn sparse(path: &Path, len: u64) -> std::fs::File {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    f.set_len(len).unwrap();
+    f
+}
+
 /// The extents of `file` as `(file offset, device offset, length)`
 /// (`daxfs extents`).
 fn extents(file: &Path) -> Vec<(u64, u64, u64)> {
@@ -687,14 +700,7 @@ fn a_programs_mapping_is_the_devices_own_pages() {
     }
     let m = Mounted::new("");
     let file = m.path("f");
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&file)
-        .unwrap();
-    f.set_len(4 * MIB).unwrap();
+    let f = sparse(&file, 4 * MIB);
     // (Preallocated: aligned 2 MiB extents.)
     let out = Command::new("fallocate")
         .args(["-l", "4MiB"])
@@ -769,14 +775,7 @@ fn stores_into_holes_get_blocks_before_the_fault_returns() {
     }
     let m = Mounted::new("");
     let file = m.path("sparse");
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&file)
-        .unwrap();
-    f.set_len(4 * MIB).unwrap();
+    let f = sparse(&file, 4 * MIB);
     assert!(extents(&file).is_empty());
     let test = "stores_into_holes_get_blocks_before_the_fault_returns";
     let mut child = program(test, "hole", &file, Run::Preloaded);
