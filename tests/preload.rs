@@ -535,6 +535,31 @@ fn child_main(what: &str) {
             }
             say!("left {}", maps_within(p as usize, len).len());
         }
+        "shrink" | "shrink-touch" => {
+            let p = mapped(libc::MAP_SHARED, rw);
+            // SAFETY: stores inside the mapping; mremap shrinking it in
+            // place, then accesses to what it kept (and for "shrink-touch"
+            // one past it, which SIGSEGV ends).
+            unsafe {
+                *p = 1;
+                *p.add(4096) = 2;
+                let flags = if what == "shrink" {
+                    0
+                } else {
+                    libc::MREMAP_MAYMOVE
+                };
+                let kept = libc::mremap(p.cast(), 3 * 4096, 4096 + 1, flags) as *mut u8;
+                say!("in-place {}", kept == p);
+                say!("kept {} {}", *p, *p.add(4096));
+                *p.add(4096) = 3;
+                if what == "shrink-touch" {
+                    let v = std::ptr::read_volatile(p.add(2 * 4096));
+                    say!("touched {v}");
+                }
+                say!("rest {}", libc::munmap(p.cast(), 2 * 4096));
+            }
+            say!("left {}", maps_within(p as usize, len).len());
+        }
         "move" => {
             let p = mapped(libc::MAP_SHARED, rw);
             // SAFETY: stores inside the mapping; mremap of its second page
@@ -1339,6 +1364,47 @@ fn mremap_moves_a_page_out_of_a_mapping() {
     assert_eq!(get(&seen, "faults"), "0", "the moved page faulted again");
     assert_eq!(get(&seen, "image"), "true");
     assert_eq!(&fs::read(&file).unwrap()[4096..4098], b"ab");
+}
+
+/// mremap to a shorter length shrinks a mapping in place, as Linux does
+/// whether or not it may move: what is kept stays mapped and writable, the
+/// tail is gone (SIGSEGV), and the rest unmaps as usual.
+#[test]
+fn mremap_shrinks_a_mapping_in_place() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let file = m.path("f");
+    fs::write(&file, vec![0u8; 3 * 4096]).unwrap();
+    let test = "mremap_shrinks_a_mapping_in_place";
+    let mut child = program(test, "shrink", &file, Run::Preloaded);
+    let seen = said(&mut child, Some("done"));
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(get(&seen, "in-place"), "true");
+    assert_eq!(get(&seen, "kept"), "1 2");
+    assert_eq!(get(&seen, "rest"), "0");
+    assert_eq!(
+        get(&seen, "left"),
+        "0",
+        "the address range was not released"
+    );
+    assert_eq!(
+        &fs::read(&file).unwrap()[..4097],
+        &{
+            let mut d = vec![0u8; 4097];
+            (d[0], d[4096]) = (1, 3);
+            d
+        }[..]
+    );
+    let mut child = program(test, "shrink-touch", &file, Run::Preloaded);
+    let seen = said(&mut child, None);
+    let (status, stderr) = finish(child);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGSEGV), "{seen:?} {stderr}");
+    assert_eq!(get(&seen, "in-place"), "true");
+    assert!(!seen.iter().any(|(k, _)| k == "touched"));
 }
 
 /// Another process writes into a hole of a file a program maps: the

@@ -347,11 +347,30 @@ pub unsafe extern "C" fn mremap(
     new_addr: *mut c_void,
 ) -> *mut c_void {
     let fixed = flags & libc::MREMAP_FIXED != 0;
+    let pages = |len: size_t| len.div_ceil(PAGE as usize);
+    // Shrunk in place (as Linux does, moving allowed or not): the tail is
+    // unmapped, which for a mapping of ours withdraws it.
+    let shrinks = !fixed
+        && new_len > 0
+        && pages(new_len) <= pages(old_len)
+        && flags & !libc::MREMAP_MAYMOVE == 0
+        && (old as usize).is_multiple_of(PAGE as usize);
+    if shrinks && with_ours(old, old_len, |_| ()).is_some() {
+        let kept = pages(new_len) * PAGE as usize;
+        let gone = pages(old_len) * PAGE as usize - kept;
+        if gone > 0 {
+            if let Err(errno) = unmap_ours(old as usize + kept, gone) {
+                set_errno(errno);
+                return libc::MAP_FAILED;
+            }
+        }
+        return old;
+    }
     let what = with_ours(old, old_len, |m| {
         // Moved (anywhere, or to `new_addr`): a new mapping of the same
         // file pages, showing what the old range showed, which is then
-        // withdrawn. Not in place, not private (whose copied pages a new
-        // mapping would not have).
+        // withdrawn. Not grown in place, not private (whose copied pages a
+        // new mapping would not have): ENOMEM, as when Linux cannot.
         let movable = flags & libc::MREMAP_MAYMOVE != 0
             && flags & !(libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) == 0
             && m.opts.shared
