@@ -48,23 +48,51 @@ fn shm_dir() -> tempfile::TempDir {
         .unwrap()
 }
 
+/// `create` with no arguments makes the image `daxfs mount` mounts when
+/// given none (in memory; here in `DAXFS_IMAGES`), and describes it;
+/// `info` with no arguments finds it. In a directory holding a
+/// `pmem0.img` made by an earlier version, that one is the default.
 #[test]
-fn create_with_no_arguments_makes_a_1gib_pmem0_img_and_describes_it() {
+fn create_with_no_arguments_makes_the_default_image_and_describes_it() {
     let dir = shm_dir();
-    let text = stdout(&daxfs_ok(dir.path(), &["create"]));
-    assert!(text.contains("created pmem0.img"), "{text}");
+    let images = dir.path().join("images");
+    let run = |cwd: &Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_daxfs"))
+            .args(args)
+            .current_dir(cwd)
+            .env("DAXFS_IMAGES", &images)
+            .output()
+            .unwrap()
+    };
+    let image = images.join("pmem0.img");
+    let out = run(dir.path(), &["create"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("created {}", image.display())),
+        "{text}"
+    );
     assert!(
         text.contains("1 GiB") && text.contains("persistence:  memory"),
         "{text}"
     );
-    assert_eq!(
-        std::fs::metadata(dir.path().join("pmem0.img"))
-            .unwrap()
-            .len(),
-        1 << 30
-    );
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 1 << 30);
+    assert!(!dir.path().join("pmem0.img").exists());
+    let info = stdout(&run(dir.path(), &["info"]));
+    assert!(info.starts_with(&image.display().to_string()), "{info}");
     // A second create refuses to overwrite it.
-    assert_clean_failure(&daxfs(dir.path(), &["create"]), "already exists");
+    assert_clean_failure(&run(dir.path(), &["create"]), "already exists");
+    // An image of an earlier version in the current directory.
+    let earlier = dir.path().join("earlier");
+    std::fs::create_dir(&earlier).unwrap();
+    assert!(run(&earlier, &["create", "pmem0.img", "--size", "16M"])
+        .status
+        .success());
+    let info = stdout(&run(&earlier, &["info"]));
+    assert!(
+        info.starts_with("pmem0.img") && info.contains("16 MiB"),
+        "{info}"
+    );
 }
 
 #[test]

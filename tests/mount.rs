@@ -3038,3 +3038,122 @@ fn many_and_large_xattrs_through_the_kernel() {
     drop(again);
     fsck_clean(&img);
 }
+
+/// The filesystem type `dir` lives on, as statfs says.
+fn on_tmpfs(dir: &Path) -> bool {
+    let c = c_path(dir);
+    // SAFETY: an all-zero statfs is a valid value; statfs fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statfs to fill.
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
+    st.f_type == 0x0102_1994
+}
+
+/// `daxfs mount` with no arguments, as the README's first command runs it:
+/// the image is made in memory (here `DAXFS_IMAGES`, a directory on the
+/// tmpfs), not in the current directory; the first line says where it is
+/// and that it does not survive a reboot; the files are there at the next
+/// mount, and `fsck` and `info` with no arguments find the same image.
+#[test]
+fn the_default_mount_is_in_memory_and_its_first_line_says_so() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let (cwd, images) = (dir.path().join("cwd"), dir.path().join("images"));
+    fs::create_dir(&cwd).unwrap();
+    let daxfs_here = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_daxfs"))
+            .args(args)
+            .current_dir(&cwd)
+            .env("DAXFS_IMAGES", &images)
+            .output()
+            .unwrap()
+    };
+    let img = images.join("pmem0.img");
+    // The guard: unmounts whatever happens below.
+    let mut m = Mounted {
+        _dir: tempfile::tempdir_in("/dev/shm").unwrap(),
+        img: img.clone(),
+        mnt: cwd.join("mnt"),
+        pid: None,
+        said: String::new(),
+    };
+    for round in 0..2 {
+        let out = daxfs_here(&["mount"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        m.pid = said
+            .split("daemon pid ")
+            .nth(1)
+            .and_then(|s| s.trim().trim_end_matches(')').parse().ok());
+        let lines: Vec<&str> = said.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!(
+                "daxfs: {} is on tmpfs (memory): survives the daemon and process crashes, not \
+                 a reboot; for one that survives reboots, name an image on a disk (daxfs mount \
+                 --help)",
+                img.display()
+            )
+        );
+        let created = format!("daxfs: created {} (1 GiB, sparse)", img.display());
+        assert_eq!(lines[1].starts_with(&created), round == 0, "{said}");
+        assert!(said.contains(&format!("at mnt (daemon pid")), "{said}");
+        assert!(is_mounted(&m.mnt));
+        if round == 0 {
+            fs::write(m.path("kept"), b"in memory").unwrap();
+        } else {
+            assert_eq!(fs::read(m.path("kept")).unwrap(), b"in memory");
+        }
+        let out = m.umount();
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    assert!(
+        !cwd.join("pmem0.img").exists(),
+        "an image in the current directory"
+    );
+    assert_eq!(fs::metadata(&img).unwrap().len(), 1 << 30);
+    let out = daxfs_here(&["fsck"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{}: clean", img.display())
+    );
+    let out = daxfs_here(&["info"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&img.display().to_string()),
+        "{}",
+        text(&out)
+    );
+}
+
+/// An image on a disk filesystem says that it survives reboots and that
+/// writes wait for the disk; with `-o fast` that a machine crash can lose
+/// recent writes. (Where the build directory is a tmpfs, its line must say
+/// memory.)
+#[test]
+fn an_image_on_disk_says_what_it_survives() {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let mut m = Mounted::new_in(root, "");
+    let first = m.said.lines().next().unwrap().to_string();
+    let img = m.img.display().to_string();
+    let expected = match on_tmpfs(root) {
+        true => "(memory): survives the daemon and process crashes, not a reboot",
+        false => "(disk): survives reboots; writes wait for the disk; for memory speed",
+    };
+    assert!(
+        first.starts_with(&format!("daxfs: {img} is on ")) && first.contains(expected),
+        "{first}"
+    );
+    fs::write(m.path("f"), b"x").unwrap();
+    assert!(m.umount().status.success());
+    m.mount("fast");
+    let first = m.said.lines().next().unwrap().to_string();
+    let expected = match on_tmpfs(root) {
+        true => "(memory)",
+        false => {
+            "(disk, fast mode): survives the daemon and process crashes; a machine \
+                  crash can lose recent writes"
+        }
+    };
+    assert!(first.contains(expected), "{first}");
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"x");
+}

@@ -61,11 +61,12 @@ enum Command {
     Stat(PathArg),
     /// Make a daxfs filesystem on a device (creating the image with --size).
     Mkfs(MkfsArgs),
-    /// Mount a filesystem with FUSE (by default ./pmem0.img, created when
-    /// missing, at ./mnt).
+    /// Mount a filesystem with FUSE (by default an image in memory,
+    /// /dev/shm/daxfs-USER/pmem0.img, created when missing, at ./mnt).
     ///
     /// Returns once the mount is ready; the daemon keeps serving it in the
-    /// background until `daxfs umount` (or umount) unmounts it.
+    /// background until `daxfs umount` (or umount) unmounts it. The first
+    /// line says where the data lives and what it survives.
     Mount(mount::MountArgs),
     /// Unmount a daxfs mount and wait until the daemon has written
     /// everything back and released the image.
@@ -123,8 +124,9 @@ struct MkfsArgs {
 
 #[derive(Args)]
 struct FsckArgs {
-    /// The device: an emulated image file or /dev/daxX.Y.
-    image: PathBuf,
+    /// The device: an emulated image file or /dev/daxX.Y (by default the
+    /// image `daxfs mount` mounts when given none).
+    image: Option<PathBuf>,
     /// Repair what is found. Without it the image is opened read-only and
     /// not one byte of it changes.
     #[arg(long, short)]
@@ -155,9 +157,9 @@ struct ExtentsArgs {
 
 #[derive(Args)]
 struct CreateArgs {
-    /// Where to create the image.
-    #[arg(default_value = "pmem0.img")]
-    image: PathBuf,
+    /// Where to create the image (by default where `daxfs mount` keeps it:
+    /// /dev/shm/daxfs-USER/pmem0.img).
+    image: Option<PathBuf>,
     /// Size: a multiple of 2 MiB, at least 16 MiB (for example 512M, 1G).
     #[arg(long, short, default_value = "1G", value_parser = parse_size)]
     size: u64,
@@ -170,8 +172,9 @@ struct CreateArgs {
 
 #[derive(Args)]
 struct InfoArgs {
-    /// The device: an emulated image file or /dev/daxX.Y.
-    image: PathBuf,
+    /// The device: an emulated image file or /dev/daxX.Y (by default the
+    /// image `daxfs mount` mounts when given none).
+    image: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -249,7 +252,8 @@ fn run(command: Command) -> Outcome {
     match command {
         Command::Create(args) => create(args),
         Command::Info(args) => {
-            let dev = open_read_only(&args.image)?;
+            let image = image_or_default(args.image)?;
+            let dev = open_read_only(&image)?;
             let info = dev.info();
             // Read without a mount. The usage needs one, which would replay
             // the journal: not while it holds transactions to replay (so that
@@ -280,7 +284,7 @@ fn run(command: Command) -> Outcome {
                 };
                 print_json(&value);
             } else {
-                print_info(&args.image, &info);
+                print_info(&image, &info);
                 match usage {
                     Ok(u) => println!(
                         "  filesystem:   daxfs, {} of {} used, {} of {} inodes free, {:.1}% of file data in aligned 2 MiB extents",
@@ -395,14 +399,21 @@ fn mkfs(args: MkfsArgs) -> Outcome {
 }
 
 fn fsck(args: &FsckArgs) -> ExitCode {
-    let name = args.image.display();
+    let image = match image_or_default(args.image.clone()) {
+        Ok(image) => image,
+        Err(e) => {
+            eprintln!("daxfs: {e}");
+            return ExitCode::from(FSCK_OPERATIONAL);
+        }
+    };
+    let name = image.display();
     // A check writes nothing: the image is opened read-only (so an
     // immutable or read-only image can be checked), and what a mount would
     // replay or reclaim happens in memory.
     let opened = if args.repair {
-        open(&args.image)
+        open(&image)
     } else {
-        open_read_only(&args.image)
+        open_read_only(&image)
     };
     let dev = match opened {
         Ok(dev) => dev,
@@ -438,6 +449,14 @@ fn fsck(args: &FsckArgs) -> ExitCode {
     }
 }
 
+/// The image named, or the default one (see `daxfs mount --help`).
+fn image_or_default(image: Option<PathBuf>) -> Result<PathBuf, String> {
+    match image {
+        Some(image) => Ok(image),
+        None => daxfs_client::images::default_image().map(|d| d.path),
+    }
+}
+
 fn open(image: &Path) -> Result<Device, String> {
     Device::open(image, &DeviceOptions::new()).map_err(|e| e.to_string())
 }
@@ -460,16 +479,17 @@ fn on(image: &Path) -> impl Fn(pmem::Error) -> String + '_ {
 }
 
 fn create(args: CreateArgs) -> Outcome {
-    pmem::validate_size(args.size).map_err(|e| format!("{}: {e}", args.image.display()))?;
-    let mut target = args.image.clone();
+    let image = image_or_default(args.image)?;
+    pmem::validate_size(args.size).map_err(|e| format!("{}: {e}", image.display()))?;
+    let mut target = image.clone();
     if args.huge {
-        if args.image.symlink_metadata().is_ok() {
+        if image.symlink_metadata().is_ok() {
             return Err(format!(
                 "{}: already exists; refusing to overwrite it",
-                args.image.display()
+                image.display()
             ));
         }
-        match huge::place(&args.image) {
+        match huge::place(&image) {
             huge::Placement::InPlace => {}
             huge::Placement::Linked(real) => target = real,
             huge::Placement::Refused(why) => {
@@ -486,25 +506,25 @@ fn create(args: CreateArgs) -> Outcome {
         };
         format!("{e}{hint}")
     })?;
-    if target != args.image {
-        if let Err(e) = std::os::unix::fs::symlink(&target, &args.image) {
+    if target != image {
+        if let Err(e) = std::os::unix::fs::symlink(&target, &image) {
             drop(dev);
             let _ = std::fs::remove_file(&target);
             return Err(format!(
                 "{}: cannot link to {}: {e}",
-                args.image.display(),
+                image.display(),
                 target.display()
             ));
         }
         println!(
             "created {} on huge-page memory, linked from {}",
             target.display(),
-            args.image.display()
+            image.display()
         );
     } else {
-        println!("created {}", args.image.display());
+        println!("created {}", image.display());
     }
-    print_info(&args.image, &dev.info());
+    print_info(&image, &dev.info());
     Ok(())
 }
 

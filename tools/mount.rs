@@ -12,6 +12,7 @@ use crate::fuse::DaxFuse;
 use clap::Args;
 use daxfs::pmem::{Device, DeviceOptions};
 use daxfs::Fs;
+use daxfs_client::images::{default_image, DEFAULT_SIZE};
 use daxfs_client::mounts::{image_of, mounted_at};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -21,11 +22,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Args)]
+#[command(after_long_help = WHERE_DATA_LIVES)]
 pub struct MountArgs {
     /// The device: an image file (created, 1 GiB and sparse, and formatted
-    /// when missing) or /dev/daxX.Y.
-    #[arg(default_value = "pmem0.img")]
-    image: PathBuf,
+    /// when missing) or /dev/daxX.Y. By default /dev/shm/daxfs-USER/pmem0.img,
+    /// in memory (see below).
+    image: Option<PathBuf>,
     /// Where to mount it (created when missing).
     #[arg(default_value = "mnt")]
     mountpoint: PathBuf,
@@ -39,7 +41,10 @@ pub struct MountArgs {
     /// update access times, as for any Linux filesystem;
     /// `layout_timeout=SECONDS` (default 30): how long a truncate or punch
     /// waits for programs that map the range directly (`daxfs exec`) or pin
-    /// it to give it back, before it fails with EBUSY and frees nothing.
+    /// it to give it back, before it fails with EBUSY and frees nothing;
+    /// `fast`: for an image on a disk filesystem, persist without `msync`
+    /// (memory speed, but a machine crash can lose recent writes; the
+    /// daemon crashing loses nothing).
     #[arg(short = 'o', value_delimiter = ',', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Stay in the foreground; Ctrl-C or SIGTERM unmounts.
@@ -49,6 +54,26 @@ pub struct MountArgs {
     #[arg(long, hide = true)]
     notify_ready: bool,
 }
+
+/// The reasoning behind the default image, for `mount --help`.
+const WHERE_DATA_LIVES: &str = "\
+Where the data lives:
+  An emulated pmem device stands in for memory, as Linux's own emulation
+  (memmap=) does, so by default the image lives in memory: in a directory of
+  your own on the tmpfs at /dev/shm (/dev/shm/daxfs-USER/pmem0.img; made 1 GiB
+  and sparse, or smaller when less memory is free there). Durable writes then
+  cost a cache flush. The image survives the daemon and every process
+  crashing, and unmounting; it does not survive a reboot.
+
+  For a filesystem that survives reboots, name an image on a disk filesystem
+  (daxfs mount ~/pmem0.img mnt). Every persist then also waits for msync, many
+  times slower; -o fast skips that at the price of what a machine crash
+  catches in flight. /dev/daxX.Y is real (or emulated) pmem: durable once
+  flushed, across power loss.
+
+  The first line of every mount says which of these it is. DAXFS_IMAGES=DIR
+  puts default images in DIR; ./pmem0.img, made by earlier versions, is still
+  the default in its directory.";
 
 #[derive(Args)]
 pub struct UmountArgs {
@@ -69,6 +94,7 @@ struct Options {
     suid: bool,
     atime: daxfs::Atime,
     layout_timeout: std::time::Duration,
+    fast: bool,
 }
 
 fn parse_options(list: &[String]) -> Result<Options, String> {
@@ -82,6 +108,7 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
         suid: false,
         atime: daxfs::Atime::Relatime,
         layout_timeout: daxfs::DEFAULT_LAYOUT_TIMEOUT,
+        fast: false,
     };
     for opt in list.iter().filter(|s| !s.is_empty()) {
         match opt.split_once('=') {
@@ -96,6 +123,7 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
             None if opt == "relatime" => o.atime = daxfs::Atime::Relatime,
             None if opt == "noatime" => o.atime = daxfs::Atime::NoAtime,
             None if opt == "strictatime" => o.atime = daxfs::Atime::StrictAtime,
+            None if opt == "fast" => o.fast = true,
             Some(("threads", n)) => {
                 o.threads = n
                     .parse()
@@ -117,12 +145,35 @@ fn parse_options(list: &[String]) -> Result<Options, String> {
                 return Err(format!(
                     "unknown mount option {opt:?} (known: ro, rw, allow_other, cache, \
                      threads=N, default_permissions, nodefault_permissions, dev, nodev, suid, \
-                     nosuid, relatime, noatime, strictatime, layout_timeout=SECONDS)"
+                     nosuid, relatime, noatime, strictatime, layout_timeout=SECONDS, fast)"
                 ))
             }
         }
     }
     Ok(o)
+}
+
+/// The mount's first line: where its data lives, and what it survives.
+fn where_data_lives(image: &Path, info: &pmem::DeviceInfo) -> String {
+    use pmem::{DeviceKind, PersistenceMode};
+    let mode = info.persistence.mode;
+    let on = match &info.kind {
+        DeviceKind::DevDax { name } => format!("is {name}, a device-dax device"),
+        DeviceKind::Emulated => format!("is on {}", info.filesystem),
+    };
+    let hint = match mode {
+        PersistenceMode::Memory => {
+            "; for one that survives reboots, name an image on a disk (daxfs mount --help)"
+        }
+        PersistenceMode::Msync => "; for memory speed, keep it on a tmpfs or mount with -o fast",
+        _ => "",
+    };
+    format!(
+        "{} {on} ({}): {}{hint}",
+        image.display(),
+        mode.medium(),
+        mode.survives()
+    )
 }
 
 /// Whether `at` is a FUSE mount whose daemon is gone (the kernel answers
@@ -133,9 +184,16 @@ fn is_dead_mount(at: &Path) -> bool {
 
 pub fn mount(args: MountArgs) -> Result<(), String> {
     let options = parse_options(&args.options)?;
+    let (image, size, note) = match &args.image {
+        Some(image) => (image.clone(), DEFAULT_SIZE, None),
+        None => {
+            let default = default_image()?;
+            (default.path, default.size, default.note)
+        }
+    };
     // A mount whose daemon died (killed, crashed) is left to the kernel;
     // it is detached, and the image is free to mount again.
-    for at in [mounted_at(&args.image), Some(args.mountpoint.clone())]
+    for at in [mounted_at(&image), Some(args.mountpoint.clone())]
         .into_iter()
         .flatten()
     {
@@ -145,39 +203,42 @@ pub fn mount(args: MountArgs) -> Result<(), String> {
             eprintln!("daxfs: detached {}, whose daemon had died", at.display());
         }
     }
-    if let Some(at) = mounted_at(&args.image) {
+    if let Some(at) = mounted_at(&image) {
         return Err(format!(
             "{}: already mounted at {}",
-            args.image.display(),
+            image.display(),
             at.display()
         ));
     }
-    wait_for_previous_daemon(&args)?;
+    wait_for_previous_daemon(&image, &args.mountpoint)?;
     if args.mountpoint.exists() && !args.mountpoint.is_dir() {
         return Err(format!(
             "{}: not a directory: the mount point must be a directory",
             args.mountpoint.display()
         ));
     }
-    if !args.image.exists() {
-        let dev = Device::create(&args.image, 1 << 30, &DeviceOptions::new())
-            .map_err(|e| e.to_string())?;
+    let mut said = Vec::from_iter(note);
+    if !image.exists() {
+        let dev = Device::create(&image, size, &DeviceOptions::new()).map_err(|e| e.to_string())?;
         Fs::format(dev)
             .and_then(Fs::into_device)
-            .map_err(|e| format!("{}: cannot format: {e}", args.image.display()))?;
-        eprintln!(
-            "daxfs: created {} (1 GiB, sparse) with a new filesystem",
-            args.image.display()
-        );
+            .map_err(|e| format!("{}: cannot format: {e}", image.display()))?;
+        said.push(format!(
+            "created {} ({}, sparse) with a new filesystem",
+            image.display(),
+            crate::size::human(size)
+        ));
     }
     if !args.mountpoint.exists() {
         std::fs::create_dir_all(&args.mountpoint)
             .map_err(|e| format!("{}: cannot create: {e}", args.mountpoint.display()))?;
     }
+    // Said after the daemon's first line, which says where the data lives.
+    let said = move || said.iter().for_each(|s| println!("daxfs: {s}"));
     if args.foreground {
-        serve(&args, &options)
+        serve(&image, &args, &options, said)
     } else {
-        spawn_daemon(&args)
+        spawn_daemon(&image, &args, said)
     }
 }
 
@@ -189,13 +250,13 @@ const PREVIOUS_DAEMON_WAIT: Duration = Duration::from_secs(120);
 /// A plain `umount` returns before the daemon has finished; a new mount of
 /// the same image or mount point waits for it, saying so, as Linux makes a
 /// new mount wait for the end of the old one.
-fn wait_for_previous_daemon(args: &MountArgs) -> Result<(), String> {
-    let by_image = match args.image.exists() {
-        true => pmem::device_holder(&args.image).ok().flatten(),
+fn wait_for_previous_daemon(image: &Path, mountpoint: &Path) -> Result<(), String> {
+    let by_image = match image.exists() {
+        true => pmem::device_holder(image).ok().flatten(),
         false => None,
     };
-    let by_mountpoint = match args.mountpoint.is_dir() && image_of(&args.mountpoint).is_none() {
-        true => daxfs_client::socket::daemon_at(&args.mountpoint),
+    let by_mountpoint = match mountpoint.is_dir() && image_of(mountpoint).is_none() {
+        true => daxfs_client::socket::daemon_at(mountpoint),
         false => None,
     };
     for pid in [by_image, by_mountpoint].into_iter().flatten() {
@@ -209,7 +270,7 @@ fn wait_for_previous_daemon(args: &MountArgs) -> Result<(), String> {
             return Err(format!(
                 "{}: the daemon of the previous mount (pid {pid}) is still running after {} \
                  seconds",
-                args.image.display(),
+                image.display(),
                 PREVIOUS_DAEMON_WAIT.as_secs()
             ));
         }
@@ -253,12 +314,13 @@ fn wait_for_exit(pid: u32, limit: Duration) -> bool {
     }
 }
 
-/// Start the daemon and wait until it says the mount is ready.
-fn spawn_daemon(args: &MountArgs) -> Result<(), String> {
+/// Start the daemon and wait until it says the mount is ready, passing on
+/// what it says before (after its first line, `said`).
+fn spawn_daemon(image: &Path, args: &MountArgs, said: impl FnOnce()) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.arg("mount")
-        .arg(&args.image)
+        .arg(image)
         .arg(&args.mountpoint)
         .arg("--foreground")
         .arg("--notify-ready");
@@ -272,17 +334,31 @@ fn spawn_daemon(args: &MountArgs) -> Result<(), String> {
         .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start the daemon: {e}"))?;
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+    let mut said = Some(said);
     let mut line = String::new();
-    let stdout = child.stdout.take().expect("piped");
-    let _ = BufReader::new(stdout).read_line(&mut line);
-    if line.trim() == "ready" {
-        println!(
-            "mounted {} at {} (daemon pid {})",
-            args.image.display(),
-            args.mountpoint.display(),
-            child.id()
-        );
-        return Ok(());
+    while stdout.read_line(&mut line).is_ok_and(|n| n > 0) {
+        match line.trim_end().split_once(' ') {
+            Some(("say", text)) => println!("daxfs: {text}"),
+            Some(("warn", text)) => eprintln!("daxfs: {text}"),
+            _ if line.trim() == "ready" => {
+                if let Some(said) = said.take() {
+                    said();
+                }
+                println!(
+                    "mounted {} at {} (daemon pid {})",
+                    image.display(),
+                    args.mountpoint.display(),
+                    child.id()
+                );
+                return Ok(());
+            }
+            _ => break,
+        }
+        if let Some(said) = said.take() {
+            said();
+        }
+        line.clear();
     }
     let mut stderr = String::new();
     if let Some(mut err) = child.stderr.take() {
@@ -298,7 +374,12 @@ fn spawn_daemon(args: &MountArgs) -> Result<(), String> {
 }
 
 /// The daemon: mount, serve until unmounted, then unmount the filesystem.
-fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
+fn serve(
+    image: &Path,
+    args: &MountArgs,
+    options: &Options,
+    said: impl FnOnce(),
+) -> Result<(), String> {
     use nix::sys::signal::{SigSet, Signal};
     // Signals are taken by one thread; every thread started after this
     // inherits the mask.
@@ -310,18 +391,28 @@ fn serve(args: &MountArgs, options: &Options) -> Result<(), String> {
         .thread_block()
         .map_err(|e| format!("cannot block signals: {e}"))?;
 
-    let image =
-        std::fs::canonicalize(&args.image).map_err(|e| format!("{}: {e}", args.image.display()))?;
+    let image = std::fs::canonicalize(image).map_err(|e| format!("{}: {e}", image.display()))?;
     // A read-only mount never writes the image: what mounting replays or
     // reclaims happens in the daemon's memory.
-    let dev = Device::open(&image, &DeviceOptions::new().read_only(options.read_only))
-        .map_err(|e| e.to_string())?;
+    let device_options = DeviceOptions::new()
+        .read_only(options.read_only)
+        .fast(options.fast);
+    let dev = Device::open(&image, &device_options).map_err(|e| e.to_string())?;
+    // What the user sees first: where the data lives, what survives what.
+    // (Through the parent, when there is one: it reads our standard output
+    // until "ready".)
+    let say = |kind: &str, text: &str| match args.notify_ready {
+        true => println!("{kind} {text}"),
+        false => eprintln!("daxfs: {text}"),
+    };
+    say("say", &where_data_lives(&image, &dev.info()));
+    said();
     let fs =
         Arc::new(Fs::mount(dev).map_err(|e| format!("{}: cannot mount: {e}", image.display()))?);
     fs.set_atime(options.atime);
     fs.set_layout_timeout(options.layout_timeout);
     for note in fs.mount_notes() {
-        eprintln!("daxfs: {note}");
+        say("warn", &note);
     }
     let mut mount_options = vec![
         fuser::MountOption::FSName(image.to_string_lossy().into_owned()),

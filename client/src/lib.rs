@@ -1,8 +1,10 @@
 //! Reaching the daemon of a daxfs mount: the mount table ([`mounts`]), the
 //! control socket and who may use it ([`socket`]), and the layout-lease
 //! protocol a client that maps device pages itself speaks over it
-//! ([`lease`]). Used by the `daxfs` command and the preload library.
+//! ([`lease`]); and where the default image lives ([`images`]). Used by the
+//! `daxfs` command, the preload library and the benchmarks.
 
+pub mod images;
 pub mod lease;
 pub mod mounts;
 pub mod socket;

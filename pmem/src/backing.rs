@@ -53,6 +53,32 @@ impl fmt::Display for PersistenceMode {
     }
 }
 
+impl PersistenceMode {
+    /// What holds the data, in a word or two: memory, disk, or pmem.
+    pub fn medium(self) -> &'static str {
+        match self {
+            PersistenceMode::Dax => "pmem, DAX",
+            PersistenceMode::Memory => "memory",
+            PersistenceMode::Msync => "disk",
+            PersistenceMode::Fast => "disk, fast mode",
+        }
+    }
+
+    /// What durable data survives, and what writes cost, for a user.
+    pub fn survives(self) -> &'static str {
+        match self {
+            PersistenceMode::Dax => {
+                "survives reboots and power loss; stores are durable once flushed"
+            }
+            PersistenceMode::Memory => "survives the daemon and process crashes, not a reboot",
+            PersistenceMode::Msync => "survives reboots; writes wait for the disk",
+            PersistenceMode::Fast => {
+                "survives the daemon and process crashes; a machine crash can lose recent writes"
+            }
+        }
+    }
+}
+
 /// The persistence mode and the reason it was chosen.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Persistence {

@@ -43,6 +43,8 @@ pub struct Mounted {
     pub img: PathBuf,
     pub mnt: PathBuf,
     pub pid: Option<i32>,
+    /// What the last `mount` wrote on its standard output.
+    pub said: String,
 }
 
 impl Mounted {
@@ -64,6 +66,7 @@ impl Mounted {
             img,
             mnt,
             pid: None,
+            said: String::new(),
         };
         m.mount(options);
         m
@@ -77,6 +80,7 @@ impl Mounted {
             img: img.to_path_buf(),
             mnt: mnt.to_path_buf(),
             pid: None,
+            said: String::new(),
         };
         m.mount(options);
         m
@@ -90,13 +94,14 @@ impl Mounted {
         }
         let out = daxfs(&args);
         assert!(out.status.success(), "mount: {}", text(&out));
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         self.pid = stdout
             .split("daemon pid ")
             .nth(1)
             .and_then(|s| s.trim().trim_end_matches(')').parse().ok());
         assert!(self.pid.is_some(), "{stdout}");
         assert!(is_mounted(&self.mnt), "mounted once mount returned");
+        self.said = stdout;
     }
 
     pub fn path(&self, p: &str) -> PathBuf {
