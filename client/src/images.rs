@@ -147,11 +147,11 @@ fn statfs(dir: &Path) -> Result<nix::sys::statfs::Statfs, String> {
 }
 
 fn fs_magic(dir: &Path) -> Result<i64, String> {
-    statfs(dir).map(|s| s.filesystem_type().0 as i64)
+    statfs(dir).map(|s| s.filesystem_type().0)
 }
 
 fn free_bytes(dir: &Path) -> Result<u64, String> {
-    statfs(dir).map(|s| s.blocks_available() as u64 * s.block_size() as u64)
+    statfs(dir).map(|s| s.blocks_available() * s.block_size() as u64)
 }
 
 #[cfg(test)]
