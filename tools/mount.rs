@@ -412,7 +412,7 @@ fn serve(
     fs.set_atime(options.atime);
     fs.set_layout_timeout(options.layout_timeout);
     for note in fs.mount_notes() {
-        say("warn", &note);
+        say("warn", note);
     }
     let mut mount_options = vec![
         fuser::MountOption::FSName(image.to_string_lossy().into_owned()),
