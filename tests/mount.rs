@@ -3096,7 +3096,7 @@ fn the_default_mount_is_in_memory_and_its_first_line_says_so() {
         );
         let created = format!("daxfs: created {} (1 GiB, sparse)", img.display());
         assert_eq!(lines[1].starts_with(&created), round == 0, "{said}");
-        assert!(said.contains(&format!("at mnt (daemon pid")), "{said}");
+        assert!(said.contains("at mnt (daemon pid"), "{said}");
         assert!(is_mounted(&m.mnt));
         if round == 0 {
             fs::write(m.path("kept"), b"in memory").unwrap();
