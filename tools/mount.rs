@@ -71,6 +71,10 @@ Where the data lives:
   catches in flight. /dev/daxX.Y is real (or emulated) pmem: durable once
   flushed, across power loss.
 
+  /dev/shm maps its memory with 4 KiB pages; for 2 MiB pages under DAX
+  mappings (programs run with daxfs exec, or the library), make the image
+  first with daxfs create --huge, which places it on a huge-page tmpfs.
+
   The first line of every mount says which of these it is. DAXFS_IMAGES=DIR
   puts default images in DIR; ./pmem0.img, made by earlier versions, is still
   the default in its directory.";

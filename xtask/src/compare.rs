@@ -1,6 +1,9 @@
-//! `cargo xtask bench`'s end-to-end part: the same fio jobs and metadata
-//! test on a daxfs FUSE mount, on tmpfs, and on fuse2fs over an ext4 image,
-//! all in one run, all on /dev/shm. Writes a table (printed, and to
+//! `cargo xtask bench`'s end-to-end part: the same fio jobs, small-file
+//! and metadata tests on a daxfs FUSE mount, on tmpfs, and on fuse2fs over
+//! an ext4 image, all in one run, all on /dev/shm; and on daxfs mounts of
+//! an image where `daxfs mount` puts its default image and of one in the
+//! build directory (a disk, as the current directory usually is), to show
+//! what the place of the image costs. Writes a table (printed, and to
 //! `target/bench/compare.md`) and a bar chart (`target/bench/compare.svg`,
 //! and `.png` when `rsvg-convert` is installed).
 //!
@@ -13,7 +16,7 @@ use std::time::Instant;
 
 /// One filesystem under test.
 struct Target {
-    name: &'static str,
+    name: String,
     dir: PathBuf,
     /// Unmount command, if it is a mount.
     mounted: Option<PathBuf>,
@@ -51,12 +54,13 @@ fn sh(cmd: &mut Command, what: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// (label, unit, higher is better) of each figure, in table order.
-const FIGURES: [(&str, &str); 8] = [
+/// (label, unit) of each figure, in table order; higher is better.
+const FIGURES: [(&str, &str); 9] = [
     ("sequential write, 1 MiB", "MiB/s"),
     ("sequential read, 1 MiB", "MiB/s"),
     ("random write, 4 KiB", "kIOPS"),
     ("random read, 4 KiB", "kIOPS"),
+    ("small files (2,000 × create, 4 KiB write, close)", "k/s"),
     ("create (10,000 files)", "k/s"),
     ("stat (10,000 files)", "k/s"),
     ("statx with birth time (10,000 files)", "k/s"),
@@ -79,37 +83,12 @@ pub fn compare(root: &Path, daxfs: &Path) -> Result<(), String> {
     let work = tempdir()?;
     let mut targets = Vec::new();
     // daxfs, over an image on /dev/shm.
-    let img = work.join("daxfs.img");
-    let mnt = work.join("daxfs");
-    sh(
-        Command::new(daxfs)
-            .args(["create"])
-            .arg(&img)
-            .args(["--size", "3G"]),
-        "daxfs create",
-    )?;
-    sh(
-        Command::new(daxfs).arg("mkfs").arg(&img).arg("--force"),
-        "daxfs mkfs",
-    )?;
-    sh(
-        Command::new(daxfs)
-            .arg("mount")
-            .arg(&img)
-            .arg(&mnt)
-            .args(["-o", "threads=2"]),
-        "daxfs mount",
-    )?;
-    targets.push(Target {
-        name: "daxfs",
-        dir: mnt.clone(),
-        mounted: Some(mnt),
-    });
+    targets.push(mount_daxfs(daxfs, "daxfs", &work, &work.join("daxfs"))?);
     // tmpfs: /dev/shm itself.
     let tmp = work.join("tmpfs");
     std::fs::create_dir(&tmp).map_err(|e| e.to_string())?;
     targets.push(Target {
-        name: "tmpfs",
+        name: "tmpfs".into(),
         dir: tmp,
         mounted: None,
     });
@@ -133,41 +112,79 @@ pub fn compare(root: &Path, daxfs: &Path) -> Result<(), String> {
             "fuse2fs",
         )?;
         targets.push(Target {
-            name: "fuse2fs",
+            name: "fuse2fs".into(),
             dir: mnt.clone(),
             mounted: Some(mnt),
         });
     }
-    let mut results: Vec<(&str, Vec<f64>)> = Vec::new();
+    // daxfs where `daxfs mount` puts its image when given none (a
+    // directory of its own on the same filesystem, not the user's image),
+    // and daxfs over an image in the build directory.
+    let default = daxfs_client::images::default_image()?;
+    let default_dir = match default.path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let places = [
+        ("default place", default_dir),
+        ("build directory", root.join("target")),
+    ];
+    let mut scratch = Vec::new();
+    for (what, dir) in places {
+        let at = dir.join(format!("daxfs-compare-{}", std::process::id()));
+        std::fs::create_dir_all(&at).map_err(|e| format!("{}: {e}", at.display()))?;
+        scratch.push(Scratch(at.clone()));
+        let name = format!("daxfs, {what} ({})", fs_type(&at));
+        targets.push(mount_daxfs(
+            daxfs,
+            &name,
+            &at,
+            &work.join(what.replace(' ', "-")),
+        )?);
+    }
+    let mut results: Vec<(String, Vec<f64>)> = Vec::new();
     for t in &targets {
-        eprintln!("xtask: fio and metadata on {}", t.name);
-        results.push((t.name, measure(&t.dir)?));
+        eprintln!("xtask: fio, small files and metadata on {}", t.name);
+        results.push((t.name.clone(), measure(&t.dir)?));
     }
     drop(targets);
+    drop(scratch);
     let _ = std::fs::remove_dir_all(&work);
 
-    let mut table = String::from("| figure | ");
-    table += &results.iter().map(|r| r.0).collect::<Vec<_>>().join(" | ");
-    table += " | daxfs / tmpfs |";
-    if fuse2fs {
-        table += " daxfs / fuse2fs |";
+    let column = |prefix: &str| results.iter().position(|r| r.0.starts_with(prefix));
+    let mut ratios = vec![("daxfs / tmpfs", 0, 1)];
+    if let Some(f) = column("fuse2fs") {
+        ratios.push(("daxfs / fuse2fs", 0, f));
     }
-    table += "\n|---|";
-    table += &"---:|".repeat(results.len() + if fuse2fs { 2 } else { 1 });
+    if let Some(d) = column("daxfs, default") {
+        ratios.push(("default place / daxfs on /dev/shm", d, 0));
+    }
+    if let Some(b) = column("daxfs, build") {
+        ratios.push(("build directory / daxfs on /dev/shm", b, 0));
+    }
+    let mut table = String::from("| figure | ");
+    table += &results
+        .iter()
+        .map(|r| r.0.as_str())
+        .chain(ratios.iter().map(|r| r.0))
+        .collect::<Vec<_>>()
+        .join(" | ");
+    table += " |\n|---|";
+    table += &"---:|".repeat(results.len() + ratios.len());
     table += "\n";
     for (i, (label, unit)) in FIGURES.iter().enumerate() {
         table += &format!("| {label} ({unit}) |");
         for r in &results {
             table += &format!(" {:.1} |", r.1[i]);
         }
-        table += &format!(" {:.2} |", results[0].1[i] / results[1].1[i]);
-        if fuse2fs {
-            table += &format!(" {:.2} |", results[0].1[i] / results[2].1[i]);
+        for (_, a, b) in &ratios {
+            table += &format!(" {:.2} |", results[*a].1[i] / results[*b].1[i]);
         }
         table += "\n";
     }
     println!(
-        "\nfilesystems through the kernel, same run, all on /dev/shm (higher is better)\n{table}"
+        "\nfilesystems through the kernel, same run (higher is better); daxfs, tmpfs and \
+         fuse2fs on /dev/shm\n{table}"
     );
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
@@ -188,6 +205,54 @@ pub fn compare(root: &Path, daxfs: &Path) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// A daxfs mount at `mnt` of a new 3 GiB image made in `dir`.
+fn mount_daxfs(daxfs: &Path, name: &str, dir: &Path, mnt: &Path) -> Result<Target, String> {
+    let img = dir.join("daxfs.img");
+    sh(
+        Command::new(daxfs)
+            .args(["mkfs"])
+            .arg(&img)
+            .args(["--size", "3G"]),
+        "daxfs mkfs",
+    )?;
+    sh(
+        Command::new(daxfs)
+            .arg("mount")
+            .arg(&img)
+            .arg(mnt)
+            .args(["-o", "threads=2"]),
+        "daxfs mount",
+    )?;
+    Ok(Target {
+        name: name.to_string(),
+        dir: mnt.to_path_buf(),
+        mounted: Some(mnt.to_path_buf()),
+    })
+}
+
+/// A directory of this run's, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The type of the filesystem `dir` is on, as `stat -f` names it.
+fn fs_type(dir: &Path) -> String {
+    Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(dir)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|t| !t.is_empty())
+        // (ext4 shares ext2's magic number, so stat names it so.)
+        .map(|t| t.replace("ext2/ext3", "ext2/3/4"))
+        .unwrap_or_else(|| "?".into())
 }
 
 fn tempdir() -> Result<PathBuf, String> {
@@ -233,6 +298,7 @@ fn measure(dir: &Path) -> Result<Vec<f64>, String> {
         fio("randread", "4k", &timed)?,
     ];
     let _ = std::fs::remove_file(dir.join("fio.data"));
+    figures.push(small_files(&dir.join("small"))?);
     let meta = dir.join("meta");
     std::fs::create_dir(&meta).map_err(|e| e.to_string())?;
     let names: Vec<PathBuf> = (0..10_000).map(|i| meta.join(format!("f{i}"))).collect();
@@ -263,11 +329,32 @@ fn measure(dir: &Path) -> Result<Vec<f64>, String> {
     Ok(figures)
 }
 
+/// Thousands of files a second made as a script makes them: 2,000 times
+/// create, write 4 KiB, close (each write durable when it returns, as
+/// daxfs promises).
+fn small_files(dir: &Path) -> Result<f64, String> {
+    use std::io::Write;
+    std::fs::create_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let data = [7u8; 4096];
+    let start = Instant::now();
+    for i in 0..2000 {
+        let name = dir.join(format!("f{i}"));
+        std::fs::File::create(&name)
+            .and_then(|mut f| f.write_all(&data))
+            .map_err(|e| format!("{}: {e}", name.display()))?;
+    }
+    let rate = 2000.0 / start.elapsed().as_secs_f64() / 1000.0;
+    std::fs::remove_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(rate)
+}
+
 /// A grouped bar chart, each figure's bars scaled to the largest of them.
-fn chart(results: &[(&str, Vec<f64>)]) -> String {
-    let colours = ["#1f77b4", "#ff7f0e", "#2ca02c"];
-    let (w, row) = (900.0, 70.0);
-    let h = 60.0 + row * FIGURES.len() as f64;
+fn chart(results: &[(String, Vec<f64>)]) -> String {
+    let colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"];
+    let n = results.len() as f64;
+    let (w, row) = (1000.0, 16.0 + 18.0 * n);
+    let top = 36.0 + 16.0 * n;
+    let h = top + row * FIGURES.len() as f64;
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" \
          font-family=\"sans-serif\" font-size=\"12\">\n\
@@ -275,29 +362,30 @@ fn chart(results: &[(&str, Vec<f64>)]) -> String {
          <text x=\"10\" y=\"20\" font-size=\"15\">daxfs, tmpfs and fuse2fs (bar length relative to the best)</text>\n"
     );
     for (i, (name, _)) in results.iter().enumerate() {
+        let y = 30.0 + 16.0 * i as f64;
         svg += &format!(
-            "<rect x=\"{}\" y=\"30\" width=\"12\" height=\"12\" fill=\"{}\"/>\
-             <text x=\"{}\" y=\"41\">{name}</text>\n",
-            500 + i * 120,
-            colours[i % 3],
-            516 + i * 120
+            "<rect x=\"10\" y=\"{y}\" width=\"12\" height=\"12\" fill=\"{}\"/>\
+             <text x=\"28\" y=\"{}\">{name}</text>\n",
+            colours[i % colours.len()],
+            y + 11.0
         );
     }
     for (f, (label, unit)) in FIGURES.iter().enumerate() {
-        let y = 60.0 + row * f as f64;
+        let y = top + row * f as f64;
         svg += &format!(
-            "<text x=\"10\" y=\"{}\">{label} ({unit})</text>\n",
-            y + 25.0
+            "<text x=\"10\" y=\"{}\">{label}</text><text x=\"10\" y=\"{}\">({unit})</text>\n",
+            y + 18.0,
+            y + 33.0
         );
         let best = results.iter().map(|r| r.1[f]).fold(0.0, f64::max).max(1e-9);
         for (i, (_, values)) in results.iter().enumerate() {
             let len = 500.0 * values[f] / best;
             let by = y + 5.0 + i as f64 * 18.0;
             svg += &format!(
-                "<rect x=\"230\" y=\"{by}\" width=\"{len:.1}\" height=\"15\" fill=\"{}\"/>\
+                "<rect x=\"330\" y=\"{by}\" width=\"{len:.1}\" height=\"15\" fill=\"{}\"/>\
                  <text x=\"{:.1}\" y=\"{}\">{:.1}</text>\n",
-                colours[i % 3],
-                235.0 + len,
+                colours[i % colours.len()],
+                335.0 + len,
                 by + 12.0,
                 values[f]
             );
