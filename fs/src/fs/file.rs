@@ -45,25 +45,57 @@ fn media(e: pmem::Error) -> Error {
 
 impl Fs {
     /// Read from `offset` into `buf`; returns the bytes read (0 at or past
-    /// the end). Holes read as zeros. A read that reaches poison returns the
-    /// bytes before it, or `EIO` if there are none.
+    /// the end). Holes read as zeros.
+    ///
+    /// Media errors are page-granular, as on Linux fsdax (whose
+    /// `dax_direct_access` refuses a page holding any bad sector): a read
+    /// whose first 4 KiB page holds poison fails with `EIO`, even of that
+    /// page's good sectors; one that reaches a poisoned page after good
+    /// ones returns the bytes up to that page's start. [`Fs::read_mcsafe`]
+    /// reads up to the poisoned sector itself.
     /// The access time is updated as [`Fs::set_atime`] says.
     pub fn read(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        self.read_up_to_poison(ino, offset, buf, BLOCK)
+    }
+
+    /// `read` with byte precision at poison, as `copy_mc_to_user` gives
+    /// it (and the device's `read_mcsafe`): a read that reaches a poisoned
+    /// sector returns every byte before that sector, or `EIO` if there are
+    /// none. For callers that salvage what they can around bad media.
+    pub fn read_mcsafe(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        self.read_up_to_poison(ino, offset, buf, pmem::SECTOR)
+    }
+
+    /// A read that stops at poison, at the start of the `granule` (page or
+    /// sector) holding it.
+    fn read_up_to_poison(
+        &self,
+        ino: Ino,
+        offset: u64,
+        buf: &mut [u8],
+        granule: u64,
+    ) -> Result<usize> {
         if super::dax::overlaps_mapping(buf) {
-            return self.read_into_mapping(ino, offset, buf);
+            return self.read_into_mapping(ino, offset, buf, granule);
         }
-        self.read_direct(ino, offset, buf)
+        self.read_direct(ino, offset, buf, granule)
     }
 
     /// `read` into a buffer that lies in a DAX mapping, whose faults take
     /// our lock: through memory of our own, a piece at a time, each copied
     /// out with no lock held (see `user`).
-    fn read_into_mapping(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    fn read_into_mapping(
+        &self,
+        ino: Ino,
+        offset: u64,
+        buf: &mut [u8],
+        granule: u64,
+    ) -> Result<usize> {
         let mut bounce = vec![0u8; buf.len().min(super::user::BOUNCE)];
         let mut done = 0;
         while done < buf.len() {
             let want = (buf.len() - done).min(bounce.len());
-            match self.read_direct(ino, offset + done as u64, &mut bounce[..want]) {
+            match self.read_direct(ino, offset + done as u64, &mut bounce[..want], granule) {
                 Ok(n) => {
                     buf[done..done + n].copy_from_slice(&bounce[..n]);
                     done += n;
@@ -78,10 +110,10 @@ impl Fs {
         Ok(done)
     }
 
-    fn read_direct(&self, ino: Ino, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    fn read_direct(&self, ino: Ino, offset: u64, buf: &mut [u8], granule: u64) -> Result<usize> {
         let mut poison = None;
         let mut atime_due = false;
-        let got = self.read_data(ino, offset, buf, &mut poison, &mut atime_due);
+        let got = self.read_data(ino, offset, buf, granule, &mut poison, &mut atime_due);
         // Poison found on the way: memory failure, once the lock is free.
         if let Some(at) = poison {
             self.poison_found(at);
@@ -97,6 +129,7 @@ impl Fs {
         ino: Ino,
         offset: u64,
         buf: &mut [u8],
+        granule: u64,
         found: &mut Option<u64>,
         atime_due: &mut bool,
     ) -> Result<usize> {
@@ -117,13 +150,24 @@ impl Fs {
             match map(extents, lblock) {
                 Some((physical, run)) => {
                     let n = (end - pos).min(run * BLOCK - within) as usize;
-                    let got = self
-                        .core
-                        .dev
-                        .read_mcsafe(physical * BLOCK + within, &mut buf[at..at + n])?;
-                    if let Some(poison) = got.poison {
+                    let from = physical * BLOCK + within;
+                    let got = self.core.dev.read_mcsafe(from, &mut buf[at..at + n])?;
+                    // Poison anywhere in the granules read counts: a
+                    // poisoned page's good sectors are refused too.
+                    let (lo, hi) = (
+                        from - from % granule,
+                        (from + n as u64).next_multiple_of(granule),
+                    );
+                    let poison = [got.poison, self.core.dev.first_poison(lo, hi - lo)]
+                        .into_iter()
+                        .flatten()
+                        .min();
+                    if let Some(poison) = poison {
                         *found = Some(poison);
-                        let total = at + got.copied;
+                        // Up to the start of the granule holding it (file
+                        // and device offsets agree within a block).
+                        let bad = (poison - poison % granule).max(lo);
+                        let total = (pos + bad - from).saturating_sub(offset) as usize;
                         return if total == 0 {
                             Err(Error::MediaError { offset: poison })
                         } else {
