@@ -535,6 +535,38 @@ fn child_main(what: &str) {
             }
             say!("left {}", maps_within(p as usize, len).len());
         }
+        "fiemap" => {
+            // FS_IOC_FIEMAP as filefrag and ndctl's dax-pmd make it: a
+            // header, then room for `count` extents.
+            let fiemap = |start: u64, len: u64, flags: u32, count: u32| {
+                let mut buf = vec![0u64; (32 + 56 * count as usize) / 8];
+                buf[0] = start;
+                buf[1] = len;
+                // fm_flags, then fm_mapped_extents; fm_extent_count.
+                buf[2] = flags as u64;
+                buf[3] = count as u64;
+                // SAFETY: a header and room for `count` extents.
+                let rc = unsafe { libc::ioctl(fd, 0xC020_660B, buf.as_mut_ptr()) };
+                let errno = std::io::Error::last_os_error().raw_os_error().unwrap();
+                let mapped = (buf[2] >> 32) as usize;
+                let extents: Vec<String> = (0..mapped.min(count as usize))
+                    .map(|i| {
+                        let e = &buf[4 + i * 7..4 + i * 7 + 7];
+                        format!("{}+{}@{}/{}", e[0], e[2], e[1], e[5] as u32)
+                    })
+                    .collect();
+                match rc {
+                    0 => format!("{mapped} {}", extents.join(" ")).trim().to_string(),
+                    _ => format!("errno {errno} flags {}", buf[2] as u32),
+                }
+            };
+            say!("count {}", fiemap(0, u64::MAX, 0, 0));
+            say!("all {}", fiemap(0, u64::MAX, 1, 64));
+            say!("first {}", fiemap(0, u64::MAX, 0, 1));
+            say!("range {}", fiemap(2 * MIB + 1, 1, 0, 64));
+            say!("xattr {}", fiemap(0, u64::MAX, 2, 64));
+            say!("empty {}", fiemap(0, 0, 0, 64));
+        }
         "shrink" | "shrink-touch" => {
             let p = mapped(libc::MAP_SHARED, rw);
             // SAFETY: stores inside the mapping; mremap shrinking it in
@@ -1364,6 +1396,151 @@ fn mremap_moves_a_page_out_of_a_mapping() {
     assert_eq!(get(&seen, "faults"), "0", "the moved page faulted again");
     assert_eq!(get(&seen, "image"), "true");
     assert_eq!(&fs::read(&file).unwrap()[4096..4098], b"ab");
+}
+
+/// The extents `daxfs extents --json` reports for `file`, as
+/// (file offset, device offset, length).
+fn extents_of(file: &Path) -> Vec<(u64, u64, u64)> {
+    let out = daxfs(&["extents".as_ref(), file.as_os_str(), "--json".as_ref()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    list.iter()
+        .map(|e| {
+            let f = |k: &str| e[k].as_u64().unwrap();
+            (f("file_offset"), f("device_offset"), f("length"))
+        })
+        .collect()
+}
+
+/// Extents that continue one another in the file and on the device, as
+/// one (as FIEMAP reports them).
+fn merged(list: &[(u64, u64, u64)]) -> Vec<(u64, u64, u64)> {
+    let mut out: Vec<(u64, u64, u64)> = Vec::new();
+    for &(l, p, n) in list {
+        match out.last_mut() {
+            Some(e) if e.0 + e.2 == l && e.1 + e.2 == p => e.2 += n,
+            _ => out.push((l, p, n)),
+        }
+    }
+    out
+}
+
+/// FIEMAP, which the kernel never passes to FUSE, is answered by the
+/// library for daxfs files: the extents of `daxfs extents`, continuing
+/// ones as one, overlapping ones only for a range, `LAST` on the file's
+/// last, the count alone for no room, unsupported flags handed back with
+/// EBADR, an empty range EINVAL. Without the library: EOPNOTSUPP.
+#[test]
+fn fiemap_reports_the_extents_of_a_daxfs_file() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let file = m.path("f");
+    // Three aligned 2 MiB extents, then (after a hole) 8 KiB.
+    let f = sparse(&file, 0);
+    f.write_all_at(&vec![1u8; 6 * MIB as usize], 0).unwrap();
+    f.write_all_at(&[2u8; 8192], 8 * MIB).unwrap();
+    drop(f);
+    let expected = merged(&extents_of(&file));
+    assert!(expected.len() >= 2, "{expected:?}");
+    let shown = |list: &[(u64, u64, u64)]| {
+        list.iter()
+            .enumerate()
+            .map(|(i, (l, p, n))| format!("{l}+{n}@{p}/{}", u32::from(i == expected.len() - 1)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let test = "fiemap_reports_the_extents_of_a_daxfs_file";
+    let mut child = program(test, "fiemap", &file, Run::Preloaded);
+    let seen = said(&mut child, None);
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(get(&seen, "count"), expected.len().to_string());
+    assert_eq!(
+        get(&seen, "all"),
+        format!("{} {}", expected.len(), shown(&expected))
+    );
+    assert_eq!(get(&seen, "first"), format!("1 {}", shown(&expected[..1])));
+    let around: Vec<_> = expected
+        .iter()
+        .copied()
+        .filter(|&(l, _, n)| l <= 2 * MIB + 1 && 2 * MIB + 1 < l + n)
+        .collect();
+    let range = get(&seen, "range");
+    assert!(
+        range.starts_with("1 ") && range.contains(&format!("{}+", around[0].0)),
+        "{range}"
+    );
+    assert_eq!(
+        get(&seen, "xattr"),
+        format!("errno {} flags 2", libc::EBADR)
+    );
+    assert_eq!(
+        get(&seen, "empty"),
+        format!("errno {} flags 0", libc::EINVAL)
+    );
+    let mut child = program(test, "fiemap", &file, Run::Plain);
+    let seen = said(&mut child, None);
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        get(&seen, "count").starts_with(&format!("errno {}", libc::EOPNOTSUPP)),
+        "{seen:?}"
+    );
+}
+
+/// `filefrag -v`, run with `daxfs exec`, shows the extents `daxfs extents`
+/// shows (in 4 KiB blocks), the last marked last.
+#[test]
+fn filefrag_shows_the_extents_of_daxfs_extents() {
+    let m = Mounted::new("");
+    let file = m.path("f");
+    let f = sparse(&file, 0);
+    f.write_all_at(&vec![1u8; 4 * MIB as usize], 0).unwrap();
+    f.write_all_at(&[2u8; 4096], 6 * MIB).unwrap();
+    drop(f);
+    let out = Command::new(env!("CARGO_BIN_EXE_daxfs"))
+        .arg("exec")
+        .arg("--mount")
+        .arg(&m.mnt)
+        .args(["--", "filefrag", "-v", "-b4096"])
+        .arg(&file)
+        .env("DAXFS_PRELOAD", library())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    // "   0:        0..     511:       4096..      4607:    512:   ...flags"
+    let rows: Vec<(u64, u64, u64, bool)> = said
+        .lines()
+        .filter(|l| {
+            l.trim_start()
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit())
+        })
+        .map(|l| {
+            let cols: Vec<&str> = l.split(':').collect();
+            let range = |c: &str| -> u64 { c.split("..").next().unwrap().trim().parse().unwrap() };
+            (
+                range(cols[1]),
+                range(cols[2]),
+                cols[3].trim().parse().unwrap(),
+                l.contains("last"),
+            )
+        })
+        .collect();
+    let expected: Vec<(u64, u64, u64)> = merged(&extents_of(&file))
+        .iter()
+        .map(|&(l, p, n)| (l / 4096, p / 4096, n / 4096))
+        .collect();
+    assert_eq!(rows.len(), expected.len(), "{said}");
+    for (i, (row, want)) in rows.iter().zip(&expected).enumerate() {
+        assert_eq!(row.0..row.0 + row.2, want.0..want.0 + want.2, "{said}");
+        assert_eq!(row.1, want.1, "{said}");
+        assert_eq!(row.3, i == rows.len() - 1, "{said}");
+    }
 }
 
 /// mremap to a shorter length shrinks a mapping in place, as Linux does

@@ -141,6 +141,17 @@ impl Session {
                 .and_then(|(at, len)| self.fs.allocate_leased(ino, at, len))
                 .map(|()| Reply::Done),
             Request::Size { ino } => self.fs.getattr(ino).map(|a| Reply::Size(a.size)),
+            Request::Extents { ino } => self.fs.file_extents(ino).map(|list| {
+                Reply::Extents(
+                    list.iter()
+                        .map(|e| Extent {
+                            page: e.file_offset / PAGE,
+                            pfn: e.device_offset / PAGE,
+                            pages: e.len / PAGE,
+                        })
+                        .collect(),
+                )
+            }),
             Request::Release { .. } | Request::Recalled { .. } | Request::Poisoned { .. } => {
                 Ok(Reply::Done)
             }

@@ -79,6 +79,8 @@ pub enum Request {
     Allocate { ino: u64, first: u64, end: u64 },
     /// The file's size now.
     Size { ino: u64 },
+    /// All the file's extents (for FIEMAP).
+    Extents { ino: u64 },
     /// The lease is no longer needed (no answer).
     Release { lease: u64 },
     /// The recalled lease is given back (no answer).
@@ -93,6 +95,7 @@ pub enum Reply {
     Granted(Grant),
     Done,
     Size(u64),
+    Extents(Vec<Extent>),
     Failed { errno: i32, message: String },
 }
 
@@ -141,6 +144,7 @@ impl Request {
                 json!({"id": id, "op": "allocate", "ino": ino, "first": first, "end": end})
             }
             Request::Size { ino } => json!({"id": id, "op": "size", "ino": ino}),
+            Request::Extents { ino } => json!({"id": id, "op": "extents", "ino": ino}),
             Request::Release { lease } => json!({"op": "release", "lease": lease}),
             Request::Recalled { lease } => json!({"op": "recalled", "lease": lease}),
             Request::Poisoned { lease, page } => {
@@ -174,6 +178,9 @@ impl Request {
             Some("size") => Request::Size {
                 ino: field(&v, "ino")?,
             },
+            Some("extents") => Request::Extents {
+                ino: field(&v, "ino")?,
+            },
             Some("release") => Request::Release {
                 lease: field(&v, "lease")?,
             },
@@ -203,6 +210,10 @@ impl Reply {
             }),
             Reply::Done => json!({"id": id, "done": true}),
             Reply::Size(size) => json!({"id": id, "size": size}),
+            Reply::Extents(extents) => json!({
+                "id": id,
+                "map": extents.iter().map(|e| [e.page, e.pfn, e.pages]).collect::<Vec<_>>(),
+            }),
             Reply::Failed { errno, message } => {
                 json!({"id": id, "errno": errno, "error": message})
             }
@@ -234,6 +245,16 @@ fn triples(v: &Value) -> Result<Vec<Vec<u64>>, String> {
         .collect()
 }
 
+fn extents(v: &Value) -> Result<Vec<Extent>, String> {
+    Ok(triples(v)?
+        .into_iter()
+        .filter_map(|t| match t[..] {
+            [page, pfn, pages] => Some(Extent { page, pfn, pages }),
+            _ => None,
+        })
+        .collect())
+}
+
 impl Event {
     pub fn parse(line: &str) -> Result<Event, String> {
         let v: Value = serde_json::from_str(line).map_err(|e| format!("bad line: {e}"))?;
@@ -252,13 +273,7 @@ impl Event {
                 message: v["error"].as_str().unwrap_or("").to_string(),
             }
         } else if let Some(lease) = v["lease"].as_u64() {
-            let extents = triples(&v["extents"])?
-                .into_iter()
-                .filter_map(|t| match t[..] {
-                    [page, pfn, pages] => Some(Extent { page, pfn, pages }),
-                    _ => None,
-                })
-                .collect();
+            let extents = extents(&v["extents"])?;
             let poisoned = triples(&v["poisoned"])?
                 .into_iter()
                 .filter_map(|t| match t[..] {
@@ -272,6 +287,8 @@ impl Event {
                 extents,
                 poisoned,
             })
+        } else if v.get("map").is_some() {
+            Reply::Extents(extents(&v["map"])?)
         } else if let Some(size) = v["size"].as_u64() {
             Reply::Size(size)
         } else {
@@ -357,6 +374,7 @@ mod tests {
                 end: 4,
             },
             Request::Size { ino: 9 },
+            Request::Extents { ino: 9 },
             Request::Release { lease: 4 },
             Request::Recalled { lease: 5 },
             Request::Poisoned { lease: 5, page: 6 },
@@ -366,7 +384,10 @@ mod tests {
             assert_eq!(back, r);
             if matches!(
                 r,
-                Request::Lease { .. } | Request::Allocate { .. } | Request::Size { .. }
+                Request::Lease { .. }
+                    | Request::Allocate { .. }
+                    | Request::Size { .. }
+                    | Request::Extents { .. }
             ) {
                 assert_eq!(id, 11);
             }
@@ -386,6 +407,12 @@ mod tests {
             Reply::Granted(grant),
             Reply::Done,
             Reply::Size(0),
+            Reply::Extents(vec![]),
+            Reply::Extents(vec![Extent {
+                page: 1,
+                pfn: 2,
+                pages: 3,
+            }]),
             Reply::Failed {
                 errno: 11,
                 message: "busy".into(),

@@ -1,9 +1,12 @@
 //! Reaching the daemon of a daxfs mount: the mount table ([`mounts`]), the
 //! control socket and who may use it ([`socket`]), and the layout-lease
 //! protocol a client that maps device pages itself speaks over it
-//! ([`lease`]); and where the default image lives ([`images`]). Used by the
-//! `daxfs` command, the preload library and the benchmarks.
+//! ([`lease`]); where the default image lives ([`images`]); and the FIEMAP
+//! answer for daxfs files, which the kernel does not ask FUSE for
+//! ([`fiemap`]). Used by the `daxfs` command, the preload library and the
+//! benchmarks.
 
+pub mod fiemap;
 pub mod images;
 pub mod lease;
 pub mod mounts;

@@ -25,12 +25,15 @@
 //! between `PROT_READ` and `PROT_READ | PROT_WRITE` (the latter `EACCES`
 //! where the descriptor was read-only; anything else `EINVAL`), and `mremap` with
 //! `MREMAP_MAYMOVE` (a new mapping of the range, anywhere or at the
-//! `MREMAP_FIXED` address, the old range unmapped; in place, or of a
-//! private mapping, `ENOMEM`); `munmap` of part of a mapping withdraws those
+//! `MREMAP_FIXED` address, the old range unmapped; to a shorter length, in
+//! place; grown in place, or of a private mapping, `ENOMEM`); `munmap` of
+//! part of a mapping withdraws those
 //! pages (`SIGSEGV` on access; their addresses stay reserved until the
 //! whole mapping goes).
 //! `fsync` and `fdatasync` of a file mapped through us write back the
 //! stores made through its mappings first, as Linux's do for a DAX file.
+//! `ioctl(FS_IOC_FIEMAP)` of a daxfs file reports its extents (device
+//! offsets), which the kernel does not ask FUSE for (`filefrag` works).
 //! And `read`, `write`, `pread`, `pwrite` (and their `64` forms), `readv`
 //! and `writev` fault in the parts of their buffers that lie in mappings of
 //! ours first, since the kernel does not take our faults (it would fault a
@@ -59,6 +62,7 @@
 //! * `table`: our mappings by address, and the sessions by mount;
 //! * `buffers`: system calls whose buffers may lie in our mappings;
 //! * `files`: `fsync` and `fdatasync` of mapped files;
+//! * `fiemap`: `ioctl(FS_IOC_FIEMAP)` of daxfs files;
 //! * `fork`: the child's own leases after `fork`;
 //! * `session`, `layout`, `device`: the session with a mount's daemon, the
 //!   leased layout the fault routine runs against, the device it hands over;
@@ -66,6 +70,7 @@
 
 mod buffers;
 mod device;
+mod fiemap;
 mod files;
 mod fork;
 mod layout;

@@ -16,6 +16,7 @@ type Pread = unsafe extern "C" fn(c_int, *mut c_void, size_t, off_t) -> libc::ss
 type Pwrite = unsafe extern "C" fn(c_int, *const c_void, size_t, off_t) -> libc::ssize_t;
 type Readv = unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> libc::ssize_t;
 type Fsync = unsafe extern "C" fn(c_int) -> c_int;
+type Ioctl = unsafe extern "C" fn(c_int, libc::c_ulong, *mut c_void) -> c_int;
 type Mremap = unsafe extern "C" fn(*mut c_void, size_t, size_t, c_int, *mut c_void) -> *mut c_void;
 
 pub struct Real {
@@ -35,6 +36,9 @@ pub struct Real {
     pub writev: Readv,
     pub fsync: Fsync,
     pub fdatasync: Fsync,
+    /// (Variadic in C: called with the one argument every request we pass
+    /// on takes, as `ioctl` in `fiemap` explains.)
+    pub ioctl: Ioctl,
 }
 
 /// The next definition of `name` after ours.
@@ -75,6 +79,7 @@ pub fn real() -> &'static Real {
             writev: std::mem::transmute::<*mut c_void, Readv>(next(c"writev")),
             fsync: std::mem::transmute::<*mut c_void, Fsync>(next(c"fsync")),
             fdatasync: std::mem::transmute::<*mut c_void, Fsync>(next(c"fdatasync")),
+            ioctl: std::mem::transmute::<*mut c_void, Ioctl>(next(c"ioctl")),
         }
     })
 }
