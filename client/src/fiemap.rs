@@ -16,7 +16,7 @@
 //! `FIEMAP_EXTENT_MERGED`, which is for filesystems without extents.
 
 /// `_IOWR('f', 11, struct fiemap)`.
-pub const FS_IOC_FIEMAP: u64 = 0xC020_660B;
+pub const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
 /// Write the file's data back first (a no-op: daxfs data is durable when
 /// written).
 pub const FIEMAP_FLAG_SYNC: u32 = 0x1;

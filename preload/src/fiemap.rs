@@ -20,7 +20,7 @@ const FUSE_SUPER_MAGIC: libc::c_long = 0x6573_5546;
 /// as libc would.
 #[no_mangle]
 pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) -> c_int {
-    if u64::from(request) == FS_IOC_FIEMAP {
+    if request == FS_IOC_FIEMAP {
         // SAFETY: the caller's `struct fiemap`, as the ioctl requires.
         match unsafe { answer_fiemap(fd, arg.cast()) } {
             Some(Ok(())) => return 0,
