@@ -82,6 +82,13 @@ fn dax_errors_one_sigbus_eio_and_a_covering_write_clears() {
     passes_every_way("dax-errors");
 }
 
+/// pmem-errors.sh's file case: one bad sector refuses its whole page to
+/// direct and buffered reads (EIO), until a write covering the sector.
+#[test]
+fn pmem_errors_one_bad_sector_refuses_its_page_until_a_covering_write() {
+    passes_every_way("pmem-errors");
+}
+
 #[test]
 fn dax_poison_in_a_populated_sync_mapping_then_punch_and_write() {
     passes_every_way("dax-poison");

@@ -70,6 +70,7 @@ fn cases() -> Vec<Case> {
     let mut all = vec![
         case("dax-pmd", cases::dax_pmd),
         case("dax-errors", cases::dax_errors),
+        case("pmem-errors", cases::pmem_errors),
         case("dax-poison", cases::dax_poison),
         case("truncate-mapped", cases::truncate_mapped),
     ];

@@ -4,6 +4,7 @@
 
 use daxfs::pmem::{Device, DeviceOptions, SECTOR};
 use daxfs::{DaxStats, Fs, MapOptions, Mapping};
+use daxfs_client::fiemap;
 use serde_json::{json, Value};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -24,12 +25,24 @@ macro_rules! check {
 pub(crate) use check;
 
 /// An extent of a file, from the filesystem's extent report.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
     pub file_offset: u64,
     pub device_offset: u64,
     pub len: u64,
 }
+
+impl From<&fiemap::FiemapExtent> for Extent {
+    fn from(e: &fiemap::FiemapExtent) -> Extent {
+        Extent {
+            file_offset: e.logical,
+            device_offset: e.physical,
+            len: e.length,
+        }
+    }
+}
+
+const PAGE: usize = 4096;
 
 /// How to map.
 #[derive(Clone, Copy, Debug)]
@@ -67,6 +80,11 @@ pub trait Target {
     fn create(&self, name: &str) -> Res;
     fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<usize>;
     fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+    /// `read` with `O_DIRECT` (the library's reads always go to the
+    /// device).
+    fn read_direct(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.read(name, offset, buf)
+    }
     fn fsync(&self, name: &str) -> Res;
     fn punch(&self, name: &str, offset: u64, len: u64) -> io::Result<()>;
     /// Truncate the file to `len` from another party than the test's
@@ -75,6 +93,10 @@ pub trait Target {
     fn truncate_elsewhere(&self, name: &str, len: u64) -> Res;
     fn unlink(&self, name: &str) -> Res;
     fn extents(&self, name: &str) -> Res<Vec<Extent>>;
+    /// The file's extents as `FS_IOC_FIEMAP` reports them (as ndctl asks
+    /// for them); `None` where it is not offered (the kernel does not pass
+    /// FIEMAP to FUSE, only the preload library answers it).
+    fn fiemap(&self, name: &str) -> Res<Option<Vec<Extent>>>;
     /// Poison the device sectors behind `[offset, offset + len)` of the file.
     fn inject(&self, name: &str, offset: u64, len: u64) -> Res;
     /// The device's poisoned ranges, as `(first sector, count)`.
@@ -211,6 +233,16 @@ impl Target for Library {
                 len: e.len,
             })
             .collect())
+    }
+
+    fn fiemap(&self, name: &str) -> Res<Option<Vec<Extent>>> {
+        let list = self.extents(name)?;
+        let found = fiemap::answer(
+            list.iter().map(|e| (e.file_offset, e.device_offset, e.len)),
+            0,
+            u64::MAX,
+        );
+        Ok(Some(found.iter().map(Extent::from).collect()))
     }
 
     fn inject(&self, name: &str, offset: u64, len: u64) -> Res {
@@ -367,6 +399,20 @@ impl Target for Mount {
         self.open(name, false)?.read_at(buf, offset)
     }
 
+    fn read_direct(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(self.path(name))?;
+        // Into a page-aligned buffer, as O_DIRECT may want.
+        let mut bounce = vec![0u8; buf.len() + PAGE];
+        let at = bounce.as_ptr().align_offset(PAGE);
+        let got = file.read_at(&mut bounce[at..at + buf.len()], offset)?;
+        buf[..got].copy_from_slice(&bounce[at..at + got]);
+        Ok(got)
+    }
+
     fn fsync(&self, name: &str) -> Res {
         self.open(name, true)
             .and_then(|f| f.sync_all())
@@ -430,6 +476,26 @@ impl Target for Mount {
                 })
             })
             .collect()
+    }
+
+    fn fiemap(&self, name: &str) -> Res<Option<Vec<Extent>>> {
+        const ROOM: usize = 512;
+        let file = self.open(name, false).map_err(|e| format!("{name}: {e}"))?;
+        let mut buf = vec![0u8; fiemap::HEADER + ROOM * fiemap::EXTENT];
+        buf[8..16].copy_from_slice(&u64::MAX.to_ne_bytes()); // fm_length
+        buf[24..28].copy_from_slice(&(ROOM as u32).to_ne_bytes()); // fm_extent_count
+                                                                   // SAFETY: a struct fiemap with room for ROOM extents.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), fiemap::FS_IOC_FIEMAP, buf.as_mut_ptr()) };
+        if rc != 0 {
+            return match io::Error::last_os_error() {
+                e if is_errno(&e, libc::EOPNOTSUPP) => Ok(None),
+                e => Err(format!("FIEMAP of {name}: {e}")),
+            };
+        }
+        let mapped = u32::from_ne_bytes(buf[20..24].try_into().unwrap()) as usize;
+        let end = fiemap::HEADER + mapped.min(ROOM) * fiemap::EXTENT;
+        let found = fiemap::decode(&buf[fiemap::HEADER..end]);
+        Ok(Some(found.iter().map(Extent::from).collect()))
     }
 
     fn inject(&self, name: &str, offset: u64, len: u64) -> Res {
