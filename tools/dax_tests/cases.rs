@@ -500,7 +500,7 @@ pub fn pmem_errors(cx: &Ctx) -> Res {
         "list --media-errors: {errors:?}, want sector {bad}"
     );
     check!(
-        !errors.iter().any(|&(s, n)| s <= bad - 1 && bad - 1 < s + n),
+        !errors.iter().any(|&(s, n)| s < bad && bad < s + n + 1),
         "the sector before the bad one is poisoned too: {errors:?}"
     );
     let mut buf = vec![0u8; PAGE as usize];
