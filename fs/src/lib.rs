@@ -41,7 +41,8 @@ pub use pmem;
 /// signal handling as [`Fs::mmap`].
 pub mod dax {
     pub use crate::fs::{
-        early_notice, map, map_at, Blocks, Breaking, DaxCounters, DevicePages, FileDax, Layout,
-        MapOptions, Mapping, Recall, RecallKind,
+        early_notice, map, map_at, Blocks, Breaking, DaxCounters, DevicePages, FaultEvent,
+        FaultResult, FaultSize, FileDax, Layout, MapOptions, Mapping, Recall, RecallKind,
+        TraceSink,
     };
 }

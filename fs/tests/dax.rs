@@ -988,3 +988,87 @@ fn buffers_in_mappings_at_any_alignment_neither_hang_nor_lose_bytes() {
         Err(e) => panic!("the test thread failed: {e}"),
     }
 }
+
+/// With a trace sink set, every fault is an event in the kernel's shape:
+/// a PMD fault `dax_pmd_fault_done ... NOPAGE` at its 2 MiB; a misaligned
+/// one `FALLBACK` with its reason, then `dax_pte_fault_done ... NOPAGE`;
+/// past the end of the file `SIGBUS`. Unset, nothing more comes.
+#[test]
+fn the_fault_trace_reports_each_fault_as_the_kernel_does() {
+    let (_img, fs) = common::image("daxfs-dax");
+    let ino = common::pattern_file(&fs, "big", 4 * MIB);
+    let events = std::sync::Arc::new(Mutex::new(Vec::<daxfs::dax::FaultEvent>::new()));
+    let seen = std::sync::Arc::clone(&events);
+    fs.trace_faults(Some(std::sync::Arc::new(
+        move |e: &daxfs::dax::FaultEvent| seen.lock().unwrap().push(*e),
+    )));
+    let opts = MapOptions::default();
+    // SAFETY (all mappings here): nothing else changes the bytes read.
+    let map = unsafe { fs.mmap(ino, 0, 4 * MIB, opts) }.unwrap();
+    let base = map.as_ptr() as u64;
+    assert_eq!(map[(2 * MIB + 5) as usize], pattern(2 * MIB + 5));
+    let lines: Vec<String> = events
+        .lock()
+        .unwrap()
+        .drain(..)
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        lines,
+        [format!(
+            "dax_pmd_fault_done: ino {ino:#x} shared READ address {:#x} vm_start {base:#x} \
+             vm_end {:#x} pgoff 0x200 max_pgoff 0x3ff NOPAGE",
+            base + 2 * MIB,
+            base + 4 * MIB
+        )]
+    );
+    drop(map);
+    // SAFETY: as above.
+    let map = unsafe { fs.mmap(ino, 4096, 4 * MIB - 4096, opts) }.unwrap();
+    let base = map.as_ptr() as u64;
+    map.fault_in(4096, 1, true).unwrap();
+    let got = events.lock().unwrap().drain(..).collect::<Vec<_>>();
+    use daxfs::dax::{FaultResult, FaultSize};
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(
+        (got[0].size, got[0].result, got[0].write, got[0].pgoff),
+        (
+            FaultSize::Pmd,
+            FaultResult::Fallback(daxfs::Fallback::Misaligned),
+            true,
+            2
+        )
+    );
+    assert!(
+        got[0].to_string().contains("WRITE")
+            && got[0]
+                .to_string()
+                .ends_with("FALLBACK (the 2 MiB is not inside the mapping, aligned)")
+    );
+    assert_eq!(
+        (got[1].size, got[1].result, got[1].address),
+        (FaultSize::Pte, FaultResult::NoPage, base + 4096)
+    );
+    drop(map);
+    // Past the end: a mapping longer than the file.
+    // SAFETY: as above.
+    let map = unsafe { fs.mmap(ino, 0, 6 * MIB, opts) }.unwrap();
+    map.fault_in((5 * MIB) as usize, 1, false).unwrap();
+    let got = events.lock().unwrap().drain(..).collect::<Vec<_>>();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (got[0].size, got[0].result),
+        (FaultSize::Pte, FaultResult::Sigbus)
+    );
+    assert!(got[0]
+        .to_string()
+        .ends_with("pgoff 0x500 max_pgoff 0x3ff SIGBUS"));
+    fs.trace_faults(None);
+    assert_eq!(map[7], pattern(7));
+    assert!(
+        events.lock().unwrap().is_empty(),
+        "events after the trace was unset"
+    );
+    drop(map);
+    fs.unmount().unwrap();
+}

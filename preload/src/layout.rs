@@ -15,6 +15,10 @@ pub struct RemoteLayout {
 }
 
 impl Layout for RemoteLayout {
+    fn ino(&self) -> u64 {
+        self.lease.ino
+    }
+
     /// The size when the lease was granted: a shrink recalls the lease,
     /// so a page inside it is inside the file.
     fn size(&self) -> Result<u64> {

@@ -65,7 +65,7 @@ pub use atime::Atime;
 pub use check::{fsck, FsckReport, Problem};
 pub use dax::{
     early_notice, map, map_at, Blocks, Breaking, BusSignal, DaxCounters, DaxStats, DevicePages,
-    Fallback, FileDax, Layout, MapOptions, Mapping,
+    Fallback, FaultEvent, FaultResult, FaultSize, FileDax, Layout, MapOptions, Mapping, TraceSink,
 };
 pub use failure::{FailureHandler, MemoryFailure};
 pub use file::Seek;

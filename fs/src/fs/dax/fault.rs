@@ -5,6 +5,7 @@
 
 use super::layout::Blocks;
 use super::pieces::{NONE, READ, ZERO};
+use super::trace::{FaultEvent, FaultResult, FaultSize};
 use super::{DaxCounters, Fallback, Inner, PAGE};
 use crate::error::{Error, Result};
 use crate::index::{Entry, Order, PMD_PAGES};
@@ -68,8 +69,24 @@ impl Inner {
         if fpage * PAGE >= size {
             size = fs.size_now()?;
         }
+        let event = |size_: FaultSize, at: u64, result: FaultResult| FaultEvent {
+            size: size_,
+            ino: fs.ino(),
+            shared: self.opts.shared,
+            write,
+            address: at,
+            vm_start: self.base as u64,
+            vm_end: self.base as u64 + self.pages * PAGE,
+            pgoff: fpage,
+            max_pgoff: size.div_ceil(PAGE).saturating_sub(1),
+            result,
+        };
+        let address = self.base as u64 + page * PAGE;
         if fpage * PAGE >= size {
             DaxCounters::count(&counters.beyond);
+            counters
+                .trace
+                .emit(|| event(FaultSize::Pte, address, FaultResult::Sigbus));
             return self.map_beyond(page);
         }
         if write && !self.writable() {
@@ -94,15 +111,28 @@ impl Inner {
             } else {
                 self.pmd_fault(chunk, write)?
             };
+        let huge = address & !(PMD_PAGES * PAGE - 1);
         match fallback {
             None => {
                 DaxCounters::count(&counters.pmd);
+                counters
+                    .trace
+                    .emit(|| event(FaultSize::Pmd, huge, FaultResult::NoPage));
                 Ok(())
             }
             Some(reason) => {
                 DaxCounters::count(&counters.fallback[reason as usize]);
                 DaxCounters::count(&counters.pte);
-                self.pte_fault(fpage, write)
+                counters
+                    .trace
+                    .emit(|| event(FaultSize::Pmd, huge, FaultResult::Fallback(reason)));
+                let done = self.pte_fault(fpage, write);
+                if done.is_ok() {
+                    counters
+                        .trace
+                        .emit(|| event(FaultSize::Pte, address, FaultResult::NoPage));
+                }
+                done
             }
         }
     }

@@ -42,6 +42,8 @@ pub enum Blocks {
 /// module docs). The mapping owns it and drops it last, after its address
 /// space: whatever keeps the file (and its blocks) alive goes in here.
 pub trait Layout: Send + Sync {
+    /// The file's inode number (for the fault trace).
+    fn ino(&self) -> u64;
     /// The file's size in bytes, possibly from a cache that may lag a
     /// growth of the file but never a shrink (which breaks the layout).
     fn size(&self) -> Result<u64>;
@@ -114,13 +116,13 @@ impl FileLayout {
     fn fs(&self) -> &Fs {
         &self.0.fs
     }
-
-    fn ino(&self) -> Ino {
-        self.0.ino
-    }
 }
 
 impl Layout for FileLayout {
+    fn ino(&self) -> Ino {
+        self.0.ino
+    }
+
     fn size(&self) -> Result<u64> {
         Ok(self.fs().getattr(self.ino())?.size)
     }

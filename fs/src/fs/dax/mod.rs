@@ -60,13 +60,15 @@
 //! * `invalidate`: the invalidate protocol (breaking mappings before blocks
 //!   change, writeback, memory failure of one page);
 //! * `signal`: the `SIGSEGV` handler and its registry of live mappings, and
-//!   the `SIGBUS` encoding of memory failures.
+//!   the `SIGBUS` encoding of memory failures;
+//! * `trace`: the fault trace, one event per fault in the kernel's shape.
 
 mod fault;
 mod invalidate;
 mod layout;
 mod pieces;
 mod signal;
+mod trace;
 
 pub use invalidate::Breaking;
 use layout::FileLayout;
@@ -74,6 +76,7 @@ pub use layout::{Blocks, DevicePages, Layout};
 pub(super) use signal::overlaps_mapping;
 pub use signal::{early_notice, BusSignal};
 use signal::{install_handler, register, unregister};
+pub use trace::{FaultEvent, FaultResult, FaultSize, TraceSink};
 
 use super::user::Counted;
 use super::{Fs, HashMap, Ino, InodeRef, State};
@@ -156,11 +159,18 @@ pub struct DaxCounters {
     fallback: [AtomicU64; 6],
     beyond: AtomicU64,
     poisoned: AtomicU64,
+    trace: trace::Tracer,
 }
 
 impl DaxCounters {
     fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Send an event for every fault counted here from now on to `sink`
+    /// (`None`: stop). See [`FaultEvent`].
+    pub fn set_trace(&self, sink: Option<TraceSink>) {
+        self.trace.set(sink);
     }
 
     /// The counts so far.
@@ -679,6 +689,13 @@ impl Fs {
     /// The fault counters of every mapping so far.
     pub fn dax_stats(&self) -> DaxStats {
         self.core.dax_counters.stats()
+    }
+
+    /// Send an event for every DAX fault of this filesystem's mappings from
+    /// now on to `sink` (`None`: stop), as the kernel's `fs_dax` trace
+    /// events do.
+    pub fn trace_faults(&self, sink: Option<TraceSink>) {
+        self.core.dax_counters.set_trace(sink);
     }
 }
 
