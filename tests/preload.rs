@@ -14,7 +14,7 @@ mod common;
 
 use common::{daxfs, text, Mounted};
 use std::fs::{self, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -534,6 +534,26 @@ fn child_main(what: &str) {
                 say!("last {}", libc::munmap(p.add(8192).cast(), 4096));
             }
             say!("left {}", maps_within(p as usize, len).len());
+        }
+        "trace-touch" => {
+            let p = mapped(libc::MAP_SHARED, libc::PROT_READ);
+            // SAFETY: loads inside the mapping (two aligned 2 MiB), then a
+            // mapping 4 KiB into the file (no 2 MiB fits) and a load in it.
+            unsafe {
+                std::ptr::read_volatile(p);
+                std::ptr::read_volatile(p.add(2 * MIB as usize));
+                let q = libc::mmap(
+                    std::ptr::null_mut(),
+                    8192,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    fd,
+                    4096,
+                );
+                assert_ne!(q, libc::MAP_FAILED);
+                std::ptr::read_volatile(q as *const u8);
+            }
+            say!("pid {}", std::process::id());
         }
         "fiemap" => {
             // FS_IOC_FIEMAP as filefrag and ndctl's dax-pmd make it: a
@@ -1410,6 +1430,96 @@ fn extents_of(file: &Path) -> Vec<(u64, u64, u64)> {
             (f("file_offset"), f("device_offset"), f("length"))
         })
         .collect()
+}
+
+/// `daxfs trace` prints a line per fault of a program mapping the mount's
+/// files through the library, in the kernel's shape: the PMD faults
+/// `dax_pmd_fault_done ... NOPAGE` at their 2 MiB, a misaligned mapping's
+/// `FALLBACK` with its reason and then `dax_pte_fault_done ... NOPAGE`,
+/// each line naming the program's pid.
+#[test]
+fn daxfs_trace_shows_each_fault_of_a_program_on_the_mount() {
+    if run_child() {
+        return;
+    }
+    let m = Mounted::new("");
+    let file = m.path("f");
+    let f = sparse(&file, 0);
+    f.write_all_at(&vec![1u8; 4 * MIB as usize], 0).unwrap();
+    drop(f);
+    let mut tracer = Command::new(env!("CARGO_BIN_EXE_daxfs"))
+        .arg("trace")
+        .arg(&m.mnt)
+        .args(["--count", "4"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed whatever happens (it ends by itself after its four lines).
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut started = String::new();
+    BufReader::new(tracer.stderr.take().unwrap())
+        .read_line(&mut started)
+        .unwrap();
+    assert!(
+        started.starts_with("daxfs: tracing DAX faults on"),
+        "{started}"
+    );
+    let mut tracer = Kill(tracer);
+    let test = "daxfs_trace_shows_each_fault_of_a_program_on_the_mount";
+    let mut child = program(test, "trace-touch", &file, Run::Preloaded);
+    let seen = said(&mut child, None);
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{stderr}");
+    let pid = get(&seen, "pid");
+    let mut out = String::new();
+    tracer
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(tracer.0.wait().unwrap().success(), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    for l in &lines {
+        assert!(l.contains(&format!("-{pid} ")), "not the program's: {l}");
+    }
+    let events: Vec<&str> = lines
+        .iter()
+        .map(|l| daxfs_client::trace::event_of(l))
+        .collect();
+    let pmd = |i: usize, pgoff: &str| {
+        assert!(
+            events[i].starts_with("dax_pmd_fault_done: ")
+                && events[i].contains(" shared READ ")
+                && events[i].contains(&format!(" pgoff {pgoff} max_pgoff 0x3ff NOPAGE")),
+            "{}",
+            events[i]
+        )
+    };
+    pmd(0, "0x0");
+    pmd(1, "0x200");
+    assert!(
+        events[2].starts_with("dax_pmd_fault_done: ")
+            && events[2].ends_with("FALLBACK (the 2 MiB is not inside the mapping, aligned)"),
+        "{}",
+        events[2]
+    );
+    assert!(
+        events[3].starts_with("dax_pte_fault_done: ")
+            && events[3].contains(" pgoff 0x1 ")
+            && events[3].ends_with("NOPAGE"),
+        "{}",
+        events[3]
+    );
 }
 
 /// Extents that continue one another in the file and on the device, as

@@ -26,6 +26,8 @@ pub trait Handler: Send + Sync {
     /// Take over `stream` for a session of the layout-lease protocol
     /// (`daxfs_client::lease`), in the calling thread, until it closes.
     fn session(&self, stream: UnixStream);
+    /// Take over `stream` to send it the fault trace until it closes.
+    fn trace(&self, stream: UnixStream);
 }
 
 /// The longest request line; a longer one is refused unread.
@@ -195,12 +197,22 @@ impl Control {
                 .spawn(move || loop {
                     let next = requests.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok((stream, line)) = next else { return };
-                    if is_session(&line) {
-                        let handler = Arc::clone(&handler);
-                        let _ = std::thread::Builder::new()
-                            .name("daxfs-lease".into())
-                            .spawn(move || handler.session(stream));
-                        continue;
+                    match long_lived(&line) {
+                        Some(LongLived::Session) => {
+                            let handler = Arc::clone(&handler);
+                            let _ = std::thread::Builder::new()
+                                .name("daxfs-lease".into())
+                                .spawn(move || handler.session(stream));
+                            continue;
+                        }
+                        Some(LongLived::Trace) => {
+                            let handler = Arc::clone(&handler);
+                            let _ = std::thread::Builder::new()
+                                .name("daxfs-trace".into())
+                                .spawn(move || handler.trace(stream));
+                            continue;
+                        }
+                        None => {}
                     }
                     // (A request that panics costs its answer, not a worker.)
                     let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -231,9 +243,22 @@ impl Drop for Control {
     }
 }
 
-/// Whether a request line starts a lease session.
-fn is_session(line: &[u8]) -> bool {
-    serde_json::from_slice::<Value>(line).is_ok_and(|v| v["op"] == daxfs_client::lease::SESSION)
+/// A connection that stays open after its request line.
+enum LongLived {
+    /// A lease session.
+    Session,
+    /// A fault trace listener.
+    Trace,
+}
+
+/// Whether a request line starts a lease session or a trace.
+fn long_lived(line: &[u8]) -> Option<LongLived> {
+    let v = serde_json::from_slice::<Value>(line).ok()?;
+    match v["op"].as_str()? {
+        daxfs_client::lease::SESSION => Some(LongLived::Session),
+        "trace" => Some(LongLived::Trace),
+        _ => None,
+    }
 }
 
 /// Answer on `stream` (blocking, within the idle limit) and close it.

@@ -42,6 +42,8 @@ pub struct Daemon {
     pub control_socket: PathBuf,
     /// Whether file data goes through the kernel's page cache (`-o cache`).
     pub cached: bool,
+    /// Who listens to the fault trace, and the sessions to tell.
+    pub traces: Arc<crate::trace::Traces>,
 }
 
 /// Work for the thread that drops the kernel's cached pages.
@@ -130,7 +132,11 @@ impl Handler for Daemon {
              mappings of the device's pages would bypass"
                 .to_string()
         });
-        crate::leases::serve(Arc::clone(&self.fs), stream, refuse);
+        crate::leases::serve(Arc::clone(&self.fs), stream, refuse, &self.traces);
+    }
+
+    fn trace(&self, stream: std::os::unix::net::UnixStream) {
+        self.traces.listen(&self.fs, stream);
     }
 
     fn handle(&self, request: &Value) -> Result<String, String> {

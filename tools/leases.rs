@@ -10,6 +10,7 @@
 //! sent from inside a break, never waits for the socket). When the client
 //! goes, its leases go with the reader.
 
+use crate::trace::Traces;
 use daxfs::dax::{Recall, RecallKind};
 use daxfs::{Error, Fs, Pin};
 use daxfs_client::lease::{recall_line, Extent, Grant, Hello, Reply, Request, Why};
@@ -27,26 +28,32 @@ const PAGE: u64 = 4096;
 /// Serve a client's session on `stream` (its `dax-session` request was
 /// read) until it closes. `refuse` says why this mount cannot hand out
 /// its device pages, if it cannot.
-pub fn serve(fs: Arc<Fs>, stream: UnixStream, refuse: Option<String>) {
+pub fn serve(fs: Arc<Fs>, stream: UnixStream, refuse: Option<String>, traces: &Traces) {
     let _ = stream.set_nonblocking(false);
     if let Some(why) = refuse {
         let mut writer = &stream;
         let _ = writeln!(writer, "{}", serde_json::json!({ "error": why }));
         return;
     }
+    // Registered before the hello, which says whether faults are traced
+    // now; a change after it comes on `out`, after the hello.
+    let (out, lines) = channel::<String>();
+    let (traced, trace) = traces.add_session(out.clone());
     let dev = fs.device();
     let hello = Hello {
+        trace,
         device: dev.path().to_path_buf(),
         size: dev.size(),
         msync: dev.persistence().mode == pmem::PersistenceMode::Msync,
     };
-    if hello.send(&stream, dev.as_fd().as_raw_fd()).is_err() {
-        return;
-    }
-    let Ok(write_half) = stream.try_clone() else {
+    let write_half = match hello.send(&stream, dev.as_fd().as_raw_fd()) {
+        Ok(()) => stream.try_clone(),
+        Err(e) => Err(e),
+    };
+    let Ok(write_half) = write_half else {
+        traces.remove_session(traced);
         return;
     };
-    let (out, lines) = channel::<String>();
     let _ = std::thread::Builder::new()
         .name("daxfs-lease-out".into())
         .spawn(move || {
@@ -81,6 +88,7 @@ pub fn serve(fs: Arc<Fs>, stream: UnixStream, refuse: Option<String>) {
             Ok((_, Request::Release { lease } | Request::Recalled { lease })) => {
                 session.give_back(lease);
             }
+            Ok((_, Request::Trace { line })) => traces.line(line),
             Ok((_, Request::Poisoned { lease, page })) => {
                 let (told, heard) = &*session.poisoned;
                 told.lock()
@@ -101,6 +109,7 @@ pub fn serve(fs: Arc<Fs>, stream: UnixStream, refuse: Option<String>) {
         }
     }
     // The client is gone: so are its leases.
+    traces.remove_session(traced);
     session
         .leases
         .lock()
@@ -152,9 +161,10 @@ impl Session {
                         .collect(),
                 )
             }),
-            Request::Release { .. } | Request::Recalled { .. } | Request::Poisoned { .. } => {
-                Ok(Reply::Done)
-            }
+            Request::Release { .. }
+            | Request::Recalled { .. }
+            | Request::Poisoned { .. }
+            | Request::Trace { .. } => Ok(Reply::Done),
         };
         done.unwrap_or_else(|e| Reply::Failed {
             errno: e.errno(),

@@ -11,6 +11,7 @@ mod leases;
 mod mount;
 mod populate;
 mod size;
+mod trace;
 
 use clap::{Args, Parser, Subcommand};
 use daxfs_client::mounts;
@@ -59,6 +60,16 @@ enum Command {
     /// Show a running mount's counters: requests, errors, poison events and
     /// their owners, inodes left referenced.
     Stat(PathArg),
+    /// Print a line for every DAX fault on a mount, as the kernel's
+    /// `fs_dax` trace events do (`dax_pmd_fault_done` ... `NOPAGE`,
+    /// `FALLBACK` with its reason, `dax_pte_fault_done`, `SIGBUS`), until
+    /// Ctrl-C.
+    ///
+    /// Faults are those of programs that map the mount's files through the
+    /// preload library (`daxfs exec`); a plain FUSE mapping is the
+    /// kernel's page cache, which takes no DAX faults. Tracing is on while
+    /// someone runs this, and costs nothing otherwise.
+    Trace(TraceArgs),
     /// Make a daxfs filesystem on a device (creating the image with --size).
     Mkfs(MkfsArgs),
     /// Mount a filesystem with FUSE (by default an image in memory,
@@ -103,6 +114,15 @@ enum Command {
     /// Exit codes as fsck(8): 0 clean, 1 errors corrected, 4 errors left
     /// uncorrected, 8 operational error (the image could not be checked).
     Fsck(FsckArgs),
+}
+
+#[derive(Args)]
+struct TraceArgs {
+    /// The mount point (or a file in the mount).
+    path: PathBuf,
+    /// Stop after this many lines.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
 }
 
 #[derive(Args)]
@@ -327,6 +347,7 @@ fn run(command: Command) -> Outcome {
             let (mountpoint, _) = control::locate(&args.path)?;
             control::print(&mountpoint, json!({ "op": "stat" }))
         }
+        Command::Trace(args) => trace::follow(&args.path, args.count),
         Command::Mkfs(args) => mkfs(args),
         Command::Mount(args) => mount::mount(args),
         Command::Umount(args) => mount::umount(args),

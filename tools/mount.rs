@@ -481,6 +481,7 @@ fn serve(
         invalidations: Default::default(),
         control_socket: control.path().to_path_buf(),
         cached: options.cache,
+        traces: Default::default(),
     });
     daemon.watch_failures()?;
     control.serve(daemon)?;

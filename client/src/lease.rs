@@ -46,6 +46,9 @@ pub struct Hello {
     pub size: u64,
     /// Whether flushes must also `msync` (an image on a disk filesystem).
     pub msync: bool,
+    /// Whether someone traces faults now (later changes come as
+    /// [`Event::Trace`]).
+    pub trace: bool,
 }
 
 /// A run of a file's pages on the device.
@@ -87,6 +90,8 @@ pub enum Request {
     Recalled { lease: u64 },
     /// File page `page` of the lease is inaccessible now (no answer).
     Poisoned { lease: u64, page: u64 },
+    /// A fault trace line, while the daemon asks for them (no answer).
+    Trace { line: String },
 }
 
 /// The daemon's answer to a request.
@@ -111,6 +116,14 @@ pub enum Event {
         lease: u64,
         why: Why,
     },
+    /// Someone traces faults on the mount (send `Request::Trace` lines),
+    /// or nobody does any more.
+    Trace(bool),
+}
+
+/// The line that turns a client's fault trace on or off.
+pub fn trace_line(on: bool) -> String {
+    json!({ "trace": on }).to_string()
 }
 
 /// Why a lease is recalled.
@@ -136,7 +149,7 @@ fn field(v: &Value, name: &str) -> Result<u64, String> {
 impl Request {
     /// The request as a line (without the newline).
     pub fn to_line(&self, id: u64) -> String {
-        match *self {
+        match self {
             Request::Lease { ino, first, end } => {
                 json!({"id": id, "op": "lease", "ino": ino, "first": first, "end": end})
             }
@@ -150,6 +163,7 @@ impl Request {
             Request::Poisoned { lease, page } => {
                 json!({"op": "poisoned", "lease": lease, "page": page})
             }
+            Request::Trace { line } => json!({"op": "trace", "line": line}),
         }
         .to_string()
     }
@@ -190,6 +204,12 @@ impl Request {
             Some("poisoned") => Request::Poisoned {
                 lease: field(&v, "lease")?,
                 page: field(&v, "page")?,
+            },
+            Some("trace") => Request::Trace {
+                line: v["line"]
+                    .as_str()
+                    .ok_or_else(|| format!("line missing in {v}"))?
+                    .to_string(),
             },
             _ => return Err(format!("unknown request {v}")),
         };
@@ -258,6 +278,9 @@ fn extents(v: &Value) -> Result<Vec<Extent>, String> {
 impl Event {
     pub fn parse(line: &str) -> Result<Event, String> {
         let v: Value = serde_json::from_str(line).map_err(|e| format!("bad line: {e}"))?;
+        if let Some(on) = v["trace"].as_bool() {
+            return Ok(Event::Trace(on));
+        }
         if let Some(lease) = v["recall"].as_u64() {
             let why = match (v["poisoned"].as_u64(), v["holes"].as_bool()) {
                 (Some(page), _) => Why::Poisoned(page),
@@ -304,7 +327,10 @@ impl Hello {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
         let line = format!(
             "{}\n",
-            json!({"device": self.device, "size": self.size, "msync": self.msync})
+            json!({
+                "device": self.device, "size": self.size, "msync": self.msync,
+                "trace": self.trace,
+            })
         );
         let fds = [device];
         let cmsg = [ControlMessage::ScmRights(&fds)];
@@ -350,6 +376,7 @@ impl Hello {
             device: PathBuf::from(v["device"].as_str().ok_or("no device in the hello")?),
             size: field(&v, "size")?,
             msync: v["msync"].as_bool().unwrap_or(true),
+            trace: v["trace"].as_bool().unwrap_or(false),
         };
         let fd = fd.ok_or("the hello came without the device")?;
         Ok((hello, fd))
@@ -378,10 +405,14 @@ mod tests {
             Request::Release { lease: 4 },
             Request::Recalled { lease: 5 },
             Request::Poisoned { lease: 5, page: 6 },
+            Request::Trace {
+                line: "dax_pmd_fault_done: \"x\"".into(),
+            },
         ];
         for r in requests {
             let (id, back) = Request::parse(&r.to_line(11)).unwrap();
-            assert_eq!(back, r);
+            let r = &r;
+            assert_eq!(&back, r);
             if matches!(
                 r,
                 Request::Lease { .. }
@@ -423,6 +454,9 @@ mod tests {
                 Event::parse(&r.to_line(2)).unwrap(),
                 Event::Reply { id: 2, reply: r }
             );
+        }
+        for on in [true, false] {
+            assert_eq!(Event::parse(&trace_line(on)).unwrap(), Event::Trace(on));
         }
         for why in [Why::Freeing, Why::Holes, Why::Poisoned(3)] {
             assert_eq!(

@@ -14,7 +14,7 @@
 //! daemon holds leases of its own for what it maps.
 
 use crate::device::RemoteDevice;
-use daxfs::dax::{DaxCounters, FileDax};
+use daxfs::dax::{DaxCounters, FaultEvent, FileDax};
 use daxfs::{Error, Result};
 use daxfs_client::lease::{Event, Grant, Hello, Reply, Request, Why, SESSION};
 use std::collections::HashMap;
@@ -90,6 +90,8 @@ impl Session {
             leases: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
         });
+        // Before any fault of ours: traced from the first, if asked.
+        session.trace(hello.trace);
         session.start(stream)?;
         Ok(session)
     }
@@ -100,6 +102,7 @@ impl Session {
         *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&pending);
         self.conn.lock().unwrap_or_else(|e| e.into_inner()).reader = stream.as_raw_fd();
         let (recalls, recalled) = channel::<(u64, Why)>();
+        let traced = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("daxfs-preload-in".into())
             .spawn(move || {
@@ -117,6 +120,11 @@ impl Session {
                         }
                         Ok(Event::Recall { lease, why }) => {
                             let _ = recalls.send((lease, why));
+                        }
+                        Ok(Event::Trace(on)) => {
+                            if let Some(session) = traced.upgrade() {
+                                session.trace(on);
+                            }
                         }
                         Err(_) => {}
                     }
@@ -144,11 +152,27 @@ impl Session {
         Ok(())
     }
 
+    /// Send a line for every fault of this session's mappings to the
+    /// daemon (for `daxfs trace`), or stop.
+    fn trace(self: &Arc<Self>, on: bool) {
+        let weak = Arc::downgrade(self);
+        let sink = move |event: &FaultEvent| {
+            if let Some(session) = weak.upgrade() {
+                session.tell(Request::Trace {
+                    line: daxfs_client::trace::line(event),
+                });
+            }
+        };
+        self.counters
+            .set_trace(on.then(|| Arc::new(sink) as daxfs::dax::TraceSink));
+    }
+
     /// In a child after `fork`: connect anew, so that the daemon knows
     /// this process and recalls what it maps (the grants inherited are the
     /// parent's leases, forgotten here; the caller asks again).
     pub fn reconnect(self: &Arc<Self>) -> std::result::Result<(), String> {
-        let (stream, _hello, _device) = handshake(&self.mountpoint)?;
+        let (stream, hello, _device) = handshake(&self.mountpoint)?;
+        self.trace(hello.trace);
         {
             let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
             // SAFETY: the parent's reader thread does not exist in this
