@@ -1,4 +1,5 @@
-//! DAX mappings: the cost of PMD and PTE faults, and load and store
+//! DAX mappings: the cost of PMD and PTE faults (with the fault trace off,
+//! as always unless someone traces, and on), and load and store
 //! bandwidth through a mapping against the same copies over anonymous
 //! memory and through the device's own `memcpy_persist`, in the same run.
 //!
@@ -45,8 +46,21 @@ fn benches(c: &mut Criterion) {
     // Map and touch one byte per page of 1 GiB, 2 MiB at a time: aligned
     // mappings take one PMD fault each; the same ranges 4 KiB shorter at the
     // front cannot hold a PMD and take a PTE fault per page.
+    // With the trace on, each event is formatted as `daxfs trace` sends it.
     group.throughput(Throughput::Bytes(BIG));
-    for (name, skip) in [("pmd", 0), ("pte", 4096)] {
+    let events = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = std::sync::Arc::clone(&events);
+    let sink: daxfs::dax::TraceSink = std::sync::Arc::new(move |e: &daxfs::dax::FaultEvent| {
+        std::hint::black_box(e.to_string());
+        seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
+    for (name, skip, traced) in [
+        ("pmd", 0, false),
+        ("pte", 4096, false),
+        ("pmd_traced", 0, true),
+        ("pte_traced", 4096, true),
+    ] {
+        fs.trace_faults(traced.then(|| sink.clone()));
         group.bench_function(BenchmarkId::new("map_touch_1g", name), |b| {
             b.iter_custom(|iters| {
                 let start = Instant::now();
@@ -67,6 +81,11 @@ fn benches(c: &mut Criterion) {
             })
         });
     }
+    fs.trace_faults(None);
+    assert!(
+        events.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no event traced"
+    );
     // Bandwidth over a populated 1 GiB mapping, in 64 MiB copies.
     let chunk = (64 * MIB) as usize;
     let opts = MapOptions {
