@@ -100,6 +100,9 @@ pub fn dax_pmd(cx: &Ctx) -> Res {
     let t = cx.t;
     let file = "dax-pmd-data";
     pattern_file(t, file, 8 * HUGE)?;
+    // As dax.sh counts fs_dax:dax_pmd_fault_done events while dax-pmd runs.
+    let mut trace = t.trace()?;
+    let start = t.dax_stats();
     let before = t.dax_stats();
     // Map 4 x 2 MiB and touch each 2 MiB once.
     {
@@ -152,6 +155,19 @@ pub fn dax_pmd(cx: &Ctx) -> Res {
             a.pte_faults - b.pte_faults
         );
     }
+    match (trace.as_mut(), start, t.dax_stats()) {
+        (Some(trace), Some(s), Some(a)) => {
+            let took = a.pmd_faults - s.pmd_faults;
+            let traced = trace.pmd_nopage(took)?;
+            check!(
+                traced == took && traced >= 10,
+                "the fault trace shows {traced} dax_pmd_fault_done NOPAGE events for {took} PMD \
+                 faults (dax.sh wants at least 10)"
+            );
+        }
+        _ => cx.note("no fault trace: the kernel's page cache takes no DAX faults"),
+    }
+    drop(trace);
     t.unlink(file)
 }
 

@@ -115,6 +115,21 @@ pub trait Target {
     }
     /// The library itself, for what only it offers (pins).
     fn library(&self) -> Option<&Fs>;
+    /// Start listening to the fault trace (`Fs::trace_faults`, `daxfs
+    /// trace`); `None` where faults are the kernel's.
+    fn trace(&self) -> Res<Option<Box<dyn FaultTrace + '_>>>;
+}
+
+/// A fault trace being listened to; it stops when dropped.
+pub trait FaultTrace {
+    /// Read trace lines until `want` PMD faults that mapped
+    /// (`dax_pmd_fault_done ... NOPAGE`) were seen, or no line comes for a
+    /// while; how many were.
+    fn pmd_nopage(&mut self, want: u64) -> Res<u64>;
+}
+
+fn is_pmd_nopage(line: &str) -> bool {
+    line.contains("dax_pmd_fault_done: ") && line.ends_with(" NOPAGE")
 }
 
 /// Whether an I/O error is `errno`.
@@ -299,6 +314,37 @@ impl Target for Library {
 
     fn library(&self) -> Option<&Fs> {
         Some(self.fs())
+    }
+
+    fn trace(&self) -> Res<Option<Box<dyn FaultTrace + '_>>> {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = std::sync::Arc::clone(&lines);
+        self.fs().trace_faults(Some(std::sync::Arc::new(
+            move |e: &daxfs::dax::FaultEvent| seen.lock().unwrap().push(e.to_string()),
+        )));
+        Ok(Some(Box::new(LibraryTrace {
+            fs: self.fs(),
+            lines,
+        })))
+    }
+}
+
+/// The library's trace: events are collected as faults happen.
+struct LibraryTrace<'a> {
+    fs: &'a Fs,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FaultTrace for LibraryTrace<'_> {
+    fn pmd_nopage(&mut self, _want: u64) -> Res<u64> {
+        let lines = self.lines.lock().unwrap();
+        Ok(lines.iter().filter(|l| is_pmd_nopage(l)).count() as u64)
+    }
+}
+
+impl Drop for LibraryTrace<'_> {
+    fn drop(&mut self) {
+        self.fs.trace_faults(None);
     }
 }
 
@@ -573,6 +619,51 @@ impl Target for Mount {
 
     fn library(&self) -> Option<&Fs> {
         None
+    }
+
+    /// `daxfs trace`'s connection, where the preload makes faults ours.
+    fn trace(&self) -> Res<Option<Box<dyn FaultTrace + '_>>> {
+        use std::io::{BufRead, Write};
+        if self.preload.is_none() {
+            return Ok(None);
+        }
+        let at = |e: io::Error| format!("trace of {}: {e}", self.mountpoint.display());
+        let stream = daxfs_client::socket::connect(&self.mountpoint)?;
+        // A line that does not come within this is a fault not traced.
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .map_err(at)?;
+        writeln!(&stream, "{}", json!({ "op": "trace" })).map_err(at)?;
+        let mut lines = io::BufReader::new(stream);
+        let mut first = String::new();
+        lines.read_line(&mut first).map_err(at)?;
+        check!(
+            first.trim() == "tracing",
+            "the daemon did not start the trace: {first}"
+        );
+        Ok(Some(Box::new(MountTrace { lines, seen: 0 })))
+    }
+}
+
+/// `daxfs trace`'s connection: lines come from the daemon as faults
+/// happen in this process; it stops when the connection closes.
+struct MountTrace {
+    lines: io::BufReader<std::os::unix::net::UnixStream>,
+    seen: u64,
+}
+
+impl FaultTrace for MountTrace {
+    fn pmd_nopage(&mut self, want: u64) -> Res<u64> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        while self.seen < want {
+            line.clear();
+            match self.lines.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => self.seen += u64::from(is_pmd_nopage(line.trim_end())),
+            }
+        }
+        Ok(self.seen)
     }
 }
 
