@@ -54,6 +54,15 @@ fn pattern_file(t: &dyn Target, name: &str, size: u64) -> Res {
     t.fsync(name)
 }
 
+/// `got` must be the failure `EIO`.
+fn want_eio(got: std::io::Result<usize>, what: &str) -> Res {
+    check!(
+        matches!(&got, Err(e) if is_errno(e, libc::EIO)),
+        "{what}: {got:?}, want EIO"
+    );
+    Ok(())
+}
+
 fn read_exact(t: &dyn Target, name: &str, offset: u64, len: usize) -> Res<Vec<u8>> {
     let mut buf = vec![0u8; len];
     let got = t
@@ -436,11 +445,7 @@ pub fn dax_errors(cx: &Ctx) -> Res {
     );
 
     let mut buf = vec![0u8; PAGE as usize];
-    let got = t.read(file, 0, &mut buf);
-    check!(
-        matches!(&got, Err(e) if is_errno(e, libc::EIO)),
-        "read of the poisoned page: {got:?}, want EIO"
-    );
+    want_eio(t.read(file, 0, &mut buf), "read of the poisoned page")?;
     check!(
         read_exact(t, file, PAGE, PAGE as usize)? == pattern(PAGE, PAGE as usize),
         "the page after the poison reads wrong"
@@ -536,17 +541,13 @@ pub fn pmem_errors(cx: &Ctx) -> Res {
             512,
         ),
     ] {
-        let got = read(&mut buf[..len], at);
-        check!(
-            matches!(&got, Err(e) if is_errno(e, libc::EIO)),
-            "{what} in the poisoned page: {got:?}, want EIO"
-        );
+        want_eio(
+            read(&mut buf[..len], at),
+            &format!("{what} in the poisoned page"),
+        )?;
     }
-    let got = t.read_direct(file, 0, &mut vec![0u8; 3 * PAGE as usize]);
-    check!(
-        matches!(&got, Err(e) if is_errno(e, libc::EIO)),
-        "a read from the poisoned page on: {got:?}, want EIO"
-    );
+    let whole = t.read_direct(file, 0, &mut vec![0u8; 3 * PAGE as usize]);
+    want_eio(whole, "a read from the poisoned page on")?;
     check!(
         read_exact(t, file, PAGE, PAGE as usize)? == pattern(PAGE, PAGE as usize),
         "the page after the poison reads wrong"
