@@ -3157,3 +3157,36 @@ fn an_image_on_disk_says_what_it_survives() {
     assert!(first.contains(expected), "{first}");
     assert_eq!(fs::read(m.path("f")).unwrap(), b"x");
 }
+
+/// A control client that goes before its answer is written must not take
+/// the daemon with it (a plain write to a closed socket raises SIGPIPE,
+/// whose default kills, and the command restores the default; the
+/// daemon's sockets are written with MSG_NOSIGNAL, as std does). The
+/// daemon is stopped while the clients send their requests and close, so
+/// the answers are written to closed sockets every time.
+#[test]
+fn a_control_client_that_leaves_before_its_answer_does_not_kill_the_daemon() {
+    let m = Mounted::new("");
+    let socket = control_socket(&m);
+    let pid = m.pid.unwrap();
+    struct Continue(i32);
+    impl Drop for Continue {
+        fn drop(&mut self) {
+            // SAFETY: signalling the daemon this test started.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    // SAFETY: signalling the daemon this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let resume = Continue(pid);
+    for op in ["stat", "list"] {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        writeln!(s, "{{\"op\":\"{op}\"}}").unwrap();
+    }
+    drop(resume);
+    // Answered once its earlier answers have been written (and failed).
+    let out = daxfs(&["stat".as_ref(), m.mnt.as_os_str()]);
+    assert!(out.status.success(), "the daemon died: {}", text(&out));
+    fs::write(m.path("still"), b"served").unwrap();
+    assert_eq!(fs::read(m.path("still")).unwrap(), b"served");
+}
