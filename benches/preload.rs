@@ -15,7 +15,9 @@
 //! (`cargo xtask bench` does both.) Each figure is the median of ROUNDS
 //! rounds (`DAXFS_BENCH_ROUNDS`, default 5), the cases of a round run one
 //! after another, so a noisy machine slows them alike; the table gives
-//! ratios.
+//! ratios. `DAXFS_BENCH_DIR=DIR` puts the images in DIR instead of
+//! /dev/shm: on a huge-page tmpfs (where `daxfs create --huge` puts
+//! images), the library and the preload map 2 MiB pages.
 
 use daxfs::pmem::{Device, DeviceOptions};
 use daxfs::{Fs, MapOptions, ROOT};
@@ -200,6 +202,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Where the images go.
+fn bench_dir() -> PathBuf {
+    std::env::var_os("DAXFS_BENCH_DIR").map_or_else(|| PathBuf::from("/dev/shm"), PathBuf::from)
+}
+
 /// A mount of a new image; unmounted when dropped.
 struct Mount {
     _dir: tempfile::TempDir,
@@ -210,7 +217,7 @@ impl Mount {
     fn new() -> Mount {
         let dir = tempfile::Builder::new()
             .prefix("daxfs-preload-bench")
-            .tempdir_in("/dev/shm")
+            .tempdir_in(bench_dir())
             .unwrap();
         let img = dir.path().join("img");
         Fs::format(Device::create(&img, BIG + 512 * MIB, &DeviceOptions::new()).unwrap())
@@ -297,7 +304,7 @@ fn main() {
     // The library, on an image of its own.
     let dir = tempfile::Builder::new()
         .prefix("daxfs-preload-bench-lib")
-        .tempdir_in("/dev/shm")
+        .tempdir_in(bench_dir())
         .unwrap();
     let fs = Fs::format(
         Device::create(
