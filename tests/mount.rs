@@ -3190,3 +3190,102 @@ fn a_control_client_that_leaves_before_its_answer_does_not_kill_the_daemon() {
     fs::write(m.path("still"), b"served").unwrap();
     assert_eq!(fs::read(m.path("still")).unwrap(), b"served");
 }
+
+/// A tmpfs of `size` mounted in a temporary directory; unmounted (lazily
+/// if busy) when dropped.
+struct SmallTmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallTmpfs {
+    fn new(size: &str) -> SmallTmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("daxfs-small")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount tmpfs: {}", text(&out));
+        SmallTmpfs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let c = c_path(self.dir.path());
+        // SAFETY: a valid C string; unmounting has no other effect here.
+        if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+            // SAFETY: as above.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// An image bigger than the filesystem that holds it (sparse, as every
+/// image starts): when that filesystem fills, writes fail with ENOSPC and
+/// the daemon lives on (a store into a page the tmpfs cannot give raised
+/// SIGBUS and killed it); what was written stays, fsck is clean. A format
+/// that cannot fit its metadata says so instead of dying.
+#[test]
+fn an_image_whose_filesystem_fills_up_gives_enospc_not_a_dead_daemon() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let small = SmallTmpfs::new("48M");
+    let img = small.path().join("pmem0.img");
+    let out = daxfs(&[
+        "mkfs".as_ref(),
+        img.as_os_str(),
+        "--size".as_ref(),
+        "256M".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut m = Mounted::over(&img, &small.path().join("mnt"), "");
+    fs::write(m.path("kept"), vec![7u8; 1 << 20]).unwrap();
+    let mut f = File::create(m.path("big")).unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    let mut written = 0u64;
+    let err = loop {
+        match f.write(&chunk) {
+            Ok(n) => written += n as u64,
+            Err(e) => break e,
+        }
+        assert!(written < 256 << 20, "wrote more than the image holds");
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert!(written > 8 << 20 && written < 48 << 20, "{written}");
+    drop(f);
+    let out = daxfs(&["stat".as_ref(), m.mnt.as_os_str()]);
+    assert!(out.status.success(), "the daemon died: {}", text(&out));
+    assert_eq!(fs::read(m.path("kept")).unwrap(), vec![7u8; 1 << 20]);
+    assert_eq!(fs::metadata(m.path("big")).unwrap().len(), written);
+    // Space comes back with the file.
+    fs::remove_file(m.path("big")).unwrap();
+    fs::write(m.path("again"), vec![3u8; 4 << 20]).unwrap();
+    assert!(m.umount().status.success());
+    fsck_clean(&img);
+
+    // A device whose metadata does not fit: an error, no crash.
+    let tiny = SmallTmpfs::new("4M");
+    let img = tiny.path().join("pmem0.img");
+    let out = daxfs(&[
+        "mkfs".as_ref(),
+        img.as_os_str(),
+        "--size".as_ref(),
+        "256M".as_ref(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the filesystem holding the device is full"),
+        "{err}"
+    );
+}

@@ -59,6 +59,10 @@ pub struct Allocator {
     /// Bitmap pieces that failed their checksum and are not rebuilt yet:
     /// held in use in memory, their checksums not written.
     refused: BTreeSet<u64>,
+    /// For a device whose storage may be sparse: what reserves a region's
+    /// storage before any of its blocks is handed out, and the regions
+    /// reserved so far (one bit each). See [`Allocator::set_reserver`].
+    reserver: Option<(pmem::Reserver, Vec<u64>)>,
 }
 
 /// Blocks that only extent blocks may take (see [`Allocator::alloc`]).
@@ -99,6 +103,7 @@ impl Allocator {
             metadata_marked_free,
             csum_offset: None,
             refused: BTreeSet::new(),
+            reserver: None,
         };
         for block in sb.data_start..sb.total_blocks {
             if !a.is_used(block) {
@@ -347,9 +352,41 @@ impl Allocator {
         blocks.len() as u64
     }
 
+    /// Reserve the device's storage for a region before any of its
+    /// blocks is handed out: an emulated device's file may be sparse on a
+    /// filesystem that fills up, and a store into storage it cannot back
+    /// kills the process (`SIGBUS`); a region that cannot be backed is not
+    /// handed out (the allocation fails: `ENOSPC`). Once per region.
+    pub fn set_reserver(&mut self, reserver: Option<pmem::Reserver>) {
+        let words = self.region_free.len().div_ceil(64);
+        self.reserver = reserver.map(|r| (r, vec![0; words]));
+    }
+
+    /// Whether region `region`'s storage is there (reserved now if it was
+    /// not yet).
+    fn backed(&mut self, region: u64) -> bool {
+        let Some((reserver, done)) = &mut self.reserver else {
+            return true;
+        };
+        let (word, bit) = ((region / 64) as usize, 1u64 << (region % 64));
+        if done[word] & bit != 0 {
+            return true;
+        }
+        let ok = reserver
+            .reserve(region * HUGE_BLOCKS * BLOCK, HUGE_BLOCKS * BLOCK)
+            .is_ok();
+        if ok {
+            done[word] |= bit;
+        }
+        ok
+    }
+
     /// A whole free, aligned 2 MiB region: its first block.
     pub fn alloc_huge(&mut self) -> Option<u64> {
         let region = *self.free_regions.iter().next()?;
+        if !self.backed(region) {
+            return None;
+        }
         let start = region * HUGE_BLOCKS;
         self.mark(start, HUGE_BLOCKS, true);
         self.staged_allocs.push((start, HUGE_BLOCKS));
@@ -394,11 +431,16 @@ impl Allocator {
         }
         let (start, len) = match best {
             Some(b) if b.1 == want => b,
-            _ => match self.free_regions.iter().next() {
-                Some(&region) => (region * HUGE_BLOCKS, want),
-                None => best.or_else(|| self.any_run(want))?,
+            // (A free region whose storage cannot be reserved is passed
+            // over for what broken regions have.)
+            _ => match self.free_regions.iter().next().copied() {
+                Some(region) if self.backed(region) => (region * HUGE_BLOCKS, want),
+                _ => best.or_else(|| self.any_run(want))?,
             },
         };
+        if !self.backed(start / HUGE_BLOCKS) {
+            return None;
+        }
         self.mark(start, len, true);
         self.staged_allocs.push((start, len));
         Some((start, len))

@@ -157,6 +157,49 @@ impl Poison {
     }
 }
 
+/// Reserves an emulated device's storage (see [`Device::reserver`]).
+#[derive(Debug)]
+pub struct Reserver {
+    file: File,
+    path: PathBuf,
+    size: u64,
+}
+
+impl Reserver {
+    /// Make the backing filesystem hold storage for `[offset, offset +
+    /// len)` of the device (clipped to it), so that stores there cannot
+    /// find it full. A filesystem that cannot reserve (no `fallocate`) is
+    /// left to do as it can.
+    pub fn reserve(&self, offset: u64, len: u64) -> Result<()> {
+        let len = len.min(self.size.saturating_sub(offset));
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: fallocate on a descriptor we own, with integer arguments.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                0,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => Ok(()),
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Err(Error::NoSpace {
+                path: self.path.clone(),
+                offset,
+                len,
+            }),
+            _ => Err(Error::io(&self.path, "reserve storage for the device", e)),
+        }
+    }
+}
+
 /// A mapped pmem device. See the [module documentation](self).
 pub struct Device {
     path: PathBuf,
@@ -341,6 +384,24 @@ impl Device {
             self.swap_granules(&poison, run.offset(), run.len())?;
         }
         Ok(())
+    }
+
+    /// What reserves the storage under ranges of this device before they
+    /// are first stored to: for a writable emulated device, whose file may
+    /// be sparse on a filesystem that can fill up (`None` for a device-dax
+    /// or a read-only device). A store through the mapping into a page the
+    /// filesystem cannot back raises `SIGBUS`, which kills the process;
+    /// a reservation fails with [`Error::NoSpace`] instead.
+    pub fn reserver(&self) -> Option<Reserver> {
+        if self.read_only || !matches!(self.backing.kind, DeviceKind::Emulated) {
+            return None;
+        }
+        let file = self.file.try_clone().ok()?;
+        Some(Reserver {
+            file,
+            path: self.path.clone(),
+            size: self.size(),
+        })
     }
 
     /// The device's canonical path.

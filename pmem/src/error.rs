@@ -29,6 +29,22 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// The filesystem holding an emulated device has no room to back a
+    /// range of it.
+    #[error(
+        "{}: the filesystem holding the device is full: no room to back {len} bytes at \
+         {offset:#x} of it",
+        path.display()
+    )]
+    NoSpace {
+        /// The device.
+        path: PathBuf,
+        /// The first byte of the range that could not be backed.
+        offset: u64,
+        /// Its length.
+        len: u64,
+    },
+
     /// `create` found a file already there.
     #[error("{}: already exists; refusing to overwrite it", path.display())]
     AlreadyExists {

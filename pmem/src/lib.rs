@@ -52,8 +52,8 @@ pub use copy::{MovntKernel, Writer, MOVNT_THRESHOLD};
 pub use cpu::{FlushInstruction, CACHE_LINE};
 pub use crash::{CrashPoint, FenceHook, PendingLine};
 pub use device::{
-    validate_size, Device, DeviceInfo, DeviceOptions, McsafeRead, ScrubReport, MAX_SIZE, MIN_SIZE,
-    SIZE_ALIGN,
+    validate_size, Device, DeviceInfo, DeviceOptions, McsafeRead, Reserver, ScrubReport, MAX_SIZE,
+    MIN_SIZE, SIZE_ALIGN,
 };
 pub use error::{Error, Result};
 pub use lock::{device_holder, device_in_use};

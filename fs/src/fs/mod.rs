@@ -563,6 +563,7 @@ impl Fs {
     pub fn format(dev: Device) -> Result<Fs> {
         let now = Time::now();
         let sb = Superblock::for_device(dev.size(), uuid(), now.secs as u64)?;
+        reserve_metadata(&dev, &sb)?;
         // Metadata areas start zeroed: a free inode is all zeros.
         dev.memset_nodrain(BLOCK, 0, BLOCK)?;
         dev.memcpy_nodrain(sb.state_block * BLOCK, &StateBlock::default().encode())?;
@@ -613,6 +614,7 @@ impl Fs {
         if sb.needs_check() && purpose == Purpose::Use {
             return Err(Error::NeedsCheck(needs_check_text(&sb)));
         }
+        reserve_metadata(&dev, &sb)?;
         let mut header_damage = None;
         let (mut journal, recovery) =
             match Journal::recover(&dev, sb.journal_start, sb.journal_blocks, sb.uuid) {
@@ -679,6 +681,7 @@ impl Fs {
             notes.push(what);
         }
         let (mut alloc, bitmap_damage) = Allocator::load(&dev, &sb)?;
+        alloc.set_reserver(dev.reserver());
         if sb.bitmap_csum == 0 {
             // An image from before bitmap checksums: give it a table when
             // there is room (written before the superblocks name it).
@@ -1975,5 +1978,19 @@ fn write_superblocks(dev: &Device, sb: &Superblock) -> Result<()> {
     let encoded = sb.encode();
     dev.memcpy_persist(sb.backup_block * BLOCK, &encoded)?;
     dev.memcpy_persist(0, &encoded)?;
+    Ok(())
+}
+
+/// Reserve the storage under the metadata areas (and the backup
+/// superblock) of an emulated device whose file may be sparse, before they
+/// are written: a store into storage the backing filesystem cannot give
+/// kills the process with `SIGBUS`, where this fails with an error naming
+/// the full filesystem. (Data blocks are reserved a region at a time as
+/// the allocator hands them out.)
+fn reserve_metadata(dev: &Device, sb: &Superblock) -> Result<()> {
+    if let Some(reserver) = dev.reserver() {
+        reserver.reserve(0, sb.data_start * BLOCK)?;
+        reserver.reserve(sb.backup_block * BLOCK, BLOCK)?;
+    }
     Ok(())
 }
