@@ -5,13 +5,17 @@
 //!
 //! Nobody listening, nothing is traced: clients are told to trace when the
 //! first listener comes and to stop when the last goes (a line on their
-//! lease session), and a fault that is not traced costs one load.
+//! lease session), and a fault that is not traced costs one load. A
+//! listener that does not keep up loses lines rather than holding the
+//! daemon's memory: it is told how many, as the kernel's trace says
+//! `[LOST n EVENTS]`.
 
 use daxfs::Fs;
 use daxfs_client::lease::trace_line;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,10 +25,20 @@ pub struct Traces {
     inner: Mutex<Inner>,
 }
 
+/// A `daxfs trace` connection: its queue of lines, and how many lines
+/// found it full.
+struct Listener {
+    queue: SyncSender<String>,
+    lost: Arc<AtomicU64>,
+}
+
+/// Lines a listener may have waiting.
+const QUEUE: usize = 4096;
+
 #[derive(Default)]
 struct Inner {
-    /// Each `daxfs trace` connection's queue of lines, by id.
-    listeners: Vec<(u64, Sender<String>)>,
+    /// Each `daxfs trace` connection, by id.
+    listeners: Vec<(u64, Listener)>,
     /// Each lease session's queue of lines to its client, by id.
     sessions: Vec<(u64, Sender<String>)>,
     next: u64,
@@ -68,13 +82,21 @@ impl Traces {
         let mut inner = self.lock();
         inner
             .listeners
-            .retain(|(_, l)| l.send(line.clone()).is_ok());
+            .retain(|(_, l)| match l.queue.try_send(line.clone()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    l.lost.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(TrySendError::Disconnected(_)) => false,
+            });
     }
 
     /// Take over `stream` (a `daxfs trace` connection): send it every
     /// fault's line until it closes.
     pub fn listen(self: &Arc<Self>, fs: &Arc<Fs>, stream: UnixStream) {
-        let (tx, lines) = channel::<String>();
+        let (queue, lines) = sync_channel::<String>(QUEUE);
+        let lost = Arc::new(AtomicU64::new(0));
         let id = {
             let mut inner = self.lock();
             if inner.listeners.is_empty() {
@@ -87,7 +109,11 @@ impl Traces {
                 inner.tell_sessions(true);
             }
             let id = inner.id();
-            inner.listeners.push((id, tx));
+            let listener = Listener {
+                queue,
+                lost: Arc::clone(&lost),
+            };
+            inner.listeners.push((id, listener));
             id
         };
         let mut w = &stream;
@@ -98,11 +124,14 @@ impl Traces {
         while started.is_ok() {
             match lines.recv_timeout(Duration::from_millis(200)) {
                 Ok(line) => {
-                    if writeln!(w, "{line}").is_err() {
+                    if say_lost(&mut w, &lost).is_err() || writeln!(w, "{line}").is_err() {
                         break;
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
+                    if say_lost(&mut w, &lost).is_err() {
+                        break;
+                    }
                     // Gone? (A listener never writes: a read that ends is
                     // its close.)
                     let _ = stream.set_nonblocking(true);
@@ -175,4 +204,76 @@ pub fn follow(path: &std::path::Path, count: Option<u64>) -> Result<(), String> 
         }
     }
     Ok(())
+}
+
+/// Tell the listener how many lines it lost since it was last told.
+fn say_lost(w: &mut impl Write, lost: &AtomicU64) -> std::io::Result<()> {
+    match lost.swap(0, Ordering::Relaxed) {
+        0 => Ok(()),
+        n => writeln!(w, "[LOST {n} EVENTS]"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+
+    /// A listener that reads nothing for a while loses lines, never the
+    /// daemon's memory: every line is either delivered or counted in a
+    /// `[LOST n EVENTS]` line, and clients hear the trace go on and off.
+    #[test]
+    fn a_listener_that_falls_behind_is_told_what_it_lost() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let dev = daxfs::pmem::Device::create(
+            dir.path().join("img"),
+            16 << 20,
+            &daxfs::pmem::DeviceOptions::new(),
+        )
+        .unwrap();
+        let fs = Arc::new(Fs::format(dev).unwrap());
+        let traces = Arc::new(Traces::default());
+        let (session, told) = std::sync::mpsc::channel();
+        let (id, on) = traces.add_session(session);
+        assert!(!on);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        // (A line that never comes fails the test rather than hang it.)
+        ours.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let listening = {
+            let (traces, fs) = (Arc::clone(&traces), Arc::clone(&fs));
+            std::thread::spawn(move || traces.listen(&fs, theirs))
+        };
+        let mut lines = std::io::BufReader::new(&ours).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "tracing");
+        assert_eq!(told.recv().unwrap(), trace_line(true));
+        const SENT: u64 = 100_000;
+        for i in 0..SENT {
+            traces.line(format!("event {i:06} {}", "x".repeat(80)));
+        }
+        // Every line comes, or is counted lost (once the queue is drained,
+        // the count comes by itself).
+        let (mut got, mut lost) = (0u64, 0u64);
+        while got + lost < SENT {
+            let line = lines.next().unwrap().unwrap();
+            match line.strip_prefix("[LOST ") {
+                Some(n) => lost += n.trim_end_matches(" EVENTS]").parse::<u64>().unwrap(),
+                None => {
+                    assert!(
+                        line.starts_with(&format!("event {got:06}")) || lost > 0,
+                        "{line}"
+                    );
+                    got += 1;
+                }
+            }
+        }
+        assert!(lost > 0, "nothing was lost of {SENT} lines unread");
+        assert_eq!(got + lost, SENT);
+        drop(lines);
+        drop(ours);
+        listening.join().unwrap();
+        assert_eq!(told.recv().unwrap(), trace_line(false));
+        traces.remove_session(id);
+        assert!(traces.lock().sessions.is_empty() && traces.lock().listeners.is_empty());
+    }
 }
