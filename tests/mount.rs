@@ -3080,10 +3080,7 @@ fn the_default_mount_is_in_memory_and_its_first_line_says_so() {
         let out = daxfs_here(&["mount"]);
         assert!(out.status.success(), "{}", text(&out));
         let said = String::from_utf8_lossy(&out.stdout).into_owned();
-        m.pid = said
-            .split("daemon pid ")
-            .nth(1)
-            .and_then(|s| s.trim().trim_end_matches(')').parse().ok());
+        m.pid = common::daemon_pid(&said);
         let lines: Vec<&str> = said.lines().collect();
         assert_eq!(
             lines[0],
@@ -3241,12 +3238,15 @@ fn an_image_whose_filesystem_fills_up_gives_enospc_not_a_dead_daemon() {
     }
     let small = SmallTmpfs::new("48M");
     let img = small.path().join("pmem0.img");
-    let out = daxfs(&[
-        "mkfs".as_ref(),
-        img.as_os_str(),
-        "--size".as_ref(),
-        "256M".as_ref(),
-    ]);
+    let mkfs = |img: &Path| {
+        daxfs(&[
+            "mkfs".as_ref(),
+            img.as_os_str(),
+            "--size".as_ref(),
+            "256M".as_ref(),
+        ])
+    };
+    let out = mkfs(&img);
     assert!(out.status.success(), "{}", text(&out));
     let mut m = Mounted::over(&img, &small.path().join("mnt"), "");
     fs::write(m.path("kept"), vec![7u8; 1 << 20]).unwrap();
@@ -3275,13 +3275,7 @@ fn an_image_whose_filesystem_fills_up_gives_enospc_not_a_dead_daemon() {
 
     // A device whose metadata does not fit: an error, no crash.
     let tiny = SmallTmpfs::new("4M");
-    let img = tiny.path().join("pmem0.img");
-    let out = daxfs(&[
-        "mkfs".as_ref(),
-        img.as_os_str(),
-        "--size".as_ref(),
-        "256M".as_ref(),
-    ]);
+    let out = mkfs(&tiny.path().join("pmem0.img"));
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -197,22 +197,16 @@ impl Control {
                 .spawn(move || loop {
                     let next = requests.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok((stream, line)) = next else { return };
-                    match long_lived(&line) {
-                        Some(LongLived::Session) => {
-                            let handler = Arc::clone(&handler);
-                            let _ = std::thread::Builder::new()
-                                .name("daxfs-lease".into())
-                                .spawn(move || handler.session(stream));
-                            continue;
-                        }
-                        Some(LongLived::Trace) => {
-                            let handler = Arc::clone(&handler);
-                            let _ = std::thread::Builder::new()
-                                .name("daxfs-trace".into())
-                                .spawn(move || handler.trace(stream));
-                            continue;
-                        }
-                        None => {}
+                    if let Some(kind) = long_lived(&line) {
+                        // A thread of its own, for as long as it lasts.
+                        let handler = Arc::clone(&handler);
+                        let _ = std::thread::Builder::new()
+                            .name(kind.thread_name().into())
+                            .spawn(move || match kind {
+                                LongLived::Session => handler.session(stream),
+                                LongLived::Trace => handler.trace(stream),
+                            });
+                        continue;
                     }
                     // (A request that panics costs its answer, not a worker.)
                     let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -249,6 +243,15 @@ enum LongLived {
     Session,
     /// A fault trace listener.
     Trace,
+}
+
+impl LongLived {
+    fn thread_name(&self) -> &'static str {
+        match self {
+            LongLived::Session => "daxfs-lease",
+            LongLived::Trace => "daxfs-trace",
+        }
+    }
 }
 
 /// Whether a request line starts a lease session or a trace.

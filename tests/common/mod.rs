@@ -37,6 +37,13 @@ pub fn is_mounted(at: &Path) -> bool {
         .any(|l| l.split(' ').nth(1) == Some(at.as_str()))
 }
 
+/// The daemon's pid, from what `daxfs mount` wrote ("... (daemon pid N)").
+pub fn daemon_pid(said: &str) -> Option<i32> {
+    said.split("daemon pid ")
+        .nth(1)
+        .and_then(|s| s.trim().trim_end_matches(')').parse().ok())
+}
+
 /// A mounted image; unmounts (whatever happens) when dropped.
 pub struct Mounted {
     pub _dir: tempfile::TempDir,
@@ -95,10 +102,7 @@ impl Mounted {
         let out = daxfs(&args);
         assert!(out.status.success(), "mount: {}", text(&out));
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        self.pid = stdout
-            .split("daemon pid ")
-            .nth(1)
-            .and_then(|s| s.trim().trim_end_matches(')').parse().ok());
+        self.pid = daemon_pid(&stdout);
         assert!(self.pid.is_some(), "{stdout}");
         assert!(is_mounted(&self.mnt), "mounted once mount returned");
         self.said = stdout;
