@@ -127,6 +127,23 @@ fn finish(mut child: Child) -> (std::process::ExitStatus, String) {
     )
 }
 
+/// Run `program(test, what, file, run)`, read what it says up to `until`
+/// (or its end), and insist that it succeeds: what it said, and its
+/// standard error.
+fn run_to_end(
+    test: &str,
+    what: &str,
+    file: &Path,
+    run: Run,
+    until: Option<&str>,
+) -> (Vec<(String, String)>, String) {
+    let mut child = program(test, what, file, run);
+    let seen = said(&mut child, until);
+    let (status, stderr) = finish(child);
+    assert!(status.success(), "{stderr}");
+    (seen, stderr)
+}
+
 /// In a program: the mapping lines of /proc/self/maps inside
 /// `[base, base + len)`, as `start-end offset path`.
 fn maps_within(base: usize, len: usize) -> Vec<(usize, usize, u64, String)> {
@@ -787,15 +804,13 @@ fn a_programs_mapping_is_the_devices_own_pages() {
     assert!(out.status.success(), "{}", text(&out));
     f.write_all_at(&[7u8; 4096], 4096).unwrap();
     let layout = extents(&file);
-    let mut child = program(
+    let (seen, _) = run_to_end(
         "a_programs_mapping_is_the_devices_own_pages",
         "store",
         &file,
         Run::Preloaded,
+        Some("done"),
     );
-    let seen = said(&mut child, Some("done"));
-    let (status, stderr) = finish(child);
-    assert!(status.success(), "{stderr}");
     assert_eq!(get(&seen, "first"), "7", "{seen:?}");
     assert_eq!(get(&seen, "second"), "0");
     // Both 2 MiB of the file are aligned extents: one PMD fault each.
@@ -855,10 +870,7 @@ fn stores_into_holes_get_blocks_before_the_fault_returns() {
     let f = sparse(&file, 4 * MIB);
     assert!(extents(&file).is_empty());
     let test = "stores_into_holes_get_blocks_before_the_fault_returns";
-    let mut child = program(test, "hole", &file, Run::Preloaded);
-    let seen = said(&mut child, Some("done"));
-    let (status, stderr) = finish(child);
-    assert!(status.success(), "{stderr}");
+    let (seen, stderr) = run_to_end(test, "hole", &file, Run::Preloaded, Some("done"));
     assert_eq!(get(&seen, "image"), "true", "{stderr}");
     assert_eq!(get(&seen, "hole"), "0");
     assert_eq!(
@@ -948,10 +960,7 @@ fn another_user_gets_the_kernels_mapping() {
     assert_eq!(get(&seen, "image"), "false");
     assert!(stderr.contains("permission denied"), "{stderr}");
     // Root (the owner) gets the device's pages.
-    let mut child = program(test, "kernel", &file, Run::Preloaded);
-    let seen = said(&mut child, Some("done"));
-    let (status, stderr) = finish(child);
-    assert!(status.success(), "{stderr}");
+    let (seen, _) = run_to_end(test, "kernel", &file, Run::Preloaded, Some("done"));
     assert_eq!(get(&seen, "image"), "true");
 }
 
@@ -971,10 +980,7 @@ fn map_sync_is_accepted_only_for_the_devices_pages() {
         (Run::Preloaded, "true 0".to_string()),
         (Run::Plain, format!("false {}", libc::EOPNOTSUPP)),
     ] {
-        let mut child = program(test, "sync", &file, run);
-        let seen = said(&mut child, Some("done"));
-        let (status, stderr) = finish(child);
-        assert!(status.success(), "{stderr}");
+        let (seen, _) = run_to_end(test, "sync", &file, run, Some("done"));
         assert_eq!(get(&seen, "mapped"), expect);
     }
 }
@@ -1098,10 +1104,7 @@ fn libpmem2_sees_cache_line_granularity_only_through_the_preload() {
     fs::write(&file, vec![0u8; 4 << 20]).unwrap();
     let test = "libpmem2_sees_cache_line_granularity_only_through_the_preload";
     for (run, expect) in [(Run::Preloaded, "1"), (Run::Plain, "2")] {
-        let mut child = program(test, "pmem2", &file, run);
-        let seen = said(&mut child, Some("done"));
-        let (status, stderr) = finish(child);
-        assert!(status.success(), "{stderr}");
+        let (seen, stderr) = run_to_end(test, "pmem2", &file, run, Some("done"));
         assert_eq!(get(&seen, "granularity"), expect, "{stderr}");
     }
 }
@@ -1199,10 +1202,7 @@ fn fsync_writes_back_the_stores_of_a_programs_mapping() {
     let file = m.path("f");
     fs::write(&file, vec![0u8; 4096]).unwrap();
     let test = "fsync_writes_back_the_stores_of_a_programs_mapping";
-    let mut child = program(test, "fsync", &file, Run::Preloaded);
-    let seen = said(&mut child, Some("done"));
-    let (status, stderr) = finish(child);
-    assert!(status.success(), "{stderr}");
+    let (seen, _) = run_to_end(test, "fsync", &file, Run::Preloaded, Some("done"));
     assert_eq!(get(&seen, "again"), "0", "a dirty page faulted again");
     assert_eq!(get(&seen, "fsync"), "0");
     assert_eq!(get(&seen, "after"), "1", "fsync left the page dirty");
@@ -1334,10 +1334,7 @@ fn daxfs_exec_maps_the_named_mounts_only() {
     }
     let test = "daxfs_exec_maps_the_named_mounts_only";
     for (file, expect) in [(a.path("f"), "true"), (b.path("f"), "false")] {
-        let mut child = program(test, "kernel", &file, Run::Exec(&a.mnt));
-        let seen = said(&mut child, Some("done"));
-        let (status, stderr) = finish(child);
-        assert!(status.success(), "{stderr}");
+        let (seen, stderr) = run_to_end(test, "kernel", &file, Run::Exec(&a.mnt), Some("done"));
         assert_eq!(get(&seen, "first"), "6");
         assert_eq!(get(&seen, "image"), expect, "{}: {stderr}", file.display());
     }
@@ -1367,10 +1364,7 @@ fn munmap_of_part_of_a_mapping_takes_those_pages_only() {
     let file = m.path("f");
     fs::write(&file, vec![0u8; 3 * 4096]).unwrap();
     let test = "munmap_of_part_of_a_mapping_takes_those_pages_only";
-    let mut child = program(test, "unmap-part", &file, Run::Preloaded);
-    let seen = said(&mut child, Some("done"));
-    let (status, stderr) = finish(child);
-    assert!(status.success(), "{stderr}");
+    let (seen, _) = run_to_end(test, "unmap-part", &file, Run::Preloaded, Some("done"));
     assert_eq!(get(&seen, "middle"), "0");
     assert_eq!(get(&seen, "ends"), "1 3");
     assert_eq!((get(&seen, "first"), get(&seen, "last")), ("0", "0"));
@@ -1408,28 +1402,11 @@ fn mremap_moves_a_page_out_of_a_mapping() {
     let file = m.path("f");
     fs::write(&file, vec![0u8; 2 * 4096]).unwrap();
     let test = "mremap_moves_a_page_out_of_a_mapping";
-    let mut child = program(test, "move", &file, Run::Preloaded);
-    let seen = said(&mut child, Some("done"));
-    let (status, stderr) = finish(child);
-    assert!(status.success(), "{stderr}");
+    let (seen, _) = run_to_end(test, "move", &file, Run::Preloaded, Some("done"));
     assert_eq!(get(&seen, "moved"), (b'a').to_string());
     assert_eq!(get(&seen, "faults"), "0", "the moved page faulted again");
     assert_eq!(get(&seen, "image"), "true");
     assert_eq!(&fs::read(&file).unwrap()[4096..4098], b"ab");
-}
-
-/// The extents `daxfs extents --json` reports for `file`, as
-/// (file offset, device offset, length).
-fn extents_of(file: &Path) -> Vec<(u64, u64, u64)> {
-    let out = daxfs(&["extents".as_ref(), file.as_os_str(), "--json".as_ref()]);
-    assert!(out.status.success(), "{}", text(&out));
-    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    list.iter()
-        .map(|e| {
-            let f = |k: &str| e[k].as_u64().unwrap();
-            (f("file_offset"), f("device_offset"), f("length"))
-        })
-        .collect()
 }
 
 /// `daxfs trace` prints a line per fault of a program mapping the mount's
@@ -1473,10 +1450,7 @@ fn daxfs_trace_shows_each_fault_of_a_program_on_the_mount() {
     );
     let mut tracer = Kill(tracer);
     let test = "daxfs_trace_shows_each_fault_of_a_program_on_the_mount";
-    let mut child = program(test, "trace-touch", &file, Run::Preloaded);
-    let seen = said(&mut child, None);
-    let (status, stderr) = finish(child);
-    assert!(status.success(), "{stderr}");
+    let (seen, _) = run_to_end(test, "trace-touch", &file, Run::Preloaded, None);
     let pid = get(&seen, "pid");
     let mut out = String::new();
     tracer
@@ -1552,7 +1526,7 @@ fn fiemap_reports_the_extents_of_a_daxfs_file() {
     f.write_all_at(&vec![1u8; 6 * MIB as usize], 0).unwrap();
     f.write_all_at(&[2u8; 8192], 8 * MIB).unwrap();
     drop(f);
-    let expected = merged(&extents_of(&file));
+    let expected = merged(&extents(&file));
     assert!(expected.len() >= 2, "{expected:?}");
     let shown = |list: &[(u64, u64, u64)]| {
         list.iter()
@@ -1562,10 +1536,7 @@ fn fiemap_reports_the_extents_of_a_daxfs_file() {
             .join(" ")
     };
     let test = "fiemap_reports_the_extents_of_a_daxfs_file";
-    let mut child = program(test, "fiemap", &file, Run::Preloaded);
-    let seen = said(&mut child, None);
-    let (status, stderr) = finish(child);
-    assert!(status.success(), "{stderr}");
+    let (seen, _) = run_to_end(test, "fiemap", &file, Run::Preloaded, None);
     assert_eq!(get(&seen, "count"), expected.len().to_string());
     assert_eq!(
         get(&seen, "all"),
@@ -1590,10 +1561,7 @@ fn fiemap_reports_the_extents_of_a_daxfs_file() {
         get(&seen, "empty"),
         format!("errno {} flags 0", libc::EINVAL)
     );
-    let mut child = program(test, "fiemap", &file, Run::Plain);
-    let seen = said(&mut child, None);
-    let (status, stderr) = finish(child);
-    assert!(status.success(), "{stderr}");
+    let (seen, _) = run_to_end(test, "fiemap", &file, Run::Plain, None);
     assert!(
         get(&seen, "count").starts_with(&format!("errno {}", libc::EOPNOTSUPP)),
         "{seen:?}"
@@ -1641,7 +1609,7 @@ fn filefrag_shows_the_extents_of_daxfs_extents() {
             )
         })
         .collect();
-    let expected: Vec<(u64, u64, u64)> = merged(&extents_of(&file))
+    let expected: Vec<(u64, u64, u64)> = merged(&extents(&file))
         .iter()
         .map(|&(l, p, n)| (l / 4096, p / 4096, n / 4096))
         .collect();
@@ -1665,10 +1633,7 @@ fn mremap_shrinks_a_mapping_in_place() {
     let file = m.path("f");
     fs::write(&file, vec![0u8; 3 * 4096]).unwrap();
     let test = "mremap_shrinks_a_mapping_in_place";
-    let mut child = program(test, "shrink", &file, Run::Preloaded);
-    let seen = said(&mut child, Some("done"));
-    let (status, stderr) = finish(child);
-    assert!(status.success(), "{stderr}");
+    let (seen, _) = run_to_end(test, "shrink", &file, Run::Preloaded, Some("done"));
     assert_eq!(get(&seen, "in-place"), "true");
     assert_eq!(get(&seen, "kept"), "1 2");
     assert_eq!(get(&seen, "rest"), "0");
